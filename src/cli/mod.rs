@@ -1,0 +1,271 @@
+//! The `sallyport` command line. Each subcommand parses its flags here and calls into the
+//! library; errors become one readable message and an exit code (0 ok, 1 failure, 2 usage or
+//! config error), never a panic or a backtrace.
+
+mod send;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+
+/// Exit code for usage and configuration errors.
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sallyport",
+    version,
+    about = "Secure delivery gateway: profile data out over mutual TLS, from known IPs, audited.",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the export engine and the public/admin listeners.
+    Serve(ConfigArg),
+    /// Run the localhost sidecar proxy (plain HTTP in, mTLS out).
+    Sidecar(ConfigArg),
+    /// The gateway's certificate: show a PEM file's facts, or fetch a gateway's.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Check whether a receiving endpoint is ready for mTLS delivery.
+    Verify(VerifyArgs),
+    /// Development PKI: CA, receiver and gateway certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Inspect and verify the tamper-evident audit log.
+    Audit(ConfigArg),
+    /// List, show, replay and purge dead letters.
+    Dlq(ConfigArg),
+    /// Ingest an NDJSON file of profile updates.
+    Ingest(ConfigArg),
+    /// Send one request through the delivery core (curl-like, mTLS-only by default).
+    Send(send::SendArgs),
+    /// Validate a config file and print every problem with its key.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Generate a dev PKI, start a local mTLS receiver and deliver sample profiles to it.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// Config file.
+    #[arg(long, short, default_value = "config/sallyport.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The receiver URL (https://…).
+    pub url: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Print the facts of a PEM certificate file (CN, SANs, issuer, validity, fingerprint).
+    Show {
+        /// PEM file with one or more certificates.
+        file: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch a gateway's public certificate.
+    Fetch {
+        /// Gateway base URL.
+        url: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Write a dev PKI: ca.pem, receiver.pem (localhost, 127.0.0.1), gateway.pem; keys 0600.
+    Init {
+        /// Directory to write into.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Common name of the gateway's client certificate.
+        #[arg(long, default_value = "sallyport-gateway")]
+        cn: String,
+        /// DNS SAN of the client certificate (repeatable).
+        #[arg(long = "dns", default_value = "gateway.sallyport.test")]
+        dns: Vec<String>,
+        /// URI SAN of the client certificate (repeatable), e.g. spiffe://acme/gateway.
+        #[arg(long = "uri")]
+        uri: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 90)]
+        days: i64,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file (exit 0 when valid, 2 with every problem otherwise).
+    Check(ConfigArg),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How many sample profiles to deliver.
+    #[arg(long, default_value_t = 3)]
+    pub profiles: usize,
+}
+
+/// Run a parsed command line.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve(_) => not_yet(
+            "serve",
+            "the export engine (issue #7) and public listener (issue #4)",
+        ),
+        Command::Sidecar(_) => not_yet("sidecar", "the sidecar proxy (issue #9)"),
+        Command::Cert(CertCommand::Fetch { .. }) => {
+            not_yet("cert fetch", "the public certificate endpoint (issue #4)")
+        }
+        Command::Cert(CertCommand::Show { file, json }) => cert_show(&file, json),
+        Command::Verify(_) => not_yet("verify", "the receiver checker (issue #5)"),
+        Command::Audit(_) => not_yet("audit", "the audit log (issue #8)"),
+        Command::Dlq(_) => not_yet("dlq", "dead letters (issue #8)"),
+        Command::Ingest(_) => not_yet("ingest", "the export engine (issue #7)"),
+        Command::Send(args) => return send::run(args).await,
+        Command::Config(ConfigCommand::Check(a)) => config_check(&a.config),
+        Command::Pki(PkiCommand::Init {
+            dir,
+            cn,
+            dns,
+            uri,
+            days,
+            force,
+        }) => pki_init(dir, cn, dns, uri, days, force),
+        Command::Demo(args) => return crate::demo::run(args.profiles).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, message }) => {
+            eprintln!("sallyport: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// A command's failure: what to print and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn usage(message: impl std::fmt::Display) -> Self {
+        Failure {
+            code: EXIT_USAGE,
+            message: message.to_string(),
+        }
+    }
+    pub fn failed(message: impl std::fmt::Display) -> Self {
+        Failure {
+            code: 1,
+            message: message.to_string(),
+        }
+    }
+}
+
+fn not_yet(cmd: &str, what: &str) -> Result<(), Failure> {
+    Err(Failure::usage(format!(
+        "`{cmd}` is not yet available in this build: it arrives with {what}"
+    )))
+}
+
+fn config_check(path: &std::path::Path) -> Result<(), Failure> {
+    let cfg = Config::load(path).map_err(Failure::usage)?;
+    println!(
+        "{}: ok ({} dataflow(s), {} segment(s))",
+        path.display(),
+        cfg.dataflows.len(),
+        cfg.segments.len()
+    );
+    Ok(())
+}
+
+fn cert_show(file: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let certs = crate::tls::pem::load_certs(file).map_err(Failure::usage)?;
+    let facts = certs
+        .iter()
+        .map(|c| crate::tls::CertFacts::from_der(c))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure::usage(format!("{}: {e}", file.display())))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&facts).map_err(Failure::failed)?
+        );
+        return Ok(());
+    }
+    let now = time::OffsetDateTime::now_utc();
+    for (i, f) in facts.iter().enumerate() {
+        println!("certificate #{i}");
+        println!("  subject      {}", f.subject);
+        println!("  issuer       {}", f.issuer);
+        println!("  serial       {}", f.serial);
+        println!("  not before   {}", f.not_before);
+        println!(
+            "  not after    {} ({} days left)",
+            f.not_after,
+            f.days_to_expiry(now)
+        );
+        for (kind, list) in [
+            ("dns", &f.sans.dns),
+            ("ip", &f.sans.ip),
+            ("uri", &f.sans.uri),
+            ("email", &f.sans.email),
+        ] {
+            if !list.is_empty() {
+                println!("  san {kind:<8} {}", list.join(", "));
+            }
+        }
+        println!("  sha256       {}", f.sha256_fingerprint);
+    }
+    Ok(())
+}
+
+fn pki_init(
+    dir: PathBuf,
+    cn: String,
+    dns: Vec<String>,
+    uri: Vec<String>,
+    days: i64,
+    force: bool,
+) -> Result<(), Failure> {
+    let opts = crate::pki::InitOptions {
+        client_cn: cn,
+        client_dns: dns,
+        client_uris: uri,
+        days,
+        force,
+    };
+    let files = crate::pki::init(&dir, &opts).map_err(Failure::usage)?;
+    println!("dev PKI written to {}", files.dir.display());
+    for (what, p) in [
+        ("CA certificate      ", &files.ca_cert),
+        ("CA key (0600)       ", &files.ca_key),
+        ("receiver certificate", &files.server_cert),
+        ("receiver key (0600) ", &files.server_key),
+        ("gateway certificate ", &files.client_cert),
+        ("gateway key (0600)  ", &files.client_key),
+    ] {
+        println!("  {what}  {}", p.display());
+    }
+    Ok(())
+}

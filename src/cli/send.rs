@@ -1,0 +1,238 @@
+//! `sallyport send`: one request through the delivery core, curl-like, for operators testing
+//! a receiver. Refuses a receiver that is not mTLS-only exactly as dataflows do.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use clap::Args;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use serde_json::json;
+
+use super::{Failure, EXIT_USAGE};
+use crate::config::Config;
+use crate::delivery::{DeliveryClient, DeliveryError, DestinationSettings, OutboundRequest, DEFAULT_TIMEOUT};
+use crate::tls::{ClientTlsConfig, Identity, Trust};
+
+/// Most bytes `--data @file` or `--data -` reads.
+const MAX_SEND_BODY: u64 = 64 * 1024 * 1024;
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Receiver URL (https://…).
+    pub url: String,
+    /// Take identity, trust, headers, query and timeout from this config's dataflow.
+    #[arg(long, requires = "dataflow", conflicts_with_all = ["client_cert", "client_key"])]
+    pub config: Option<PathBuf>,
+    /// Dataflow name in --config.
+    #[arg(long, requires = "config")]
+    pub dataflow: Option<String>,
+    /// Client certificate chain (PEM, leaf first).
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// CA bundle to verify the receiver with (default: the dataflow's, else webpki roots).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// HTTP method (default POST with --data, else GET).
+    #[arg(short = 'X', long = "request")]
+    pub method: Option<String>,
+    /// Header 'name: value' (repeatable).
+    #[arg(short = 'H', long = "header")]
+    pub headers: Vec<String>,
+    /// Body: a string, @file, or - for standard input.
+    #[arg(short = 'd', long)]
+    pub data: Option<String>,
+    /// Timeout, e.g. 2s (default: the dataflow's, else 2s).
+    #[arg(long)]
+    pub timeout: Option<String>,
+    /// Deliver even when the receiver does not request a client certificate.
+    #[arg(long)]
+    pub allow_no_client_auth: bool,
+    /// Print status, latency, peer certificate facts and error kind as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(super) async fn run(args: SendArgs) -> ExitCode {
+    let json = args.json;
+    let (client, request) = match prepare(args) {
+        Ok(p) => p,
+        Err(f) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({"ok": false, "error": {"kind": "usage", "message": f.message}})
+                );
+            } else {
+                eprintln!("sallyport: {}", f.message);
+            }
+            return ExitCode::from(f.code);
+        }
+    };
+    let outcome = match client.send(request).await {
+        Ok(d) => match d.error() {
+            Some(error) => Err(FailedSend {
+                error,
+                delivered: Some(d),
+            }),
+            None => Ok(d),
+        },
+        Err(error) => Err(FailedSend {
+            error,
+            delivered: None,
+        }),
+    };
+    report(outcome, json)
+}
+
+struct FailedSend {
+    error: DeliveryError,
+    delivered: Option<crate::delivery::Delivered>,
+}
+
+fn report(outcome: Result<crate::delivery::Delivered, FailedSend>, json: bool) -> ExitCode {
+    let delivered = match &outcome {
+        Ok(d) => Some(d),
+        Err(f) => f.delivered.as_ref(),
+    };
+    if json {
+        let error = outcome.as_ref().err().map(|f| {
+            json!({
+                "kind": f.error.kind().as_str(),
+                "blame": f.error.kind().blame(),
+                "retryable": f.error.retryable(),
+                "message": f.error.to_string(),
+            })
+        });
+        let doc = json!({
+            "ok": outcome.is_ok(),
+            "status": delivered.map(|d| d.status.as_u16()),
+            "httpVersion": delivered.map(|d| format!("{:?}", d.version)),
+            "latencyMs": delivered.map(|d| d.latency.as_secs_f64() * 1000.0),
+            "peer": delivered.and_then(|d| d.peer.as_deref()),
+            "bodyBytes": delivered.map(|d| d.body.len()),
+            "error": error,
+        });
+        println!("{doc}");
+    } else {
+        if let Some(d) = delivered {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(&d.body);
+        }
+        if let Err(f) = &outcome {
+            eprintln!("sallyport: delivery failed: {}", f.error);
+        }
+    }
+    if outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn prepare(args: SendArgs) -> Result<(DeliveryClient, OutboundRequest), Failure> {
+    let url =
+        crate::config::check_url(&args.url).map_err(|e| Failure::usage(format!("{}: {e}", args.url)))?;
+    if url.scheme() != "https" {
+        return Err(Failure::usage(format!("{}: scheme must be https", args.url)));
+    }
+    let mut settings = match (&args.config, &args.dataflow) {
+        (Some(path), Some(name)) => {
+            let cfg = Config::load(path).map_err(Failure::usage)?;
+            let df = cfg
+                .dataflow(name)
+                .ok_or_else(|| Failure::usage(format!("{}: no dataflow named '{name}'", path.display())))?;
+            crate::delivery::settings_for_dataflow(&cfg, df, args.ca.as_deref()).map_err(Failure::usage)?
+        }
+        _ => {
+            let identity = match (&args.client_cert, &args.client_key) {
+                (Some(c), Some(k)) => Some(Identity::load(c, k).map_err(Failure::usage)?),
+                _ => None,
+            };
+            if identity.is_none() && !args.allow_no_client_auth {
+                return Err(Failure::usage(
+                    "mTLS needs a client identity: pass --client-cert and --client-key, or --config and --dataflow \
+                     (or --allow-no-client-auth to send without one)",
+                ));
+            }
+            let trust = Trust::from_optional_file(args.ca.as_deref()).map_err(Failure::usage)?;
+            let tls = ClientTlsConfig::new(trust, identity.as_ref(), crate::tls::client::ALPN_H2_H1)
+                .map_err(Failure::usage)?;
+            DestinationSettings {
+                name: "send".into(),
+                tls,
+                mtls: true,
+                timeout: DEFAULT_TIMEOUT,
+                headers: vec![],
+                query: vec![],
+            }
+        }
+    };
+    if args.allow_no_client_auth {
+        settings.mtls = false;
+    }
+    if let Some(t) = &args.timeout {
+        settings.timeout =
+            crate::config::parse_duration(t).map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+    }
+    let body = match args.data.as_deref() {
+        None => Bytes::new(),
+        Some("-") => read_limited(std::io::stdin().lock(), "standard input")?,
+        Some(s) if s.starts_with('@') => {
+            let path = &s[1..];
+            let f = std::fs::File::open(path).map_err(|e| Failure::usage(format!("--data @{path}: {e}")))?;
+            read_limited(f, path)?
+        }
+        Some(s) => Bytes::copy_from_slice(s.as_bytes()),
+    };
+    let method = match &args.method {
+        Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+            .map_err(|_| Failure::usage(format!("-X {m}: not an HTTP method")))?,
+        None if args.data.is_some() => Method::POST,
+        None => Method::GET,
+    };
+    let mut headers = HeaderMap::new();
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| Failure::usage(format!("-H '{h}': expected 'name: value'")))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| Failure::usage(format!("-H '{h}': not a valid header name")))?;
+        let value = HeaderValue::from_str(value.trim())
+            .map_err(|_| Failure::usage(format!("-H '{h}': not a valid header value")))?;
+        headers.append(name, value);
+    }
+    if args.data.is_some() && !headers.contains_key(http::header::CONTENT_TYPE) {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    Ok((
+        DeliveryClient::new(settings),
+        OutboundRequest {
+            method,
+            url,
+            headers,
+            body,
+        },
+    ))
+}
+
+fn read_limited(r: impl Read, what: &str) -> Result<Bytes, Failure> {
+    let mut buf = Vec::new();
+    r.take(MAX_SEND_BODY + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Failure::usage(format!("--data: reading {what}: {e}")))?;
+    if buf.len() as u64 > MAX_SEND_BODY {
+        return Err(Failure {
+            code: EXIT_USAGE,
+            message: format!("--data: {what} is larger than {MAX_SEND_BODY} bytes"),
+        });
+    }
+    Ok(Bytes::from(buf))
+}

@@ -1,0 +1,554 @@
+//! The config model. Every field's default is stated in its doc comment and set in one place
+//! (the `default_*` functions below). `config/sallyport.toml` documents each key and is
+//! parsed by a test.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::parse::{parse_duration, parse_headers, parse_query, HeaderSpec, QuerySpec};
+use super::secret::SecretSource;
+use super::Issue;
+
+/// Headers a dataflow may not set: the gateway owns them.
+pub const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+    "idempotency-key",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
+/// Shortest and longest per-dataflow timeout accepted.
+pub const TIMEOUT_BOUNDS: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(60));
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The client certificate the gateway presents. Required when any dataflow has mtls on.
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
+    /// Unauthenticated listener (certificate, egress IPs, health).
+    #[serde(default)]
+    pub public: PublicConfig,
+    /// Token-protected listener (ingest, dataflows, dead letters, metrics).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub egress: EgressConfig,
+    #[serde(default)]
+    pub dataflows: Vec<Dataflow>,
+    /// The segment catalog.
+    #[serde(default)]
+    pub segments: Vec<Segment>,
+    /// Directory of the config file; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 EC or PKCS#1 RSA), unencrypted, mode 0600.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicConfig {
+    /// Default `127.0.0.1:8443`.
+    #[serde(default = "default_public_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for PublicConfig {
+    fn default() -> Self {
+        PublicConfig {
+            listen: default_public_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Default `127.0.0.1:8444`.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Environment variable holding the admin bearer token.
+    pub token_env: Option<String>,
+    /// File holding the admin bearer token.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+            token_env: None,
+            token_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (default `sqlite://var/sallyport.db`) or `postgres://…`.
+    #[serde(default = "default_store_url")]
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: default_store_url(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Static source addresses outbound connections bind to. Default: none (OS chooses).
+    #[serde(default)]
+    pub source_ips: Vec<IpAddr>,
+    /// Destinations allowed: host names, `*.suffix` wildcards, CIDRs. Default: none.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Destinations denied even if allowed. Default: none.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+/// One HTTP destination ("dataflow").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dataflow {
+    pub name: String,
+    /// `https://host[:port]/path`.
+    pub endpoint: String,
+    /// Refuse receivers that do not request a client certificate. Default `true`.
+    #[serde(default = "default_true")]
+    pub mtls: bool,
+    /// CA bundle that signs the receiver's certificate. Default: the webpki roots.
+    pub ca: Option<PathBuf>,
+    /// Connect + request timeout. Default `"2s"`.
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    /// Custom headers, `"h1:v1,h2:v2"` or a table. Default none.
+    pub headers: Option<HeaderSpec>,
+    /// Query parameters, `"p1=v1&p2=v2"` or a table. Default none.
+    pub query: Option<QuerySpec>,
+    /// Add segment names to `segmentMembership`. Default `false`.
+    #[serde(default)]
+    pub include_segment_names: bool,
+    /// Add createdAt/updatedAt/mappingCreatedAt/mappingUpdatedAt. Default `false`.
+    #[serde(default)]
+    pub include_segment_timestamps: bool,
+    /// Authentication. Default `{ kind = "none" }`.
+    #[serde(default)]
+    pub auth: Auth,
+    /// Mapped attributes (source path → target path).
+    #[serde(default)]
+    pub attributes: Vec<AttributeMapping>,
+    /// Mapped segment ids.
+    #[serde(default)]
+    pub segments: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeMapping {
+    pub source: String,
+    pub target: String,
+}
+
+/// Where OAuth2 client credentials go (RFC 6749 §2.3.1 allows both).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialsIn {
+    /// In the form body (`client_id`, `client_secret`). The default.
+    #[default]
+    Body,
+    /// In an HTTP Basic `Authorization` header.
+    Basic,
+}
+
+/// Authentication toward a receiver.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Auth {
+    #[default]
+    None,
+    Bearer {
+        token_env: Option<String>,
+        token_file: Option<PathBuf>,
+    },
+    #[serde(rename = "oauth2_client_credentials")]
+    OAuth2ClientCredentials {
+        token_url: String,
+        client_id: String,
+        client_secret_env: Option<String>,
+        client_secret_file: Option<PathBuf>,
+        scope: Option<String>,
+        #[serde(default)]
+        credentials_in: CredentialsIn,
+    },
+    #[serde(rename = "oauth2_password")]
+    OAuth2Password {
+        token_url: String,
+        client_id: String,
+        client_secret_env: Option<String>,
+        client_secret_file: Option<PathBuf>,
+        username: String,
+        password_env: Option<String>,
+        password_file: Option<PathBuf>,
+        scope: Option<String>,
+        #[serde(default)]
+        credentials_in: CredentialsIn,
+    },
+}
+
+impl Auth {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Auth::None => "none",
+            Auth::Bearer { .. } => "bearer",
+            Auth::OAuth2ClientCredentials { .. } => "oauth2_client_credentials",
+            Auth::OAuth2Password { .. } => "oauth2_password",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    pub id: String,
+    pub name: String,
+    /// Default `"default"`.
+    #[serde(default = "default_merge_policy")]
+    pub merge_policy: String,
+    /// RFC 3339.
+    pub created_at: Option<String>,
+    /// RFC 3339.
+    pub updated_at: Option<String>,
+}
+
+fn default_public_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8444))
+}
+fn default_store_url() -> String {
+    "sqlite://var/sallyport.db".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_timeout() -> String {
+    "2s".into()
+}
+fn default_merge_policy() -> String {
+    "default".into()
+}
+
+// === impl Dataflow ===
+
+impl Dataflow {
+    /// The validated timeout (validation guarantees it parses).
+    pub fn timeout(&self) -> Duration {
+        parse_duration(&self.timeout).unwrap_or(crate::delivery::DEFAULT_TIMEOUT)
+    }
+
+    /// Headers this dataflow may not set: the gateway's own, plus Authorization when auth is on.
+    pub fn reserved_headers(&self) -> Vec<&'static str> {
+        let mut reserved = RESERVED_HEADERS.to_vec();
+        if !matches!(self.auth, Auth::None) {
+            reserved.push("authorization");
+        }
+        reserved
+    }
+
+    /// The configured headers, parsed and checked.
+    pub fn parsed_headers(&self) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, String> {
+        self.headers
+            .as_ref()
+            .map_or(Ok(vec![]), |h| parse_headers(h, &self.reserved_headers()))
+    }
+
+    /// The configured query parameters, parsed and decoded.
+    pub fn parsed_query(&self) -> Result<Vec<(String, String)>, String> {
+        self.query.as_ref().map_or(Ok(vec![]), parse_query)
+    }
+}
+
+// === validation ===
+
+struct Issues(Vec<Issue>);
+
+impl Issues {
+    fn push(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Issue {
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+impl Config {
+    /// Every problem in the config, each with its key path. Empty means valid.
+    pub fn validate(&self) -> Vec<Issue> {
+        let mut out = Issues(Vec::new());
+        if let Some(id) = &self.identity {
+            self.check_file(&mut out, "identity.cert", &id.cert);
+            self.check_file(&mut out, "identity.key", &id.key);
+        }
+        if let (Some(_), Some(_)) = (&self.admin.token_env, &self.admin.token_file) {
+            out.push("admin", "set only one of token_env and token_file");
+        }
+        if !(self.store.url.starts_with("sqlite://")
+            || self.store.url.starts_with("postgres://")
+            || self.store.url.starts_with("postgresql://"))
+        {
+            out.push(
+                "store.url",
+                format!("'{}' must start with sqlite:// or postgres://", self.store.url),
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, df) in self.dataflows.iter().enumerate() {
+            let key = format!("dataflows[{i}]");
+            if df.name.is_empty()
+                || !df
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                out.push(
+                    format!("{key}.name"),
+                    format!("'{}' must be non-empty letters, digits, '-' or '_'", df.name),
+                );
+            } else if !names.insert(df.name.as_str()) {
+                out.push(
+                    format!("{key}.name"),
+                    format!("'{}' is used by another dataflow", df.name),
+                );
+            }
+            self.validate_dataflow(&mut out, &key, df);
+        }
+        for (i, s) in self.segments.iter().enumerate() {
+            for (field, v) in [("created_at", &s.created_at), ("updated_at", &s.updated_at)] {
+                if let Some(v) = v {
+                    if time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).is_err()
+                    {
+                        out.push(
+                            format!("segments[{i}].{field}"),
+                            format!("'{v}' is not an RFC 3339 time"),
+                        );
+                    }
+                }
+            }
+        }
+        out.0
+    }
+
+    fn validate_dataflow(&self, out: &mut Issues, key: &str, df: &Dataflow) {
+        match check_url(&df.endpoint) {
+            Err(reason) => out.push(format!("{key}.endpoint"), reason),
+            Ok(url) if url.scheme() != "https" => out.push(
+                format!("{key}.endpoint"),
+                if df.mtls {
+                    "scheme must be https when mtls = true".to_owned()
+                } else {
+                    "scheme must be https: Sallyport never sends profile data in clear text".to_owned()
+                },
+            ),
+            Ok(_) => {}
+        }
+        if df.mtls && self.identity.is_none() {
+            out.push(
+                format!("{key}.mtls"),
+                "mtls = true needs an [identity] with cert and key",
+            );
+        }
+        if let Some(ca) = &df.ca {
+            self.check_file(out, &format!("{key}.ca"), ca);
+        }
+        match parse_duration(&df.timeout) {
+            Err(e) => out.push(format!("{key}.timeout"), e),
+            Ok(d) if d < TIMEOUT_BOUNDS.0 || d > TIMEOUT_BOUNDS.1 => out.push(
+                format!("{key}.timeout"),
+                format!(
+                    "{:?} is outside {:?}..={:?}",
+                    d, TIMEOUT_BOUNDS.0, TIMEOUT_BOUNDS.1
+                ),
+            ),
+            Ok(_) => {}
+        }
+        if let Err(e) = df.parsed_headers() {
+            out.push(format!("{key}.headers"), e);
+        }
+        if let Err(e) = df.parsed_query() {
+            out.push(format!("{key}.query"), e);
+        }
+        self.validate_auth(out, &format!("{key}.auth"), &df.auth);
+        for (j, a) in df.attributes.iter().enumerate() {
+            for (field, path) in [("source", &a.source), ("target", &a.target)] {
+                if path.is_empty() || path.split('.').any(str::is_empty) {
+                    out.push(
+                        format!("{key}.attributes[{j}].{field}"),
+                        format!("'{path}' is not a dotted path like person.name.firstName"),
+                    );
+                }
+            }
+        }
+        for (j, s) in df.segments.iter().enumerate() {
+            if !self.segments.iter().any(|c| &c.id == s) {
+                out.push(
+                    format!("{key}.segments[{j}]"),
+                    format!("segment '{s}' is not in the [[segments]] catalog"),
+                );
+            }
+        }
+    }
+
+    fn validate_auth(&self, out: &mut Issues, key: &str, auth: &Auth) {
+        match auth {
+            Auth::None => {}
+            Auth::Bearer {
+                token_env,
+                token_file,
+            } => {
+                self.check_secret(out, key, "token", token_env.as_ref(), token_file.as_ref());
+            }
+            Auth::OAuth2ClientCredentials {
+                token_url,
+                client_id,
+                client_secret_env,
+                client_secret_file,
+                ..
+            } => {
+                check_token_url(out, key, token_url);
+                if client_id.is_empty() {
+                    out.push(format!("{key}.client_id"), "must not be empty");
+                }
+                self.check_secret(
+                    out,
+                    key,
+                    "client_secret",
+                    client_secret_env.as_ref(),
+                    client_secret_file.as_ref(),
+                );
+            }
+            Auth::OAuth2Password {
+                token_url,
+                client_id,
+                client_secret_env,
+                client_secret_file,
+                username,
+                password_env,
+                password_file,
+                ..
+            } => {
+                check_token_url(out, key, token_url);
+                if client_id.is_empty() {
+                    out.push(format!("{key}.client_id"), "must not be empty");
+                }
+                if username.is_empty() {
+                    out.push(format!("{key}.username"), "must not be empty");
+                }
+                self.check_secret(
+                    out,
+                    key,
+                    "client_secret",
+                    client_secret_env.as_ref(),
+                    client_secret_file.as_ref(),
+                );
+                self.check_secret(
+                    out,
+                    key,
+                    "password",
+                    password_env.as_ref(),
+                    password_file.as_ref(),
+                );
+            }
+        }
+    }
+
+    /// A secret must come from exactly one source, and that source must be readable now.
+    fn check_secret(
+        &self,
+        out: &mut Issues,
+        key: &str,
+        what: &str,
+        env: Option<&String>,
+        file: Option<&PathBuf>,
+    ) {
+        let file = file.map(|f| self.path(f));
+        match SecretSource::from_pair(env, file.as_ref(), what).and_then(|s| s.read()) {
+            Ok(_) => {}
+            Err(e) => out.push(format!("{key}.{what}"), e),
+        }
+    }
+
+    fn check_file(&self, out: &mut Issues, key: &str, p: &Path) {
+        let full = self.path(p);
+        if !full.is_file() {
+            out.push(key, format!("{} does not exist or is not a file", full.display()));
+        }
+    }
+
+    /// The secret source for a `*_env`/`*_file` pair, with the file resolved.
+    pub fn secret_source(
+        &self,
+        env: Option<&String>,
+        file: Option<&PathBuf>,
+        what: &str,
+    ) -> Result<SecretSource, String> {
+        let file = file.map(|f| self.path(f));
+        SecretSource::from_pair(env, file.as_ref(), what)
+    }
+}
+
+/// Parse a delivery URL with a real URL parser and refuse what must never be a destination:
+/// userinfo (`user@host` tricks), fragments, no host.
+pub fn check_url(s: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("'{s}' is not a URL: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry user:password@ (credentials belong in auth)".into());
+    }
+    if url.host().is_none() {
+        return Err(format!("'{s}' has no host"));
+    }
+    if url.fragment().is_some() {
+        return Err("must not have a #fragment".into());
+    }
+    Ok(url)
+}
+
+fn check_token_url(out: &mut Issues, key: &str, s: &str) {
+    match check_url(s) {
+        Err(e) => out.push(format!("{key}.token_url"), e),
+        Ok(u) if u.scheme() != "https" => out.push(format!("{key}.token_url"), "scheme must be https"),
+        // The HTTP API destination doc allows at most one query parameter in the token URL.
+        Ok(u) if u.query_pairs().count() > 1 => out.push(
+            format!("{key}.token_url"),
+            "at most one query parameter is allowed",
+        ),
+        Ok(_) => {}
+    }
+}

@@ -1,0 +1,304 @@
+//! The one connector every outbound request uses: resolve → connect by address → TLS with a
+//! per-connection client-auth probe → mTLS-only check. Nothing is written to a receiver that
+//! failed the check: the connection is dropped before hyper sees it.
+//!
+//! The egress issue adds source-IP binding and the destination policy here, between
+//! resolution and connect, so no caller can bypass them.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::error::{classify_rustls, DeliveryError, ErrorKind};
+use crate::tls::{CertFacts, ClientTlsConfig};
+
+/// What the connection that carried a response looked like. Attached to every response's
+/// extensions, so callers (audit, `send --json`) see the peer they actually talked to.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerInfo {
+    pub remote_addr: SocketAddr,
+    pub local_addr: SocketAddr,
+    pub tls_version: String,
+    pub cipher_suite: String,
+    pub alpn: Option<String>,
+    /// The receiver sent a CertificateRequest.
+    pub client_cert_requested: bool,
+    /// We answered it with our certificate.
+    pub client_cert_presented: bool,
+    /// Facts of the receiver's leaf certificate.
+    pub server_certificate: Option<CertFacts>,
+    /// Length of the chain the receiver sent.
+    pub server_chain_len: usize,
+}
+
+/// Connector settings for one destination profile (trust, identity, mTLS rule).
+#[derive(Clone, Debug)]
+pub struct Connector {
+    tls: ClientTlsConfig,
+    require_client_auth: bool,
+    connect_timeout: Duration,
+}
+
+impl Connector {
+    pub fn new(tls: ClientTlsConfig, require_client_auth: bool, connect_timeout: Duration) -> Self {
+        Connector {
+            tls,
+            require_client_auth,
+            connect_timeout,
+        }
+    }
+
+    /// Open one TLS connection to the authority of `uri`.
+    pub async fn connect(&self, uri: &Uri) -> Result<TlsConn, DeliveryError> {
+        let target = Target::from_uri(uri)?;
+        tokio::time::timeout(self.connect_timeout, self.connect_target(&target))
+            .await
+            .map_err(|_| {
+                DeliveryError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "connecting to {}:{} took longer than {:?}",
+                        target.host, target.port, self.connect_timeout
+                    ),
+                )
+            })?
+    }
+
+    async fn connect_target(&self, target: &Target) -> Result<TlsConn, DeliveryError> {
+        let addrs = resolve(&target.host, target.port).await?;
+        let mut last_err = None;
+        let mut tcp = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last_err = Some((addr, e)),
+            }
+        }
+        let tcp = match (tcp, last_err) {
+            (Some(s), _) => s,
+            (None, Some((addr, e))) => {
+                return Err(
+                    DeliveryError::new(ErrorKind::Connect, format!("connecting to {addr}: {e}"))
+                        .with_source(e),
+                )
+            }
+            (None, None) => {
+                return Err(DeliveryError::new(
+                    ErrorKind::Dns,
+                    format!("{} resolved to no address", target.host),
+                ))
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let remote_addr = tcp
+            .peer_addr()
+            .map_err(|e| DeliveryError::new(ErrorKind::Connect, format!("peer address: {e}")))?;
+        let local_addr = tcp
+            .local_addr()
+            .map_err(|e| DeliveryError::new(ErrorKind::Connect, format!("local address: {e}")))?;
+
+        let (cfg, probe) = self.tls.for_connection();
+        let tls = TlsConnector::from(cfg)
+            .connect(target.server_name.clone(), tcp)
+            .await
+            .map_err(|e| handshake_error(e, target))?;
+
+        let (_, conn) = tls.get_ref();
+        if self.require_client_auth && !probe.requested() {
+            // Drop the connection: not one byte of the request goes to this receiver.
+            return Err(DeliveryError::new(
+                ErrorKind::MtlsNotRequested,
+                format!(
+                    "{}:{} did not request a client certificate during the TLS handshake; \
+                     this dataflow is mTLS-only, so nothing was sent",
+                    target.host, target.port
+                ),
+            ));
+        }
+        let chain = conn.peer_certificates().unwrap_or_default();
+        let peer = PeerInfo {
+            remote_addr,
+            local_addr,
+            tls_version: conn
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            cipher_suite: conn
+                .negotiated_cipher_suite()
+                .map(|c| format!("{:?}", c.suite()))
+                .unwrap_or_default(),
+            alpn: conn
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            client_cert_requested: probe.requested(),
+            client_cert_presented: probe.presented(),
+            server_certificate: chain.first().and_then(|c| CertFacts::from_der(c).ok()),
+            server_chain_len: chain.len(),
+        };
+        let h2 = peer.alpn.as_deref() == Some("h2");
+        Ok(TlsConn {
+            io: TokioIo::new(tls),
+            peer: Arc::new(peer),
+            h2,
+        })
+    }
+}
+
+struct Target {
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+}
+
+impl Target {
+    fn from_uri(uri: &Uri) -> Result<Self, DeliveryError> {
+        if uri.scheme_str() != Some("https") {
+            return Err(DeliveryError::new(
+                ErrorKind::InvalidUrl,
+                format!("{uri}: only https URLs are delivered to"),
+            ));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| DeliveryError::new(ErrorKind::InvalidUrl, format!("{uri}: no host")))?;
+        // Uri keeps IPv6 literals bracketed.
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = uri.port_u16().unwrap_or(443);
+        let server_name = ServerName::try_from(host.clone()).map_err(|e| {
+            DeliveryError::new(
+                ErrorKind::InvalidUrl,
+                format!("{host}: not a valid TLS server name: {e}"),
+            )
+        })?;
+        Ok(Target {
+            host,
+            port,
+            server_name,
+        })
+    }
+}
+
+async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, DeliveryError> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| DeliveryError::new(ErrorKind::Dns, format!("resolving {host}: {e}")).with_source(e))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(DeliveryError::new(
+            ErrorKind::Dns,
+            format!("{host} resolved to no address"),
+        ));
+    }
+    Ok(addrs)
+}
+
+fn handshake_error(e: std::io::Error, target: &Target) -> DeliveryError {
+    let where_ = format!("TLS handshake with {}:{}", target.host, target.port);
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(t) => {
+            let (kind, detail) = classify_rustls(t);
+            DeliveryError::new(kind, format!("{where_}: {detail}")).with_source(e)
+        }
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof
+            || e.kind() == std::io::ErrorKind::ConnectionReset =>
+        {
+            DeliveryError::new(
+                ErrorKind::TlsHandshake,
+                format!("{where_}: the receiver closed the connection during the handshake"),
+            )
+            .with_source(e)
+        }
+        None => DeliveryError::new(ErrorKind::TlsHandshake, format!("{where_}: {e}")).with_source(e),
+    }
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TlsConn;
+    type Error = DeliveryError;
+    type Future = Pin<Box<dyn Future<Output = Result<TlsConn, DeliveryError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.connect(&uri).await })
+    }
+}
+
+/// A TLS connection with the facts of its handshake, as hyper-util's pool needs it.
+pub struct TlsConn {
+    io: TokioIo<TlsStream<TcpStream>>,
+    peer: Arc<PeerInfo>,
+    h2: bool,
+}
+
+impl TlsConn {
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+}
+
+impl Connection for TlsConn {
+    fn connected(&self) -> Connected {
+        let c = Connected::new().extra(self.peer.clone());
+        if self.h2 {
+            c.negotiated_h2()
+        } else {
+            c
+        }
+    }
+}
+
+impl Read for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl Write for TlsConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}

@@ -1,0 +1,261 @@
+//! The delivery core: one pooled hyper client per destination profile (trust, client
+//! identity, mTLS rule), so a connection made with one identity is never reused for another.
+//! Every outbound request of Sallyport — exports, sidecar, `send`, OAuth2 token fetches — goes
+//! through [`DeliveryClient::send`].
+//!
+//! Must never: send to a receiver that failed the mTLS-only check, follow a redirect, read an
+//! unbounded response body, or log a request body.
+
+pub mod connector;
+pub mod error;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+pub use connector::{Connector, PeerInfo};
+pub use error::{Blame, DeliveryError, ErrorKind};
+
+use crate::tls::ClientTlsConfig;
+
+/// Boxed error used by bodies and hyper.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The request body type the client takes.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// The default request timeout (the HTTP API destination doc's 2 s).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much of a receiver's response body is read; more is an error.
+pub const MAX_RESPONSE_BODY: usize = 1024 * 1024;
+
+/// How to reach one destination.
+#[derive(Debug, Clone)]
+pub struct DestinationSettings {
+    /// Name for logs and audit (the dataflow name, or `send`).
+    pub name: String,
+    pub tls: ClientTlsConfig,
+    /// Refuse receivers that do not request a client certificate.
+    pub mtls: bool,
+    /// Connect + request + response body, all within this.
+    pub timeout: Duration,
+    /// Custom headers added to every request (validated by config).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Query parameters appended to every request URL.
+    pub query: Vec<(String, String)>,
+}
+
+/// One request to deliver.
+#[derive(Debug, Clone)]
+pub struct OutboundRequest {
+    pub method: Method,
+    pub url: url::Url,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A receiver's answer (any status) and how it was reached.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub latency: Duration,
+    pub peer: Option<Arc<PeerInfo>>,
+}
+
+impl Delivered {
+    /// A non-2xx answer is a failed delivery; redirects are not followed and count as failed.
+    pub fn error(&self) -> Option<DeliveryError> {
+        if self.status.is_success() {
+            return None;
+        }
+        let mut msg = format!("the receiver answered {}", self.status);
+        if let Some(hint) = refusal_hint(self.status, &self.body) {
+            msg.push_str(&format!(" ({hint})"));
+        }
+        Some(DeliveryError::new(ErrorKind::HttpStatus, msg).with_status(self.status.as_u16()))
+    }
+}
+
+/// nginx (and proxies in front of it) refuse a missing or foreign client certificate with an
+/// HTTP 400 after a completed handshake, not a TLS alert. Name that, since it otherwise looks
+/// like an ordinary bad request.
+fn refusal_hint(status: StatusCode, body: &Bytes) -> Option<&'static str> {
+    if status != StatusCode::BAD_REQUEST {
+        return None;
+    }
+    let text = std::str::from_utf8(body.get(..body.len().min(4096))?).ok()?;
+    if text.contains("No required SSL certificate was sent") {
+        Some("the receiver says no client certificate reached it")
+    } else if text.contains("The SSL certificate error") {
+        Some("the receiver rejected our client certificate")
+    } else {
+        None
+    }
+}
+
+/// A pooled client for one destination profile.
+#[derive(Clone)]
+pub struct DeliveryClient {
+    http: Client<Connector, Body>,
+    settings: Arc<DestinationSettings>,
+}
+
+impl std::fmt::Debug for DeliveryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryClient")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl DeliveryClient {
+    pub fn new(settings: DestinationSettings) -> Self {
+        let connector = Connector::new(settings.tls.clone(), settings.mtls, settings.timeout);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        DeliveryClient {
+            http,
+            settings: Arc::new(settings),
+        }
+    }
+
+    pub fn settings(&self) -> &DestinationSettings {
+        &self.settings
+    }
+
+    /// Send one request and read the answer, all within the destination's timeout.
+    /// Any HTTP answer is `Ok`; see [`Delivered::error`] for the delivery verdict.
+    pub async fn send(&self, req: OutboundRequest) -> Result<Delivered, DeliveryError> {
+        let started = Instant::now();
+        let timeout = self.settings.timeout;
+        let request = self.build(req)?;
+        let fut = async {
+            let res = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| DeliveryError::classify(Box::new(e), "sending the request"))?;
+            let (parts, body) = res.into_parts();
+            let peer = parts.extensions.get::<Arc<PeerInfo>>().cloned();
+            let body = Limited::new(body, MAX_RESPONSE_BODY)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        DeliveryError::new(
+                            ErrorKind::ResponseTooLarge,
+                            format!("the response body is larger than {MAX_RESPONSE_BODY} bytes"),
+                        )
+                    } else {
+                        DeliveryError::classify(e, "reading the response")
+                    }
+                })?
+                .to_bytes();
+            Ok(Delivered {
+                status: parts.status,
+                version: parts.version,
+                headers: parts.headers,
+                body,
+                latency: started.elapsed(),
+                peer,
+            })
+        };
+        tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            DeliveryError::new(
+                ErrorKind::Timeout,
+                format!("no complete answer within {timeout:?}"),
+            )
+        })?
+    }
+
+    fn build(&self, req: OutboundRequest) -> Result<Request<Body>, DeliveryError> {
+        let mut url = req.url;
+        if url.scheme() != "https" {
+            return Err(DeliveryError::new(
+                ErrorKind::InvalidUrl,
+                format!("{url}: only https URLs are delivered to"),
+            ));
+        }
+        if !self.settings.query.is_empty() {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in &self.settings.query {
+                q.append_pair(k, v);
+            }
+        }
+        let uri: Uri = url
+            .as_str()
+            .parse()
+            .map_err(|e| DeliveryError::new(ErrorKind::InvalidUrl, format!("{url}: {e}")))?;
+        let mut builder = Request::builder().method(req.method).uri(uri);
+        let headers = builder
+            .headers_mut()
+            .ok_or_else(|| DeliveryError::new(ErrorKind::InvalidRequest, "the request could not be built"))?;
+        for (name, value) in &self.settings.headers {
+            headers.append(name.clone(), value.clone());
+        }
+        // Per-request headers win over configured ones of the same name.
+        for name in req.headers.keys() {
+            headers.remove(name);
+        }
+        headers.extend(req.headers);
+        let body: Body = Full::new(req.body).map_err(|never| match never {}).boxed();
+        builder
+            .body(body)
+            .map_err(|e| DeliveryError::new(ErrorKind::InvalidRequest, e.to_string()))
+    }
+}
+
+/// Build the destination settings of a configured dataflow: its trust (or `ca_override`),
+/// the gateway identity, mTLS rule, timeout, headers and query.
+pub fn settings_for_dataflow(
+    cfg: &crate::config::Config,
+    df: &crate::config::Dataflow,
+    ca_override: Option<&std::path::Path>,
+) -> Result<DestinationSettings, String> {
+    let identity = match &cfg.identity {
+        Some(id) => Some(
+            crate::tls::Identity::load(&cfg.path(&id.cert), &cfg.path(&id.key))
+                .map_err(|e| format!("identity: {e}"))?,
+        ),
+        None => None,
+    };
+    let ca = ca_override
+        .map(ToOwned::to_owned)
+        .or_else(|| df.ca.as_ref().map(|c| cfg.path(c)));
+    let trust = crate::tls::Trust::from_optional_file(ca.as_deref()).map_err(|e| e.to_string())?;
+    let tls = ClientTlsConfig::new(trust, identity.as_ref(), crate::tls::client::ALPN_H2_H1)
+        .map_err(|e| e.to_string())?;
+    let headers = df
+        .parsed_headers()
+        .map_err(|e| format!("dataflow {}: headers: {e}", df.name))?;
+    let query = df
+        .parsed_query()
+        .map_err(|e| format!("dataflow {}: query: {e}", df.name))?;
+    if !matches!(df.auth, crate::config::Auth::None) {
+        return Err(format!(
+            "dataflow {}: auth kind '{}' is not yet available in this build (it arrives with issue #8)",
+            df.name,
+            df.auth.kind()
+        ));
+    }
+    Ok(DestinationSettings {
+        name: df.name.clone(),
+        tls,
+        mtls: df.mtls,
+        timeout: df.timeout(),
+        headers,
+        query,
+    })
+}
