@@ -1,0 +1,277 @@
+//! Shared test harness: PKIs (rcgen via `sallyport::pki`, and the `openssl` CLI for interop),
+//! real peers we did not write (nginx, `openssl s_server`), and small socket helpers.
+//! Each test binary includes it with `mod support;` and uses what it needs.
+#![allow(dead_code, clippy::unwrap_used, unreachable_pub)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sallyport::pki::{self, DevPki, InitOptions};
+
+/// A dev PKI made by rcgen (sallyport's own generator) in a temporary directory.
+pub struct RcgenPki {
+    pub dir: tempfile::TempDir,
+    pub files: DevPki,
+}
+
+impl RcgenPki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let files = pki::init(
+            dir.path(),
+            &InitOptions {
+                client_uris: vec!["spiffe://sallyport.test/gateway".into()],
+                ..InitOptions::default()
+            },
+        )
+        .unwrap();
+        RcgenPki { dir, files }
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A PKI made with the `openssl` CLI (EC P-256), as a receiver's operator would make it.
+pub struct OpensslPki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub ca_key: PathBuf,
+    pub server: PathBuf,
+    pub server_key: PathBuf,
+    pub client: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl OpensslPki {
+    /// CA `name`, a server cert for localhost/127.0.0.1 and a client cert, in `dir/name-*`.
+    pub fn new(dir: &Path, name: &str) -> Self {
+        let p = |f: &str| dir.join(format!("{name}-{f}"));
+        let pki = OpensslPki {
+            dir: dir.to_owned(),
+            ca: p("ca.pem"),
+            ca_key: p("ca.key"),
+            server: p("server.pem"),
+            server_key: p("server.key"),
+            client: p("client.pem"),
+            client_key: p("client.key"),
+        };
+        openssl_key(&pki.ca_key);
+        run(Command::new("openssl")
+            .args(["req", "-x509", "-new", "-key"])
+            .arg(&pki.ca_key)
+            .args(["-subj", &format!("/CN={name} Test CA"), "-days", "7", "-out"])
+            .arg(&pki.ca)
+            .args([
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]));
+        pki.issue(
+            &pki.server,
+            &pki.server_key,
+            "localhost",
+            "DNS:localhost,IP:127.0.0.1",
+            "serverAuth",
+            7,
+        );
+        pki.issue(
+            &pki.client,
+            &pki.client_key,
+            &format!("{name}-client"),
+            &format!("DNS:{name}-client.test"),
+            "clientAuth",
+            7,
+        );
+        pki
+    }
+
+    /// Issue a leaf signed by this CA, valid for `days` (expired certs: see rcgen's LeafSpec).
+    pub fn issue(&self, cert: &Path, key: &Path, cn: &str, san: &str, eku: &str, days: i64) {
+        openssl_key(key);
+        let csr = cert.with_extension("csr");
+        let ext = cert.with_extension("ext");
+        std::fs::write(&ext, format!("subjectAltName={san}\nextendedKeyUsage={eku}\n")).unwrap();
+        run(Command::new("openssl")
+            .args(["req", "-new", "-key"])
+            .arg(key)
+            .args(["-subj", &format!("/CN={cn}"), "-out"])
+            .arg(&csr));
+        let mut cmd = Command::new("openssl");
+        cmd.args(["x509", "-req", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&self.ca)
+            .arg("-CAkey")
+            .arg(&self.ca_key);
+        cmd.args(["-CAcreateserial", "-extfile"])
+            .arg(&ext)
+            .arg("-out")
+            .arg(cert);
+        cmd.args(["-days", &days.to_string()]);
+        run(&mut cmd);
+    }
+}
+
+fn openssl_key(path: &Path) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl ecparam -name prime256v1 -genkey -noout | openssl pkcs8 -topk8 -nocrypt -out '{}'",
+            path.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl key: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Wait until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on 127.0.0.1:{port}");
+}
+
+/// A child process killed when dropped.
+pub struct Peer {
+    pub child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Peer {
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+}
+
+/// nginx in the foreground with `server_block` (which must contain `listen 127.0.0.1:{PORT}`
+/// literally as `listen 127.0.0.1:PORT`). Logs go to `dir/nginx-PORT/`.
+pub fn nginx(dir: &Path, server_block: &str) -> Peer {
+    let port = free_port();
+    let prefix = dir.join(format!("nginx-{port}"));
+    std::fs::create_dir_all(prefix.join("logs")).unwrap();
+    let conf = prefix.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1; daemon off; pid {p}/nginx.pid; error_log {p}/logs/error.log info;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log {p}/logs/access.log; client_body_temp_path {p}/body; proxy_temp_path {p}/proxy;\n\
+             fastcgi_temp_path {p}/fcgi; uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;\n{}\n}}\n",
+            server_block.replace("PORT", &port.to_string()),
+            p = prefix.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(&prefix)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx is installed (the test command installs it)");
+    wait_for_port(port);
+    Peer {
+        child,
+        port,
+        dir: prefix,
+    }
+}
+
+/// nginx requiring client certificates from `client_ca` (`ssl_verify_client on`), answering
+/// 200 `received` to every request.
+pub fn nginx_mtls(dir: &Path, server_cert: &Path, server_key: &Path, client_ca: &Path) -> Peer {
+    nginx(
+        dir,
+        &format!(
+            "server {{ listen 127.0.0.1:PORT ssl; ssl_certificate {}; ssl_certificate_key {};\n\
+             ssl_client_certificate {}; ssl_verify_client on;\n\
+             location / {{ return 200 \"received $ssl_client_s_dn\"; }} }}",
+            server_cert.display(),
+            server_key.display(),
+            client_ca.display()
+        ),
+    )
+}
+
+/// `openssl s_server -www` with the given client-verification flag. Note: s_server only fails
+/// the handshake on a bad client certificate with `-verify_return_error` in `extra`.
+/// (`-Verify 1` requires a
+/// client certificate, `-verify 1` requests but does not require one, `None` never asks).
+pub fn openssl_s_server(
+    dir: &Path,
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+    verify: Option<&str>,
+    extra: &[&str],
+) -> Peer {
+    let port = free_port();
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_server",
+        "-quiet",
+        "-www",
+        "-accept",
+        &port.to_string(),
+        "-cert",
+    ])
+    .arg(cert)
+    .arg("-key")
+    .arg(key)
+    .arg("-CAfile")
+    .arg(ca);
+    if let Some(flag) = verify {
+        cmd.args([flag, "1"]);
+    }
+    cmd.args(extra);
+    let child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    Peer {
+        child,
+        port,
+        dir: dir.to_owned(),
+    }
+}
