@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::json;
 
-use crate::delivery::{DeliveryClient, DestinationSettings, OutboundRequest, DEFAULT_TIMEOUT};
+use crate::delivery::{DeliveryClient, DestinationSettings, OutboundRequest};
 use crate::pki::{self, InitOptions};
 use crate::receiver::{ClientAuth, Receiver};
 use crate::tls::{client::ALPN_H2_H1, ClientTlsConfig, Identity, Trust};
@@ -68,12 +68,8 @@ async fn demo(profiles: usize) -> anyhow::Result<()> {
     let identity = Identity::load(&files.client_cert, &files.client_key)?;
     let tls = ClientTlsConfig::new(Trust::from_pem_file(&files.ca_cert)?, Some(&identity), ALPN_H2_H1)?;
     let client = DeliveryClient::new(DestinationSettings {
-        name: "demo".into(),
-        tls: tls.clone(),
-        mtls: true,
-        timeout: DEFAULT_TIMEOUT,
-        headers: vec![],
         query: vec![("source".into(), "sallyport-demo".into())],
+        ..DestinationSettings::new("demo", tls.clone())
     });
     println!("3. delivering {profiles} sample profile(s) through the delivery core:");
     let mut headers = HeaderMap::new();
@@ -147,14 +143,7 @@ async fn demo(profiles: usize) -> anyhow::Result<()> {
         "5. a plain-TLS receiver on {} that does not ask for a client certificate:",
         plain.addr
     );
-    let client = DeliveryClient::new(DestinationSettings {
-        name: "demo-plain".into(),
-        tls,
-        mtls: true,
-        timeout: DEFAULT_TIMEOUT,
-        headers: vec![],
-        query: vec![],
-    });
+    let client = DeliveryClient::new(DestinationSettings::new("demo-plain", tls));
     let refused = client
         .send(OutboundRequest {
             method: Method::POST,

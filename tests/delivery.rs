@@ -4,7 +4,7 @@
 mod support;
 
 use http::{HeaderMap, Method, StatusCode};
-use sallyport::delivery::{DeliveryClient, DestinationSettings, ErrorKind, OutboundRequest, DEFAULT_TIMEOUT};
+use sallyport::delivery::{DeliveryClient, DestinationSettings, ErrorKind, OutboundRequest};
 use sallyport::receiver::{ClientAuth, Receiver};
 use sallyport::tls::{client::ALPN_H2_H1, ClientTlsConfig, Identity, Trust};
 use std::path::Path;
@@ -14,12 +14,8 @@ fn client(ca: &Path, cert: &Path, key: &Path, mtls: bool) -> DeliveryClient {
     let id = Identity::load(cert, key).unwrap();
     let tls = ClientTlsConfig::new(Trust::from_pem_file(ca).unwrap(), Some(&id), ALPN_H2_H1).unwrap();
     DeliveryClient::new(DestinationSettings {
-        name: "test".into(),
-        tls,
         mtls,
-        timeout: DEFAULT_TIMEOUT,
-        headers: vec![],
-        query: vec![],
+        ..DestinationSettings::new("test", tls)
     })
 }
 

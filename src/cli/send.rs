@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::{Failure, EXIT_USAGE};
 use crate::config::Config;
-use crate::delivery::{DeliveryClient, DeliveryError, DestinationSettings, OutboundRequest, DEFAULT_TIMEOUT};
+use crate::delivery::{DeliveryClient, DeliveryError, DestinationSettings, OutboundRequest};
 use crate::tls::{ClientTlsConfig, Identity, Trust};
 
 /// Most bytes `--data @file` or `--data -` reads.
@@ -162,14 +162,7 @@ fn prepare(args: SendArgs) -> Result<(DeliveryClient, OutboundRequest), Failure>
             let trust = Trust::from_optional_file(args.ca.as_deref()).map_err(Failure::usage)?;
             let tls = ClientTlsConfig::new(trust, identity.as_ref(), crate::tls::client::ALPN_H2_H1)
                 .map_err(Failure::usage)?;
-            DestinationSettings {
-                name: "send".into(),
-                tls,
-                mtls: true,
-                timeout: DEFAULT_TIMEOUT,
-                headers: vec![],
-                query: vec![],
-            }
+            DestinationSettings::new("send", tls)
         }
     };
     if args.allow_no_client_auth {

@@ -50,6 +50,20 @@ pub struct DestinationSettings {
     pub query: Vec<(String, String)>,
 }
 
+impl DestinationSettings {
+    /// Settings with the defaults: mTLS-only, 2 s timeout, no extra headers or query.
+    pub fn new(name: impl Into<String>, tls: ClientTlsConfig) -> Self {
+        DestinationSettings {
+            name: name.into(),
+            tls,
+            mtls: true,
+            timeout: DEFAULT_TIMEOUT,
+            headers: vec![],
+            query: vec![],
+        }
+    }
+}
+
 /// One request to deliver.
 #[derive(Debug, Clone)]
 pub struct OutboundRequest {
@@ -251,11 +265,10 @@ pub fn settings_for_dataflow(
         ));
     }
     Ok(DestinationSettings {
-        name: df.name.clone(),
-        tls,
         mtls: df.mtls,
         timeout: df.timeout(),
         headers,
         query,
+        ..DestinationSettings::new(df.name.clone(), tls)
     })
 }
