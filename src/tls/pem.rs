@@ -94,3 +94,16 @@ pub fn parse_key(bytes: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, Tl
         }),
     }
 }
+
+/// Entry point for the PEM/certificate fuzz target: any bytes must give Ok or a typed error,
+/// never a panic — through PEM parsing, key parsing and certificate facts.
+pub fn fuzz_entry(data: &[u8]) {
+    let path = Path::new("fuzz.pem");
+    if let Ok(certs) = parse_certs(data, path) {
+        for c in &certs {
+            let _ = super::CertFacts::from_der(c);
+        }
+    }
+    let _ = parse_key(data, path);
+    let _ = super::CertFacts::from_der(data);
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one test command (README.md names it; .ci/run runs it). Installs what the tests need
+# when missing, then: format check, clippy with warnings as errors, every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts the packaged nginx on :80; the tests run their own instances.
+  as_root service nginx stop >/dev/null 2>&1 || true
+fi
+export PATH="$PATH:/usr/sbin"
+
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast
+  cargo test --locked --doc
+else
+  cargo test --locked --no-fail-fast
+fi
