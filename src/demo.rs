@@ -1,21 +1,29 @@
-//! `sallyport demo`: a real mTLS delivery on one machine. Generates a dev PKI in a temporary
+//! `sallyport demo`: the whole export flow on one machine. Generates a dev PKI in a temporary
 //! directory, starts an in-process receiver that requires the gateway's client certificate,
-//! delivers sample profiles through the delivery core, and shows what the receiver saw. Then
-//! shows the mTLS-only rule refusing a receiver that does not ask for a certificate.
+//! ingests sample profile updates into an embedded store, lets the export engine deliver one
+//! JSON per changed profile over mTLS, and shows what the receiver saw. Then shows the
+//! mTLS-only rule refusing a receiver that does not ask for a client certificate.
 
+use std::fmt::Write as _;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 use serde_json::json;
 
-use crate::delivery::{DeliveryClient, DestinationSettings, OutboundRequest};
+use crate::config::Config;
+use crate::delivery::{DeliveryClient, DestinationSettings, ErrorKind, OutboundRequest};
+use crate::export::Engine;
 use crate::pki::{self, InitOptions};
 use crate::receiver::{ClientAuth, Receiver};
 use crate::tls::{client::ALPN_H2_H1, ClientTlsConfig, Identity, Trust};
 
+const MAPPED: &str = "5b998cb9-9488-4ec3-8d95-fa8338ced490";
+const UNMAPPED_SAME_POLICY: &str = "a1b2c3d4-0000-4000-8000-000000000001";
+
 /// Run the demo; exit 0 when every step behaved as it should.
 pub async fn run(profiles: usize) -> ExitCode {
-    match demo(profiles).await {
+    match demo(profiles.max(1)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sallyport demo: {e:#}");
@@ -24,18 +32,38 @@ pub async fn run(profiles: usize) -> ExitCode {
     }
 }
 
-/// A sample profile in the HTTP API destination's export shape.
-pub fn sample_profile(i: usize) -> serde_json::Value {
-    json!({
-        "person": {"name": {"firstName": format!("Jo{i}"), "lastName": "Example"}},
-        "personalEmail": {"address": format!("jo{i}@example.com")},
-        "segmentMembership": {"ups": {
-            "5b998cb9-9488-4ec3-8d95-fa8338ced490": {
-                "lastQualificationTime": "2026-11-25T10:00:00Z", "status": "realized"
-            }
-        }},
-        "identityMap": {"ecid": [{"id": format!("1457289{i:04}")}]}
-    })
+/// Sample NDJSON: `n` profiles qualifying for the mapped segment (every other one also in an
+/// unmapped segment of the same merge policy), one profile outside every mapped segment, and
+/// a second write to profile 0 that coalesces with its first.
+pub fn sample_ndjson(n: usize) -> String {
+    let mut out = String::new();
+    for i in 0..n {
+        let mut segments = vec![
+            json!({"id": MAPPED, "status": "realized", "lastQualificationTime": "2026-11-25T10:00:00Z"}),
+        ];
+        if i % 2 == 0 {
+            segments.push(json!({"id": UNMAPPED_SAME_POLICY, "status": "realized", "lastQualificationTime": "2026-11-20T08:00:00Z"}));
+        }
+        let line = json!({
+            "profileId": format!("demo-{i}"),
+            "identityMap": {"ecid": [{"id": format!("1457500653634928640461964808573{i:04}")}]},
+            "attributes": {"person": {"name": {"firstName": format!("Jo{i}"), "lastName": "Unmapped"}},
+                           "personalEmail": {"address": format!("jo{i}@example.com")}},
+            "segments": segments
+        });
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(
+        out,
+        "{}",
+        json!({"profileId": "outsider", "attributes": {"person": {"name": {"firstName": "Nobody"}}}})
+    );
+    let _ = writeln!(
+        out,
+        "{}",
+        json!({"profileId": "demo-0", "attributes": {"person": {"name": {"firstName": "Joanna"}}}})
+    );
+    out
 }
 
 async fn demo(profiles: usize) -> anyhow::Result<()> {
@@ -65,71 +93,104 @@ async fn demo(profiles: usize) -> anyhow::Result<()> {
         receiver.addr
     );
 
-    let identity = Identity::load(&files.client_cert, &files.client_key)?;
-    let tls = ClientTlsConfig::new(Trust::from_pem_file(&files.ca_cert)?, Some(&identity), ALPN_H2_H1)?;
-    let client = DeliveryClient::new(DestinationSettings {
-        query: vec![("source".into(), "sallyport-demo".into())],
-        ..DestinationSettings::new("demo", tls.clone())
-    });
-    println!("3. delivering {profiles} sample profile(s) through the delivery core:");
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
+    let config = format!(
+        r#"
+[identity]
+cert = "gateway.pem"
+key = "gateway.key"
+[store]
+url = "sqlite://demo.db"
+[[segments]]
+id = "{MAPPED}"
+name = "First name equals John"
+created_at = "2022-03-29T11:28:45Z"
+updated_at = "2022-03-29T11:28:50Z"
+[[segments]]
+id = "{UNMAPPED_SAME_POLICY}"
+name = "Watched Back to the Future"
+[[dataflows]]
+name = "demo-receiver"
+endpoint = "{endpoint}"
+ca = "ca.pem"
+headers = "x-tenant:demo"
+query = "source=sallyport-demo"
+include_segment_names = true
+include_segment_timestamps = true
+attributes = [
+  {{ source = "person.name.firstName", target = "firstName" }},
+  {{ source = "personalEmail.address", target = "person.email" }},
+]
+segments = ["{MAPPED}"]
+"#,
+        endpoint = receiver.url("/profiles")
     );
-    for i in 0..profiles {
-        let body = serde_json::to_vec(&sample_profile(i))?;
-        let d = client
-            .send(OutboundRequest {
-                method: Method::POST,
-                url: url::Url::parse(&receiver.url("/profiles"))?,
-                headers: headers.clone(),
-                body: body.into(),
-            })
-            .await?;
-        if let Some(e) = d.error() {
-            anyhow::bail!("delivery {i} failed: {e}");
-        }
-        let peer = d.peer.as_deref();
-        println!(
-            "   profile {i}: {} in {:.1} ms over {} {} (ALPN {}), receiver cert CN={} sha256={}…",
-            d.status,
-            d.latency.as_secs_f64() * 1000.0,
-            peer.map_or("?", |p| p.tls_version.as_str()),
-            peer.map_or("?", |p| p.cipher_suite.as_str()),
-            peer.and_then(|p| p.alpn.as_deref()).unwrap_or("none"),
-            peer.and_then(|p| p.server_certificate.as_ref())
-                .map_or("?", |c| c.display_name()),
-            peer.and_then(|p| p.server_certificate.as_ref())
-                .map_or("?", |c| &c.sha256_fingerprint[..23]),
-        );
-    }
-    println!("4. the receiver got:");
-    for r in receiver.received() {
-        let cert = r.client_cert.as_ref();
-        println!(
-            "   {} {} {} ({} bytes) from client CN={} SAN dns={:?} uri={:?}",
-            r.http_version,
-            r.method,
-            r.path_and_query,
-            r.body.len(),
-            cert.map_or("none", |c| c.display_name()),
-            cert.map(|c| &c.sans.dns),
-            cert.map(|c| &c.sans.uri),
-        );
-        println!("     body: {}", String::from_utf8_lossy(&r.body));
-    }
+    let cfg_path = dir.path().join("sallyport.toml");
+    std::fs::write(&cfg_path, config)?;
+    let cfg = Config::load(&cfg_path)?;
+    let engine = Engine::open(&cfg).await?;
+    let workers = engine.spawn_workers();
+    println!("3. export engine on an embedded SQLite store; dataflow 'demo-receiver' maps 2 attributes and 1 segment");
+
+    let ndjson = sample_ndjson(profiles);
+    let report = engine.ingest(ndjson.as_bytes()).await?;
     println!(
-        "   {} request(s) over {} connection(s) (keep-alive)",
+        "4. ingested {} update(s) ({} rejected): {profiles} profile(s) qualify for the mapped segment, \
+         1 is outside it, profile demo-0 is written twice",
+        report.accepted, report.rejected
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.pending().await? > 0 || receiver.received().len() < profiles {
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "deliveries did not complete: {} received, {} pending",
+                receiver.received().len(),
+                engine.pending().await?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    workers.iter().for_each(|w| w.abort());
+
+    println!(
+        "5. the receiver got {} JSON object(s) over {} connection(s):",
         receiver.received().len(),
         receiver.connections()
     );
+    for (i, r) in receiver.received().iter().enumerate() {
+        let cert = r.client_cert.as_ref();
+        if i == 0 {
+            println!(
+                "   client certificate seen by the receiver: CN={} SAN dns={:?} uri={:?}",
+                cert.map_or("none", |c| c.display_name()),
+                cert.map(|c| &c.sans.dns),
+                cert.map(|c| &c.sans.uri),
+            );
+            let pretty: serde_json::Value = serde_json::from_slice(&r.body)?;
+            println!(
+                "   {} {} {} — first payload:",
+                r.http_version, r.method, r.path_and_query
+            );
+            for l in serde_json::to_string_pretty(&pretty)?.lines() {
+                println!("     {l}");
+            }
+        } else {
+            println!(
+                "   {} {} {} ({} bytes)",
+                r.http_version,
+                r.method,
+                r.path_and_query,
+                r.body.len()
+            );
+        }
+    }
     if receiver.received().len() != profiles {
         anyhow::bail!(
-            "the receiver saw {} requests, expected {profiles}",
+            "expected {profiles} deliveries (one per changed profile), got {}",
             receiver.received().len()
         );
     }
+    println!("   demo-0 was written twice before delivery and sent once, with its latest state; 'outsider' was not sent");
 
     let plain = Receiver::start(
         &files.server_cert,
@@ -140,20 +201,27 @@ async fn demo(profiles: usize) -> anyhow::Result<()> {
     )
     .await?;
     println!(
-        "5. a plain-TLS receiver on {} that does not ask for a client certificate:",
+        "6. a plain-TLS receiver on {} that does not ask for a client certificate:",
         plain.addr
     );
-    let client = DeliveryClient::new(DestinationSettings::new("demo-plain", tls));
-    let refused = client
+    let identity = Identity::load(&files.client_cert, &files.client_key)?;
+    let tls = ClientTlsConfig::new(Trust::from_pem_file(&files.ca_cert)?, Some(&identity), ALPN_H2_H1)?;
+    let refused = DeliveryClient::new(DestinationSettings::new("demo-plain", tls))
         .send(OutboundRequest {
             method: Method::POST,
             url: url::Url::parse(&plain.url("/profiles"))?,
-            headers,
-            body: serde_json::to_vec(&sample_profile(0))?.into(),
+            headers: HeaderMap::new(),
+            body: ndjson
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec()
+                .into(),
         })
         .await;
     match refused {
-        Err(e) if e.kind() == crate::delivery::ErrorKind::MtlsNotRequested => {
+        Err(e) if e.kind() == ErrorKind::MtlsNotRequested => {
             println!("   refused as it must be: {e}");
             println!("   the plain receiver got {} request(s)", plain.received().len());
         }

@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod export;
 pub mod pki;
 pub mod receiver;
+pub mod store;
 pub mod tls;

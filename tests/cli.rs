@@ -231,10 +231,47 @@ async fn send_usage_errors_exit_2() {
 }
 
 #[tokio::test]
+async fn ingest_reports_rejected_lines_with_their_numbers_and_stores_the_rest() {
+    let pki = RcgenPki::new();
+    let d = pki.dir.path();
+    std::fs::write(
+        d.join("s.toml"),
+        "[identity]\ncert = \"gateway.pem\"\nkey = \"gateway.key\"\n[store]\nurl = \"sqlite://s.db\"\n\
+         [[segments]]\nid = \"s1\"\nname = \"S\"\n[[dataflows]]\nname = \"d\"\nendpoint = \"https://localhost:9/\"\n\
+         ca = \"ca.pem\"\nsegments = [\"s1\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("in.ndjson"),
+        "{\"profileId\":\"a\",\"segments\":[{\"id\":\"s1\",\"status\":\"realized\"}]}\n{oops\n",
+    )
+    .unwrap();
+    let cfg = d.join("s.toml");
+    let input = d.join("in.ndjson");
+    let (code, out, err) = run(&[
+        "ingest",
+        "--config",
+        cfg.to_str().unwrap(),
+        input.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(
+        out.contains("accepted 1 update(s), rejected 1; 1 deliveries pending"),
+        "{out}"
+    );
+    assert!(err.contains("in.ndjson:2: invalid update"), "{err}");
+}
+
+#[tokio::test]
 async fn demo_runs_a_real_mtls_delivery() {
-    let (code, out, err) = run(&["demo", "--profiles", "2"]).await;
+    let (code, out, err) = run(&["demo", "--profiles", "3"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.contains("from client CN=sallyport-gateway"), "{out}");
+    assert!(out.contains("the receiver got 3 JSON object(s)"), "{out}");
+    assert!(
+        out.contains("seen by the receiver: CN=sallyport-gateway"),
+        "{out}"
+    );
     assert!(out.contains("refused as it must be"), "{out}");
     assert!(out.contains("the plain receiver got 0 request(s)"), "{out}");
 }

@@ -44,8 +44,8 @@ pub enum Command {
     Audit(ConfigArg),
     /// List, show, replay and purge dead letters.
     Dlq(ConfigArg),
-    /// Ingest an NDJSON file of profile updates.
-    Ingest(ConfigArg),
+    /// Ingest an NDJSON file of profile updates into the store (offline; `serve` delivers).
+    Ingest(IngestArgs),
     /// Send one request through the delivery core (curl-like, mTLS-only by default).
     Send(send::SendArgs),
     /// Validate a config file and print every problem with its key.
@@ -60,6 +60,18 @@ pub struct ConfigArg {
     /// Config file.
     #[arg(long, short, default_value = "config/sallyport.toml")]
     pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Config file.
+    #[arg(long, short, default_value = "config/sallyport.toml")]
+    pub config: PathBuf,
+    /// NDJSON file of profile updates (one JSON object per line), or - for standard input.
+    pub file: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -138,7 +150,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Verify(_) => not_yet("verify", "the receiver checker (issue #5)"),
         Command::Audit(_) => not_yet("audit", "the audit log (issue #8)"),
         Command::Dlq(_) => not_yet("dlq", "dead letters (issue #8)"),
-        Command::Ingest(_) => not_yet("ingest", "the export engine (issue #7)"),
+        Command::Ingest(args) => ingest(args).await,
         Command::Send(args) => return send::run(args).await,
         Command::Config(ConfigCommand::Check(a)) => config_check(&a.config),
         Command::Pki(PkiCommand::Init {
@@ -186,6 +198,39 @@ fn not_yet(cmd: &str, what: &str) -> Result<(), Failure> {
     Err(Failure::usage(format!(
         "`{cmd}` is not yet available in this build: it arrives with {what}"
     )))
+}
+
+async fn ingest(args: IngestArgs) -> Result<(), Failure> {
+    let cfg = Config::load(&args.config).map_err(Failure::usage)?;
+    let bytes = if args.file.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf).map_err(Failure::usage)?;
+        buf
+    } else {
+        std::fs::read(&args.file).map_err(|e| Failure::usage(format!("{}: {e}", args.file.display())))?
+    };
+    let engine = crate::export::Engine::open(&cfg).await.map_err(Failure::failed)?;
+    let report = engine.ingest(&bytes).await.map_err(Failure::failed)?;
+    let pending = engine.pending().await.map_err(Failure::failed)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"accepted": report.accepted, "rejected": report.rejected,
+            "errors": report.errors, "pendingDeliveries": pending})
+        );
+    } else {
+        println!(
+            "accepted {} update(s), rejected {}; {pending} deliveries pending",
+            report.accepted, report.rejected
+        );
+        for e in &report.errors {
+            eprintln!("{}:{}: {}", args.file.display(), e.line, e.reason);
+        }
+    }
+    if report.rejected > 0 {
+        return Err(Failure::failed(format!("{} line(s) rejected", report.rejected)));
+    }
+    Ok(())
 }
 
 fn config_check(path: &std::path::Path) -> Result<(), Failure> {

@@ -1,0 +1,127 @@
+//! Durable state behind one trait: merged profiles, segment memberships, dataflow segment
+//! mappings and the outbox. SQLite (embedded, WAL) is the default; a PostgreSQL backend
+//! implements the same trait for scale-out.
+//!
+//! The outbox holds one row per (dataflow, profile): a second change before delivery bumps
+//! the row's version instead of adding a row (coalescing: the latest state is sent once), and
+//! per-profile order holds because a profile has at most one delivery in flight per dataflow.
+//! A delivery acknowledges only the version it sent; a newer version stays queued.
+//!
+//! Must never: acknowledge an update before it is committed, or lose an outbox row on crash.
+
+pub mod sqlite;
+
+use std::collections::HashMap;
+
+use crate::export::profile::Profile;
+use crate::export::spec::MappedSegment;
+use crate::export::trigger::{Reasons, Trigger};
+use crate::export::update::ProfileUpdate;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store: {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("store: stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store: unsupported URL '{0}' (expected sqlite://PATH)")]
+    Url(String),
+}
+
+/// One queued delivery, claimed for sending.
+#[derive(Debug, Clone)]
+pub struct OutboxItem {
+    pub id: i64,
+    pub version: i64,
+    pub profile: Profile,
+    /// Mapped segments whose status changes triggered this delivery (coalesced).
+    pub segments: Vec<String>,
+    pub reasons: Reasons,
+    pub attempts: u32,
+    /// UNIX ms when first enqueued.
+    pub enqueued_at: i64,
+}
+
+/// What happened to a claimed item.
+#[derive(Debug, Clone)]
+pub enum Completion {
+    /// Delivered: remove the row if its version is still `version`.
+    Delivered { id: i64, version: i64 },
+    /// Failed: try again at `retry_at` (UNIX ms).
+    Failed { id: i64, retry_at: i64, error: String },
+}
+
+/// The decision for one update: which dataflows to enqueue the profile for, and why.
+pub type Enqueues = Vec<(String, Trigger)>;
+
+/// Persistent state of the export engine. Methods block; call them from `spawn_blocking`.
+pub trait Store: Send + Sync + 'static {
+    /// Apply a batch in one transaction. `apply` merges each update into the stored profile
+    /// (a fresh one if new) and returns the dataflows to enqueue it for. Returns when the
+    /// transaction is durable.
+    fn apply_updates(
+        &self,
+        updates: &[ProfileUpdate],
+        apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
+    ) -> Result<(), StoreError>;
+
+    /// Record the dataflow's mapped segments. Returns each mapping's times and the segments
+    /// that were not mapped before (to backfill).
+    fn sync_mappings(
+        &self,
+        dataflow: &str,
+        segments: &[String],
+        now_ms: i64,
+    ) -> Result<(HashMap<String, MappedSegment>, Vec<String>), StoreError>;
+
+    /// Enqueue every profile that belongs to `segment` for `dataflow`. Returns how many.
+    fn backfill(&self, dataflow: &str, segment: &str, now_ms: i64) -> Result<u64, StoreError>;
+
+    /// Lease up to `limit` due rows of `dataflow`, oldest first.
+    fn claim(
+        &self,
+        dataflow: &str,
+        limit: usize,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<OutboxItem>, StoreError>;
+
+    /// Record the outcome of claimed rows, in one transaction.
+    fn complete(&self, results: &[Completion]) -> Result<(), StoreError>;
+
+    /// Rows waiting (all dataflows when `None`).
+    fn pending(&self, dataflow: Option<&str>) -> Result<u64, StoreError>;
+
+    /// Load one profile.
+    fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError>;
+}
+
+/// Open the store a config names.
+pub fn open(cfg: &crate::config::Config) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    let url = &cfg.store.url;
+    match url.strip_prefix("sqlite://") {
+        Some(path) => Ok(std::sync::Arc::new(SqliteStore::open(
+            &cfg.path(std::path::Path::new(path)),
+        )?)),
+        None => Err(StoreError::Url(url.clone())),
+    }
+}
+
+/// Milliseconds since the UNIX epoch, now.
+pub fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Coalesce two triggers for the same row.
+pub(crate) fn union(a: &mut Trigger, b: &Trigger) {
+    a.reasons = a.reasons | b.reasons;
+    for s in &b.segments {
+        if !a.segments.contains(s) {
+            a.segments.push(s.clone());
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! The embedded store: SQLite (bundled) in WAL mode with `synchronous = FULL`, so an accepted
+//! batch survives `kill -9` and power loss. One connection behind a mutex: SQLite has one
+//! writer anyway, and batches keep the lock short.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde_json::{Map, Value};
+
+use super::{union, Completion, Enqueues, OutboxItem, Store, StoreError};
+use crate::export::profile::{Membership, Profile};
+use crate::export::spec::MappedSegment;
+use crate::export::trigger::{Reasons, Trigger};
+use crate::export::update::{ProfileUpdate, SegmentStatus};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS profiles (
+  id TEXT PRIMARY KEY,
+  merge_policy TEXT NOT NULL,
+  identity_map TEXT NOT NULL,
+  attributes TEXT NOT NULL,
+  updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS memberships (
+  profile_id TEXT NOT NULL,
+  segment_id TEXT NOT NULL,
+  status TEXT NOT NULL,
+  last_qualification_time TEXT NOT NULL,
+  PRIMARY KEY (profile_id, segment_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS memberships_by_segment ON memberships (segment_id, status);
+CREATE TABLE IF NOT EXISTS mappings (
+  dataflow TEXT NOT NULL,
+  segment_id TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  updated_at INTEGER NOT NULL,
+  PRIMARY KEY (dataflow, segment_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  dataflow TEXT NOT NULL,
+  profile_id TEXT NOT NULL,
+  version INTEGER NOT NULL DEFAULT 1,
+  segments TEXT NOT NULL,
+  reasons INTEGER NOT NULL,
+  enqueued_at INTEGER NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at INTEGER NOT NULL,
+  leased_until INTEGER NOT NULL DEFAULT 0,
+  last_error TEXT,
+  UNIQUE (dataflow, profile_id)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (dataflow, next_attempt_at, id);
+";
+
+/// The SQLite store.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path` and apply the schema.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let err = |reason: String| StoreError::Open {
+            path: path.display().to_string(),
+            reason,
+        };
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+            }
+        }
+        let conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+        )?;
+        conn.execute_batch(SCHEMA)?;
+        let version: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match version.as_deref().map(str::parse::<i64>) {
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                    [SCHEMA_VERSION.to_string()],
+                )?;
+            }
+            Some(Ok(SCHEMA_VERSION)) => {}
+            Some(other) => {
+                return Err(err(format!(
+                    "schema version {other:?} is not {SCHEMA_VERSION}; this build cannot use it"
+                )))
+            }
+        }
+        // A single instance owns every lease: anything leased by a previous run is due again.
+        conn.execute("UPDATE outbox SET leased_until = 0 WHERE leased_until != 0", [])?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn load_profile(tx: &Connection, id: &str) -> Result<Option<Profile>, StoreError> {
+    let row: Option<(String, String, String)> = tx
+        .prepare_cached("SELECT merge_policy, identity_map, attributes FROM profiles WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let Some((merge_policy, identity_map, attributes)) = row else {
+        return Ok(None);
+    };
+    let mut p = Profile {
+        id: id.to_owned(),
+        merge_policy,
+        identity_map: parse_object(&identity_map)?,
+        attributes: parse_object(&attributes)?,
+        segments: Default::default(),
+    };
+    let mut stmt = tx.prepare_cached(
+        "SELECT segment_id, status, last_qualification_time FROM memberships WHERE profile_id = ?1",
+    )?;
+    let rows = stmt.query_map([id], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (seg, status, t) = row?;
+        let status =
+            SegmentStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?;
+        p.segments.insert(
+            seg,
+            Membership {
+                status,
+                last_qualification_time: t,
+            },
+        );
+    }
+    Ok(Some(p))
+}
+
+fn parse_object(s: &str) -> Result<Map<String, Value>, StoreError> {
+    match serde_json::from_str(s) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(StoreError::Corrupt("a stored JSON object does not parse".into())),
+    }
+}
+
+fn save_profile(
+    tx: &Transaction<'_>,
+    p: &Profile,
+    touched_segments: &[&String],
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO profiles (id, merge_policy, identity_map, attributes, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (id) DO UPDATE SET merge_policy = excluded.merge_policy, identity_map = excluded.identity_map,
+           attributes = excluded.attributes, updated_at = excluded.updated_at",
+    )?
+    .execute(params![
+        p.id,
+        p.merge_policy,
+        Value::Object(p.identity_map.clone()).to_string(),
+        Value::Object(p.attributes.clone()).to_string(),
+        now_ms
+    ])?;
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO memberships (profile_id, segment_id, status, last_qualification_time) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (profile_id, segment_id) DO UPDATE SET status = excluded.status,
+           last_qualification_time = excluded.last_qualification_time",
+    )?;
+    for seg in touched_segments {
+        if let Some(m) = p.segments.get(*seg) {
+            stmt.execute(params![p.id, seg, m.status.as_str(), m.last_qualification_time])?;
+        }
+    }
+    Ok(())
+}
+
+fn enqueue(
+    tx: &Transaction<'_>,
+    dataflow: &str,
+    profile_id: &str,
+    t: &Trigger,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let existing: Option<(String, u8)> = tx
+        .prepare_cached("SELECT segments, reasons FROM outbox WHERE dataflow = ?1 AND profile_id = ?2")?
+        .query_row([dataflow, profile_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match existing {
+        None => {
+            tx.prepare_cached(
+                "INSERT INTO outbox (dataflow, profile_id, segments, reasons, enqueued_at, next_attempt_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            )?
+            .execute(params![
+                dataflow,
+                profile_id,
+                segments_json(&t.segments),
+                t.reasons.0,
+                now_ms
+            ])?;
+        }
+        Some((segs, reasons)) => {
+            let mut merged = Trigger {
+                reasons: Reasons(reasons),
+                segments: serde_json::from_str(&segs).unwrap_or_default(),
+            };
+            union(&mut merged, t);
+            // Keep the row's place in line and any retry backoff; bump the version so an
+            // in-flight send of the older state does not acknowledge this one.
+            tx.prepare_cached(
+                "UPDATE outbox SET version = version + 1, segments = ?3, reasons = ?4
+                 WHERE dataflow = ?1 AND profile_id = ?2",
+            )?
+            .execute(params![
+                dataflow,
+                profile_id,
+                segments_json(&merged.segments),
+                merged.reasons.0
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+fn segments_json(s: &[String]) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "[]".into())
+}
+
+impl Store for SqliteStore {
+    fn apply_updates(
+        &self,
+        updates: &[ProfileUpdate],
+        apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
+    ) -> Result<(), StoreError> {
+        let now = super::now_ms();
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        // Profiles touched by this batch, applied in order in memory, written once.
+        let mut profiles: HashMap<String, (Profile, Vec<String>)> = HashMap::new();
+        let mut queued: HashMap<(String, String), Trigger> = HashMap::new();
+        let mut order: Vec<(String, String)> = Vec::new();
+        for u in updates {
+            if !profiles.contains_key(&u.profile_id) {
+                let p = load_profile(&tx, &u.profile_id)?.unwrap_or_else(|| Profile::new(&u.profile_id));
+                profiles.insert(u.profile_id.clone(), (p, Vec::new()));
+            }
+            let Some((p, touched)) = profiles.get_mut(&u.profile_id) else {
+                continue;
+            };
+            for s in &u.segments {
+                touched.push(s.id.clone());
+            }
+            for (df, t) in apply(p, u) {
+                let key = (df, u.profile_id.clone());
+                match queued.get_mut(&key) {
+                    Some(existing) => union(existing, &t),
+                    None => {
+                        order.push(key.clone());
+                        queued.insert(key, t);
+                    }
+                }
+            }
+        }
+        for (p, touched) in profiles.values() {
+            let touched: Vec<&String> = touched.iter().collect();
+            save_profile(&tx, p, &touched, now)?;
+        }
+        for key in &order {
+            if let Some(t) = queued.get(key) {
+                enqueue(&tx, &key.0, &key.1, t, now)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn sync_mappings(
+        &self,
+        dataflow: &str,
+        segments: &[String],
+        now_ms: i64,
+    ) -> Result<(HashMap<String, MappedSegment>, Vec<String>), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let mut existing: HashMap<String, MappedSegment> = HashMap::new();
+        {
+            let mut stmt =
+                tx.prepare("SELECT segment_id, created_at, updated_at FROM mappings WHERE dataflow = ?1")?;
+            for row in stmt.query_map([dataflow], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    MappedSegment {
+                        mapping_created_at: r.get(1)?,
+                        mapping_updated_at: r.get(2)?,
+                    },
+                ))
+            })? {
+                let (s, m) = row?;
+                existing.insert(s, m);
+            }
+        }
+        let mut fresh = Vec::new();
+        let mut out = HashMap::new();
+        for s in segments {
+            match existing.remove(s) {
+                Some(m) => {
+                    out.insert(s.clone(), m);
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO mappings (dataflow, segment_id, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
+                        params![dataflow, s, now_ms],
+                    )?;
+                    out.insert(
+                        s.clone(),
+                        MappedSegment {
+                            mapping_created_at: now_ms,
+                            mapping_updated_at: now_ms,
+                        },
+                    );
+                    fresh.push(s.clone());
+                }
+            }
+        }
+        // Unmapped since last time: forget, so mapping again backfills again.
+        for s in existing.keys() {
+            tx.execute(
+                "DELETE FROM mappings WHERE dataflow = ?1 AND segment_id = ?2",
+                params![dataflow, s],
+            )?;
+        }
+        tx.commit()?;
+        Ok((out, fresh))
+    }
+
+    fn backfill(&self, dataflow: &str, segment: &str, now_ms: i64) -> Result<u64, StoreError> {
+        let conn = self.lock();
+        let seg = segments_json(&[segment.to_owned()]);
+        // One statement: every member of the segment, coalesced into existing rows.
+        let n = conn.execute(
+            "INSERT INTO outbox (dataflow, profile_id, segments, reasons, enqueued_at, next_attempt_at)
+             SELECT ?1, profile_id, ?2, ?3, ?4, ?4 FROM memberships
+             WHERE segment_id = ?5 AND status IN ('realized', 'exiting')
+             ORDER BY profile_id
+             ON CONFLICT (dataflow, profile_id) DO UPDATE SET version = version + 1,
+               reasons = reasons | excluded.reasons",
+            params![
+                dataflow,
+                seg,
+                (Reasons::BACKFILL | Reasons::SEGMENT).0,
+                now_ms,
+                segment
+            ],
+        )?;
+        Ok(n as u64)
+    }
+
+    fn claim(
+        &self,
+        dataflow: &str,
+        limit: usize,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let mut rows: Vec<(i64, String, i64, String, u8, u32, i64)> = Vec::new();
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE outbox SET leased_until = ?3 WHERE id IN (
+                   SELECT id FROM outbox WHERE dataflow = ?1 AND next_attempt_at <= ?2 AND leased_until <= ?2
+                   ORDER BY id LIMIT ?4)
+                 RETURNING id, profile_id, version, segments, reasons, attempts, enqueued_at",
+            )?;
+            let it = stmt.query_map(params![dataflow, now_ms, now_ms + lease_ms, limit as i64], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })?;
+            for r in it {
+                rows.push(r?);
+            }
+        }
+        rows.sort_by_key(|r| r.0);
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, profile_id, version, segments, reasons, attempts, enqueued_at) in rows {
+            let profile = load_profile(&tx, &profile_id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} names missing profile")))?;
+            out.push(OutboxItem {
+                id,
+                version,
+                profile,
+                segments: serde_json::from_str(&segments).unwrap_or_default(),
+                reasons: Reasons(reasons),
+                attempts,
+                enqueued_at,
+            });
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn complete(&self, results: &[Completion]) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        for r in results {
+            match r {
+                Completion::Delivered { id, version } => {
+                    let n = tx
+                        .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND version = ?2")?
+                        .execute(params![id, version])?;
+                    if n == 0 {
+                        // Changed while in flight: send the newer state next.
+                        tx.prepare_cached("UPDATE outbox SET leased_until = 0, attempts = 0 WHERE id = ?1")?
+                            .execute([id])?;
+                    }
+                }
+                Completion::Failed { id, retry_at, error } => {
+                    tx.prepare_cached(
+                        "UPDATE outbox SET leased_until = 0, attempts = attempts + 1, next_attempt_at = ?2,
+                         last_error = ?3 WHERE id = ?1",
+                    )?
+                    .execute(params![id, retry_at, error])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn pending(&self, dataflow: Option<&str>) -> Result<u64, StoreError> {
+        let conn = self.lock();
+        let n: i64 = match dataflow {
+            Some(d) => conn.query_row("SELECT COUNT(*) FROM outbox WHERE dataflow = ?1", [d], |r| {
+                r.get(0)
+            })?,
+            None => conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?,
+        };
+        Ok(n as u64)
+    }
+
+    fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
+        load_profile(&self.lock(), id)
+    }
+}
