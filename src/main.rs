@@ -1,3 +1,8 @@
+// glibc malloc showed as ~25% of the export pipeline's profile (allocation-heavy JSON and
+// TLS buffers across tokio worker threads); mimalloc cuts that (see bench/RESULTS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::Parser;

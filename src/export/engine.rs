@@ -2,13 +2,15 @@
 //! transaction) and one delivery worker per dataflow (claim a batch → build payloads from the
 //! latest state → send concurrently through the delivery client → record outcomes).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use hdrhistogram::Histogram;
 
 use http::{HeaderMap, HeaderValue, Method};
 use serde::Serialize;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
 
 use super::payload;
 use super::spec::{Catalog, DataflowSpec};
@@ -54,6 +56,26 @@ struct Inner {
     store: Arc<dyn Store>,
     catalog: Catalog,
     flows: Vec<Arc<Flow>>,
+    stats: Stats,
+}
+
+/// Delivery counters and the ingest-to-delivered latency histogram (microseconds).
+struct Stats {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    latency_us: Mutex<Histogram<u64>>,
+}
+
+/// A snapshot of [`Engine::stats`].
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryStats {
+    pub delivered: u64,
+    pub failed: u64,
+    /// Ingest-to-delivered latency percentiles, milliseconds.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 /// The export engine. Cheap to clone.
@@ -107,11 +129,18 @@ impl Engine {
                 wake: Notify::new(),
             }));
         }
+        let histogram =
+            Histogram::new_with_bounds(1, 3_600_000_000, 2).map_err(|e| EngineError::Setup(e.to_string()))?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 store,
                 catalog,
                 flows,
+                stats: Stats {
+                    delivered: AtomicU64::new(0),
+                    failed: AtomicU64::new(0),
+                    latency_us: Mutex::new(histogram),
+                },
             }),
         })
     }
@@ -156,6 +185,30 @@ impl Engine {
         blocking(move || s.pending(None)).await
     }
 
+    /// Deliveries so far and their ingest-to-delivered latency.
+    pub fn stats(&self) -> DeliveryStats {
+        let s = &self.inner.stats;
+        let h = s.latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        let ms = |us: u64| us as f64 / 1000.0;
+        DeliveryStats {
+            delivered: s.delivered.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        }
+    }
+
+    /// Forget the latency samples so far (benchmarks measure phases separately).
+    pub fn reset_stats(&self) {
+        self.inner
+            .stats
+            .latency_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reset();
+    }
+
     /// The store, for inspection.
     pub fn store(&self) -> Arc<dyn Store> {
         self.inner.store.clone()
@@ -171,7 +224,19 @@ impl Engine {
     }
 }
 
+/// Deliveries in flight per dataflow: a stable set of pooled connections (HTTP/1.1) or
+/// streams (HTTP/2), as a proxy's keep-alive pool would hold.
+const IN_FLIGHT: usize = 64;
+/// Outcomes written per store transaction, at most.
+const COMPLETE_BATCH: usize = 1024;
+
+/// One dataflow's pipeline: a claimer leases due rows and starts a send for each as soon as
+/// one of the [`IN_FLIGHT`] slots frees up; a completer records outcomes in batches. A row
+/// stays leased from claim to completion, so a profile never has two deliveries in flight.
 async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, i64)>(COMPLETE_BATCH * 2);
+    let completer = tokio::spawn(complete_loop(inner.clone(), flow.spec.name.clone(), done_rx));
     loop {
         let (s, name) = (inner.store.clone(), flow.spec.name.clone());
         let items = match blocking(move || s.claim(&name, BATCH, now_ms(), LEASE_MS)).await {
@@ -185,25 +250,66 @@ async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
         if items.is_empty() {
             tokio::select! {
                 _ = flow.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
             continue;
         }
-        let mut set = JoinSet::new();
         for item in items {
-            let (flow, catalog_inner) = (flow.clone(), inner.clone());
-            set.spawn(async move { deliver(&flow, &catalog_inner.catalog, item).await });
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (flow, inner, done) = (flow.clone(), inner.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let enqueued_at = item.enqueued_at;
+                let c = deliver(&flow, &inner.catalog, item).await;
+                drop(permit);
+                let _ = done.send((c, enqueued_at)).await;
+            });
         }
-        let mut results = Vec::new();
-        while let Some(r) = set.join_next().await {
-            if let Ok(c) = r {
-                results.push(c);
-            }
+        if completer.is_finished() {
+            tracing::error!(dataflow = %flow.spec.name, "completion writer stopped");
+            return;
         }
+    }
+}
+
+async fn complete_loop(
+    inner: Arc<Inner>,
+    dataflow: String,
+    mut rx: tokio::sync::mpsc::Receiver<(Completion, i64)>,
+) {
+    let mut buf = Vec::with_capacity(COMPLETE_BATCH);
+    while rx.recv_many(&mut buf, COMPLETE_BATCH).await > 0 {
+        let results: Vec<Completion> = buf
+            .drain(..)
+            .map(|(c, enqueued_at)| {
+                inner.stats.record(&c, enqueued_at);
+                c
+            })
+            .collect();
         let s = inner.store.clone();
         if let Err(e) = blocking(move || s.complete(&results)).await {
             // The leases expire and the rows are claimed again: at-least-once, never lost.
-            tracing::error!(dataflow = %flow.spec.name, error = %e, "recording outcomes failed");
+            tracing::error!(dataflow = %dataflow, error = %e, "recording outcomes failed");
+        }
+    }
+}
+
+impl Stats {
+    fn record(&self, c: &Completion, enqueued_at: i64) {
+        match c {
+            Completion::Delivered { .. } => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+                let us = ((now_ms() - enqueued_at).max(0) as u64)
+                    .saturating_mul(1000)
+                    .max(1);
+                if let Ok(mut h) = self.latency_us.lock() {
+                    h.saturating_record(us);
+                }
+            }
+            Completion::Failed { .. } => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }

@@ -16,4 +16,4 @@ pub mod spec;
 pub mod trigger;
 pub mod update;
 
-pub use engine::{Engine, IngestReport};
+pub use engine::{DeliveryStats, Engine, IngestReport};

@@ -129,7 +129,7 @@ pub fn parse_line(raw: &[u8]) -> Result<ProfileUpdate, String> {
         }
     }
     if let Some(attrs) = &u.attributes {
-        if depth(&Value::Object(attrs.clone())) > MAX_DEPTH {
+        if 1 + attrs.values().map(depth).max().unwrap_or(0) > MAX_DEPTH {
             return Err(format!("attributes are nested deeper than {MAX_DEPTH} levels"));
         }
     }

@@ -1,6 +1,11 @@
-//! The embedded store: SQLite (bundled) in WAL mode with `synchronous = FULL`, so an accepted
-//! batch survives `kill -9` and power loss. One connection behind a mutex: SQLite has one
-//! writer anyway, and batches keep the lock short.
+//! The embedded store: SQLite (bundled) in WAL mode. Ingest commits with `synchronous = FULL`,
+//! so an accepted batch survives `kill -9` and power loss. Delivery outcomes commit with
+//! `synchronous = NORMAL` (durable across a process crash; a power loss may forget an
+//! acknowledgement, which only means an idempotent re-send).
+//!
+//! One writer connection and one reader connection (WAL lets a reader run beside the
+//! writer), so claiming deliveries does not wait for an ingest batch. This backend serves
+//! one gateway instance, so leases live in memory: a restart makes every row due again.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -51,7 +56,6 @@ CREATE TABLE IF NOT EXISTS outbox (
   enqueued_at INTEGER NOT NULL,
   attempts INTEGER NOT NULL DEFAULT 0,
   next_attempt_at INTEGER NOT NULL,
-  leased_until INTEGER NOT NULL DEFAULT 0,
   last_error TEXT,
   UNIQUE (dataflow, profile_id)
 );
@@ -60,7 +64,10 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox (dataflow, next_attempt_at, id);
 
 /// The SQLite store.
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    /// Outbox row id → lease expiry (UNIX ms).
+    leases: Mutex<HashMap<i64, i64>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -105,16 +112,23 @@ impl SqliteStore {
                 )))
             }
         }
-        // A single instance owns every lease: anything leased by a previous run is due again.
-        conn.execute("UPDATE outbox SET leased_until = 0 WHERE leased_until != 0", [])?;
+        let reader = Connection::open(path).map_err(|e| err(e.to_string()))?;
+        reader.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")?;
         Ok(SqliteStore {
-            conn: Mutex::new(conn),
+            writer: Mutex::new(conn),
+            reader: Mutex::new(reader),
+            leases: Mutex::new(HashMap::new()),
         })
     }
 
+    // A panic while holding a lock leaves SQLite consistent (transactions roll back), so a
+    // poisoned mutex is still usable.
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<i64, i64>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -179,8 +193,8 @@ fn save_profile(
     .execute(params![
         p.id,
         p.merge_policy,
-        Value::Object(p.identity_map.clone()).to_string(),
-        Value::Object(p.attributes.clone()).to_string(),
+        serde_json::to_string(&p.identity_map).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        serde_json::to_string(&p.attributes).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         now_ms
     ])?;
     let mut stmt = tx.prepare_cached(
@@ -384,17 +398,21 @@ impl Store for SqliteStore {
         now_ms: i64,
         lease_ms: i64,
     ) -> Result<Vec<OutboxItem>, StoreError> {
-        let mut conn = self.lock();
+        // Rows leased now are skipped, so look that many rows further.
+        let leased: std::collections::HashSet<i64> = {
+            let mut l = self.leases();
+            l.retain(|_, until| *until > now_ms);
+            l.keys().copied().collect()
+        };
+        let mut conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn.transaction()?;
         let mut rows: Vec<(i64, String, i64, String, u8, u32, i64)> = Vec::new();
         {
             let mut stmt = tx.prepare_cached(
-                "UPDATE outbox SET leased_until = ?3 WHERE id IN (
-                   SELECT id FROM outbox WHERE dataflow = ?1 AND next_attempt_at <= ?2 AND leased_until <= ?2
-                   ORDER BY id LIMIT ?4)
-                 RETURNING id, profile_id, version, segments, reasons, attempts, enqueued_at",
+                "SELECT id, profile_id, version, segments, reasons, attempts, enqueued_at FROM outbox
+                 WHERE dataflow = ?1 AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3",
             )?;
-            let it = stmt.query_map(params![dataflow, now_ms, now_ms + lease_ms, limit as i64], |r| {
+            let it = stmt.query_map(params![dataflow, now_ms, (limit + leased.len()) as i64], |r| {
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
@@ -406,10 +424,15 @@ impl Store for SqliteStore {
                 ))
             })?;
             for r in it {
-                rows.push(r?);
+                let r = r?;
+                if !leased.contains(&r.0) {
+                    rows.push(r);
+                }
+                if rows.len() == limit {
+                    break;
+                }
             }
         }
-        rows.sort_by_key(|r| r.0);
         let mut out = Vec::with_capacity(rows.len());
         for (id, profile_id, version, segments, reasons, attempts, enqueued_at) in rows {
             let profile = load_profile(&tx, &profile_id)?
@@ -425,11 +448,16 @@ impl Store for SqliteStore {
             });
         }
         tx.commit()?;
+        let mut l = self.leases();
+        for item in &out {
+            l.insert(item.id, now_ms + lease_ms);
+        }
         Ok(out)
     }
 
     fn complete(&self, results: &[Completion]) -> Result<(), StoreError> {
         let mut conn = self.lock();
+        conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         let tx = conn.transaction()?;
         for r in results {
             match r {
@@ -438,21 +466,28 @@ impl Store for SqliteStore {
                         .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND version = ?2")?
                         .execute(params![id, version])?;
                     if n == 0 {
-                        // Changed while in flight: send the newer state next.
-                        tx.prepare_cached("UPDATE outbox SET leased_until = 0, attempts = 0 WHERE id = ?1")?
+                        // Changed while in flight: send the newer state next, afresh.
+                        tx.prepare_cached("UPDATE outbox SET attempts = 0 WHERE id = ?1")?
                             .execute([id])?;
                     }
                 }
                 Completion::Failed { id, retry_at, error } => {
                     tx.prepare_cached(
-                        "UPDATE outbox SET leased_until = 0, attempts = attempts + 1, next_attempt_at = ?2,
-                         last_error = ?3 WHERE id = ?1",
+                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
+                         WHERE id = ?1",
                     )?
                     .execute(params![id, retry_at, error])?;
                 }
             }
         }
         tx.commit()?;
+        conn.execute_batch("PRAGMA synchronous = FULL")?;
+        drop(conn);
+        let mut l = self.leases();
+        for r in results {
+            let (Completion::Delivered { id, .. } | Completion::Failed { id, .. }) = r;
+            l.remove(id);
+        }
         Ok(())
     }
 

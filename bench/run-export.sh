@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Export benchmark, with its peer in the same run (machines are shared and noisy: compare
+# ratios, not absolute figures).
+#   Sallyport: ingest → trigger → payload → durable outbox → mTLS delivery → nginx receiver
+#   Peer:      wrk → nginx proxy (keep-alive, client cert) → the same nginx receiver, same body size
+# The receiver is nginx with ssl_verify_client on, one worker, certificates from the openssl CLI
+# (as ../shared/bench/peers/run-peers.sh does).
+# Usage: bench/run-export.sh [N profiles, default 200000] [backfill N, default 1000000]
+set -euo pipefail
+N=${1:-200000}
+BACKFILL=${2:-1000000}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+PKI=$(mktemp -d /tmp/sallyport-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$PKI"; }
+trap cleanup EXIT
+export PATH="$PATH:/usr/sbin"
+command -v nginx >/dev/null && command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light wrk >/dev/null; }
+
+cd "$PKI"
+key() { openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1.key"; }
+key ca; openssl req -x509 -new -key ca.key -subj "/CN=Bench CA" -days 2 -out ca.pem \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
+leaf() { key "$1"; openssl req -new -key "$1.key" -subj "/CN=$2" -out "$1.csr" 2>/dev/null
+  printf 'subjectAltName=%s\nextendedKeyUsage=%s\n' "$3" "$4" > "$1.ext"
+  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile "$1.ext" -out "$1.pem" 2>/dev/null; }
+leaf server localhost "DNS:localhost,IP:127.0.0.1" serverAuth
+leaf client gateway.bench.test "DNS:gateway.bench.test" clientAuth
+# A body the size of a Sallyport payload in this benchmark (~450 bytes).
+python3 -c "import json;print(json.dumps({'firstName':'First1','identityMap':{'ecid':[{'id':'0'*38}],'email_lc_sha256':[{'id':'0'*64}]},'person':{'email':'user1@example.com'},'segmentMembership':{'ups':{'5b998cb9-9488-4ec3-8d95-fa8338ced490':{'lastQualificationTime':'2026-11-25T10:00:00Z','name':'First name equals John','status':'realized'}}}}),end='')" > body.json
+printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nlocal f = io.open("%s/body.json"); wrk.body = f:read("*a"); f:close()\n' "$PKI" > post.lua
+
+mkdir -p rx/logs px/logs
+cat > rx/nginx.conf <<CONF
+worker_processes 1; pid $PKI/rx/nginx.pid; error_log $PKI/rx/logs/error.log warn; daemon off;
+events { worker_connections 8192; }
+http { access_log off; keepalive_requests 1000000; client_body_temp_path $PKI/rx/body;
+  server { listen 127.0.0.1:9443 ssl; ssl_certificate $PKI/server.pem; ssl_certificate_key $PKI/server.key;
+    ssl_client_certificate $PKI/ca.pem; ssl_verify_client on; client_body_buffer_size 64k;
+    location / { return 200 "ok"; } } }
+CONF
+cat > px/nginx.conf <<CONF
+worker_processes 1; pid $PKI/px/nginx.pid; error_log $PKI/px/logs/error.log warn; daemon off;
+events { worker_connections 8192; }
+http { access_log off; keepalive_requests 1000000; client_body_temp_path $PKI/px/body; proxy_temp_path $PKI/px/proxy;
+  upstream rx { server 127.0.0.1:9443; keepalive 64; }
+  server { listen 127.0.0.1:18081;
+    location / { proxy_pass https://rx; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_ssl_certificate $PKI/client.pem; proxy_ssl_certificate_key $PKI/client.key;
+      proxy_ssl_trusted_certificate $PKI/ca.pem; proxy_ssl_verify on; proxy_ssl_name localhost;
+      proxy_ssl_session_reuse on; } } }
+CONF
+nginx -c "$PKI/rx/nginx.conf" -p "$PKI/rx" & PIDS+=($!)
+nginx -c "$PKI/px/nginx.conf" -p "$PKI/px" & PIDS+=($!)
+sleep 0.5
+
+cd "$ROOT"
+cargo bench --bench export --no-run >/dev/null 2>&1
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); nginx $(nginx -v 2>&1 | cut -d/ -f2)" >&2
+
+peer=$(wrk -t1 -c64 -d8s -s "$PKI/post.lua" http://127.0.0.1:18081/ | awk '/Requests\/sec/{print $2}')
+ours=$(cargo bench --bench export -- "https://localhost:9443/profiles" "$PKI/ca.pem" "$PKI/client.pem" "$PKI/client.key" "$N" "$BACKFILL")
+echo "$ours" >&2
+python3 - "$peer" "$ours" <<'PY'
+import json, sys
+peer = float(sys.argv[1]); phases = {}
+for l in sys.argv[2].splitlines():
+    if l.startswith('{'):
+        d = json.loads(l); phases[d['phase']] = d
+t = phases['throughput']; l = phases['latency-10k']; b = phases.get('backfill')
+print("| measure | Sallyport | peer (nginx proxy, same run) | ratio |")
+print("| --- | --- | --- | --- |")
+print(f"| end-to-end profiles/s ({t['profiles']:,} profiles, durable) | {t['profilesPerSec']:,.0f} | {peer:,.0f} req/s | {t['profilesPerSec']/peer:.2f}× |")
+print(f"| ingest only (parse + trigger + SQLite commit) profiles/s | {t['ingestOnlyPerSec']:,.0f} | | |")
+print(f"| ingest-to-delivered p50 / p99 at 10k/s | {l['p50Ms']:.1f} ms / {l['p99Ms']:.1f} ms | | |")
+if b:
+    print(f"| backfill {b['profiles']:,} profiles: enqueue / all delivered | {b['enqueueSeconds']:.1f} s / {b['deliveredSeconds']:.1f} s ({b['profilesPerSec']:,.0f}/s) | | |")
+print(f"\nfailed deliveries: throughput {t['failed']}, latency {l['failed']}" + (f", backfill {b['failed']}" if b else ""))
+PY
