@@ -179,7 +179,8 @@ impl Peer {
     }
 }
 
-/// nginx in the foreground with `server_block` (which must contain `listen 127.0.0.1:{PORT}`
+/// nginx in the foreground, single process (`master_process off`, so killing the child
+/// leaves no orphaned workers behind), with `server_block` (which must contain `listen 127.0.0.1:{PORT}`
 /// literally as `listen 127.0.0.1:PORT`). Logs go to `dir/nginx-PORT/`.
 pub fn nginx(dir: &Path, server_block: &str) -> Peer {
     let port = free_port();
@@ -189,7 +190,7 @@ pub fn nginx(dir: &Path, server_block: &str) -> Peer {
     std::fs::write(
         &conf,
         format!(
-            "worker_processes 1; daemon off; pid {p}/nginx.pid; error_log {p}/logs/error.log info;\n\
+            "worker_processes 1; daemon off; master_process off; pid {p}/nginx.pid; error_log {p}/logs/error.log info;\n\
              events {{ worker_connections 1024; }}\n\
              http {{ access_log {p}/logs/access.log; client_body_temp_path {p}/body; proxy_temp_path {p}/proxy;\n\
              fastcgi_temp_path {p}/fcgi; uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;\n{}\n}}\n",
