@@ -43,6 +43,20 @@ pub struct Received {
     pub client_cert: Option<CertFacts>,
 }
 
+/// What the receiver does with the n-th request (0-based, across connections).
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Answer with this status and headers.
+    Respond(StatusCode, Vec<(&'static str, String)>),
+    /// Wait, then answer with this status.
+    Delay(std::time::Duration, StatusCode),
+    /// Close the connection without answering.
+    Drop,
+}
+
+/// Decides the [`Action`] for each request.
+pub type Responder = Arc<dyn Fn(usize) -> Action + Send + Sync>;
+
 /// A running receiver; it stops when dropped.
 pub struct Receiver {
     pub addr: SocketAddr,
@@ -66,6 +80,24 @@ impl Receiver {
         client_ca: &Path,
         auth: ClientAuth,
         status: StatusCode,
+    ) -> Result<Self, TlsError> {
+        Self::start_with(
+            cert,
+            key,
+            client_ca,
+            auth,
+            Arc::new(move |_| Action::Respond(status, vec![])),
+        )
+        .await
+    }
+
+    /// As [`Receiver::start`], with each request's answer decided by `responder`.
+    pub async fn start_with(
+        cert: &Path,
+        key: &Path,
+        client_ca: &Path,
+        auth: ClientAuth,
+        responder: Responder,
     ) -> Result<Self, TlsError> {
         let chain = pem::load_certs(cert)?;
         let key = pem::load_key(key)?;
@@ -110,7 +142,7 @@ impl Receiver {
             acceptor,
             received.clone(),
             connections.clone(),
-            status,
+            responder,
         ));
         Ok(Receiver {
             addr,
@@ -141,8 +173,9 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     received: Arc<Mutex<Vec<Received>>>,
     connections: Arc<AtomicUsize>,
-    status: StatusCode,
+    responder: Responder,
 ) {
+    let seen = Arc::new(AtomicUsize::new(0));
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
@@ -150,6 +183,7 @@ async fn accept_loop(
         connections.fetch_add(1, Ordering::SeqCst);
         let acceptor = acceptor.clone();
         let received = received.clone();
+        let (responder, seen) = (responder.clone(), seen.clone());
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
@@ -162,6 +196,7 @@ async fn accept_loop(
             let svc = service_fn(move |req: Request<Incoming>| {
                 let received = received.clone();
                 let client_cert = client_cert.clone();
+                let action = responder(seen.fetch_add(1, Ordering::SeqCst));
                 async move {
                     let (parts, body) = req.into_parts();
                     let body = match Limited::new(body, 64 * 1024 * 1024).collect().await {
@@ -187,9 +222,22 @@ async fn accept_loop(
                     if let Ok(mut r) = received.lock() {
                         r.push(rec);
                     }
+                    let (status, headers) = match action {
+                        Action::Respond(s, h) => (s, h),
+                        Action::Delay(d, s) => {
+                            tokio::time::sleep(d).await;
+                            (s, vec![])
+                        }
+                        Action::Drop => return Err(std::io::Error::other("receiver drops the connection")),
+                    };
                     let mut res = Response::new(Full::new(Bytes::from_static(b"ok")));
                     *res.status_mut() = status;
-                    Ok::<_, std::convert::Infallible>(res)
+                    for (k, v) in headers {
+                        if let Ok(v) = http::HeaderValue::from_str(&v) {
+                            res.headers_mut().insert(k, v);
+                        }
+                    }
+                    Ok::<_, std::io::Error>(res)
                 }
             });
             let _ = auto::Builder::new(TokioExecutor::new())

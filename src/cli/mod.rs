@@ -2,6 +2,7 @@
 //! library; errors become one readable message and an exit code (0 ok, 1 failure, 2 usage or
 //! config error), never a panic or a backtrace.
 
+mod dlq;
 mod send;
 
 use std::path::PathBuf;
@@ -43,7 +44,8 @@ pub enum Command {
     /// Inspect and verify the tamper-evident audit log.
     Audit(ConfigArg),
     /// List, show, replay and purge dead letters.
-    Dlq(ConfigArg),
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Ingest an NDJSON file of profile updates into the store (offline; `serve` delivers).
     Ingest(IngestArgs),
     /// Send one request through the delivery core (curl-like, mTLS-only by default).
@@ -60,6 +62,51 @@ pub struct ConfigArg {
     /// Config file.
     #[arg(long, short, default_value = "config/sallyport.toml")]
     pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters (oldest first).
+    List {
+        #[arg(long, short, default_value = "config/sallyport.toml")]
+        config: PathBuf,
+        /// Only this dataflow's.
+        #[arg(long)]
+        dataflow: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter with every attempt's error (never the payload).
+    Show {
+        #[arg(long, short, default_value = "config/sallyport.toml")]
+        config: PathBuf,
+        id: i64,
+    },
+    /// Re-send dead letters with their original idempotency keys.
+    Replay {
+        #[arg(long, short, default_value = "config/sallyport.toml")]
+        config: PathBuf,
+        /// Dead letter ids; none with --all.
+        ids: Vec<i64>,
+        /// Every dead letter (of --dataflow when given).
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        dataflow: Option<String>,
+    },
+    /// Delete dead letters without sending them.
+    Purge {
+        #[arg(long, short, default_value = "config/sallyport.toml")]
+        config: PathBuf,
+        ids: Vec<i64>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        dataflow: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -149,7 +196,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Cert(CertCommand::Show { file, json }) => cert_show(&file, json),
         Command::Verify(_) => not_yet("verify", "the receiver checker (issue #5)"),
         Command::Audit(_) => not_yet("audit", "the audit log (issue #8)"),
-        Command::Dlq(_) => not_yet("dlq", "dead letters (issue #8)"),
+        Command::Dlq(cmd) => dlq::run(cmd).await,
         Command::Ingest(args) => ingest(args).await,
         Command::Send(args) => return send::run(args).await,
         Command::Config(ConfigCommand::Check(a)) => config_check(&a.config),

@@ -167,6 +167,17 @@ pub struct Dataflow {
     /// Mapped segment ids.
     #[serde(default)]
     pub segments: Vec<String>,
+    /// Attempts per delivery before it becomes a dead letter (the first try plus retries).
+    /// Default 3, as the HTTP API destination does; 1..=10.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Make 4xx answers other than 408 and 429 final (dead letter at once). Default `false`.
+    #[serde(default)]
+    pub no_retry_on_4xx: bool,
+    /// Standard Webhooks signing secret (`whsec_…`), from the environment. Default: unsigned.
+    pub signing_secret_env: Option<String>,
+    /// Standard Webhooks signing secret, from a file.
+    pub signing_secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +272,9 @@ fn default_true() -> bool {
 }
 fn default_timeout() -> String {
     "2s".into()
+}
+fn default_max_attempts() -> u32 {
+    3
 }
 fn default_merge_policy() -> String {
     "default".into()
@@ -406,6 +420,24 @@ impl Config {
             out.push(format!("{key}.query"), e);
         }
         self.validate_auth(out, &format!("{key}.auth"), &df.auth);
+        if !(1..=10).contains(&df.max_attempts) {
+            out.push(
+                format!("{key}.max_attempts"),
+                format!("{} is outside 1..=10", df.max_attempts),
+            );
+        }
+        if df.signing_secret_env.is_some() || df.signing_secret_file.is_some() {
+            let file = df.signing_secret_file.as_ref().map(|f| self.path(f));
+            let checked =
+                SecretSource::from_pair(df.signing_secret_env.as_ref(), file.as_ref(), "signing_secret")
+                    .and_then(|s| s.read())
+                    .and_then(|s| {
+                        crate::delivery::signing::WebhookSigner::from_secret(s.expose()).map(|_| ())
+                    });
+            if let Err(e) = checked {
+                out.push(format!("{key}.signing_secret"), e);
+            }
+        }
         for (j, a) in df.attributes.iter().enumerate() {
             for (field, path) in [("source", &a.source), ("target", &a.target)] {
                 if path.is_empty() || path.split('.').any(str::is_empty) {

@@ -51,6 +51,32 @@ pub struct Connector {
     tls: ClientTlsConfig,
     require_client_auth: bool,
     connect_timeout: Duration,
+    alerts: Arc<AlertLog>,
+}
+
+/// The last TLS alert a receiver sent right after the handshake, kept beside the pool.
+///
+/// In TLS 1.3 a receiver that refuses our client certificate says so with an alert after our
+/// side considers the handshake complete; HTTP/2 (h2) turns the resulting I/O error into a
+/// string, so the typed cause cannot travel back with the failed request. The connection
+/// records it here instead, and the client reads it when a request fails without a typed
+/// cause. Connections of one pool share one identity and destination, so an alert seen on
+/// one explains a failure on another made in the same moment.
+#[derive(Debug, Default)]
+pub(crate) struct AlertLog(std::sync::Mutex<Option<(std::time::Instant, rustls::AlertDescription)>>);
+
+impl AlertLog {
+    fn record(&self, alert: rustls::AlertDescription) {
+        if let Ok(mut a) = self.0.lock() {
+            *a = Some((std::time::Instant::now(), alert));
+        }
+    }
+
+    /// An alert seen within `window`, if any.
+    pub(crate) fn recent(&self, window: Duration) -> Option<rustls::AlertDescription> {
+        let a = self.0.lock().ok()?;
+        a.filter(|(at, _)| at.elapsed() <= window).map(|(_, d)| d)
+    }
 }
 
 impl Connector {
@@ -59,7 +85,12 @@ impl Connector {
             tls,
             require_client_auth,
             connect_timeout,
+            alerts: Arc::default(),
         }
+    }
+
+    pub(crate) fn alerts(&self) -> &AlertLog {
+        &self.alerts
     }
 
     /// Open one TLS connection to the authority of `uri`.
@@ -157,6 +188,7 @@ impl Connector {
             io: TokioIo::new(tls),
             peer: Arc::new(peer),
             h2,
+            alerts: self.alerts.clone(),
         })
     }
 }
@@ -252,6 +284,7 @@ pub struct TlsConn {
     io: TokioIo<TlsStream<TcpStream>>,
     peer: Arc<PeerInfo>,
     h2: bool,
+    alerts: Arc<AlertLog>,
 }
 
 impl TlsConn {
@@ -277,16 +310,57 @@ impl Read for TlsConn {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &r {
+            this.note_alert(e);
+        }
+        r
+    }
+}
+
+impl TlsConn {
+    fn note_alert(&self, e: &std::io::Error) {
+        if let Some(rustls::Error::AlertReceived(d)) = e.get_ref().and_then(|e| e.downcast_ref()) {
+            self.alerts.record(*d);
+        }
+    }
+
+    /// In TLS 1.3 a receiver refuses our client certificate *after* our side of the handshake
+    /// is done: the alert is waiting in the socket when our first write fails with a broken
+    /// pipe or reset. Read once to surface that alert as the error, so the failure is counted
+    /// as `client_cert_rejected` instead of a bare broken pipe.
+    fn explain<T>(&mut self, cx: &mut Context<'_>, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        use std::io::ErrorKind as K;
+        let Poll::Ready(Err(err)) = r else { return r };
+        if !matches!(
+            err.kind(),
+            K::BrokenPipe | K::ConnectionReset | K::ConnectionAborted
+        ) {
+            return Poll::Ready(Err(err));
+        }
+        let mut buf = [0u8; 256];
+        let mut rb = tokio::io::ReadBuf::new(&mut buf);
+        match tokio::io::AsyncRead::poll_read(Pin::new(self.io.inner_mut()), cx, &mut rb) {
+            Poll::Ready(Err(alert)) if alert.get_ref().is_some_and(|e| e.is::<rustls::Error>()) => {
+                self.note_alert(&alert);
+                Poll::Ready(Err(alert))
+            }
+            _ => Poll::Ready(Err(err)),
+        }
     }
 }
 
 impl Write for TlsConn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.explain(cx, r)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.explain(cx, r)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
@@ -299,6 +373,8 @@ impl Write for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.explain(cx, r)
     }
 }

@@ -102,6 +102,7 @@ pub struct DeliveryError {
     kind: ErrorKind,
     message: String,
     status: Option<u16>,
+    retry_after: Option<std::time::Duration>,
     source: Option<BoxError>,
 }
 
@@ -111,6 +112,7 @@ impl DeliveryError {
             kind,
             message: message.into(),
             status: None,
+            retry_after: None,
             source: None,
         }
     }
@@ -123,6 +125,16 @@ impl DeliveryError {
     pub(crate) fn with_status(mut self, status: u16) -> Self {
         self.status = Some(status);
         self
+    }
+
+    pub(crate) fn with_retry_after(mut self, after: Option<std::time::Duration>) -> Self {
+        self.retry_after = after;
+        self
+    }
+
+    /// The receiver's `Retry-After`, when it sent one with a failed answer.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -146,6 +158,7 @@ impl DeliveryError {
             kind,
             message: format!("{context}: {detail}"),
             status: None,
+            retry_after: None,
             source: Some(err),
         }
     }

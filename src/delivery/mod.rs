@@ -8,6 +8,8 @@
 
 pub mod connector;
 pub mod error;
+pub mod retry;
+pub mod signing;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,7 +96,16 @@ impl Delivered {
         if let Some(hint) = refusal_hint(self.status, &self.body) {
             msg.push_str(&format!(" ({hint})"));
         }
-        Some(DeliveryError::new(ErrorKind::HttpStatus, msg).with_status(self.status.as_u16()))
+        let retry_after = self
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now()));
+        Some(
+            DeliveryError::new(ErrorKind::HttpStatus, msg)
+                .with_status(self.status.as_u16())
+                .with_retry_after(retry_after),
+        )
     }
 }
 
@@ -119,6 +130,7 @@ fn refusal_hint(status: StatusCode, body: &Bytes) -> Option<&'static str> {
 #[derive(Clone)]
 pub struct DeliveryClient {
     http: Client<Connector, Body>,
+    connector: Connector,
     settings: Arc<DestinationSettings>,
 }
 
@@ -138,9 +150,10 @@ impl DeliveryClient {
             .timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
-            .build(connector);
+            .build(connector.clone());
         DeliveryClient {
             http,
+            connector,
             settings: Arc::new(settings),
         }
     }
@@ -160,7 +173,7 @@ impl DeliveryClient {
                 .http
                 .request(request)
                 .await
-                .map_err(|e| DeliveryError::classify(Box::new(e), "sending the request"))?;
+                .map_err(|e| self.explain(DeliveryError::classify(Box::new(e), "sending the request")))?;
             let (parts, body) = res.into_parts();
             let peer = parts.extensions.get::<Arc<PeerInfo>>().cloned();
             let body = Limited::new(body, MAX_RESPONSE_BODY)
@@ -192,6 +205,24 @@ impl DeliveryClient {
                 format!("no complete answer within {timeout:?}"),
             )
         })?
+    }
+
+    /// A failure without a typed cause that follows a TLS alert from this destination is
+    /// that alert: the receiver refused our client credentials after the handshake.
+    fn explain(&self, e: DeliveryError) -> DeliveryError {
+        if !matches!(e.kind(), ErrorKind::Protocol | ErrorKind::TlsHandshake) {
+            return e;
+        }
+        match self.connector.alerts().recent(self.settings.timeout) {
+            Some(alert) => DeliveryError::new(
+                ErrorKind::ClientCertRejected,
+                format!(
+                    "the receiver refused our client certificate (TLS alert {alert:?} after the handshake)"
+                ),
+            )
+            .with_source(e),
+            None => e,
+        }
     }
 
     fn build(&self, req: OutboundRequest) -> Result<Request<Body>, DeliveryError> {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 
 use http::{HeaderMap, HeaderValue, Method};
@@ -17,15 +18,15 @@ use super::spec::{Catalog, DataflowSpec};
 use super::trigger::evaluate;
 use super::update::{parse_ndjson, LineError};
 use crate::config::Config;
-use crate::delivery::{settings_for_dataflow, DeliveryClient, OutboundRequest};
-use crate::store::{self, now_ms, Completion, OutboxItem, Store, StoreError};
+use crate::delivery::retry::{RetryPolicy, Verdict};
+use crate::delivery::signing::WebhookSigner;
+use crate::delivery::{settings_for_dataflow, DeliveryClient, DeliveryError, ErrorKind, OutboundRequest};
+use crate::store::{self, now_ms, AttemptError, Completion, OutboxItem, Store, StoreError};
 
 /// Rows claimed per round trip to the store.
 const BATCH: usize = 512;
 /// How long a claimed row stays leased to this worker.
 const LEASE_MS: i64 = 30_000;
-/// Longest wait between retries of a failing delivery.
-const MAX_BACKOFF_MS: i64 = 5 * 60_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -49,6 +50,8 @@ struct Flow {
     spec: DataflowSpec,
     client: DeliveryClient,
     endpoint: url::Url,
+    retry: RetryPolicy,
+    signer: Option<WebhookSigner>,
     wake: Notify,
 }
 
@@ -63,6 +66,7 @@ struct Inner {
 struct Stats {
     delivered: AtomicU64,
     failed: AtomicU64,
+    dead: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
 }
 
@@ -71,7 +75,10 @@ struct Stats {
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryStats {
     pub delivered: u64,
+    /// Failed attempts (each retry counts).
     pub failed: u64,
+    /// Deliveries parked as dead letters.
+    pub dead: u64,
     /// Ingest-to-delivered latency percentiles, milliseconds.
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -122,10 +129,32 @@ impl Engine {
             }
             let settings = settings_for_dataflow(cfg, df, None).map_err(EngineError::Setup)?;
             let endpoint = url::Url::parse(&df.endpoint).map_err(|e| EngineError::Setup(e.to_string()))?;
+            let signer = if df.signing_secret_env.is_some() || df.signing_secret_file.is_some() {
+                let secret = cfg
+                    .secret_source(
+                        df.signing_secret_env.as_ref(),
+                        df.signing_secret_file.as_ref(),
+                        "signing_secret",
+                    )
+                    .and_then(|s| s.read())
+                    .map_err(|e| EngineError::Setup(format!("dataflow {}: {e}", df.name)))?;
+                Some(
+                    WebhookSigner::from_secret(secret.expose())
+                        .map_err(|e| EngineError::Setup(format!("dataflow {}: {e}", df.name)))?,
+                )
+            } else {
+                None
+            };
             flows.push(Arc::new(Flow {
                 spec: DataflowSpec::from_config(df, &times),
                 client: DeliveryClient::new(settings),
                 endpoint,
+                retry: RetryPolicy {
+                    max_attempts: df.max_attempts,
+                    no_retry_on_4xx: df.no_retry_on_4xx,
+                    ..RetryPolicy::default()
+                },
+                signer,
                 wake: Notify::new(),
             }));
         }
@@ -139,6 +168,7 @@ impl Engine {
                 stats: Stats {
                     delivered: AtomicU64::new(0),
                     failed: AtomicU64::new(0),
+                    dead: AtomicU64::new(0),
                     latency_us: Mutex::new(histogram),
                 },
             }),
@@ -193,9 +223,43 @@ impl Engine {
         DeliveryStats {
             delivered: s.delivered.load(Ordering::Relaxed),
             failed: s.failed.load(Ordering::Relaxed),
+            dead: s.dead.load(Ordering::Relaxed),
             p50_ms: ms(h.value_at_quantile(0.5)),
             p99_ms: ms(h.value_at_quantile(0.99)),
             max_ms: ms(h.max()),
+        }
+    }
+
+    /// Re-send a dead letter with its original idempotency key (fresh signature timestamp).
+    /// Delivered → removed; failed → the attempt is added to its history.
+    pub async fn replay_dead_letter(&self, id: i64) -> Result<Result<(), AttemptError>, EngineError> {
+        let s = self.inner.store.clone();
+        let dl = blocking(move || s.dead_letter(id))
+            .await?
+            .ok_or_else(|| EngineError::Setup(format!("no dead letter {id}")))?;
+        let flow = self
+            .inner
+            .flows
+            .iter()
+            .find(|f| f.spec.name == dl.dataflow)
+            .ok_or_else(|| {
+                EngineError::Setup(format!(
+                    "dead letter {id}: dataflow '{}' is not configured",
+                    dl.dataflow
+                ))
+            })?;
+        let s = self.inner.store.clone();
+        match flow.send(&dl.idempotency_key, dl.payload.into()).await {
+            Ok(()) => {
+                blocking(move || s.remove_dead_letter(id)).await?;
+                Ok(Ok(()))
+            }
+            Err(e) => {
+                let record = attempt_error(dl.attempts + 1, &e);
+                let r = record.clone();
+                blocking(move || s.dead_letter_failed(id, &r)).await?;
+                Ok(Err(record))
+            }
         }
     }
 
@@ -310,40 +374,115 @@ impl Stats {
             Completion::Failed { .. } => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
             }
+            Completion::Dead { .. } => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                self.dead.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
 
 async fn deliver(flow: &Flow, catalog: &Catalog, item: OutboxItem) -> Completion {
-    let body = payload::build(&flow.spec, catalog, &item.profile, &item.segments);
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    let req = OutboundRequest {
-        method: Method::POST,
-        url: flow.endpoint.clone(),
-        headers,
-        body: serde_json::to_vec(&body).unwrap_or_default().into(),
-    };
-    let error = match flow.client.send(req).await {
-        Ok(d) => match d.error() {
-            None => {
-                return Completion::Delivered {
-                    id: item.id,
-                    version: item.version,
-                }
+    let body: Bytes = serde_json::to_vec(&payload::build(
+        &flow.spec,
+        catalog,
+        &item.profile,
+        &item.segments,
+    ))
+    .unwrap_or_default()
+    .into();
+    let key = idempotency_key(&flow.spec.name, item.id, item.version);
+    let attempt = item.attempts + 1;
+    let error = match flow.send(&key, body.clone()).await {
+        Ok(()) => {
+            return Completion::Delivered {
+                id: item.id,
+                version: item.version,
             }
-            Some(e) => e,
-        },
+        }
         Err(e) => e,
     };
-    tracing::warn!(dataflow = %flow.spec.name, kind = %error.kind(), attempt = item.attempts + 1, "delivery failed");
-    let backoff = (1000i64 << item.attempts.min(16)).min(MAX_BACKOFF_MS);
-    Completion::Failed {
-        id: item.id,
-        retry_at: now_ms() + backoff,
-        error: error.to_string(),
+    tracing::warn!(dataflow = %flow.spec.name, kind = %error.kind(), attempt, "delivery failed");
+    let record = attempt_error(attempt, &error);
+    match flow.retry.decide(attempt, &error, jitter()) {
+        Verdict::RetryAfter(after) => Completion::Failed {
+            id: item.id,
+            retry_at: now_ms() + after.as_millis() as i64,
+            error: record,
+        },
+        Verdict::GiveUp => Completion::Dead {
+            id: item.id,
+            version: item.version,
+            idempotency_key: key,
+            payload: body.to_vec(),
+            error: record,
+        },
+    }
+}
+
+fn attempt_error(attempt: u32, e: &DeliveryError) -> AttemptError {
+    AttemptError {
+        at: now_ms(),
+        attempt,
+        kind: e.kind().as_str().to_owned(),
+        status: e.status(),
+        message: e.to_string(),
+    }
+}
+
+/// A key that names one delivery of one profile state: the same across retries and
+/// replays, different for each new state (the outbox row's version).
+pub fn idempotency_key(dataflow: &str, row: i64, version: i64) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [dataflow.as_bytes(), &row.to_be_bytes(), &version.to_be_bytes()] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part);
+    }
+    let d = ctx.finish();
+    let mut out = String::from("sp_");
+    for b in &d.as_ref()[..16] {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// A uniform value in [0, 1) for backoff jitter (no need for a cryptographic source).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(now_ms());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Flow {
+    /// One signed POST of `body` under `key`; `Err` for anything but a 2xx.
+    async fn send(&self, key: &str, body: Bytes) -> Result<(), DeliveryError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let key_value = HeaderValue::from_str(key)
+            .map_err(|e| DeliveryError::new(ErrorKind::InvalidRequest, e.to_string()))?;
+        headers.insert("idempotency-key", key_value.clone());
+        if let Some(signer) = &self.signer {
+            let ts = now_ms() / 1000;
+            let sig = signer.sign(key, ts, &body);
+            headers.insert("webhook-id", key_value);
+            headers.insert("webhook-timestamp", HeaderValue::from(ts));
+            headers.insert(
+                "webhook-signature",
+                HeaderValue::from_str(&sig)
+                    .map_err(|e| DeliveryError::new(ErrorKind::InvalidRequest, e.to_string()))?,
+            );
+        }
+        let req = OutboundRequest {
+            method: Method::POST,
+            url: self.endpoint.clone(),
+            headers,
+            body,
+        };
+        let d = self.client.send(req).await?;
+        d.error().map_or(Ok(()), Err)
     }
 }

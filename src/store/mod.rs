@@ -46,13 +46,65 @@ pub struct OutboxItem {
     pub enqueued_at: i64,
 }
 
+/// One failed attempt, as kept with a queued delivery and its dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AttemptError {
+    /// UNIX ms.
+    pub at: i64,
+    pub attempt: u32,
+    /// The delivery error kind (`timeout`, `http_status`, …).
+    pub kind: String,
+    pub status: Option<u16>,
+    pub message: String,
+}
+
 /// What happened to a claimed item.
 #[derive(Debug, Clone)]
 pub enum Completion {
     /// Delivered: remove the row if its version is still `version`.
     Delivered { id: i64, version: i64 },
     /// Failed: try again at `retry_at` (UNIX ms).
-    Failed { id: i64, retry_at: i64, error: String },
+    Failed {
+        id: i64,
+        retry_at: i64,
+        error: AttemptError,
+    },
+    /// Failed for the last time: park `payload` as a dead letter under `idempotency_key`.
+    /// If the row changed while in flight, the newer state stays queued for a fresh try.
+    Dead {
+        id: i64,
+        version: i64,
+        idempotency_key: String,
+        payload: Vec<u8>,
+        error: AttemptError,
+    },
+}
+
+impl Completion {
+    pub fn id(&self) -> i64 {
+        match self {
+            Completion::Delivered { id, .. }
+            | Completion::Failed { id, .. }
+            | Completion::Dead { id, .. } => *id,
+        }
+    }
+}
+
+/// A delivery that failed every attempt, kept for replay.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub id: i64,
+    pub dataflow: String,
+    pub profile_id: String,
+    pub idempotency_key: String,
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+    pub payload_bytes: usize,
+    pub attempts: u32,
+    pub errors: Vec<AttemptError>,
+    /// UNIX ms.
+    pub created_at: i64,
 }
 
 /// The decision for one update: which dataflows to enqueue the profile for, and why.
@@ -98,6 +150,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Load one profile.
     fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError>;
+
+    /// Dead letters, oldest first (one dataflow's when given).
+    fn dead_letters(&self, dataflow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// One dead letter.
+    fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError>;
+
+    /// Remove a dead letter (replayed or purged). Returns whether it existed.
+    fn remove_dead_letter(&self, id: i64) -> Result<bool, StoreError>;
+
+    /// Record a failed replay attempt on a dead letter.
+    fn dead_letter_failed(&self, id: i64, error: &AttemptError) -> Result<(), StoreError>;
 }
 
 /// Open the store a config names.

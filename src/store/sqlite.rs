@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
-use super::{union, Completion, Enqueues, OutboxItem, Store, StoreError};
+use super::{union, AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, StoreError};
 use crate::export::profile::{Membership, Profile};
 use crate::export::spec::MappedSegment;
 use crate::export::trigger::{Reasons, Trigger};
@@ -56,9 +56,20 @@ CREATE TABLE IF NOT EXISTS outbox (
   enqueued_at INTEGER NOT NULL,
   attempts INTEGER NOT NULL DEFAULT 0,
   next_attempt_at INTEGER NOT NULL,
-  last_error TEXT,
+    errors TEXT NOT NULL DEFAULT '[]',
   UNIQUE (dataflow, profile_id)
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  dataflow TEXT NOT NULL,
+  profile_id TEXT NOT NULL,
+  idempotency_key TEXT NOT NULL,
+  payload BLOB NOT NULL,
+  attempts INTEGER NOT NULL,
+  errors TEXT NOT NULL,
+  created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_dataflow ON dead_letters (dataflow, id);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (dataflow, next_attempt_at, id);
 ";
 
@@ -256,6 +267,40 @@ fn enqueue(
         }
     }
     Ok(())
+}
+
+/// The row's attempt history with `error` appended, as JSON.
+fn with_error(tx: &Transaction<'_>, id: i64, error: &AttemptError) -> Result<String, StoreError> {
+    let existing: Option<String> = tx
+        .prepare_cached("SELECT errors FROM outbox WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    let mut errors: Vec<AttemptError> = existing
+        .and_then(|e| serde_json::from_str(&e).ok())
+        .unwrap_or_default();
+    errors.push(error.clone());
+    serde_json::to_string(&errors).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+type DeadLetterRow = Result<DeadLetter, StoreError>;
+
+fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterRow> {
+    let payload: Vec<u8> = r.get(4)?;
+    let errors: String = r.get(6)?;
+    Ok(Ok(DeadLetter {
+        id: r.get(0)?,
+        dataflow: r.get(1)?,
+        profile_id: r.get(2)?,
+        idempotency_key: r.get(3)?,
+        payload_bytes: payload.len(),
+        payload,
+        attempts: r.get(5)?,
+        errors: match serde_json::from_str(&errors) {
+            Ok(e) => e,
+            Err(e) => return Ok(Err(StoreError::Corrupt(format!("dead letter errors: {e}")))),
+        },
+        created_at: r.get(7)?,
+    }))
 }
 
 fn segments_json(s: &[String]) -> String {
@@ -472,11 +517,32 @@ impl Store for SqliteStore {
                     }
                 }
                 Completion::Failed { id, retry_at, error } => {
+                    let errors = with_error(&tx, *id, error)?;
                     tx.prepare_cached(
-                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
-                         WHERE id = ?1",
+                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, errors = ?3 WHERE id = ?1",
                     )?
-                    .execute(params![id, retry_at, error])?;
+                    .execute(params![id, retry_at, errors])?;
+                }
+                Completion::Dead {
+                    id,
+                    version,
+                    idempotency_key,
+                    payload,
+                    error,
+                } => {
+                    let errors = with_error(&tx, *id, error)?;
+                    tx.prepare_cached(
+                        "INSERT INTO dead_letters (dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at)
+                         SELECT dataflow, profile_id, ?2, ?3, attempts + 1, ?4, ?5 FROM outbox WHERE id = ?1",
+                    )?
+                    .execute(params![id, idempotency_key, payload, errors, error.at])?;
+                    let n = tx
+                        .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND version = ?2")?
+                        .execute(params![id, version])?;
+                    if n == 0 {
+                        tx.prepare_cached("UPDATE outbox SET attempts = 0, errors = '[]' WHERE id = ?1")?
+                            .execute([id])?;
+                    }
                 }
             }
         }
@@ -485,8 +551,7 @@ impl Store for SqliteStore {
         drop(conn);
         let mut l = self.leases();
         for r in results {
-            let (Completion::Delivered { id, .. } | Completion::Failed { id, .. }) = r;
-            l.remove(id);
+            l.remove(&r.id());
         }
         Ok(())
     }
@@ -504,5 +569,51 @@ impl Store for SqliteStore {
 
     fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
         load_profile(&self.lock(), id)
+    }
+
+    fn dead_letters(&self, dataflow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at FROM dead_letters
+             WHERE ?1 IS NULL OR dataflow = ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![dataflow, limit as i64], dead_letter_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at FROM dead_letters
+             WHERE id = ?1",
+        )?;
+        let row = stmt.query_row([id], dead_letter_row).optional()?;
+        row.transpose()
+    }
+
+    fn remove_dead_letter(&self, id: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .execute("DELETE FROM dead_letters WHERE id = ?1", [id])?
+            > 0)
+    }
+
+    fn dead_letter_failed(&self, id: i64, error: &AttemptError) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let existing: String = tx.query_row("SELECT errors FROM dead_letters WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })?;
+        let mut errors: Vec<AttemptError> = serde_json::from_str(&existing).unwrap_or_default();
+        errors.push(error.clone());
+        tx.execute(
+            "UPDATE dead_letters SET attempts = attempts + 1, errors = ?2 WHERE id = ?1",
+            params![
+                id,
+                serde_json::to_string(&errors).map_err(|e| StoreError::Corrupt(e.to_string()))?
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 }

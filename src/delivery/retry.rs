@@ -1,0 +1,162 @@
+//! Whether and when to try a failed delivery again — decided in one place, from the error's
+//! kind and status, never from message text (hyper documents its messages as unspecified).
+//!
+//! A failed request (non-2xx, timeout, reset, TLS error) is retried until `max_attempts`
+//! (default 3: the first try and two retries, as the HTTP API destination does), with full
+//! jitter exponential backoff, honouring the receiver's `Retry-After`. Kinds that no retry can
+//! fix (mTLS not requested, invalid request) and, when configured, 4xx answers other than
+//! 408/429 are final at once.
+
+use std::time::{Duration, SystemTime};
+
+use super::error::{DeliveryError, ErrorKind};
+
+/// The longest `Retry-After` honoured; a receiver cannot park a delivery for days.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// Retry settings of one dataflow.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub no_retry_on_4xx: bool,
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            no_retry_on_4xx: false,
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    RetryAfter(Duration),
+    GiveUp,
+}
+
+impl RetryPolicy {
+    /// `attempt` is the 1-based number of the attempt that just failed; `jitter` in [0, 1).
+    pub fn decide(&self, attempt: u32, err: &DeliveryError, jitter: f64) -> Verdict {
+        if attempt >= self.max_attempts || !self.is_retriable(err) {
+            return Verdict::GiveUp;
+        }
+        if let Some(after) = err.retry_after() {
+            return Verdict::RetryAfter(after.min(MAX_RETRY_AFTER));
+        }
+        let exp = self
+            .base
+            .saturating_mul(1u32 << (attempt - 1).min(16))
+            .min(self.cap);
+        // Full jitter, with a floor so two retries never fire back to back.
+        let floor = exp / 4;
+        Verdict::RetryAfter(floor + (exp - floor).mul_f64(jitter.clamp(0.0, 1.0)))
+    }
+
+    fn is_retriable(&self, err: &DeliveryError) -> bool {
+        if !err.retryable() {
+            return false;
+        }
+        match (err.kind(), err.status()) {
+            (ErrorKind::HttpStatus, Some(s)) if (400..500).contains(&s) && s != 408 && s != 429 => {
+                !self.no_retry_on_4xx
+            }
+            _ => true,
+        }
+    }
+}
+
+/// Parse a `Retry-After` value: delay-seconds or an HTTP date (RFC 9110 §10.2.3).
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let fmt = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    let at = time::PrimitiveDateTime::parse(v, &fmt).ok()?.assume_utc();
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(at.unix_timestamp()).ok()?);
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(s: u16) -> DeliveryError {
+        DeliveryError::new(ErrorKind::HttpStatus, "x").with_status(s)
+    }
+
+    #[test]
+    fn three_attempts_then_give_up() {
+        let p = RetryPolicy::default();
+        let e = status(500);
+        assert!(matches!(p.decide(1, &e, 0.5), Verdict::RetryAfter(_)));
+        assert!(matches!(p.decide(2, &e, 0.5), Verdict::RetryAfter(_)));
+        assert_eq!(p.decide(3, &e, 0.5), Verdict::GiveUp);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_inside_bounds() {
+        let p = RetryPolicy::default();
+        let e = DeliveryError::new(ErrorKind::Timeout, "slow");
+        let Verdict::RetryAfter(lo) = p.decide(1, &e, 0.0) else {
+            panic!()
+        };
+        let Verdict::RetryAfter(hi) = p.decide(1, &e, 0.999) else {
+            panic!()
+        };
+        let Verdict::RetryAfter(second) = p.decide(2, &e, 0.999) else {
+            panic!()
+        };
+        assert_eq!(lo, Duration::from_millis(125));
+        assert!(hi < Duration::from_millis(500) && hi > lo);
+        assert!(second > hi);
+    }
+
+    #[test]
+    fn final_kinds_and_optional_4xx() {
+        let p = RetryPolicy::default();
+        assert_eq!(
+            p.decide(1, &DeliveryError::new(ErrorKind::MtlsNotRequested, "x"), 0.5),
+            Verdict::GiveUp
+        );
+        assert!(matches!(p.decide(1, &status(404), 0.5), Verdict::RetryAfter(_)));
+        let strict = RetryPolicy {
+            no_retry_on_4xx: true,
+            ..p
+        };
+        assert_eq!(strict.decide(1, &status(404), 0.5), Verdict::GiveUp);
+        assert!(matches!(
+            strict.decide(1, &status(429), 0.5),
+            Verdict::RetryAfter(_)
+        ));
+        assert!(matches!(
+            strict.decide(1, &status(408), 0.5),
+            Verdict::RetryAfter(_)
+        ));
+    }
+
+    #[test]
+    fn retry_after_seconds_and_http_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480); // Wed, 21 Oct 2015 07:28:00 GMT
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        let e = status(503).with_retry_after(Some(Duration::from_secs(7200)));
+        assert_eq!(
+            RetryPolicy::default().decide(1, &e, 0.5),
+            Verdict::RetryAfter(MAX_RETRY_AFTER)
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! Delivery guarantees against a receiver that misbehaves on real sockets: every failure is
+//! retried until 3 attempts, then parked as a dead letter with each attempt's error; a replay
+//! delivers it with the same idempotency key; nothing is lost.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use sallyport::config::Config;
+use sallyport::export::Engine;
+use sallyport::receiver::{Action, ClientAuth, Receiver};
+use serde_json::json;
+use support::*;
+
+const SEG: &str = "s1";
+
+fn config(pki: &RcgenPki, url: &str, extra: &str) -> Config {
+    let f = &pki.files;
+    let text = format!(
+        "[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://faults.db\"\n\
+         [[segments]]\nid = \"{SEG}\"\nname = \"S\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{url}\"\nca = \"{}\"\n\
+         segments = [\"{SEG}\"]\n{extra}\n",
+        f.client_cert.display(),
+        f.client_key.display(),
+        f.ca_cert.display()
+    );
+    Config::from_toml(&text, std::path::Path::new("t.toml"), pki.dir.path()).unwrap()
+}
+
+async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn one_profile() -> Vec<u8> {
+    (json!({"profileId": "p1", "segments": [{"id": SEG, "status": "realized"}]}).to_string() + "\n")
+        .into_bytes()
+}
+
+/// Start a receiver that fails with `fault` until `healthy` is set, deliver one profile, and
+/// check: 3 attempts, one dead letter with 3 errors of `kind`, same key on every attempt.
+async fn three_attempts_then_dead_letter(fault: Action, extra: &str, kind: &str) {
+    let pki = RcgenPki::new();
+    let f = &pki.files;
+    let healthy = Arc::new(AtomicBool::new(false));
+    let h = healthy.clone();
+    let rx = Receiver::start_with(
+        &f.server_cert,
+        &f.server_key,
+        &f.ca_cert,
+        ClientAuth::Required,
+        Arc::new(move |_| {
+            if h.load(Ordering::SeqCst) {
+                Action::Respond(StatusCode::OK, vec![])
+            } else {
+                fault.clone()
+            }
+        }),
+    )
+    .await
+    .unwrap();
+    let engine = Engine::open(&config(&pki, &rx.url("/in"), extra)).await.unwrap();
+    let workers = engine.spawn_workers();
+    engine.ingest(&one_profile()).await.unwrap();
+    let store = engine.store();
+    wait_for("a dead letter", Duration::from_secs(15), || {
+        !store.dead_letters(None, 10).unwrap().is_empty()
+    })
+    .await;
+    workers.iter().for_each(|w| w.abort());
+
+    let dead = store.dead_letters(None, 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!((d.attempts, d.errors.len()), (3, 3), "{d:?}");
+    assert!(d.errors.iter().all(|e| e.kind == kind), "{:?}", d.errors);
+    assert_eq!(store.pending(None).unwrap(), 0, "the dead letter left the outbox");
+    // The receiver saw three attempts (answered or not), all under one idempotency key.
+    let seen = rx.received();
+    assert_eq!(seen.len(), 3, "attempts seen by the receiver");
+    let keys: Vec<&str> = seen
+        .iter()
+        .map(|r| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == "idempotency-key")
+                .map(|(_, v)| v.as_str())
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        keys.iter().all(|k| *k == d.idempotency_key),
+        "{keys:?} vs {}",
+        d.idempotency_key
+    );
+
+    // Replay once the receiver is healthy: delivered with the same key, and the letter is gone.
+    healthy.store(true, Ordering::SeqCst);
+    assert!(engine.replay_dead_letter(d.id).await.unwrap().is_ok());
+    assert!(store.dead_letters(None, 10).unwrap().is_empty());
+    let last = rx.received().pop().unwrap();
+    assert!(last
+        .headers
+        .iter()
+        .any(|(k, v)| k == "idempotency-key" && *v == d.idempotency_key));
+    assert_eq!(&last.body[..], &d.payload[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_500_is_retried_then_dead_lettered_then_replayed() {
+    three_attempts_then_dead_letter(
+        Action::Respond(StatusCode::INTERNAL_SERVER_ERROR, vec![]),
+        "",
+        "http_status",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_503_with_retry_after_is_honoured() {
+    let started = Instant::now();
+    three_attempts_then_dead_letter(
+        Action::Respond(StatusCode::SERVICE_UNAVAILABLE, vec![("retry-after", "1".into())]),
+        "",
+        "http_status",
+    )
+    .await;
+    // Two retries, each after the receiver's 1 s: the retries waited as asked.
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_receiver_times_out_each_attempt() {
+    three_attempts_then_dead_letter(
+        Action::Delay(Duration::from_millis(1500), StatusCode::OK),
+        "timeout = \"300ms\"",
+        "timeout",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_without_an_answer_is_retried() {
+    three_attempts_then_dead_letter(Action::Drop, "", "protocol").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_alert_from_a_receiver_that_rejects_our_certificate() {
+    let pki = RcgenPki::new();
+    let other = RcgenPki::new();
+    let f = &pki.files;
+    // The receiver trusts another CA for client certificates: it refuses ours with an alert.
+    let rx = Receiver::start(
+        &f.server_cert,
+        &f.server_key,
+        &other.files.ca_cert,
+        ClientAuth::Required,
+        StatusCode::OK,
+    )
+    .await
+    .unwrap();
+    let engine = Engine::open(&config(&pki, &rx.url("/in"), "")).await.unwrap();
+    let workers = engine.spawn_workers();
+    engine.ingest(&one_profile()).await.unwrap();
+    let store = engine.store();
+    wait_for("a dead letter", Duration::from_secs(15), || {
+        !store.dead_letters(None, 10).unwrap().is_empty()
+    })
+    .await;
+    workers.iter().for_each(|w| w.abort());
+    let d = &store.dead_letters(None, 10).unwrap()[0];
+    assert_eq!(d.attempts, 3);
+    assert!(
+        d.errors.iter().all(|e| e.kind == "client_cert_rejected"),
+        "{:?}",
+        d.errors
+    );
+    assert!(rx.received().is_empty());
+    assert_eq!(rx.connections(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_is_final_at_once_when_configured() {
+    let pki = RcgenPki::new();
+    let f = &pki.files;
+    let rx = Receiver::start(
+        &f.server_cert,
+        &f.server_key,
+        &f.ca_cert,
+        ClientAuth::Required,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await
+    .unwrap();
+    let engine = Engine::open(&config(&pki, &rx.url("/in"), "no_retry_on_4xx = true"))
+        .await
+        .unwrap();
+    let workers = engine.spawn_workers();
+    engine.ingest(&one_profile()).await.unwrap();
+    let store = engine.store();
+    wait_for("a dead letter", Duration::from_secs(10), || {
+        !store.dead_letters(None, 10).unwrap().is_empty()
+    })
+    .await;
+    workers.iter().for_each(|w| w.abort());
+    assert_eq!(store.dead_letters(None, 10).unwrap()[0].attempts, 1);
+    assert_eq!(rx.received().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_deliveries_verify_with_the_standard_webhooks_scheme() {
+    let pki = RcgenPki::new();
+    let f = &pki.files;
+    let rx = Receiver::start(
+        &f.server_cert,
+        &f.server_key,
+        &f.ca_cert,
+        ClientAuth::Required,
+        StatusCode::OK,
+    )
+    .await
+    .unwrap();
+    std::fs::write(
+        pki.dir.path().join("whsec"),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n",
+    )
+    .unwrap();
+    let engine = Engine::open(&config(&pki, &rx.url("/in"), "signing_secret_file = \"whsec\""))
+        .await
+        .unwrap();
+    let workers = engine.spawn_workers();
+    engine.ingest(&one_profile()).await.unwrap();
+    wait_for("a delivery", Duration::from_secs(10), || {
+        !rx.received().is_empty()
+    })
+    .await;
+    workers.iter().for_each(|w| w.abort());
+    let r = &rx.received()[0];
+    let h = |name: &str| {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let (id, ts, sig) = (h("webhook-id"), h("webhook-timestamp"), h("webhook-signature"));
+    assert_eq!(id, h("idempotency-key"));
+    // Verify as a receiver would, independently of the signer: HMAC-SHA256 over id.ts.body.
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+        .unwrap();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    let mut signed = format!("{id}.{ts}.").into_bytes();
+    signed.extend_from_slice(&r.body);
+    let expected = base64::engine::general_purpose::STANDARD.encode(ring::hmac::sign(&key, &signed).as_ref());
+    assert_eq!(sig, format!("v1,{expected}"));
+}
