@@ -6,6 +6,7 @@
 //! client configs), [`delivery`] (the one client), [`pki`] (dev certificates), [`receiver`]
 //! (an in-process mTLS receiver for demos and tests), [`cli`] and [`demo`].
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod delivery;
@@ -13,5 +14,6 @@ pub mod demo;
 pub mod export;
 pub mod pki;
 pub mod receiver;
+pub mod serve;
 pub mod store;
 pub mod tls;

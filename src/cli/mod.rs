@@ -185,10 +185,10 @@ pub struct DemoArgs {
 /// Run a parsed command line.
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Serve(_) => not_yet(
-            "serve",
-            "the export engine (issue #7) and public listener (issue #4)",
-        ),
+        Command::Serve(a) => match Config::load(&a.config) {
+            Ok(cfg) => crate::serve::run(cfg).await.map_err(Failure::failed),
+            Err(e) => Err(Failure::usage(e)),
+        },
         Command::Sidecar(_) => not_yet("sidecar", "the sidecar proxy (issue #9)"),
         Command::Cert(CertCommand::Fetch { .. }) => {
             not_yet("cert fetch", "the public certificate endpoint (issue #4)")

@@ -1,0 +1,167 @@
+//! The token-protected admin listener: `POST /v1/profiles` (NDJSON ingest), dataflows,
+//! dead letters and `/metrics`. Deny by default: without a configured token every request is
+//! refused; a wrong or missing token is a 401 that never says which.
+
+use std::sync::Arc;
+
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::{error_reply, json_reply, read_body, Handler, Reply};
+use crate::config::{Config, Secret};
+use crate::export::Engine;
+
+/// Largest ingest body accepted in one request.
+pub const MAX_INGEST_BODY: usize = 64 * 1024 * 1024;
+
+/// Checks bearer tokens in constant time: the configured token's HMAC under a per-process
+/// random key is compared with `ring::hmac::verify`.
+pub struct TokenCheck {
+    key: ring::hmac::Key,
+    tag: Option<ring::hmac::Tag>,
+}
+
+impl TokenCheck {
+    pub fn new(token: Option<&Secret>) -> Result<Self, String> {
+        let rng = ring::rand::SystemRandom::new();
+        let key =
+            ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).map_err(|_| "no system randomness")?;
+        let tag = token.map(|t| ring::hmac::sign(&key, t.expose().as_bytes()));
+        Ok(TokenCheck { key, tag })
+    }
+
+    fn check(&self, req: &Request<Incoming>) -> Result<(), Reply> {
+        let Some(tag) = &self.tag else {
+            return Err(error_reply(
+                StatusCode::FORBIDDEN,
+                "the admin API is disabled: no admin token is configured",
+            ));
+        };
+        let presented = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        ring::hmac::verify(&self.key, presented.as_bytes(), tag.as_ref())
+            .map_err(|_| error_reply(StatusCode::UNAUTHORIZED, "a valid bearer token is required"))
+    }
+}
+
+/// The admin API's handler.
+pub fn handler(engine: Engine, cfg: Arc<Config>, tokens: Arc<TokenCheck>) -> Handler {
+    Arc::new(move |req| {
+        let (engine, cfg, tokens) = (engine.clone(), cfg.clone(), tokens.clone());
+        Box::pin(async move {
+            if let Err(denied) = tokens.check(&req) {
+                return denied;
+            }
+            route(req, &engine, &cfg).await
+        })
+    })
+}
+
+async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::POST, ["v1", "profiles"]) => {
+            let body = match read_body(req.into_body(), MAX_INGEST_BODY).await {
+                Ok(b) => b,
+                Err(reply) => return reply,
+            };
+            match engine.ingest(&body).await {
+                Ok(r) => {
+                    let status = if r.accepted == 0 && r.rejected > 0 {
+                        StatusCode::BAD_REQUEST
+                    } else {
+                        StatusCode::OK
+                    };
+                    json_reply(
+                        status,
+                        &json!({"accepted": r.accepted, "rejected": r.rejected, "errors": r.errors}),
+                    )
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "ingest failed");
+                    error_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the store could not accept the batch; nothing was stored",
+                    )
+                }
+            }
+        }
+        (Method::GET, ["v1", "dataflows"]) => json_reply(
+            StatusCode::OK,
+            &json!({"dataflows": cfg.dataflows.iter().map(dataflow_doc).collect::<Vec<_>>()}),
+        ),
+        (Method::GET, ["v1", "dataflows", name]) => match cfg.dataflow(name) {
+            Some(df) => json_reply(StatusCode::OK, &dataflow_doc(df)),
+            None => error_reply(StatusCode::NOT_FOUND, format!("no dataflow named '{name}'")),
+        },
+        (Method::GET, ["v1", "dead-letters"]) => match engine.store().dead_letters(None, 1000) {
+            Ok(list) => json_reply(StatusCode::OK, &json!({"deadLetters": list})),
+            Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
+        },
+        (Method::POST, ["v1", "dead-letters", id, "replay"]) => {
+            let Ok(id) = id.parse::<i64>() else {
+                return error_reply(StatusCode::BAD_REQUEST, "a dead letter id is a number");
+            };
+            match engine.replay_dead_letter(id).await {
+                Ok(Ok(())) => json_reply(StatusCode::OK, &json!({"id": id, "delivered": true})),
+                Ok(Err(e)) => json_reply(
+                    StatusCode::BAD_GATEWAY,
+                    &json!({"id": id, "delivered": false, "error": e}),
+                ),
+                Err(e) => error_reply(StatusCode::NOT_FOUND, e),
+            }
+        }
+        (Method::GET, ["metrics"]) => metrics(engine).await,
+        _ => error_reply(StatusCode::NOT_FOUND, "no such resource"),
+    }
+}
+
+/// A dataflow as the API shows it: settings, never secrets.
+fn dataflow_doc(df: &crate::config::Dataflow) -> serde_json::Value {
+    json!({
+        "name": df.name, "endpoint": df.endpoint, "mtls": df.mtls, "timeout": df.timeout,
+        "auth": df.auth.kind(), "includeSegmentNames": df.include_segment_names,
+        "includeSegmentTimestamps": df.include_segment_timestamps,
+        "attributes": df.attributes.iter().map(|a| json!({"source": a.source, "target": a.target})).collect::<Vec<_>>(),
+        "segments": df.segments, "maxAttempts": df.max_attempts,
+        "signed": df.signing_secret_env.is_some() || df.signing_secret_file.is_some(),
+    })
+}
+
+async fn metrics(engine: &Engine) -> Reply {
+    let s = engine.stats();
+    let pending = engine.pending().await.unwrap_or(0);
+    let text = format!(
+        "# HELP sallyport_deliveries_total Delivery attempts by outcome.\n\
+         # TYPE sallyport_deliveries_total counter\n\
+         sallyport_deliveries_total{{outcome=\"delivered\"}} {}\n\
+         sallyport_deliveries_total{{outcome=\"failed\"}} {}\n\
+         # HELP sallyport_dead_letters_total Deliveries parked as dead letters.\n\
+         # TYPE sallyport_dead_letters_total counter\n\
+         sallyport_dead_letters_total {}\n\
+         # HELP sallyport_outbox_pending Deliveries waiting in the outbox.\n\
+         # TYPE sallyport_outbox_pending gauge\n\
+         sallyport_outbox_pending {pending}\n\
+         # HELP sallyport_ingest_to_delivered_seconds Ingest-to-delivered latency quantiles.\n\
+         # TYPE sallyport_ingest_to_delivered_seconds summary\n\
+         sallyport_ingest_to_delivered_seconds{{quantile=\"0.5\"}} {}\n\
+         sallyport_ingest_to_delivered_seconds{{quantile=\"0.99\"}} {}\n",
+        s.delivered,
+        s.failed,
+        s.dead,
+        s.p50_ms / 1000.0,
+        s.p99_ms / 1000.0,
+    );
+    let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}

@@ -1,0 +1,93 @@
+//! HTTP APIs the gateway serves: [`public`] (unauthenticated: health; certificate and egress
+//! documents) and [`admin`] (token-protected: ingest, dataflows, dead letters, metrics).
+//!
+//! Must never: read a request body without a limit, answer an admin request without a valid
+//! token, or put a secret or a payload in a log line or an error body.
+
+pub mod admin;
+pub mod public;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// A response with a buffered body.
+pub type Reply = Response<Full<Bytes>>;
+/// A request handler.
+pub type Handler =
+    Arc<dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
+
+/// A JSON answer.
+pub fn json_reply(status: StatusCode, body: &serde_json::Value) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A JSON error: `{"error": {"status": …, "message": …}}`.
+pub fn error_reply(status: StatusCode, message: impl std::fmt::Display) -> Reply {
+    json_reply(
+        status,
+        &json!({"error": {"status": status.as_u16(), "message": message.to_string()}}),
+    )
+}
+
+/// Read a body up to `limit` bytes; more is a 413.
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Reply> {
+    match Limited::new(body, limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error_reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than {limit} bytes"),
+        )),
+        Err(e) => Err(error_reply(
+            StatusCode::BAD_REQUEST,
+            format!("reading the request body: {e}"),
+        )),
+    }
+}
+
+/// Bind `addr`; the error names the listener.
+pub async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("{what} listener {addr}: {e}"))
+}
+
+/// Serve plain HTTP/1.1 and HTTP/2 on `listener` until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let Ok((tcp, _)) = accepted else { continue };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,82 @@
+//! `sallyport serve`: the composition root. Loads and validates the config, opens the store
+//! and the export engine (backfilling newly mapped segments), starts one delivery worker per
+//! dataflow, the public listener and the admin listener, and runs until SIGINT or SIGTERM.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::api::{self, admin::TokenCheck};
+use crate::config::Config;
+use crate::export::Engine;
+
+/// Run the gateway until a shutdown signal. Errors are start-up errors, for the operator.
+pub async fn run(cfg: Config) -> Result<(), String> {
+    let cfg = Arc::new(cfg);
+    let token = match cfg.secret_source(
+        cfg.admin.token_env.as_ref(),
+        cfg.admin.token_file.as_ref(),
+        "token",
+    ) {
+        Ok(src) => Some(src.read().map_err(|e| format!("admin.token: {e}"))?),
+        Err(_) => {
+            tracing::warn!("no admin token configured: the admin API refuses every request");
+            None
+        }
+    };
+    let tokens = Arc::new(TokenCheck::new(token.as_ref())?);
+    let engine = Engine::open(&cfg).await.map_err(|e| e.to_string())?;
+    let public = api::bind("public", cfg.public.listen).await?;
+    let admin = api::bind("admin", cfg.admin.listen).await?;
+    let workers = engine.spawn_workers();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let servers = [
+        tokio::spawn(api::serve(
+            public,
+            api::public::handler(engine.clone()),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(api::serve(
+            admin,
+            api::admin::handler(engine.clone(), cfg.clone(), tokens),
+            stop_rx,
+        )),
+    ];
+    eprintln!(
+        "sallyport: serving (public {}, admin {}, {} dataflow(s))",
+        cfg.public.listen,
+        cfg.admin.listen,
+        cfg.dataflows.len()
+    );
+    shutdown_signal().await;
+    eprintln!("sallyport: shutting down");
+    let _ = stop_tx.send(true);
+    for w in workers {
+        w.abort();
+    }
+    for s in servers {
+        let _ = s.await;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
