@@ -7,6 +7,7 @@
 //! (an in-process mTLS receiver for demos and tests), [`cli`] and [`demo`].
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod delivery;

@@ -31,12 +31,12 @@ impl TokenCheck {
         Ok(TokenCheck { key, tag })
     }
 
-        /// The refusal for `req`, or `None` when its token is valid.
+    /// The refusal for `req`, or `None` when its token is valid.
     fn denial(&self, req: &Request<Incoming>) -> Option<Reply> {
         let Some(tag) = &self.tag else {
             return Some(error_reply(
                 StatusCode::FORBIDDEN,
-                                "the admin API is disabled: no admin token is configured",
+                "the admin API is disabled: no admin token is configured",
             ));
         };
         let presented = req
@@ -45,7 +45,7 @@ impl TokenCheck {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-                ring::hmac::verify(&self.key, presented.as_bytes(), tag.as_ref())
+        ring::hmac::verify(&self.key, presented.as_bytes(), tag.as_ref())
             .err()
             .map(|_| error_reply(StatusCode::UNAUTHORIZED, "a valid bearer token is required"))
     }
@@ -56,7 +56,7 @@ pub fn handler(engine: Engine, cfg: Arc<Config>, tokens: Arc<TokenCheck>) -> Han
     Arc::new(move |req| {
         let (engine, cfg, tokens) = (engine.clone(), cfg.clone(), tokens.clone());
         Box::pin(async move {
-                        if let Some(denied) = tokens.denial(&req) {
+            if let Some(denied) = tokens.denial(&req) {
                 return denied;
             }
             route(req, &engine, &cfg).await

@@ -41,8 +41,9 @@ pub enum Command {
     /// Development PKI: CA, receiver and gateway certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
-    /// Inspect and verify the tamper-evident audit log.
-    Audit(ConfigArg),
+    /// Verify and export the tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// List, show, replay and purge dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -62,6 +63,23 @@ pub struct ConfigArg {
     /// Config file.
     #[arg(long, short, default_value = "config/sallyport.toml")]
     pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Walk the hash chain (and HMACs, with an audit key) and name the first broken record.
+    Verify {
+        #[arg(long, short, default_value = "config/sallyport.toml")]
+        config: PathBuf,
+    },
+    /// Write audit records as JSON lines (for a SIEM).
+    Export {
+        #[arg(long, short, default_value = "config/sallyport.toml")]
+        config: PathBuf,
+        /// Only records at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,7 +213,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         Command::Cert(CertCommand::Show { file, json }) => cert_show(&file, json),
         Command::Verify(_) => not_yet("verify", "the receiver checker (issue #5)"),
-        Command::Audit(_) => not_yet("audit", "the audit log (issue #8)"),
+        Command::Audit(cmd) => audit(cmd),
         Command::Dlq(cmd) => dlq::run(cmd).await,
         Command::Ingest(args) => ingest(args).await,
         Command::Send(args) => return send::run(args).await,
@@ -245,6 +263,63 @@ fn not_yet(cmd: &str, what: &str) -> Result<(), Failure> {
     Err(Failure::usage(format!(
         "`{cmd}` is not yet available in this build: it arrives with {what}"
     )))
+}
+
+fn audit(cmd: AuditCommand) -> Result<(), Failure> {
+    let (config, since) = match &cmd {
+        AuditCommand::Verify { config } => (config, None),
+        AuditCommand::Export { config, since } => (config, since.as_deref()),
+    };
+    let since_ms = match since {
+        Some(s) => Some(
+            crate::export::update::rfc3339_to_unix_ms(s)
+                .ok_or_else(|| Failure::usage(format!("--since: '{s}' is not an RFC 3339 time")))?,
+        ),
+        None => None,
+    };
+    let cfg = Config::load(config).map_err(Failure::usage)?;
+    let store = crate::store::open(&cfg).map_err(Failure::failed)?;
+    let chain = crate::store::audit_chain(&cfg).map_err(Failure::failed)?;
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.audit_records(after, 10_000).map_err(Failure::failed)?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        all.extend(page);
+    }
+    match cmd {
+        AuditCommand::Verify { .. } => match crate::audit::verify(&all, &chain) {
+            Ok(n) => {
+                println!(
+                    "audit log intact: {n} record(s) verified{}",
+                    if cfg.audit.key_env.is_some() || cfg.audit.key_file.is_some() {
+                        " (hash chain and HMAC)"
+                    } else {
+                        " (hash chain)"
+                    }
+                );
+                Ok(())
+            }
+            Err(b) => Err(Failure::failed(format!(
+                "audit log broken at record {}: {}",
+                b.seq, b.reason
+            ))),
+        },
+        AuditCommand::Export { .. } => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            for r in &all {
+                let rec: serde_json::Value = serde_json::from_str(&r.record).map_err(Failure::failed)?;
+                if since_ms.is_some_and(|s| rec["at"].as_i64().unwrap_or(0) < s) {
+                    continue;
+                }
+                let line = serde_json::json!({"seq": r.seq, "hash": r.hash, "prev": r.prev, "record": rec});
+                writeln!(out, "{line}").map_err(Failure::failed)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn ingest(args: IngestArgs) -> Result<(), Failure> {

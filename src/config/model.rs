@@ -47,6 +47,8 @@ pub struct Config {
     #[serde(default)]
     pub egress: EgressConfig,
     #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
     pub dataflows: Vec<Dataflow>,
     /// The segment catalog.
     #[serde(default)]
@@ -117,6 +119,17 @@ impl Default for StoreConfig {
             url: default_store_url(),
         }
     }
+}
+
+/// The audit log's optional HMAC key (without one, the chain still detects edits, deletions
+/// and reorders, but a writer with database access could recompute it).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Environment variable holding the audit HMAC key. Default: none.
+    pub key_env: Option<String>,
+    /// File holding the audit HMAC key. Default: none.
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -333,6 +346,15 @@ impl Config {
         }
         if let (Some(_), Some(_)) = (&self.admin.token_env, &self.admin.token_file) {
             out.push("admin", "set only one of token_env and token_file");
+        }
+        if self.audit.key_env.is_some() || self.audit.key_file.is_some() {
+            self.check_secret(
+                &mut out,
+                "audit",
+                "key",
+                self.audit.key_env.as_ref(),
+                self.audit.key_file.as_ref(),
+            );
         }
         if !(self.store.url.starts_with("sqlite://")
             || self.store.url.starts_with("postgres://")

@@ -17,10 +17,13 @@ use super::payload;
 use super::spec::{Catalog, DataflowSpec};
 use super::trigger::evaluate;
 use super::update::{parse_ndjson, LineError};
+use crate::audit::{payload_sha256, AuditRecord};
 use crate::config::Config;
 use crate::delivery::retry::{RetryPolicy, Verdict};
 use crate::delivery::signing::WebhookSigner;
-use crate::delivery::{settings_for_dataflow, DeliveryClient, DeliveryError, ErrorKind, OutboundRequest};
+use crate::delivery::{
+    settings_for_dataflow, DeliveryClient, DeliveryError, ErrorKind, OutboundRequest, PeerInfo,
+};
 use crate::store::{self, now_ms, AttemptError, Completion, OutboxItem, Store, StoreError};
 
 /// Rows claimed per round trip to the store.
@@ -52,6 +55,7 @@ struct Flow {
     endpoint: url::Url,
     retry: RetryPolicy,
     signer: Option<WebhookSigner>,
+    auth_kind: &'static str,
     wake: Notify,
 }
 
@@ -155,6 +159,7 @@ impl Engine {
                     ..RetryPolicy::default()
                 },
                 signer,
+                auth_kind: df.auth.kind(),
                 wake: Notify::new(),
             }));
         }
@@ -249,7 +254,24 @@ impl Engine {
                 ))
             })?;
         let s = self.inner.store.clone();
-        match flow.send(&dl.idempotency_key, dl.payload.into()).await {
+        let body = Bytes::from(dl.payload);
+        let sent = flow.send(&dl.idempotency_key, body.clone()).await;
+        let outcome = if sent.result.is_ok() {
+            "replay_delivered"
+        } else {
+            "replay_failed"
+        };
+        let audit = flow.audit_record(
+            &dl.profile_id,
+            &dl.idempotency_key,
+            &body,
+            dl.attempts + 1,
+            outcome,
+            &sent,
+        );
+        let a = s.clone();
+        blocking(move || a.append_audit(&[audit])).await?;
+        match sent.result {
             Ok(()) => {
                 blocking(move || s.remove_dead_letter(id)).await?;
                 Ok(Ok(()))
@@ -299,7 +321,7 @@ const COMPLETE_BATCH: usize = 1024;
 /// stays leased from claim to completion, so a profile never has two deliveries in flight.
 async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, i64)>(COMPLETE_BATCH * 2);
+    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord, i64)>(COMPLETE_BATCH * 2);
     let completer = tokio::spawn(complete_loop(inner.clone(), flow.spec.name.clone(), done_rx));
     loop {
         let (s, name) = (inner.store.clone(), flow.spec.name.clone());
@@ -325,9 +347,9 @@ async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
             let (flow, inner, done) = (flow.clone(), inner.clone(), done_tx.clone());
             tokio::spawn(async move {
                 let enqueued_at = item.enqueued_at;
-                let c = deliver(&flow, &inner.catalog, item).await;
+                let (c, audit) = deliver(&flow, &inner.catalog, item).await;
                 drop(permit);
-                let _ = done.send((c, enqueued_at)).await;
+                let _ = done.send((c, audit, enqueued_at)).await;
             });
         }
         if completer.is_finished() {
@@ -340,19 +362,19 @@ async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
 async fn complete_loop(
     inner: Arc<Inner>,
     dataflow: String,
-    mut rx: tokio::sync::mpsc::Receiver<(Completion, i64)>,
+    mut rx: tokio::sync::mpsc::Receiver<(Completion, AuditRecord, i64)>,
 ) {
     let mut buf = Vec::with_capacity(COMPLETE_BATCH);
     while rx.recv_many(&mut buf, COMPLETE_BATCH).await > 0 {
-        let results: Vec<Completion> = buf
-            .drain(..)
-            .map(|(c, enqueued_at)| {
-                inner.stats.record(&c, enqueued_at);
-                c
-            })
-            .collect();
+        let mut results = Vec::with_capacity(buf.len());
+        let mut audit = Vec::with_capacity(buf.len());
+        for (c, a, enqueued_at) in buf.drain(..) {
+            inner.stats.record(&c, enqueued_at);
+            results.push(c);
+            audit.push(a);
+        }
         let s = inner.store.clone();
-        if let Err(e) = blocking(move || s.complete(&results)).await {
+        if let Err(e) = blocking(move || s.complete(&results, &audit)).await {
             // The leases expire and the rows are claimed again: at-least-once, never lost.
             tracing::error!(dataflow = %dataflow, error = %e, "recording outcomes failed");
         }
@@ -382,7 +404,7 @@ impl Stats {
     }
 }
 
-async fn deliver(flow: &Flow, catalog: &Catalog, item: OutboxItem) -> Completion {
+async fn deliver(flow: &Flow, catalog: &Catalog, item: OutboxItem) -> (Completion, AuditRecord) {
     let body: Bytes = serde_json::to_vec(&payload::build(
         &flow.spec,
         catalog,
@@ -393,31 +415,38 @@ async fn deliver(flow: &Flow, catalog: &Catalog, item: OutboxItem) -> Completion
     .into();
     let key = idempotency_key(&flow.spec.name, item.id, item.version);
     let attempt = item.attempts + 1;
-    let error = match flow.send(&key, body.clone()).await {
-        Ok(()) => {
-            return Completion::Delivered {
-                id: item.id,
-                version: item.version,
-            }
-        }
-        Err(e) => e,
-    };
-    tracing::warn!(dataflow = %flow.spec.name, kind = %error.kind(), attempt, "delivery failed");
-    let record = attempt_error(attempt, &error);
-    match flow.retry.decide(attempt, &error, jitter()) {
-        Verdict::RetryAfter(after) => Completion::Failed {
-            id: item.id,
-            retry_at: now_ms() + after.as_millis() as i64,
-            error: record,
-        },
-        Verdict::GiveUp => Completion::Dead {
+    let sent = flow.send(&key, body.clone()).await;
+    let completion = match &sent.result {
+        Ok(()) => Completion::Delivered {
             id: item.id,
             version: item.version,
-            idempotency_key: key,
-            payload: body.to_vec(),
-            error: record,
         },
-    }
+        Err(error) => {
+            tracing::warn!(dataflow = %flow.spec.name, kind = %error.kind(), attempt, "delivery failed");
+            let record = attempt_error(attempt, error);
+            match flow.retry.decide(attempt, error, jitter()) {
+                Verdict::RetryAfter(after) => Completion::Failed {
+                    id: item.id,
+                    retry_at: now_ms() + after.as_millis() as i64,
+                    error: record,
+                },
+                Verdict::GiveUp => Completion::Dead {
+                    id: item.id,
+                    version: item.version,
+                    idempotency_key: key.clone(),
+                    payload: body.to_vec(),
+                    error: record,
+                },
+            }
+        }
+    };
+    let outcome = match completion {
+        Completion::Delivered { .. } => "delivered",
+        Completion::Failed { .. } => "retry",
+        Completion::Dead { .. } => "dead_letter",
+    };
+    let audit = flow.audit_record(&item.profile.id, &key, &body, attempt, outcome, &sent);
+    (completion, audit)
 }
 
 fn attempt_error(attempt: u32, e: &DeliveryError) -> AttemptError {
@@ -428,6 +457,14 @@ fn attempt_error(attempt: u32, e: &DeliveryError) -> AttemptError {
         status: e.status(),
         message: e.to_string(),
     }
+}
+
+/// What one attempt came to.
+struct Sent {
+    result: Result<(), DeliveryError>,
+    status: Option<u16>,
+    peer: Option<Arc<PeerInfo>>,
+    latency_ms: f64,
 }
 
 /// A key that names one delivery of one profile state: the same across retries and
@@ -456,33 +493,92 @@ fn jitter() -> f64 {
 
 impl Flow {
     /// One signed POST of `body` under `key`; `Err` for anything but a 2xx.
-    async fn send(&self, key: &str, body: Bytes) -> Result<(), DeliveryError> {
+    async fn send(&self, key: &str, body: Bytes) -> Sent {
+        let started = std::time::Instant::now();
+        let req = match self.request(key, body) {
+            Ok(r) => r,
+            Err(e) => {
+                return Sent {
+                    result: Err(e),
+                    status: None,
+                    peer: None,
+                    latency_ms: 0.0,
+                }
+            }
+        };
+        let (result, status, peer) = match self.client.send(req).await {
+            Ok(d) => (d.error().map_or(Ok(()), Err), Some(d.status.as_u16()), d.peer),
+            Err(e) => (Err(e), None, None),
+        };
+        Sent {
+            result,
+            status,
+            peer,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        }
+    }
+
+    fn request(&self, key: &str, body: Bytes) -> Result<OutboundRequest, DeliveryError> {
+        let invalid = |e: http::header::InvalidHeaderValue| {
+            DeliveryError::new(ErrorKind::InvalidRequest, e.to_string())
+        };
         let mut headers = HeaderMap::new();
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let key_value = HeaderValue::from_str(key)
-            .map_err(|e| DeliveryError::new(ErrorKind::InvalidRequest, e.to_string()))?;
+        let key_value = HeaderValue::from_str(key).map_err(invalid)?;
         headers.insert("idempotency-key", key_value.clone());
         if let Some(signer) = &self.signer {
             let ts = now_ms() / 1000;
-            let sig = signer.sign(key, ts, &body);
             headers.insert("webhook-id", key_value);
             headers.insert("webhook-timestamp", HeaderValue::from(ts));
             headers.insert(
                 "webhook-signature",
-                HeaderValue::from_str(&sig)
-                    .map_err(|e| DeliveryError::new(ErrorKind::InvalidRequest, e.to_string()))?,
+                HeaderValue::from_str(&signer.sign(key, ts, &body)).map_err(invalid)?,
             );
         }
-        let req = OutboundRequest {
+        Ok(OutboundRequest {
             method: Method::POST,
             url: self.endpoint.clone(),
             headers,
             body,
-        };
-        let d = self.client.send(req).await?;
-        d.error().map_or(Ok(()), Err)
+        })
+    }
+
+    /// The audit record of one attempt: who, where, what (by hash), how it went.
+    fn audit_record(
+        &self,
+        profile_id: &str,
+        key: &str,
+        body: &[u8],
+        attempt: u32,
+        outcome: &str,
+        sent: &Sent,
+    ) -> AuditRecord {
+        let peer = sent.peer.as_deref();
+        AuditRecord {
+            at: now_ms(),
+            dataflow: self.spec.name.clone(),
+            destination: format!(
+                "{}:{}",
+                self.endpoint.host_str().unwrap_or_default(),
+                self.endpoint.port_or_known_default().unwrap_or(443)
+            ),
+            resolved_ip: peer.map(|p| p.remote_addr.ip().to_string()),
+            source_ip: peer.map(|p| p.local_addr.ip().to_string()),
+            profile_id: profile_id.to_owned(),
+            payload_sha256: payload_sha256(body),
+            idempotency_key: key.to_owned(),
+            attempt,
+            outcome: outcome.to_owned(),
+            error_kind: sent.result.as_ref().err().map(|e| e.kind().as_str().to_owned()),
+            http_status: sent.status,
+            latency_ms: sent.latency_ms,
+            peer_cert_sha256: peer
+                .and_then(|p| p.server_certificate.as_ref())
+                .map(|c| c.sha256_fingerprint.clone()),
+            auth: self.auth_kind.to_owned(),
+        }
     }
 }

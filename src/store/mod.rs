@@ -13,6 +13,7 @@ pub mod sqlite;
 
 use std::collections::HashMap;
 
+use crate::audit::{AuditRecord, Chain, ChainedRecord};
 use crate::export::profile::Profile;
 use crate::export::spec::MappedSegment;
 use crate::export::trigger::{Reasons, Trigger};
@@ -142,8 +143,14 @@ pub trait Store: Send + Sync + 'static {
         lease_ms: i64,
     ) -> Result<Vec<OutboxItem>, StoreError>;
 
-    /// Record the outcome of claimed rows, in one transaction.
-    fn complete(&self, results: &[Completion]) -> Result<(), StoreError>;
+    /// Record the outcome of claimed rows and their audit records, in one transaction.
+    fn complete(&self, results: &[Completion], audit: &[AuditRecord]) -> Result<(), StoreError>;
+
+    /// Append audit records (attempts made outside the outbox, such as replays).
+    fn append_audit(&self, audit: &[AuditRecord]) -> Result<(), StoreError>;
+
+    /// Audit records after `after_seq`, in order, at most `limit`.
+    fn audit_records(&self, after_seq: i64, limit: usize) -> Result<Vec<ChainedRecord>, StoreError>;
 
     /// Rows waiting (all dataflows when `None`).
     fn pending(&self, dataflow: Option<&str>) -> Result<u64, StoreError>;
@@ -170,9 +177,25 @@ pub fn open(cfg: &crate::config::Config) -> Result<std::sync::Arc<dyn Store>, St
     match url.strip_prefix("sqlite://") {
         Some(path) => Ok(std::sync::Arc::new(SqliteStore::open(
             &cfg.path(std::path::Path::new(path)),
+            audit_chain(cfg)?,
         )?)),
         None => Err(StoreError::Url(url.clone())),
     }
+}
+
+/// The audit chain with the configured key, if any.
+pub fn audit_chain(cfg: &crate::config::Config) -> Result<Chain, StoreError> {
+    if cfg.audit.key_env.is_none() && cfg.audit.key_file.is_none() {
+        return Ok(Chain::new(None));
+    }
+    let key = cfg
+        .secret_source(cfg.audit.key_env.as_ref(), cfg.audit.key_file.as_ref(), "key")
+        .and_then(|s| s.read())
+        .map_err(|reason| StoreError::Open {
+            path: "audit.key".into(),
+            reason,
+        })?;
+    Ok(Chain::new(Some(key.expose().as_bytes())))
 }
 
 /// Milliseconds since the UNIX epoch, now.

@@ -15,6 +15,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
 use super::{union, AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, StoreError};
+use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
 use crate::export::profile::{Membership, Profile};
 use crate::export::spec::MappedSegment;
 use crate::export::trigger::{Reasons, Trigger};
@@ -70,6 +71,13 @@ CREATE TABLE IF NOT EXISTS dead_letters (
   created_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_dataflow ON dead_letters (dataflow, id);
+CREATE TABLE IF NOT EXISTS audit (
+  seq INTEGER PRIMARY KEY,
+  record TEXT NOT NULL,
+  prev TEXT NOT NULL,
+  hash TEXT NOT NULL,
+  mac TEXT
+);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (dataflow, next_attempt_at, id);
 ";
 
@@ -79,6 +87,10 @@ pub struct SqliteStore {
     reader: Mutex<Connection>,
     /// Outbox row id → lease expiry (UNIX ms).
     leases: Mutex<HashMap<i64, i64>>,
+    chain: Chain,
+    /// The audit chain's head: last sequence number and hash. Guarded by the writer lock's
+    /// order of use: read and replaced only while `writer` is held.
+    head: Mutex<(i64, String)>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -89,7 +101,7 @@ impl std::fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     /// Open (creating if needed) the database at `path` and apply the schema.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, chain: Chain) -> Result<Self, StoreError> {
         let err = |reason: String| StoreError::Open {
             path: path.display().to_string(),
             reason,
@@ -123,12 +135,20 @@ impl SqliteStore {
                 )))
             }
         }
+        let head: (i64, String) = conn
+            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?
+            .unwrap_or((0, GENESIS.to_owned()));
         let reader = Connection::open(path).map_err(|e| err(e.to_string()))?;
         reader.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")?;
         Ok(SqliteStore {
             writer: Mutex::new(conn),
             reader: Mutex::new(reader),
             leases: Mutex::new(HashMap::new()),
+            chain,
+            head: Mutex::new(head),
         })
     }
 
@@ -136,6 +156,21 @@ impl SqliteStore {
     // poisoned mutex is still usable.
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Link `audit` after the current head inside `tx`; returns the head to publish once
+    /// `tx` commits. Call only while holding the writer lock.
+    fn append_chain(&self, tx: &Transaction<'_>, audit: &[AuditRecord]) -> Result<(i64, String), StoreError> {
+        let (mut seq, mut hash) = self.head.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut stmt = tx
+            .prepare_cached("INSERT INTO audit (seq, record, prev, hash, mac) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+        for rec in audit {
+            let c = self.chain.link(seq, &hash, rec);
+            stmt.execute(params![c.seq, c.record, c.prev, c.hash, c.mac])?;
+            seq = c.seq;
+            hash = c.hash;
+        }
+        Ok((seq, hash))
     }
 
     fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<i64, i64>> {
@@ -500,10 +535,11 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn complete(&self, results: &[Completion]) -> Result<(), StoreError> {
+    fn complete(&self, results: &[Completion], audit: &[AuditRecord]) -> Result<(), StoreError> {
         let mut conn = self.lock();
         conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         let tx = conn.transaction()?;
+        let new_head = self.append_chain(&tx, audit)?;
         for r in results {
             match r {
                 Completion::Delivered { id, version } => {
@@ -547,6 +583,7 @@ impl Store for SqliteStore {
             }
         }
         tx.commit()?;
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = new_head;
         conn.execute_batch("PRAGMA synchronous = FULL")?;
         drop(conn);
         let mut l = self.leases();
@@ -569,6 +606,32 @@ impl Store for SqliteStore {
 
     fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
         load_profile(&self.lock(), id)
+    }
+
+    fn append_audit(&self, audit: &[AuditRecord]) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let new_head = self.append_chain(&tx, audit)?;
+        tx.commit()?;
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = new_head;
+        Ok(())
+    }
+
+    fn audit_records(&self, after_seq: i64, limit: usize) -> Result<Vec<ChainedRecord>, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, record, prev, hash, mac FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after_seq, limit as i64], |r| {
+            Ok(ChainedRecord {
+                seq: r.get(0)?,
+                record: r.get(1)?,
+                prev: r.get(2)?,
+                hash: r.get(3)?,
+                mac: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     fn dead_letters(&self, dataflow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {

@@ -1,0 +1,234 @@
+//! The tamper-evident audit log: one record per delivery attempt, appended in the same store
+//! transaction as the attempt's outcome, each carrying the SHA-256 of the record before it
+//! (and, when an audit key is configured, an HMAC of its own hash). Editing, deleting or
+//! reordering any record breaks the chain at that record, and `sallyport audit verify` names
+//! it. With a key, a writer who can change the database but does not hold the key cannot
+//! rewrite the chain consistently.
+//!
+//! Must never: hold a secret, a token or a payload body — only the payload's SHA-256.
+
+use ring::{digest, hmac};
+use serde::{Deserialize, Serialize};
+
+/// The hash that starts the chain.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What happened in one delivery attempt (DESIGN.md's audit fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditRecord {
+    /// UNIX ms.
+    pub at: i64,
+    pub dataflow: String,
+    /// `host:port` of the endpoint.
+    pub destination: String,
+    pub resolved_ip: Option<String>,
+    pub source_ip: Option<String>,
+    pub profile_id: String,
+    pub payload_sha256: String,
+    pub idempotency_key: String,
+    pub attempt: u32,
+    /// `delivered`, `retry` or `dead_letter`.
+    pub outcome: String,
+    pub error_kind: Option<String>,
+    pub http_status: Option<u16>,
+    pub latency_ms: f64,
+    pub peer_cert_sha256: Option<String>,
+    /// The auth kind used (`none`, `bearer`, …), never the credential.
+    pub auth: String,
+}
+
+/// A record as stored: its place in the chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChainedRecord {
+    pub seq: i64,
+    /// The record's canonical JSON, exactly as hashed.
+    pub record: String,
+    pub prev: String,
+    pub hash: String,
+    pub mac: Option<String>,
+}
+
+/// Hash and optional MAC for chain links.
+pub struct Chain {
+    key: Option<hmac::Key>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("keyed", &self.key.is_some())
+            .finish()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Chain {
+    /// `key` is the audit HMAC key, when configured.
+    pub fn new(key: Option<&[u8]>) -> Self {
+        Chain {
+            key: key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k)),
+        }
+    }
+
+    /// The hash of a record that follows `prev`: SHA-256(seq, prev, record).
+    pub fn hash(seq: i64, prev: &str, record: &str) -> String {
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(&seq.to_be_bytes());
+        ctx.update(prev.as_bytes());
+        ctx.update(b"\n");
+        ctx.update(record.as_bytes());
+        hex(ctx.finish().as_ref())
+    }
+
+    /// The MAC of a hash, when keyed.
+    pub fn mac(&self, hash: &str) -> Option<String> {
+        self.key
+            .as_ref()
+            .map(|k| hex(hmac::sign(k, hash.as_bytes()).as_ref()))
+    }
+
+    /// Link `record` after (`prev_seq`, `prev_hash`).
+    pub fn link(&self, prev_seq: i64, prev_hash: &str, record: &AuditRecord) -> ChainedRecord {
+        let seq = prev_seq + 1;
+        let record = serde_json::to_string(record).unwrap_or_default();
+        let hash = Self::hash(seq, prev_hash, &record);
+        ChainedRecord {
+            seq,
+            mac: self.mac(&hash),
+            record,
+            prev: prev_hash.to_owned(),
+            hash,
+        }
+    }
+}
+
+/// Where and why a chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Broken {
+    /// The first record that does not verify (or the sequence number that is missing).
+    pub seq: i64,
+    pub reason: String,
+}
+
+/// Verify records in order from the start of the log. Returns how many verified.
+pub fn verify<'a>(
+    records: impl IntoIterator<Item = &'a ChainedRecord>,
+    chain: &Chain,
+) -> Result<u64, Broken> {
+    let (mut prev_seq, mut prev_hash) = (0i64, GENESIS.to_owned());
+    let mut n = 0;
+    for r in records {
+        if r.seq != prev_seq + 1 {
+            return Err(Broken {
+                seq: prev_seq + 1,
+                reason: format!(
+                    "record {} is missing (next stored record is {})",
+                    prev_seq + 1,
+                    r.seq
+                ),
+            });
+        }
+        if r.prev != prev_hash {
+            return Err(Broken {
+                seq: r.seq,
+                reason: "its link to the previous record does not match (records removed or reordered)"
+                    .into(),
+            });
+        }
+        if Chain::hash(r.seq, &r.prev, &r.record) != r.hash {
+            return Err(Broken {
+                seq: r.seq,
+                reason: "its content does not match its hash (record edited)".into(),
+            });
+        }
+        if chain.key.is_some() && chain.mac(&r.hash) != r.mac {
+            return Err(Broken {
+                seq: r.seq,
+                reason: "its HMAC does not verify with the audit key (chain rewritten without the key)"
+                    .into(),
+            });
+        }
+        if serde_json::from_str::<AuditRecord>(&r.record).is_err() {
+            return Err(Broken {
+                seq: r.seq,
+                reason: "its content is not an audit record".into(),
+            });
+        }
+        prev_seq = r.seq;
+        prev_hash = r.hash.clone();
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// SHA-256 of a payload, hex.
+pub fn payload_sha256(body: &[u8]) -> String {
+    hex(digest::digest(&digest::SHA256, body).as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(i: u32) -> AuditRecord {
+        AuditRecord {
+            at: 1,
+            dataflow: "d".into(),
+            destination: "rx:443".into(),
+            resolved_ip: None,
+            source_ip: None,
+            profile_id: format!("p{i}"),
+            payload_sha256: payload_sha256(b"x"),
+            idempotency_key: "k".into(),
+            attempt: i,
+            outcome: "delivered".into(),
+            error_kind: None,
+            http_status: Some(200),
+            latency_ms: 1.0,
+            peer_cert_sha256: None,
+            auth: "none".into(),
+        }
+    }
+
+    fn chain(c: &Chain, n: u32) -> Vec<ChainedRecord> {
+        let mut out: Vec<ChainedRecord> = Vec::new();
+        for i in 1..=n {
+            let (s, h) = out
+                .last()
+                .map_or((0, GENESIS.to_owned()), |r| (r.seq, r.hash.clone()));
+            out.push(c.link(s, &h, &rec(i)));
+        }
+        out
+    }
+
+    #[test]
+    fn edits_deletions_and_reorders_are_found_at_the_right_record() {
+        let c = Chain::new(None);
+        let good = chain(&c, 5);
+        assert_eq!(verify(&good, &c), Ok(5));
+        let mut edited = good.clone();
+        edited[2].record = edited[2].record.replace("p3", "p9");
+        assert_eq!(verify(&edited, &c).map_err(|b| b.seq), Err(3));
+        let mut deleted = good.clone();
+        deleted.remove(1);
+        assert_eq!(verify(&deleted, &c).map_err(|b| b.seq), Err(2));
+        let mut reordered = good.clone();
+        reordered.swap(3, 4);
+        assert_eq!(verify(&reordered, &c).map_err(|b| b.seq), Err(4));
+    }
+
+    #[test]
+    fn a_keyed_chain_rewritten_without_the_key_fails() {
+        let keyed = Chain::new(Some(b"audit-key-0123456789abcdef"));
+        let good = chain(&keyed, 3);
+        assert_eq!(verify(&good, &keyed), Ok(3));
+        // Recomputed consistently, but without the key.
+        let forged = chain(&Chain::new(None), 3);
+        assert_eq!(verify(&forged, &keyed).map_err(|b| b.seq), Err(1));
+    }
+}
