@@ -17,6 +17,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 export PATH="$PATH:/usr/sbin"
 
+# A real OAuth2 server for the auth tests (oauth2-mock-server, pinned by tests/oauth/package-lock.json).
+if [ ! -d tests/oauth/node_modules/oauth2-mock-server ]; then
+  (cd tests/oauth && npm ci --no-audit --no-fund --silent)
+fi
+
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then

@@ -37,6 +37,8 @@ pub enum ErrorKind {
     ResponseTooLarge,
     /// The request could not be built (bad header, bad body source).
     InvalidRequest,
+    /// No credential could be obtained (token endpoint refused or unreachable).
+    Auth,
 }
 
 /// Who must act to fix it.
@@ -64,6 +66,7 @@ impl ErrorKind {
             ErrorKind::HttpStatus => "http_status",
             ErrorKind::ResponseTooLarge => "response_too_large",
             ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::Auth => "auth",
         }
     }
 
@@ -76,7 +79,8 @@ impl ErrorKind {
             | ErrorKind::MtlsNotRequested
             | ErrorKind::ClientCertRejected
             | ErrorKind::HttpStatus
-            | ErrorKind::ResponseTooLarge => Blame::Receiver,
+            | ErrorKind::ResponseTooLarge
+            | ErrorKind::Auth => Blame::Receiver,
         }
     }
 

@@ -6,6 +6,7 @@
 //! Must never: send to a receiver that failed the mTLS-only check, follow a redirect, read an
 //! unbounded response body, or log a request body.
 
+pub mod auth;
 pub mod connector;
 pub mod error;
 pub mod retry;
@@ -50,6 +51,8 @@ pub struct DestinationSettings {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Query parameters appended to every request URL.
     pub query: Vec<(String, String)>,
+    /// How requests authenticate (none by default).
+    pub auth: auth::SharedAuth,
 }
 
 impl DestinationSettings {
@@ -62,6 +65,7 @@ impl DestinationSettings {
             timeout: DEFAULT_TIMEOUT,
             headers: vec![],
             query: vec![],
+            auth: Arc::default(),
         }
     }
 }
@@ -165,9 +169,40 @@ impl DeliveryClient {
     /// Send one request and read the answer, all within the destination's timeout.
     /// Any HTTP answer is `Ok`; see [`Delivered::error`] for the delivery verdict.
     pub async fn send(&self, req: OutboundRequest) -> Result<Delivered, DeliveryError> {
+        let auth = &self.settings.auth;
+        let credential = auth.credential().await?;
+        let first = self.send_once(req.clone(), credential.as_ref()).await?;
+        // A 401 with an OAuth2 token: the token was revoked or expired early. Once, with a
+        // fresh one.
+        if first.status == http::StatusCode::UNAUTHORIZED {
+            if let Some(used) = &credential {
+                if auth.refused(used).await {
+                    let fresh = auth.credential().await?;
+                    return self.send_once(req, fresh.as_ref()).await;
+                }
+            }
+        }
+        Ok(first)
+    }
+
+    /// Send without this destination's auth (the token endpoint's own requests).
+    pub async fn send_unauthenticated(&self, req: OutboundRequest) -> Result<Delivered, DeliveryError> {
+        self.send_once(req, None).await
+    }
+
+    async fn send_once(
+        &self,
+        req: OutboundRequest,
+        credential: Option<&crate::config::Secret>,
+    ) -> Result<Delivered, DeliveryError> {
         let started = Instant::now();
         let timeout = self.settings.timeout;
-        let request = self.build(req)?;
+        let mut request = self.build(req)?;
+        if let Some(c) = credential {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, auth::bearer_header(c)?);
+        }
         let fut = async {
             let res = self
                 .http
@@ -288,18 +323,81 @@ pub fn settings_for_dataflow(
     let query = df
         .parsed_query()
         .map_err(|e| format!("dataflow {}: query: {e}", df.name))?;
-    if !matches!(df.auth, crate::config::Auth::None) {
-        return Err(format!(
-            "dataflow {}: auth kind '{}' is not yet available in this build (it arrives with issue #8)",
-            df.name,
-            df.auth.kind()
-        ));
-    }
+    let auth = Arc::new(authenticator(cfg, df, &tls)?);
     Ok(DestinationSettings {
         mtls: df.mtls,
         timeout: df.timeout(),
         headers,
         query,
+        auth,
         ..DestinationSettings::new(df.name.clone(), tls)
+    })
+}
+
+/// The dataflow's authenticator, with its secrets read now.
+fn authenticator(
+    cfg: &crate::config::Config,
+    df: &crate::config::Dataflow,
+    tls: &ClientTlsConfig,
+) -> Result<auth::Authenticator, String> {
+    use crate::config::Auth;
+    let secret = |env: &Option<String>, file: &Option<std::path::PathBuf>, what: &str| {
+        cfg.secret_source(env.as_ref(), file.as_ref(), what)
+            .and_then(|s| s.read())
+            .map_err(|e| format!("dataflow {}: auth.{what}: {e}", df.name))
+    };
+    let token_client = || {
+        // The token endpoint: same trust and egress, our certificate if it asks, no mTLS-only rule.
+        DeliveryClient::new(DestinationSettings {
+            mtls: false,
+            timeout: df.timeout(),
+            ..DestinationSettings::new(format!("{}-token", df.name), tls.clone())
+        })
+    };
+    let url = |u: &str| url::Url::parse(u).map_err(|e| format!("dataflow {}: auth.token_url: {e}", df.name));
+    Ok(match &df.auth {
+        Auth::None => auth::Authenticator::None,
+        Auth::Bearer {
+            token_env,
+            token_file,
+        } => auth::Authenticator::Bearer(secret(token_env, token_file, "token")?),
+        Auth::OAuth2ClientCredentials {
+            token_url,
+            client_id,
+            client_secret_env,
+            client_secret_file,
+            scope,
+            credentials_in,
+        } => auth::Authenticator::OAuth2(Box::new(auth::OAuth2::new(
+            url(token_url)?,
+            client_id.clone(),
+            secret(client_secret_env, client_secret_file, "client_secret")?,
+            scope.clone(),
+            *credentials_in,
+            auth::Grant::ClientCredentials,
+            token_client(),
+        ))),
+        Auth::OAuth2Password {
+            token_url,
+            client_id,
+            client_secret_env,
+            client_secret_file,
+            username,
+            password_env,
+            password_file,
+            scope,
+            credentials_in,
+        } => auth::Authenticator::OAuth2(Box::new(auth::OAuth2::new(
+            url(token_url)?,
+            client_id.clone(),
+            secret(client_secret_env, client_secret_file, "client_secret")?,
+            scope.clone(),
+            *credentials_in,
+            auth::Grant::Password {
+                username: username.clone(),
+                password: secret(password_env, password_file, "password")?,
+            },
+            token_client(),
+        ))),
     })
 }
