@@ -6,6 +6,7 @@
 //! client configs), [`delivery`] (the one client), [`pki`] (dev certificates), [`receiver`]
 //! (an in-process mTLS receiver for demos and tests), [`cli`] and [`demo`].
 
+pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod export;
+pub mod metrics;
 pub mod pki;
 pub mod receiver;
 pub mod serve;

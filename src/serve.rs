@@ -28,7 +28,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     let engine = Engine::open(&cfg).await.map_err(|e| e.to_string())?;
     let public = api::bind("public", cfg.public.listen).await?;
     let admin = api::bind("admin", cfg.admin.listen).await?;
-    let workers = engine.spawn_workers();
+    let alerts = crate::alerts::Alerts::from_config(&cfg)?;
+    let mut workers = engine.spawn_workers();
+    workers.push(tokio::spawn(alerts.run(engine.clone())));
     let (stop_tx, stop_rx) = watch::channel(false);
     let servers = [
         tokio::spawn(api::serve(

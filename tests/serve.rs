@@ -147,7 +147,7 @@ async fn ingest_over_the_admin_api_delivers_and_counts() {
     let mut delivered = false;
     for _ in 0..100 {
         let (_, m) = http("GET", &format!("{}/metrics", gw.admin), Some(TOKEN), b"").await;
-        if m.contains("sallyport_deliveries_total{outcome=\"delivered\"} 25") {
+        if m.contains("sallyport_deliveries_total{dataflow=\"rx\",outcome=\"delivered\"} 25") {
             delivered = true;
             break;
         }

@@ -119,7 +119,16 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
                 Err(e) => error_reply(StatusCode::NOT_FOUND, e),
             }
         }
-        (Method::GET, ["metrics"]) => metrics(engine).await,
+        (Method::GET, ["metrics"]) => {
+            let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                engine.metrics_text().await,
+            )));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
         _ => error_reply(StatusCode::NOT_FOUND, "no such resource"),
     }
 }
@@ -134,36 +143,4 @@ fn dataflow_doc(df: &crate::config::Dataflow) -> serde_json::Value {
         "segments": df.segments, "maxAttempts": df.max_attempts,
         "signed": df.signing_secret_env.is_some() || df.signing_secret_file.is_some(),
     })
-}
-
-async fn metrics(engine: &Engine) -> Reply {
-    let s = engine.stats();
-    let pending = engine.pending().await.unwrap_or(0);
-    let text = format!(
-        "# HELP sallyport_deliveries_total Delivery attempts by outcome.\n\
-         # TYPE sallyport_deliveries_total counter\n\
-         sallyport_deliveries_total{{outcome=\"delivered\"}} {}\n\
-         sallyport_deliveries_total{{outcome=\"failed\"}} {}\n\
-         # HELP sallyport_dead_letters_total Deliveries parked as dead letters.\n\
-         # TYPE sallyport_dead_letters_total counter\n\
-         sallyport_dead_letters_total {}\n\
-         # HELP sallyport_outbox_pending Deliveries waiting in the outbox.\n\
-         # TYPE sallyport_outbox_pending gauge\n\
-         sallyport_outbox_pending {pending}\n\
-         # HELP sallyport_ingest_to_delivered_seconds Ingest-to-delivered latency quantiles.\n\
-         # TYPE sallyport_ingest_to_delivered_seconds summary\n\
-         sallyport_ingest_to_delivered_seconds{{quantile=\"0.5\"}} {}\n\
-         sallyport_ingest_to_delivered_seconds{{quantile=\"0.99\"}} {}\n",
-        s.delivered,
-        s.failed,
-        s.dead,
-        s.p50_ms / 1000.0,
-        s.p99_ms / 1000.0,
-    );
-    let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    r
 }

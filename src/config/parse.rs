@@ -46,7 +46,12 @@ pub fn parse_headers(spec: &HeaderSpec, reserved: &[&str]) -> Result<Vec<(Header
                 let (name, value) = item
                     .split_once(':')
                     .ok_or_else(|| format!("'{}' is not name:value", item.trim()))?;
-                out.push((name.trim().to_owned(), value.trim().to_owned()));
+                // Only spaces and tabs are padding: a CR or LF is refused below, not trimmed away.
+                let pad: &[char] = &[' ', '\t'];
+                out.push((
+                    name.trim_matches(pad).to_owned(),
+                    value.trim_matches(pad).to_owned(),
+                ));
             }
             out
         }
@@ -55,6 +60,11 @@ pub fn parse_headers(spec: &HeaderSpec, reserved: &[&str]) -> Result<Vec<(Header
     for (name, value) in pairs {
         let header = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("'{name}' is not a valid header name (RFC 9110 token)"))?;
+        if out.iter().any(|(n, _): &(HeaderName, HeaderValue)| *n == header) {
+            return Err(format!(
+                "'{name}' is given twice (ambiguous: which one should be sent?)"
+            ));
+        }
         if reserved.iter().any(|r| header.as_str().eq_ignore_ascii_case(r)) {
             return Err(format!("'{name}' is set by the gateway and cannot be overridden"));
         }
@@ -122,6 +132,47 @@ mod tests {
         assert!(parse_headers(&HeaderSpec::Table(t), &[])
             .expect_err("crlf")
             .contains("control"));
+    }
+
+    #[test]
+    fn injection_attempts_are_refused() {
+        let reserved = [
+            "host",
+            "content-length",
+            "authorization",
+            "idempotency-key",
+            "webhook-signature",
+        ];
+        let cases: &[(&str, &str)] = &[
+            ("x-a:1\r\nX-Injected: 1", "control character"),
+            ("x-a:1\nX-Injected: 1", "control character"),
+            ("x-a:1\r\n", "control character"),
+            ("x-a:\u{0}", "control character"),
+            ("x-a:1,X-A:2", "given twice"),
+            ("Host:evil.example", "cannot be overridden"),
+            ("content-length:0", "cannot be overridden"),
+            ("authorization:Bearer stolen", "cannot be overridden"),
+            ("Idempotency-Key:replayed", "cannot be overridden"),
+            ("x a:1", "valid header name"),
+            ("x-a\r\n:1", "valid header name"),
+            (":1", "valid header name"),
+            ("x-é:1", "valid header name"),
+        ];
+        for (input, why) in cases {
+            let err = parse_headers(&HeaderSpec::Compact(input.to_string()), &reserved).expect_err(input);
+            assert!(err.contains(why), "{input:?}: {err}");
+        }
+        for (input, why) in [
+            ("a=1%0D%0AX-Injected:%201", "control character"),
+            ("a=%00", "control character"),
+            ("=v", "empty name"),
+        ] {
+            let err = parse_query(&QuerySpec::Compact(input.into())).expect_err(input);
+            assert!(err.contains(why), "{input}: {err}");
+        }
+        // Duplicate query parameters are legitimate in URLs and kept in order.
+        let q = parse_query(&QuerySpec::Compact("a=1&a=2".into())).expect("valid");
+        assert_eq!(q, vec![("a".into(), "1".into()), ("a".into(), "2".into())]);
     }
 
     #[test]

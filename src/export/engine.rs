@@ -56,6 +56,7 @@ struct Flow {
     retry: RetryPolicy,
     signer: Option<WebhookSigner>,
     auth_kind: &'static str,
+    counters: crate::metrics::FlowCounters,
     wake: Notify,
 }
 
@@ -64,6 +65,8 @@ struct Inner {
     catalog: Catalog,
     flows: Vec<Arc<Flow>>,
     stats: Stats,
+    /// When the gateway's client certificate expires.
+    cert_not_after: Option<time::OffsetDateTime>,
 }
 
 /// Delivery counters and the ingest-to-delivered latency histogram (microseconds).
@@ -72,6 +75,15 @@ struct Stats {
     failed: AtomicU64,
     dead: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
+}
+
+/// One dataflow's outcome counters (for alert rules).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutcomeTotals {
+    pub dataflow: String,
+    pub attempts: u64,
+    pub failures: u64,
+    pub dead: u64,
 }
 
 /// A snapshot of [`Engine::stats`].
@@ -160,9 +172,19 @@ impl Engine {
                 },
                 signer,
                 auth_kind: df.auth.kind(),
+                counters: Default::default(),
                 wake: Notify::new(),
             }));
         }
+        let cert_not_after = match &cfg.identity {
+            Some(id) => Some(
+                crate::tls::Identity::load(&cfg.path(&id.cert), &cfg.path(&id.key))
+                    .map_err(|e| EngineError::Setup(format!("identity: {e}")))?
+                    .facts
+                    .not_after,
+            ),
+            None => None,
+        };
         let histogram =
             Histogram::new_with_bounds(1, 3_600_000_000, 2).map_err(|e| EngineError::Setup(e.to_string()))?;
         Ok(Engine {
@@ -170,6 +192,7 @@ impl Engine {
                 store,
                 catalog,
                 flows,
+                cert_not_after,
                 stats: Stats {
                     delivered: AtomicU64::new(0),
                     failed: AtomicU64::new(0),
@@ -285,6 +308,61 @@ impl Engine {
         }
     }
 
+    /// Prometheus text for `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let mut pending = Vec::new();
+        for f in &self.inner.flows {
+            let (s, name) = (self.inner.store.clone(), f.spec.name.clone());
+            pending.push(blocking(move || s.pending(Some(&name))).await.unwrap_or(0));
+        }
+        let snaps: Vec<crate::metrics::FlowSnapshot<'_>> = self
+            .inner
+            .flows
+            .iter()
+            .zip(pending)
+            .map(|(f, pending)| crate::metrics::FlowSnapshot {
+                name: &f.spec.name,
+                counters: &f.counters,
+                pending,
+                token_requests: match &*f.client.settings().auth {
+                    crate::delivery::auth::Authenticator::OAuth2(o) => Some(o.token_requests()),
+                    _ => None,
+                },
+            })
+            .collect();
+        let s = self.stats();
+        crate::metrics::render(
+            &snaps,
+            self.cert_expiry_seconds(),
+            s.p50_ms / 1000.0,
+            s.p99_ms / 1000.0,
+        )
+    }
+
+    /// Seconds until the client certificate expires (negative once expired).
+    pub fn cert_expiry_seconds(&self) -> Option<i64> {
+        self.inner
+            .cert_not_after
+            .map(|t| (t - time::OffsetDateTime::now_utc()).whole_seconds())
+    }
+
+    /// Per dataflow: attempts, failed attempts and dead letters so far.
+    pub fn outcome_totals(&self) -> Vec<OutcomeTotals> {
+        self.inner
+            .flows
+            .iter()
+            .map(|f| {
+                let (attempts, failures) = f.counters.attempts_and_failures();
+                OutcomeTotals {
+                    dataflow: f.spec.name.clone(),
+                    attempts,
+                    failures,
+                    dead: f.counters.dead.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
     /// Forget the latency samples so far (benchmarks measure phases separately).
     pub fn reset_stats(&self) {
         self.inner
@@ -322,7 +400,7 @@ const COMPLETE_BATCH: usize = 1024;
 async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord, i64)>(COMPLETE_BATCH * 2);
-    let completer = tokio::spawn(complete_loop(inner.clone(), flow.spec.name.clone(), done_rx));
+    let completer = tokio::spawn(complete_loop(inner.clone(), flow.clone(), done_rx));
     loop {
         let (s, name) = (inner.store.clone(), flow.spec.name.clone());
         let items = match blocking(move || s.claim(&name, BATCH, now_ms(), LEASE_MS)).await {
@@ -361,7 +439,7 @@ async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
 
 async fn complete_loop(
     inner: Arc<Inner>,
-    dataflow: String,
+    flow: Arc<Flow>,
     mut rx: tokio::sync::mpsc::Receiver<(Completion, AuditRecord, i64)>,
 ) {
     let mut buf = Vec::with_capacity(COMPLETE_BATCH);
@@ -370,13 +448,15 @@ async fn complete_loop(
         let mut audit = Vec::with_capacity(buf.len());
         for (c, a, enqueued_at) in buf.drain(..) {
             inner.stats.record(&c, enqueued_at);
+            flow.counters
+                .record(&a.outcome, a.error_kind.as_deref(), a.latency_ms);
             results.push(c);
             audit.push(a);
         }
         let s = inner.store.clone();
         if let Err(e) = blocking(move || s.complete(&results, &audit)).await {
             // The leases expire and the rows are claimed again: at-least-once, never lost.
-            tracing::error!(dataflow = %dataflow, error = %e, "recording outcomes failed");
+            tracing::error!(dataflow = %flow.spec.name, error = %e, "recording outcomes failed");
         }
     }
 }
