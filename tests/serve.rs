@@ -157,6 +157,89 @@ async fn ingest_over_the_admin_api_delivers_and_counts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_over_the_admin_api_list_show_replay_and_purge() {
+    let pki = RcgenPki::new();
+    let f = &pki.files;
+    let healthy = Arc::new(AtomicBool::new(false));
+    let h = healthy.clone();
+    let rx = Receiver::start_with(
+        &f.server_cert,
+        &f.server_key,
+        &f.ca_cert,
+        ClientAuth::Required,
+        Arc::new(move |_| {
+            let s = if h.load(Ordering::SeqCst) {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            Action::Respond(s, vec![])
+        }),
+    )
+    .await
+    .unwrap();
+    let (cfg, public, admin) = write_config(&pki, &rx.url("/in"), "max_attempts = 1", true);
+    let gw = start(&cfg, public, admin).await;
+    let (s, _) = http(
+        "POST",
+        &format!("{}/v1/profiles", gw.admin),
+        Some(TOKEN),
+        &ndjson(2),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let mut list = serde_json::Value::Null;
+    for _ in 0..200 {
+        let (_, b) = http("GET", &format!("{}/v1/dead-letters", gw.admin), Some(TOKEN), b"").await;
+        list = serde_json::from_str(&b).unwrap();
+        if list["deadLetters"].as_array().map_or(0, Vec::len) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ids: Vec<i64> = list["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{list}");
+    let (s, b) = http(
+        "GET",
+        &format!("{}/v1/dead-letters/{}", gw.admin, ids[0]),
+        Some(TOKEN),
+        b"",
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(
+        b.contains("\"kind\":\"http_status\"") && !b.contains("\"payload\""),
+        "{b}"
+    );
+    healthy.store(true, Ordering::SeqCst);
+    let (s, b) = http(
+        "POST",
+        &format!("{}/v1/dead-letters/{}/replay", gw.admin, ids[0]),
+        Some(TOKEN),
+        b"",
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, _) = http(
+        "DELETE",
+        &format!("{}/v1/dead-letters/{}", gw.admin, ids[1]),
+        Some(TOKEN),
+        b"",
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (_, b) = http("GET", &format!("{}/v1/dead-letters", gw.admin), Some(TOKEN), b"").await;
+    assert!(b.contains("\"deadLetters\":[]"), "{b}");
+    // The replay above was answered 200; the purged letter is gone without being sent again.
+    assert_eq!(rx.received().len(), 3, "two failed first attempts and one replay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_token_the_admin_api_refuses_everything() {
     let pki = RcgenPki::new();
     let (cfg, public, admin) = write_config(&pki, "https://localhost:9/", "", false);

@@ -106,6 +106,22 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
             Ok(list) => json_reply(StatusCode::OK, &json!({"deadLetters": list})),
             Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
         },
+        (Method::GET, ["v1", "dead-letters", id]) => {
+            match id.parse::<i64>().map(|id| engine.store().dead_letter(id)) {
+                Ok(Ok(Some(d))) => json_reply(StatusCode::OK, &json!(d)),
+                Ok(Ok(None)) => error_reply(StatusCode::NOT_FOUND, "no such dead letter"),
+                Ok(Err(e)) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
+                Err(_) => error_reply(StatusCode::BAD_REQUEST, "a dead letter id is a number"),
+            }
+        }
+        (Method::DELETE, ["v1", "dead-letters", id]) => {
+            match id.parse::<i64>().map(|id| engine.store().remove_dead_letter(id)) {
+                Ok(Ok(true)) => json_reply(StatusCode::OK, &json!({"purged": true})),
+                Ok(Ok(false)) => error_reply(StatusCode::NOT_FOUND, "no such dead letter"),
+                Ok(Err(e)) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
+                Err(_) => error_reply(StatusCode::BAD_REQUEST, "a dead letter id is a number"),
+            }
+        }
         (Method::POST, ["v1", "dead-letters", id, "replay"]) => {
             let Ok(id) = id.parse::<i64>() else {
                 return error_reply(StatusCode::BAD_REQUEST, "a dead letter id is a number");
