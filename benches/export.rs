@@ -30,6 +30,8 @@ fn config(
 ) -> Config {
     let text = format!(
         r#"
+[egress]
+allow = ["127.0.0.0/8"]
 [identity]
 cert = "{cert}"
 key = "{key}"

@@ -61,6 +61,7 @@ impl Alerts {
                     ClientTlsConfig::new(trust, identity.as_ref(), ALPN_H2_H1).map_err(|e| e.to_string())?;
                 let settings = DestinationSettings {
                     mtls: rules.mtls,
+                    egress: std::sync::Arc::new(crate::egress::Egress::from_config(&cfg.egress)?),
                     ..DestinationSettings::new("alerts", tls)
                 };
                 Some((

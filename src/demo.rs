@@ -100,6 +100,8 @@ cert = "gateway.pem"
 key = "gateway.key"
 [store]
 url = "sqlite://demo.db"
+[egress]
+allow = ["127.0.0.0/8"]   # the demo's receivers are local: loopback must be allowed explicitly
 [[segments]]
 id = "{MAPPED}"
 name = "First name equals John"
@@ -206,20 +208,25 @@ segments = ["{MAPPED}"]
     );
     let identity = Identity::load(&files.client_cert, &files.client_key)?;
     let tls = ClientTlsConfig::new(Trust::from_pem_file(&files.ca_cert)?, Some(&identity), ALPN_H2_H1)?;
-    let refused = DeliveryClient::new(DestinationSettings::new("demo-plain", tls))
-        .send(OutboundRequest {
-            method: Method::POST,
-            url: url::Url::parse(&plain.url("/profiles"))?,
-            headers: HeaderMap::new(),
-            body: ndjson
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .as_bytes()
-                .to_vec()
-                .into(),
-        })
-        .await;
+    let refused = DeliveryClient::new(DestinationSettings {
+        egress: std::sync::Arc::new(
+            crate::egress::Egress::allowing(&["127.0.0.0/8"]).map_err(anyhow::Error::msg)?,
+        ),
+        ..DestinationSettings::new("demo-plain", tls)
+    })
+    .send(OutboundRequest {
+        method: Method::POST,
+        url: url::Url::parse(&plain.url("/profiles"))?,
+        headers: HeaderMap::new(),
+        body: ndjson
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .as_bytes()
+            .to_vec()
+            .into(),
+    })
+    .await;
     match refused {
         Err(e) if e.kind() == ErrorKind::MtlsNotRequested => {
             println!("   refused as it must be: {e}");

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod egress;
 pub mod export;
 pub mod metrics;
 pub mod pki;

@@ -62,6 +62,7 @@ pub struct Receiver {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     connections: Arc<AtomicUsize>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
     task: JoinHandle<()>,
 }
 
@@ -137,17 +138,19 @@ impl Receiver {
         })?;
         let received = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
+        let peers = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(accept_loop(
             listener,
             acceptor,
             received.clone(),
-            connections.clone(),
+            (connections.clone(), peers.clone()),
             responder,
         ));
         Ok(Receiver {
             addr,
             received,
             connections,
+            peers,
             task,
         })
     }
@@ -155,6 +158,11 @@ impl Receiver {
     /// Everything received so far.
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// The remote address of every TCP connection accepted so far.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
     /// TCP connections accepted so far (handshake or not).
@@ -172,14 +180,17 @@ async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     received: Arc<Mutex<Vec<Received>>>,
-    connections: Arc<AtomicUsize>,
+    (connections, peers): (Arc<AtomicUsize>, Arc<Mutex<Vec<SocketAddr>>>),
     responder: Responder,
 ) {
     let seen = Arc::new(AtomicUsize::new(0));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let Ok((tcp, remote)) = listener.accept().await else {
             continue;
         };
+        if let Ok(mut p) = peers.lock() {
+            p.push(remote);
+        }
         connections.fetch_add(1, Ordering::SeqCst);
         let acceptor = acceptor.clone();
         let received = received.clone();

@@ -25,6 +25,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         }
     };
     let tokens = Arc::new(TokenCheck::new(token.as_ref())?);
+    crate::egress::check_source_ips(&cfg.egress.source_ips)?;
     let engine = Engine::open(&cfg).await.map_err(|e| e.to_string())?;
     let public = api::bind("public", cfg.public.listen).await?;
     let admin = api::bind("admin", cfg.admin.listen).await?;
@@ -35,7 +36,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     let servers = [
         tokio::spawn(api::serve(
             public,
-            api::public::handler(engine.clone()),
+            api::public::handler(engine.clone(), cfg.egress.source_ips.clone()),
             stop_rx.clone(),
         )),
         tokio::spawn(api::serve(

@@ -43,7 +43,7 @@ async fn audited_log(pki: &RcgenPki) -> (PathBuf, PathBuf) {
     std::fs::write(
         &cfg_path,
         format!(
-            "[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://audit.db\"\n[audit]\nkey_file = \"audit.key\"\n\
+            "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://audit.db\"\n[audit]\nkey_file = \"audit.key\"\n\
              [[segments]]\nid = \"s1\"\nname = \"S\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{}\"\nca = \"{}\"\n\
              segments = [\"s1\"]\nsigning_secret_file = \"signing.secret\"\n",
             f.client_cert.display(),

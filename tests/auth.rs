@@ -80,7 +80,7 @@ fn client(pki: &RcgenPki, rx: &Receiver, auth: &str) -> DeliveryClient {
     std::fs::write(dir.join("password"), "pa55-word\n").unwrap();
     std::fs::write(dir.join("bearer"), "static-bearer-token\n").unwrap();
     let text = format!(
-        "[identity]\ncert = \"{}\"\nkey = \"{}\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{}\"\nca = \"{}\"\nauth = {auth}\n",
+        "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{}\"\nca = \"{}\"\nauth = {auth}\n",
         f.client_cert.display(),
         f.client_key.display(),
         rx.url("/in"),

@@ -123,6 +123,8 @@ async fn send_delivers_and_reports_json() {
         f.client_key.to_str().unwrap(),
         "--ca",
         f.ca_cert.to_str().unwrap(),
+        "--allow",
+        "127.0.0.1",
         "-H",
         "x-tenant: acme",
         "--data",
@@ -170,6 +172,8 @@ async fn send_refuses_a_receiver_that_is_not_mtls_only_unless_told() {
         f.client_key.to_str().unwrap(),
         "--ca",
         f.ca_cert.to_str().unwrap(),
+        "--allow",
+        "127.0.0.1",
         "--data",
         "{}",
     ];
@@ -214,6 +218,8 @@ async fn send_reports_a_non_2xx_answer_as_a_failure() {
         f.client_key.to_str().unwrap(),
         "--ca",
         f.ca_cert.to_str().unwrap(),
+        "--allow",
+        "127.0.0.1",
     ])
     .await;
     assert_eq!(code, 1);

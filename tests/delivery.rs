@@ -15,6 +15,7 @@ fn client(ca: &Path, cert: &Path, key: &Path, mtls: bool) -> DeliveryClient {
     let tls = ClientTlsConfig::new(Trust::from_pem_file(ca).unwrap(), Some(&id), ALPN_H2_H1).unwrap();
     DeliveryClient::new(DestinationSettings {
         mtls,
+        egress: std::sync::Arc::new(sallyport::egress::Egress::allowing(&["127.0.0.0/8"]).unwrap()),
         ..DestinationSettings::new("test", tls)
     })
 }

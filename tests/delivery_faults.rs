@@ -21,7 +21,7 @@ const SEG: &str = "s1";
 fn config(pki: &RcgenPki, url: &str, extra: &str) -> Config {
     let f = &pki.files;
     let text = format!(
-        "[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://faults.db\"\n\
+        "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://faults.db\"\n\
          [[segments]]\nid = \"{SEG}\"\nname = \"S\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{url}\"\nca = \"{}\"\n\
          segments = [\"{SEG}\"]\n{extra}\n",
         f.client_cert.display(),

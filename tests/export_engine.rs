@@ -40,6 +40,8 @@ fn config(s: &Setup, segments: &[&str], db: &str) -> Config {
     let f = &s.pki.files;
     let text = format!(
         r#"
+[egress]
+allow = ["127.0.0.0/8"]
 [identity]
 cert = "{cert}"
 key = "{key}"

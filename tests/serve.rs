@@ -41,7 +41,7 @@ fn write_config(
     std::fs::write(
         &cfg,
         format!(
-            "[identity]\ncert = \"{}\"\nkey = \"{}\"\n[public]\nlisten = \"127.0.0.1:{public}\"\n\
+            "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n[public]\nlisten = \"127.0.0.1:{public}\"\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n{}\n[store]\nurl = \"sqlite://serve.db\"\n\
              [[segments]]\nid = \"s1\"\nname = \"S\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{endpoint}\"\n\
              ca = \"{}\"\nsegments = [\"s1\"]\nattributes = [{{ source = \"n\", target = \"n\" }}]\n{extra_df}\n",

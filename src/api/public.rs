@@ -10,15 +10,18 @@ use super::{error_reply, json_reply, Handler};
 use crate::export::Engine;
 
 /// The public API's handler.
-pub fn handler(engine: Engine) -> Handler {
+pub fn handler(engine: Engine, egress_ips: Vec<std::net::IpAddr>) -> Handler {
+    let egress_doc = Arc::new(crate::egress::egress_ips_document(&egress_ips));
     Arc::new(move |req| {
         let engine = engine.clone();
+        let egress_doc = egress_doc.clone();
         Box::pin(async move {
             if req.method() != Method::GET {
                 return error_reply(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here");
             }
             match req.uri().path() {
                 "/healthz" => json_reply(StatusCode::OK, &json!({"status": "ok"})),
+                "/v1/egress-ips" => json_reply(StatusCode::OK, &egress_doc),
                 "/readyz" => match engine.pending().await {
                     Ok(pending) => json_reply(
                         StatusCode::OK,

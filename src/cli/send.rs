@@ -52,6 +52,11 @@ pub struct SendArgs {
     /// Deliver even when the receiver does not request a client certificate.
     #[arg(long)]
     pub allow_no_client_auth: bool,
+    /// Also allow this destination (host name, *.suffix, IP or CIDR; repeatable). Without
+    /// --config, the URL's own host name is allowed; loopback, private and metadata
+    /// addresses always need an explicit IP/CIDR here.
+    #[arg(long = "allow")]
+    pub allow: Vec<String>,
     /// Print status, latency, peer certificate facts and error kind as JSON.
     #[arg(long)]
     pub json: bool,
@@ -162,9 +167,24 @@ fn prepare(args: SendArgs) -> Result<(DeliveryClient, OutboundRequest), Failure>
             let trust = Trust::from_optional_file(args.ca.as_deref()).map_err(Failure::usage)?;
             let tls = ClientTlsConfig::new(trust, identity.as_ref(), crate::tls::client::ALPN_H2_H1)
                 .map_err(Failure::usage)?;
-            DestinationSettings::new("send", tls)
+            // The URL the operator typed is explicit intent for its host name (not for the
+            // special ranges it may resolve to: those need --allow with an address).
+            let mut rules: Vec<String> = args.allow.clone();
+            if let Some(url::Host::Domain(d)) = url.host() {
+                rules.push(d.to_owned());
+            }
+            let refs: Vec<&str> = rules.iter().map(String::as_str).collect();
+            DestinationSettings {
+                egress: std::sync::Arc::new(crate::egress::Egress::allowing(&refs).map_err(Failure::usage)?),
+                ..DestinationSettings::new("send", tls)
+            }
         }
     };
+    if args.config.is_some() && !args.allow.is_empty() {
+        return Err(Failure::usage(
+            "--allow applies without --config; with --config, [egress] decides",
+        ));
+    }
     if args.allow_no_client_auth {
         settings.mtls = false;
     }

@@ -414,6 +414,13 @@ impl Config {
         if let (Some(_), Some(_)) = (&self.admin.token_env, &self.admin.token_file) {
             out.push("admin", "set only one of token_env and token_file");
         }
+        for (what, list) in [("allow", &self.egress.allow), ("deny", &self.egress.deny)] {
+            for (i, rule) in list.iter().enumerate() {
+                if let Err(e) = crate::egress::Rule::parse(rule) {
+                    out.push(format!("egress.{what}[{i}]"), e);
+                }
+            }
+        }
         let a = &self.alerts;
         if let Some(w) = &a.webhook {
             match check_url(w) {

@@ -23,6 +23,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::error::{classify_rustls, DeliveryError, ErrorKind};
+use crate::egress::Egress;
 use crate::tls::{CertFacts, ClientTlsConfig};
 
 /// What the connection that carried a response looked like. Attached to every response's
@@ -51,6 +52,7 @@ pub struct Connector {
     tls: ClientTlsConfig,
     require_client_auth: bool,
     connect_timeout: Duration,
+    egress: Arc<Egress>,
     alerts: Arc<AlertLog>,
 }
 
@@ -80,11 +82,17 @@ impl AlertLog {
 }
 
 impl Connector {
-    pub fn new(tls: ClientTlsConfig, require_client_auth: bool, connect_timeout: Duration) -> Self {
+    pub fn new(
+        tls: ClientTlsConfig,
+        require_client_auth: bool,
+        connect_timeout: Duration,
+        egress: Arc<Egress>,
+    ) -> Self {
         Connector {
             tls,
             require_client_auth,
             connect_timeout,
+            egress,
             alerts: Arc::default(),
         }
     }
@@ -111,10 +119,30 @@ impl Connector {
 
     async fn connect_target(&self, target: &Target) -> Result<TlsConn, DeliveryError> {
         let addrs = resolve(&target.host, target.port).await?;
+        // Check every resolved address; connect only to checked ones, by address.
+        let mut allowed = Vec::with_capacity(addrs.len());
+        let mut first_denial = None;
+        for addr in addrs {
+            match self.egress.check(&target.host, addr.ip()) {
+                Ok(()) => allowed.push(addr),
+                Err(d) => {
+                    tracing::warn!(host = %target.host, addr = %addr.ip(), "{d}");
+                    first_denial.get_or_insert(d);
+                }
+            }
+        }
+        if allowed.is_empty() {
+            let d = first_denial.map_or_else(|| "no address".to_owned(), |d| d.to_string());
+            return Err(DeliveryError::new(ErrorKind::EgressDenied, d));
+        }
         let mut last_err = None;
         let mut tcp = None;
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
+        for addr in allowed {
+            let source = self
+                .egress
+                .source_for(&addr)
+                .map_err(|e| DeliveryError::new(ErrorKind::NoSourceAddress, e))?;
+            match connect_from(source, addr).await {
                 Ok(s) => {
                     tcp = Some(s);
                     break;
@@ -211,7 +239,10 @@ impl Target {
             .host()
             .ok_or_else(|| DeliveryError::new(ErrorKind::InvalidUrl, format!("{uri}: no host")))?;
         // Uri keeps IPv6 literals bracketed.
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
         let port = uri.port_u16().unwrap_or(443);
         let server_name = ServerName::try_from(host.clone()).map_err(|e| {
             DeliveryError::new(
@@ -225,6 +256,19 @@ impl Target {
             server_name,
         })
     }
+}
+
+/// A TCP connection to exactly `addr`, from `source` when pinned.
+async fn connect_from(source: Option<std::net::IpAddr>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(src) = source {
+        socket.bind(SocketAddr::new(src, 0))?;
+    }
+    socket.connect(addr).await
 }
 
 async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, DeliveryError> {

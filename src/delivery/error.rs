@@ -39,6 +39,10 @@ pub enum ErrorKind {
     InvalidRequest,
     /// No credential could be obtained (token endpoint refused or unreachable).
     Auth,
+    /// The destination is refused by the egress policy (never retried).
+    EgressDenied,
+    /// Source addresses are pinned, but none of the destination's address family.
+    NoSourceAddress,
 }
 
 /// Who must act to fix it.
@@ -67,12 +71,17 @@ impl ErrorKind {
             ErrorKind::ResponseTooLarge => "response_too_large",
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::Auth => "auth",
+            ErrorKind::EgressDenied => "egress_denied",
+            ErrorKind::NoSourceAddress => "no_source_address",
         }
     }
 
     pub fn blame(self) -> Blame {
         match self {
-            ErrorKind::InvalidUrl | ErrorKind::InvalidRequest => Blame::Gateway,
+            ErrorKind::InvalidUrl
+            | ErrorKind::InvalidRequest
+            | ErrorKind::EgressDenied
+            | ErrorKind::NoSourceAddress => Blame::Gateway,
             ErrorKind::Dns | ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Protocol => Blame::Network,
             ErrorKind::TlsHandshake
             | ErrorKind::ServerCertificate
@@ -89,7 +98,11 @@ impl ErrorKind {
     pub fn retryable(self) -> bool {
         !matches!(
             self,
-            ErrorKind::InvalidUrl | ErrorKind::InvalidRequest | ErrorKind::MtlsNotRequested
+            ErrorKind::InvalidUrl
+                | ErrorKind::InvalidRequest
+                | ErrorKind::MtlsNotRequested
+                | ErrorKind::EgressDenied
+                | ErrorKind::NoSourceAddress
         )
     }
 }

@@ -53,6 +53,8 @@ pub struct DestinationSettings {
     pub query: Vec<(String, String)>,
     /// How requests authenticate (none by default).
     pub auth: auth::SharedAuth,
+    /// Where connections may go and come from (deny-all by default).
+    pub egress: Arc<crate::egress::Egress>,
 }
 
 impl DestinationSettings {
@@ -66,6 +68,7 @@ impl DestinationSettings {
             headers: vec![],
             query: vec![],
             auth: Arc::default(),
+            egress: Arc::new(crate::egress::Egress::deny_all()),
         }
     }
 }
@@ -148,7 +151,12 @@ impl std::fmt::Debug for DeliveryClient {
 
 impl DeliveryClient {
     pub fn new(settings: DestinationSettings) -> Self {
-        let connector = Connector::new(settings.tls.clone(), settings.mtls, settings.timeout);
+        let connector = Connector::new(
+            settings.tls.clone(),
+            settings.mtls,
+            settings.timeout,
+            settings.egress.clone(),
+        );
         let http = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -323,13 +331,15 @@ pub fn settings_for_dataflow(
     let query = df
         .parsed_query()
         .map_err(|e| format!("dataflow {}: query: {e}", df.name))?;
-    let auth = Arc::new(authenticator(cfg, df, &tls)?);
+    let egress = Arc::new(crate::egress::Egress::from_config(&cfg.egress)?);
+    let auth = Arc::new(authenticator(cfg, df, &tls, &egress)?);
     Ok(DestinationSettings {
         mtls: df.mtls,
         timeout: df.timeout(),
         headers,
         query,
         auth,
+        egress,
         ..DestinationSettings::new(df.name.clone(), tls)
     })
 }
@@ -339,6 +349,7 @@ fn authenticator(
     cfg: &crate::config::Config,
     df: &crate::config::Dataflow,
     tls: &ClientTlsConfig,
+    egress: &Arc<crate::egress::Egress>,
 ) -> Result<auth::Authenticator, String> {
     use crate::config::Auth;
     let secret = |env: &Option<String>, file: &Option<std::path::PathBuf>, what: &str| {
@@ -351,6 +362,7 @@ fn authenticator(
         DeliveryClient::new(DestinationSettings {
             mtls: false,
             timeout: df.timeout(),
+            egress: egress.clone(),
             ..DestinationSettings::new(format!("{}-token", df.name), tls.clone())
         })
     };
