@@ -339,3 +339,137 @@ async fn serve_publishes_its_egress_ips_and_refuses_an_unassigned_one() {
     assert_eq!(v["egressIps"], serde_json::json!(["127.0.0.1", "::1"]));
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_pin_every_connection_comes_from_it() {
+    let pki = RcgenPki::new();
+    let f = &pki.files;
+    let rx = Receiver::start(
+        &f.server_cert,
+        &f.server_key,
+        &f.ca_cert,
+        ClientAuth::Required,
+        StatusCode::OK,
+    )
+    .await
+    .unwrap();
+    let egress = Egress::from_config(&EgressConfig {
+        source_ips: vec!["127.0.0.7".parse().unwrap()],
+        allow: vec!["127.0.0.1".into()],
+        deny: vec![],
+    })
+    .unwrap();
+    let c = Arc::new(client(&pki, egress));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (c, r) = (
+            c.clone(),
+            post(&format!("https://127.0.0.1:{}/in", rx.addr.port())),
+        );
+        set.spawn(async move { c.send(r).await.map(|d| d.status) });
+    }
+    while let Some(r) = set.join_next().await {
+        assert_eq!(r.unwrap().unwrap(), 200);
+    }
+    assert!(!rx.peers().is_empty());
+    assert!(
+        rx.peers()
+            .iter()
+            .all(|p| p.ip() == "127.0.0.7".parse::<IpAddr>().unwrap()),
+        "{:?}",
+        rx.peers()
+    );
+}
+
+/// Answers the allowed address first and a denied one on every later query: the shape of a
+/// DNS-rebinding attack, which real DNS cannot be made to produce on demand in a test.
+struct Rebinding {
+    allowed: std::net::SocketAddr,
+    denied: std::net::SocketAddr,
+    calls: AtomicUsize,
+}
+
+impl sallyport::egress::Resolve for Rebinding {
+    fn resolve<'a>(
+        &'a self,
+        _host: &'a str,
+        _port: u16,
+    ) -> sallyport::egress::BoxFuture<'a, std::io::Result<Vec<std::net::SocketAddr>>> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move { Ok(vec![if n == 0 { self.allowed } else { self.denied }]) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebinding_resolver_never_gets_us_to_the_denied_address() {
+    let pki = RcgenPki::new();
+    let f = &pki.files;
+    let rx = Receiver::start(
+        &f.server_cert,
+        &f.server_key,
+        &f.ca_cert,
+        ClientAuth::Required,
+        StatusCode::OK,
+    )
+    .await
+    .unwrap();
+    let (denied_port, denied_attempts) = counting_listener("127.0.0.2:0");
+    let resolver = Arc::new(Rebinding {
+        allowed: rx.addr,
+        denied: format!("127.0.0.2:{denied_port}").parse().unwrap(),
+        calls: AtomicUsize::new(0),
+    });
+    // The allow list covers the receiver's address only; "localhost" is what the URL names.
+    let egress = Egress::allowing(&["127.0.0.1/32"])
+        .unwrap()
+        .with_resolver(resolver.clone());
+    let c = client(&pki, egress);
+    let url = rx.url("/in");
+    assert_eq!(
+        c.send(post(&url)).await.unwrap().status,
+        200,
+        "first answer: allowed and used"
+    );
+    // A new connection resolves again and gets the rebinding answer: refused, not connected.
+    let c2 = client(
+        &pki,
+        Egress::allowing(&["127.0.0.1/32"])
+            .unwrap()
+            .with_resolver(resolver.clone()),
+    );
+    let err = c2.send(post(&url)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::EgressDenied, "{err}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(denied_attempts.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        resolver.calls.load(Ordering::SeqCst),
+        2,
+        "one resolution per connection, never a second for the same one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_a_failure_and_is_not_followed() {
+    let pki = RcgenPki::new();
+    let f = &pki.files;
+    let rx = Receiver::start_with(
+        &f.server_cert,
+        &f.server_key,
+        &f.ca_cert,
+        ClientAuth::Required,
+        Arc::new(|_| {
+            sallyport::receiver::Action::Respond(
+                StatusCode::FOUND,
+                vec![("location", "https://169.254.169.254/".into())],
+            )
+        }),
+    )
+    .await
+    .unwrap();
+    let c = client(&pki, Egress::allowing(&["127.0.0.0/8"]).unwrap());
+    let d = c.send(post(&rx.url("/in"))).await.unwrap();
+    assert_eq!(d.status, StatusCode::FOUND);
+    let err = d.error().expect("a 302 is a failed delivery");
+    assert_eq!(err.kind(), ErrorKind::HttpStatus);
+    assert_eq!(rx.received().len(), 1, "the redirect was not followed");
+}

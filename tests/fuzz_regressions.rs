@@ -27,3 +27,8 @@ fn config_inputs_do_not_panic() {
 fn pem_inputs_do_not_panic() {
     assert!(run_dir("pem", sallyport::tls::pem::fuzz_entry) >= 3);
 }
+
+#[test]
+fn egress_inputs_do_not_panic() {
+    assert!(run_dir("egress", sallyport::egress::fuzz_entry) >= 3);
+}

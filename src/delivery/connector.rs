@@ -118,7 +118,19 @@ impl Connector {
     }
 
     async fn connect_target(&self, target: &Target) -> Result<TlsConn, DeliveryError> {
-        let addrs = resolve(&target.host, target.port).await?;
+        let addrs = self
+            .egress
+            .resolve(&target.host, target.port)
+            .await
+            .map_err(|e| {
+                DeliveryError::new(ErrorKind::Dns, format!("resolving {}: {e}", target.host)).with_source(e)
+            })?;
+        if addrs.is_empty() {
+            return Err(DeliveryError::new(
+                ErrorKind::Dns,
+                format!("{} resolved to no address", target.host),
+            ));
+        }
         // Check every resolved address; connect only to checked ones, by address.
         let mut allowed = Vec::with_capacity(addrs.len());
         let mut first_denial = None;
@@ -269,23 +281,6 @@ async fn connect_from(source: Option<std::net::IpAddr>, addr: SocketAddr) -> std
         socket.bind(SocketAddr::new(src, 0))?;
     }
     socket.connect(addr).await
-}
-
-async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, DeliveryError> {
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, port)]);
-    }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| DeliveryError::new(ErrorKind::Dns, format!("resolving {host}: {e}")).with_source(e))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(DeliveryError::new(
-            ErrorKind::Dns,
-            format!("{host} resolved to no address"),
-        ));
-    }
-    Ok(addrs)
 }
 
 fn handshake_error(e: std::io::Error, target: &Target) -> DeliveryError {

@@ -90,14 +90,34 @@ impl Rule {
     }
 }
 
+/// Name resolution, replaceable for tests that must cause a fault DNS cannot be made to
+/// produce on demand (a rebinding answer). The default is the system resolver.
+pub trait Resolve: Send + Sync {
+    fn resolve<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, std::io::Result<Vec<SocketAddr>>>;
+}
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// The egress policy and source pins of one gateway.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Egress {
     allow: Vec<(usize, Rule)>,
     deny: Vec<(usize, Rule)>,
     sources_v4: Vec<IpAddr>,
     sources_v6: Vec<IpAddr>,
     next: AtomicUsize,
+    resolver: Option<std::sync::Arc<dyn Resolve>>,
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress")
+            .field("allow", &self.allow)
+            .field("deny", &self.deny)
+            .field("source_ips", &self.source_ips())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a destination was refused. Its text always says `destination denied by egress policy`.
@@ -133,7 +153,25 @@ impl Egress {
             sources_v4: cfg.source_ips.iter().copied().filter(IpAddr::is_ipv4).collect(),
             sources_v6: cfg.source_ips.iter().copied().filter(IpAddr::is_ipv6).collect(),
             next: AtomicUsize::new(0),
+            resolver: None,
         })
+    }
+
+    /// Resolve with `r` instead of the system resolver.
+    pub fn with_resolver(mut self, r: std::sync::Arc<dyn Resolve>) -> Self {
+        self.resolver = Some(r);
+        self
+    }
+
+    /// Resolve `host` once (an IP literal is its own answer).
+    pub async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        match &self.resolver {
+            Some(r) => r.resolve(host, port).await,
+            None => Ok(tokio::net::lookup_host((host, port)).await?.collect()),
+        }
     }
 
     /// Allow exactly these rules (for `send` and tests).
@@ -217,4 +255,20 @@ pub fn egress_ips_document(ips: &[IpAddr]) -> serde_json::Value {
         "egressIps": ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "pinned": !ips.is_empty(),
     })
+}
+
+/// Entry point for the egress fuzz target: rule parsing, URL checking and a policy decision
+/// on whatever host the URL names — any input gives a verdict, never a panic.
+pub fn fuzz_entry(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    let _ = Rule::parse(s);
+    if let Ok(url) = crate::config::check_url(s) {
+        let policy = Egress::allowing(&["*.example.com", "10.0.0.0/8", "::1"]).unwrap_or_default();
+        let addr = match url.host() {
+            Some(url::Host::Ipv4(a)) => IpAddr::V4(a),
+            Some(url::Host::Ipv6(a)) => IpAddr::V6(a),
+            _ => IpAddr::from([93, 184, 216, 34]),
+        };
+        let _ = policy.check(url.host_str().unwrap_or_default(), addr);
+    }
 }
