@@ -21,3 +21,4 @@ pub mod receiver;
 pub mod serve;
 pub mod store;
 pub mod tls;
+pub mod verify;

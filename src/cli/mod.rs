@@ -143,6 +143,33 @@ pub struct IngestArgs {
 pub struct VerifyArgs {
     /// The receiver URL (https://…).
     pub url: String,
+    /// Take identity, trust and egress policy from this config's dataflow.
+    #[arg(long, requires = "dataflow", conflicts_with_all = ["client_cert", "client_key"])]
+    pub config: Option<PathBuf>,
+    /// Dataflow name in --config.
+    #[arg(long, requires = "config")]
+    pub dataflow: Option<String>,
+    /// Client certificate chain to present (PEM).
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// CA bundle to verify the receiver with (default: the dataflow's, else webpki roots).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Budget for connect, handshake and answer.
+    #[arg(long, default_value = "2s")]
+    pub timeout: String,
+    /// Also send one test request (`{}`) through the delivery core.
+    #[arg(long)]
+    pub send_test: bool,
+    /// Without --config: destinations --send-test may reach (IP/CIDR for private ranges).
+    #[arg(long = "allow")]
+    pub allow: Vec<String>,
+    /// JSON output: {"url","checks":[{"name","status","detail"}],"ok"}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,7 +239,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             not_yet("cert fetch", "the public certificate endpoint (issue #4)")
         }
         Command::Cert(CertCommand::Show { file, json }) => cert_show(&file, json),
-        Command::Verify(_) => not_yet("verify", "the receiver checker (issue #5)"),
+        Command::Verify(args) => return verify(args).await,
         Command::Audit(cmd) => audit(cmd),
         Command::Dlq(cmd) => dlq::run(cmd).await,
         Command::Ingest(args) => ingest(args).await,
@@ -263,6 +290,110 @@ fn not_yet(cmd: &str, what: &str) -> Result<(), Failure> {
     Err(Failure::usage(format!(
         "`{cmd}` is not yet available in this build: it arrives with {what}"
     )))
+}
+
+async fn verify(args: VerifyArgs) -> ExitCode {
+    let json = args.json;
+    let opts = match verify_options(args) {
+        Ok(o) => o,
+        Err(f) => {
+            eprintln!("sallyport: {}", f.message);
+            return ExitCode::from(f.code);
+        }
+    };
+    let report = crate::verify::run(opts).await;
+    if json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        print!("{}", crate::verify::table(&report));
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn verify_options(args: VerifyArgs) -> Result<crate::verify::Options, Failure> {
+    use std::sync::Arc;
+    let url =
+        crate::config::check_url(&args.url).map_err(|e| Failure::usage(format!("{}: {e}", args.url)))?;
+    if url.scheme() != "https" {
+        return Err(Failure::usage(format!("{}: scheme must be https", args.url)));
+    }
+    let timeout = crate::config::parse_duration(&args.timeout)
+        .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+    match (&args.config, &args.dataflow) {
+        (Some(path), Some(name)) => {
+            let cfg = Config::load(path).map_err(Failure::usage)?;
+            let df = cfg
+                .dataflow(name)
+                .ok_or_else(|| Failure::usage(format!("{}: no dataflow named '{name}'", path.display())))?;
+            let identity = match &cfg.identity {
+                Some(id) => Some(
+                    crate::tls::Identity::load(&cfg.path(&id.cert), &cfg.path(&id.key))
+                        .map_err(Failure::usage)?,
+                ),
+                None => None,
+            };
+            let ca = args.ca.clone().or_else(|| df.ca.as_ref().map(|c| cfg.path(c)));
+            let trust = crate::tls::Trust::from_optional_file(ca.as_deref()).map_err(Failure::usage)?;
+            let egress = Arc::new(crate::egress::Egress::from_config(&cfg.egress).map_err(Failure::usage)?);
+            let send_test = if args.send_test {
+                Some(crate::delivery::DeliveryClient::new(
+                    crate::delivery::settings_for_dataflow(&cfg, df, args.ca.as_deref())
+                        .map_err(Failure::usage)?,
+                ))
+            } else {
+                None
+            };
+            Ok(crate::verify::Options {
+                url,
+                identity,
+                trust,
+                timeout,
+                egress: Some(egress),
+                send_test,
+            })
+        }
+        _ => {
+            let identity = match (&args.client_cert, &args.client_key) {
+                (Some(c), Some(k)) => Some(crate::tls::Identity::load(c, k).map_err(Failure::usage)?),
+                _ => None,
+            };
+            let trust = crate::tls::Trust::from_optional_file(args.ca.as_deref()).map_err(Failure::usage)?;
+            let send_test = if args.send_test {
+                let mut rules = args.allow.clone();
+                if let Some(url::Host::Domain(d)) = url.host() {
+                    rules.push(d.to_owned());
+                }
+                let refs: Vec<&str> = rules.iter().map(String::as_str).collect();
+                let tls = crate::tls::ClientTlsConfig::new(
+                    trust.clone(),
+                    identity.as_ref(),
+                    crate::tls::client::ALPN_H2_H1,
+                )
+                .map_err(Failure::usage)?;
+                Some(crate::delivery::DeliveryClient::new(
+                    crate::delivery::DestinationSettings {
+                        timeout,
+                        egress: Arc::new(crate::egress::Egress::allowing(&refs).map_err(Failure::usage)?),
+                        ..crate::delivery::DestinationSettings::new("verify", tls)
+                    },
+                ))
+            } else {
+                None
+            };
+            Ok(crate::verify::Options {
+                url,
+                identity,
+                trust,
+                timeout,
+                egress: None,
+                send_test,
+            })
+        }
+    }
 }
 
 fn audit(cmd: AuditCommand) -> Result<(), Failure> {

@@ -50,7 +50,7 @@ impl Trust {
         path.map_or(Ok(Trust::WebPki), Self::from_pem_file)
     }
 
-    fn root_store(&self) -> Arc<RootCertStore> {
+    pub(crate) fn root_store(&self) -> Arc<RootCertStore> {
         match self {
             Trust::WebPki => Arc::new(RootCertStore {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),

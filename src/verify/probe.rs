@@ -1,0 +1,302 @@
+//! One verification connection: TCP connect, a TLS handshake whose chain is recorded (and
+//! judged by the real WebPKI verifier without aborting), then a plain HTTP/1.1 `GET /` to see
+//! how the server answers — an alert, a close, or a status line.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::tls::{provider, ClientTlsConfig, Identity, Trust};
+
+/// A verification connection's settings.
+pub struct Probe {
+    trust: Trust,
+    identity: Option<Identity>,
+    timeout: Duration,
+}
+
+/// What the handshake negotiated.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: String,
+    pub alpn: Option<String>,
+    pub elapsed: Duration,
+    pub client_cert_requested: bool,
+    pub acceptable_issuers: Vec<Vec<u8>>,
+}
+
+/// What one probe saw.
+#[derive(Debug, Clone)]
+pub struct ProbeOutcome {
+    pub remote: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub connect: Option<Duration>,
+    pub tls: Option<TlsInfo>,
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The WebPKI verdict on the chain (host name, trust, validity).
+    pub chain_verdict: Option<Result<(), String>>,
+    /// The HTTP status of `GET /`, or why there was none.
+    pub http: Option<Result<u16, String>>,
+    pub error: Option<String>,
+}
+
+impl ProbeOutcome {
+    pub fn error_text(&self) -> String {
+        self.error
+            .clone()
+            .or_else(|| self.http.as_ref().and_then(|h| h.as_ref().err().cloned()))
+            .unwrap_or_else(|| "no error".into())
+    }
+    pub fn http_code_text(&self) -> String {
+        match &self.http {
+            Some(Ok(c)) => c.to_string(),
+            _ => "?".into(),
+        }
+    }
+}
+
+/// The chain the server sent and the WebPKI verdict on it.
+type Seen = (Vec<CertificateDer<'static>>, Result<(), String>);
+
+#[derive(Debug)]
+struct Recorder {
+    inner: Arc<WebPkiServerVerifier>,
+    seen: Mutex<Option<Seen>>,
+}
+
+impl ServerCertVerifier for Recorder {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verdict = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            .map(|_| ())
+            .map_err(|e| describe(&e));
+        let chain = std::iter::once(end_entity)
+            .chain(intermediates)
+            .map(|c| c.clone().into_owned())
+            .collect();
+        if let Ok(mut s) = self.seen.lock() {
+            *s = Some((chain, verdict));
+        }
+        // Verify-only: keep going so the other checks can run; the verdict is reported.
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn describe(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "the certificate has expired".into()
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "the certificate is not valid yet".into()
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "the certificate does not name this host".into()
+            }
+            CertificateError::UnknownIssuer => {
+                "the certificate is not issued by a trusted CA (unknown issuer)".into()
+            }
+            CertificateError::BadSignature => {
+                "the certificate's signature does not verify against the trusted CA".into()
+            }
+            other => format!("the certificate is not acceptable: {other:?}"),
+        },
+        other => other.to_string(),
+    }
+}
+
+fn alert_text(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion))
+        | Some(rustls::Error::PeerIncompatible(_)) => {
+            "the server offers no TLS version Sallyport accepts (TLS 1.2 or 1.3); TLS 1.0/1.1 are refused"
+                .into()
+        }
+        Some(rustls::Error::AlertReceived(a)) => format!("the server sent TLS alert {a:?}"),
+        Some(other) => other.to_string(),
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => "the server closed the connection".into(),
+        None => e.to_string(),
+    }
+}
+
+impl Probe {
+    pub fn new(trust: Trust, identity: Option<&Identity>, timeout: Duration) -> Self {
+        Probe {
+            trust,
+            identity: identity.cloned(),
+            timeout,
+        }
+    }
+
+    /// Connect to `addr` (SNI and verification for `host`) and look.
+    pub async fn run(&self, host: &str, addr: SocketAddr) -> ProbeOutcome {
+        let mut out = ProbeOutcome {
+            remote: addr,
+            local: None,
+            connect: None,
+            tls: None,
+            chain: vec![],
+            chain_verdict: None,
+            http: None,
+            error: None,
+        };
+        let started = Instant::now();
+        let tcp = match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                out.error = Some(format!("TCP connect to {addr} failed: {e}"));
+                return out;
+            }
+            Err(_) => {
+                out.error = Some(format!(
+                    "TCP connect to {addr} took longer than {:?}",
+                    self.timeout
+                ));
+                return out;
+            }
+        };
+        out.connect = Some(started.elapsed());
+        out.local = tcp.local_addr().ok();
+
+        let verifier =
+            match WebPkiServerVerifier::builder_with_provider(self.trust.root_store(), provider()).build() {
+                Ok(v) => v,
+                Err(e) => {
+                    out.error = Some(format!("trust anchors unusable: {e}"));
+                    return out;
+                }
+            };
+        let recorder = Arc::new(Recorder {
+            inner: verifier,
+            seen: Mutex::new(None),
+        });
+        let tls = match ClientTlsConfig::new(self.trust.clone(), self.identity.as_ref(), &[b"http/1.1"]) {
+            Ok(t) => t.with_verifier(recorder.clone()),
+            Err(e) => {
+                out.error = Some(e.to_string());
+                return out;
+            }
+        };
+        let (cfg, probe) = tls.for_connection();
+        let Ok(name) = ServerName::try_from(host.to_owned()) else {
+            out.error = Some(format!("{host} is not a valid TLS server name"));
+            return out;
+        };
+        let hs_started = Instant::now();
+        let handshake = tokio::time::timeout(self.timeout, TlsConnector::from(cfg).connect(name, tcp)).await;
+        if let Ok(mut s) = recorder.seen.lock() {
+            if let Some((chain, verdict)) = s.take() {
+                out.chain = chain;
+                out.chain_verdict = Some(verdict);
+            }
+        }
+        let mut stream = match handshake {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                out.error = Some(format!("TLS handshake failed: {}", alert_text(&e)));
+                return out;
+            }
+            Err(_) => {
+                out.error = Some(format!(
+                    "no TLS handshake within {:?} (the server accepted TCP but did not answer)",
+                    self.timeout
+                ));
+                return out;
+            }
+        };
+        let (_, conn) = stream.get_ref();
+        out.tls = Some(TlsInfo {
+            version: conn
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            cipher: conn
+                .negotiated_cipher_suite()
+                .map(|c| format!("{:?}", c.suite()))
+                .unwrap_or_default(),
+            alpn: conn
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            elapsed: hs_started.elapsed(),
+            client_cert_requested: probe.requested(),
+            acceptable_issuers: probe.acceptable_issuers(),
+        });
+
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sallyport-verify\r\nConnection: close\r\n\r\n"
+        );
+        let exchange = async {
+            stream.write_all(request.as_bytes()).await?;
+            stream.flush().await?;
+            let mut buf = vec![0u8; 512];
+            let mut got = 0;
+            loop {
+                let n = stream.read(&mut buf[got..]).await?;
+                if n == 0 {
+                    break;
+                }
+                got += n;
+                if buf[..got].windows(2).any(|w| w == b"\r\n") || got == buf.len() {
+                    break;
+                }
+            }
+            Ok::<_, std::io::Error>(buf[..got].to_vec())
+        };
+        out.http = Some(match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => Err(format!("no HTTP answer within {:?}", self.timeout)),
+            Ok(Err(e)) => Err(alert_text(&e)),
+            Ok(Ok(bytes)) if bytes.is_empty() => {
+                Err("the server closed the connection before any HTTP answer".into())
+            }
+            Ok(Ok(bytes)) => {
+                let line = String::from_utf8_lossy(&bytes);
+                line.split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse::<u16>().ok())
+                    .filter(|_| line.starts_with("HTTP/"))
+                    .ok_or_else(|| "the server answered something that is not HTTP".to_owned())
+            }
+        });
+        out
+    }
+}
