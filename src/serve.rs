@@ -31,6 +31,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     let admin = api::bind("admin", cfg.admin.listen).await?;
     let alerts = crate::alerts::Alerts::from_config(&cfg)?;
     let mut workers = engine.spawn_workers();
+    if let Some(store) = engine.identity_store() {
+        workers.push(tokio::spawn(store.watch(std::time::Duration::from_secs(2))));
+    }
     workers.push(tokio::spawn(alerts.run(engine.clone())));
     let (stop_tx, stop_rx) = watch::channel(false);
     let servers = [

@@ -9,6 +9,91 @@ use serde_json::json;
 use super::{error_reply, json_reply, Handler};
 use crate::export::Engine;
 
+/// Where Adobe publishes its HTTP destination's certificate; Sallyport answers the same.
+pub const ADOBE_PATH: &str = "/data/core/mtls/v1/certificate/public-certificate";
+/// Largest `limit` a page may ask for.
+pub const MAX_LIMIT: usize = 100;
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// PEM text of DER certificates.
+pub fn pem_of(chain: &[rustls_pki_types::CertificateDer<'_>]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for c in chain {
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
+/// One certificate with every fact receivers pin or check.
+fn certificate_doc(role: crate::tls::creds::Role, id: &crate::tls::Identity) -> serde_json::Value {
+    let f = &id.facts;
+    json!({
+        "role": role, "subjectCn": f.subject_cn, "subject": f.subject, "sans": f.sans, "issuer": f.issuer,
+        "serial": f.serial, "notBefore": rfc3339(f.not_before), "notAfter": rfc3339(f.not_after),
+        "sha256Fingerprint": f.sha256_fingerprint, "pem": pem_of(&id.chain),
+    })
+}
+
+/// `GET …/public-certificate?page=N&limit=M`, in Adobe's shape. `page` counts from 0.
+fn adobe_certificates(store: &crate::tls::creds::IdentityStore, query: Option<&str>) -> super::Reply {
+    let (mut page, mut limit) = (0usize, 10usize);
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "page" => match v.parse::<usize>() {
+                Ok(p) => page = p,
+                Err(_) => {
+                    return error_reply(
+                        StatusCode::BAD_REQUEST,
+                        format!("page must be a whole number from 0, not '{v}'"),
+                    )
+                }
+            },
+            "limit" => match v.parse::<usize>() {
+                Ok(l) if (1..=MAX_LIMIT).contains(&l) => limit = l,
+                _ => {
+                    return error_reply(
+                        StatusCode::BAD_REQUEST,
+                        format!("limit must be 1..={MAX_LIMIT}, not '{v}'"),
+                    )
+                }
+            },
+            _ => {}
+        }
+    }
+    let all = store.published();
+    let total = all.len();
+    let results: Vec<serde_json::Value> = all
+        .iter()
+        .skip(page.saturating_mul(limit))
+        .take(limit)
+        .map(|(_, id)| {
+            json!({
+                "certCommonName": id.facts.subject_cn,
+                "publicCertificate": pem_of(&id.chain[..1]),
+                "expiryDate": rfc3339(id.facts.not_after),
+            })
+        })
+        .collect();
+    let link = |p: usize| format!("{ADOBE_PATH}?page={p}&limit={limit}");
+    let next = ((page + 1).saturating_mul(limit) < total).then(|| link(page + 1));
+    let prev = (page > 0).then(|| link((page - 1).min(total.div_ceil(limit).saturating_sub(1))));
+    json_reply(
+        StatusCode::OK,
+        &json!({"results": results, "total": total, "count": results.len(), "_links": {"next": next, "prev": prev}}),
+    )
+}
+
 /// The public API's handler.
 pub fn handler(engine: Engine, egress_ips: Vec<std::net::IpAddr>) -> Handler {
     let egress_doc = Arc::new(crate::egress::egress_ips_document(&egress_ips));
@@ -22,6 +107,23 @@ pub fn handler(engine: Engine, egress_ips: Vec<std::net::IpAddr>) -> Handler {
             match req.uri().path() {
                 "/healthz" => json_reply(StatusCode::OK, &json!({"status": "ok"})),
                 "/v1/egress-ips" => json_reply(StatusCode::OK, &egress_doc),
+                ADOBE_PATH => match engine.identity_store() {
+                    Some(store) => adobe_certificates(&store, req.uri().query()),
+                    None => error_reply(
+                        StatusCode::NOT_FOUND,
+                        "this gateway has no client identity configured",
+                    ),
+                },
+                "/v1/certificate" => match engine.identity_store() {
+                    Some(store) => json_reply(
+                        StatusCode::OK,
+                        &json!({"certificates": store.published().iter().map(|(role, id)| certificate_doc(*role, id)).collect::<Vec<_>>()}),
+                    ),
+                    None => error_reply(
+                        StatusCode::NOT_FOUND,
+                        "this gateway has no client identity configured",
+                    ),
+                },
                 "/readyz" => match engine.pending().await {
                     Ok(pending) => json_reply(
                         StatusCode::OK,

@@ -2,6 +2,7 @@
 //! library; errors become one readable message and an exit code (0 ok, 1 failure, 2 usage or
 //! config error), never a panic or a backtrace.
 
+mod certfetch;
 mod dlq;
 mod send;
 
@@ -182,10 +183,19 @@ pub enum CertCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Fetch a gateway's public certificate.
+    /// Fetch a gateway's published client certificates (as a receiver would, to trust them).
     Fetch {
-        /// Gateway base URL.
+        /// Gateway base URL (its public listener), e.g. http://gateway:8443.
         url: String,
+        /// Write the certificates as a PEM bundle for the receiver's trust store.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// CA bundle for an https:// public listener.
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
 }
 
@@ -235,9 +245,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             Err(e) => Err(Failure::usage(e)),
         },
         Command::Sidecar(_) => not_yet("sidecar", "the sidecar proxy (issue #9)"),
-        Command::Cert(CertCommand::Fetch { .. }) => {
-            not_yet("cert fetch", "the public certificate endpoint (issue #4)")
-        }
+        Command::Cert(CertCommand::Fetch { url, out, json, ca }) => certfetch::run(&url, out, json, ca).await,
         Command::Cert(CertCommand::Show { file, json }) => cert_show(&file, json),
         Command::Verify(args) => return verify(args).await,
         Command::Audit(cmd) => audit(cmd),

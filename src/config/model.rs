@@ -67,6 +67,15 @@ pub struct IdentityConfig {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, SEC1 EC or PKCS#1 RSA), unencrypted, mode 0600.
     pub key: PathBuf,
+    /// The certificate to rotate to, published at once so receivers can trust it ahead of
+    /// use. Default: none.
+    pub next_cert: Option<PathBuf>,
+    /// Its key.
+    pub next_key: Option<PathBuf>,
+    /// When to switch to `next` (RFC 3339). Default: only by `switch_before_expiry`.
+    pub switch_at: Option<String>,
+    /// Switch when `current` is within this of expiry, e.g. `"14d"`. Default: none.
+    pub switch_before_expiry: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -410,6 +419,27 @@ impl Config {
         if let Some(id) = &self.identity {
             self.check_file(&mut out, "identity.cert", &id.cert);
             self.check_file(&mut out, "identity.key", &id.key);
+            match (&id.next_cert, &id.next_key) {
+                (Some(c), Some(k)) => {
+                    self.check_file(&mut out, "identity.next_cert", c);
+                    self.check_file(&mut out, "identity.next_key", k);
+                    if id.switch_at.is_none() && id.switch_before_expiry.is_none() {
+                        out.push("identity", "next_cert needs switch_at or switch_before_expiry");
+                    }
+                }
+                (None, None) => {}
+                _ => out.push("identity", "set both next_cert and next_key, or neither"),
+            }
+            if let Some(t) = &id.switch_at {
+                if time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).is_err() {
+                    out.push("identity.switch_at", format!("'{t}' is not an RFC 3339 time"));
+                }
+            }
+            if let Some(d) = &id.switch_before_expiry {
+                if let Err(e) = parse_duration(d) {
+                    out.push("identity.switch_before_expiry", e);
+                }
+            }
         }
         if let (Some(_), Some(_)) = (&self.admin.token_env, &self.admin.token_file) {
             out.push("admin", "set only one of token_env and token_file");

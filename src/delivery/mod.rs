@@ -136,7 +136,9 @@ fn refusal_hint(status: StatusCode, body: &Bytes) -> Option<&'static str> {
 /// A pooled client for one destination profile.
 #[derive(Clone)]
 pub struct DeliveryClient {
-    http: Client<Connector, Body>,
+    /// The pool, tagged with the identity generation it was made for: connections made with
+    /// one identity are never reused for another.
+    http: Arc<std::sync::RwLock<(u64, Client<Connector, Body>)>>,
     connector: Connector,
     settings: Arc<DestinationSettings>,
 }
@@ -157,14 +159,10 @@ impl DeliveryClient {
             settings.timeout,
             settings.egress.clone(),
         );
-        let http = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector.clone());
+        let http = Self::pool_for(connector.clone());
+        let generation = settings.tls.identity_generation();
         DeliveryClient {
-            http,
+            http: Arc::new(std::sync::RwLock::new((generation, http))),
             connector,
             settings: Arc::new(settings),
         }
@@ -213,7 +211,7 @@ impl DeliveryClient {
         }
         let fut = async {
             let res = self
-                .http
+                .pool()
                 .request(request)
                 .await
                 .map_err(|e| self.explain(DeliveryError::classify(Box::new(e), "sending the request")))?;
@@ -248,6 +246,31 @@ impl DeliveryClient {
                 format!("no complete answer within {timeout:?}"),
             )
         })?
+    }
+
+    /// The pool for the identity in force now; a new, empty one after a reload or rotation
+    /// (requests in flight finish on the old one).
+    fn pool(&self) -> Client<Connector, Body> {
+        let generation = self.settings.tls.identity_generation();
+        if let Ok(p) = self.http.read() {
+            if p.0 == generation {
+                return p.1.clone();
+            }
+        }
+        let mut p = self.http.write().unwrap_or_else(|e| e.into_inner());
+        if p.0 != generation {
+            *p = (generation, Self::pool_for(self.connector.clone()));
+        }
+        p.1.clone()
+    }
+
+    fn pool_for(connector: Connector) -> Client<Connector, Body> {
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector)
     }
 
     /// A failure without a typed cause that follows a TLS alert from this destination is
@@ -312,19 +335,34 @@ pub fn settings_for_dataflow(
     df: &crate::config::Dataflow,
     ca_override: Option<&std::path::Path>,
 ) -> Result<DestinationSettings, String> {
-    let identity = match &cfg.identity {
-        Some(id) => Some(
+    settings_for_dataflow_with(cfg, df, ca_override, None)
+}
+
+/// As [`settings_for_dataflow`], presenting the identity `creds` has in force (rotation and
+/// hot reload) instead of the files as they are now.
+pub fn settings_for_dataflow_with(
+    cfg: &crate::config::Config,
+    df: &crate::config::Dataflow,
+    ca_override: Option<&std::path::Path>,
+    creds: Option<&Arc<crate::tls::creds::IdentityStore>>,
+) -> Result<DestinationSettings, String> {
+    let identity = match (creds, &cfg.identity) {
+        (Some(c), _) => Some(c.presented()),
+        (None, Some(id)) => Some(
             crate::tls::Identity::load(&cfg.path(&id.cert), &cfg.path(&id.key))
                 .map_err(|e| format!("identity: {e}"))?,
         ),
-        None => None,
+        (None, None) => None,
     };
     let ca = ca_override
         .map(ToOwned::to_owned)
         .or_else(|| df.ca.as_ref().map(|c| cfg.path(c)));
     let trust = crate::tls::Trust::from_optional_file(ca.as_deref()).map_err(|e| e.to_string())?;
-    let tls = ClientTlsConfig::new(trust, identity.as_ref(), crate::tls::client::ALPN_H2_H1)
+    let mut tls = ClientTlsConfig::new(trust, identity.as_ref(), crate::tls::client::ALPN_H2_H1)
         .map_err(|e| e.to_string())?;
+    if let Some(c) = creds {
+        tls = tls.with_identity_store(c.clone());
+    }
     let headers = df
         .parsed_headers()
         .map_err(|e| format!("dataflow {}: headers: {e}", df.name))?;

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::delivery::retry::{RetryPolicy, Verdict};
 use crate::delivery::signing::WebhookSigner;
 use crate::delivery::{
-    settings_for_dataflow, DeliveryClient, DeliveryError, ErrorKind, OutboundRequest, PeerInfo,
+    settings_for_dataflow_with, DeliveryClient, DeliveryError, ErrorKind, OutboundRequest, PeerInfo,
 };
 use crate::store::{self, now_ms, AttemptError, Completion, OutboxItem, Store, StoreError};
 
@@ -65,8 +65,8 @@ struct Inner {
     catalog: Catalog,
     flows: Vec<Arc<Flow>>,
     stats: Stats,
-    /// When the gateway's client certificate expires.
-    cert_not_after: Option<time::OffsetDateTime>,
+    /// The gateway's client identities (rotation, hot reload).
+    creds: Option<Arc<crate::tls::creds::IdentityStore>>,
 }
 
 /// Delivery counters and the ingest-to-delivered latency histogram (microseconds).
@@ -130,6 +130,7 @@ impl Engine {
             blocking(move || store::open(&cfg)).await?
         };
         let catalog = Catalog::from_config(cfg);
+        let creds = crate::tls::creds::IdentityStore::from_config(cfg).map_err(EngineError::Setup)?;
         let mut flows = Vec::new();
         for df in &cfg.dataflows {
             let (name, segs, now) = (df.name.clone(), df.segments.clone(), now_ms());
@@ -143,7 +144,8 @@ impl Engine {
                     tracing::info!(dataflow = %df.name, segment = %seg, profiles = n, "backfill queued");
                 }
             }
-            let settings = settings_for_dataflow(cfg, df, None).map_err(EngineError::Setup)?;
+            let settings =
+                settings_for_dataflow_with(cfg, df, None, creds.as_ref()).map_err(EngineError::Setup)?;
             let endpoint = url::Url::parse(&df.endpoint).map_err(|e| EngineError::Setup(e.to_string()))?;
             let signer = if df.signing_secret_env.is_some() || df.signing_secret_file.is_some() {
                 let secret = cfg
@@ -176,15 +178,7 @@ impl Engine {
                 wake: Notify::new(),
             }));
         }
-        let cert_not_after = match &cfg.identity {
-            Some(id) => Some(
-                crate::tls::Identity::load(&cfg.path(&id.cert), &cfg.path(&id.key))
-                    .map_err(|e| EngineError::Setup(format!("identity: {e}")))?
-                    .facts
-                    .not_after,
-            ),
-            None => None,
-        };
+
         let histogram =
             Histogram::new_with_bounds(1, 3_600_000_000, 2).map_err(|e| EngineError::Setup(e.to_string()))?;
         Ok(Engine {
@@ -192,7 +186,7 @@ impl Engine {
                 store,
                 catalog,
                 flows,
-                cert_not_after,
+                creds,
                 stats: Stats {
                     delivered: AtomicU64::new(0),
                     failed: AtomicU64::new(0),
@@ -308,6 +302,11 @@ impl Engine {
         }
     }
 
+    /// The gateway's client identities, for the public endpoints and the reload watcher.
+    pub fn identity_store(&self) -> Option<Arc<crate::tls::creds::IdentityStore>> {
+        self.inner.creds.clone()
+    }
+
     /// Prometheus text for `/metrics`.
     pub async fn metrics_text(&self) -> String {
         let mut pending = Vec::new();
@@ -341,9 +340,7 @@ impl Engine {
 
     /// Seconds until the client certificate expires (negative once expired).
     pub fn cert_expiry_seconds(&self) -> Option<i64> {
-        self.inner
-            .cert_not_after
-            .map(|t| (t - time::OffsetDateTime::now_utc()).whole_seconds())
+        self.inner.creds.as_ref().map(|c| c.expiry_seconds())
     }
 
     /// Per dataflow: attempts, failed attempts and dead letters so far.

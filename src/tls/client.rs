@@ -122,11 +122,19 @@ impl ResolvesClientCert for ProbingResolver {
     }
 }
 
+/// Where a connection's client certificate comes from.
+#[derive(Clone)]
+enum KeySource {
+    Fixed(Option<Arc<CertifiedKey>>),
+    /// The identity in force when the connection starts (rotation, hot reload).
+    Store(Arc<super::creds::IdentityStore>),
+}
+
 /// A base client configuration from which each connection gets its own probed copy.
 #[derive(Clone)]
 pub struct ClientTlsConfig {
     base: Arc<ClientConfig>,
-    key: Option<Arc<CertifiedKey>>,
+    key: KeySource,
     trust: Trust,
 }
 
@@ -134,7 +142,7 @@ impl std::fmt::Debug for ClientTlsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientTlsConfig")
             .field("trust", &self.trust.describe())
-            .field("client_cert", &self.key.is_some())
+            .field("client_cert", &self.has_identity())
             .finish()
     }
 }
@@ -146,7 +154,7 @@ impl ClientTlsConfig {
     /// TLS 1.2 and 1.3 only, server verified against `trust`, `identity` presented when
     /// asked for.
     pub fn new(trust: Trust, identity: Option<&Identity>, alpn: &[&[u8]]) -> Result<Self, TlsError> {
-        let key = identity.map(Identity::certified_key);
+        let key = KeySource::Fixed(identity.map(Identity::certified_key));
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_root_certificates(trust.root_store())
@@ -172,8 +180,12 @@ impl ClientTlsConfig {
     pub fn for_connection(&self) -> (Arc<ClientConfig>, Arc<ClientAuthProbe>) {
         let probe = Arc::new(ClientAuthProbe::default());
         let mut cfg = (*self.base).clone();
+        let key = match &self.key {
+            KeySource::Fixed(k) => k.clone(),
+            KeySource::Store(s) => Some(s.certified_key()),
+        };
         cfg.client_auth_cert_resolver = Arc::new(ProbingResolver {
-            key: self.key.clone(),
+            key,
             probe: probe.clone(),
         });
         (Arc::new(cfg), probe)
@@ -181,7 +193,21 @@ impl ClientTlsConfig {
 
     /// True when a client certificate will be presented when asked for.
     pub fn has_identity(&self) -> bool {
-        self.key.is_some()
+        !matches!(self.key, KeySource::Fixed(None))
+    }
+
+    /// Changes when the identity presented on new connections changes (0 when fixed).
+    pub fn identity_generation(&self) -> u64 {
+        match &self.key {
+            KeySource::Fixed(_) => 0,
+            KeySource::Store(s) => s.generation(),
+        }
+    }
+
+    /// Present the identity `store` has in force when each connection starts.
+    pub fn with_identity_store(mut self, store: Arc<super::creds::IdentityStore>) -> Self {
+        self.key = KeySource::Store(store);
+        self
     }
 
     pub fn trust(&self) -> &Trust {

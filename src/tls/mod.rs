@@ -8,6 +8,7 @@
 //! a crypto provider other than ring (two providers make `ClientConfig::builder()` panic).
 
 pub mod client;
+pub mod creds;
 pub mod facts;
 pub mod identity;
 pub mod pem;

@@ -287,9 +287,10 @@ pub async fn http(method: &str, url: &str, bearer: Option<&str>, body: &[u8]) ->
         .await
         .unwrap();
     tokio::spawn(conn);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let mut req = http::Request::builder()
         .method(method)
-        .uri(uri.path())
+        .uri(path)
         .header("host", "localhost");
     if let Some(t) = bearer {
         req = req.header("authorization", format!("Bearer {t}"));

@@ -1,0 +1,218 @@
+//! The gateway's client identities over time: the `current` certificate, an optional `next`
+//! one published ahead of use, the switch between them (at a configured time, or when
+//! `current` is within N days of expiry), and hot reload of the files. A new certificate is
+//! validated first, then swapped in atomically; connections take the identity in force when
+//! they start, and a bad file is refused with a log line while the old material stays.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::sign::CertifiedKey;
+use time::OffsetDateTime;
+
+use super::{Identity, TlsError};
+use crate::config::Config;
+
+/// Which role a published certificate plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Current,
+    Next,
+}
+
+#[derive(Clone)]
+struct Active {
+    current: Identity,
+    next: Option<Identity>,
+}
+
+/// Where the files are and when to switch.
+#[derive(Debug, Clone)]
+struct Paths {
+    cert: PathBuf,
+    key: PathBuf,
+    next: Option<(PathBuf, PathBuf)>,
+    switch_at: Option<OffsetDateTime>,
+    switch_before_expiry: Option<Duration>,
+}
+
+/// The identities of one gateway, shared by every connection and the public endpoints.
+pub struct IdentityStore {
+    paths: Paths,
+    active: RwLock<Arc<Active>>,
+    /// File modification times last loaded (cert, key, next cert, next key).
+    stamps: RwLock<Vec<Option<SystemTime>>>,
+    /// Successful reloads so far.
+    reloads: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for IdentityStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityStore")
+            .field("paths", &self.paths)
+            .finish()
+    }
+}
+
+impl IdentityStore {
+    /// Load `[identity]` (and its `next` certificate); `None` when not configured.
+    pub fn from_config(cfg: &Config) -> Result<Option<Arc<Self>>, String> {
+        let Some(id) = &cfg.identity else { return Ok(None) };
+        let paths = Paths {
+            cert: cfg.path(&id.cert),
+            key: cfg.path(&id.key),
+            next: match (&id.next_cert, &id.next_key) {
+                (Some(c), Some(k)) => Some((cfg.path(c), cfg.path(k))),
+                _ => None,
+            },
+            switch_at: id
+                .switch_at
+                .as_deref()
+                .and_then(|s| crate::export::update::parse_rfc3339(s).ok()),
+            switch_before_expiry: id
+                .switch_before_expiry
+                .as_deref()
+                .and_then(|s| crate::config::parse_duration(s).ok()),
+        };
+        let active = Self::load(&paths).map_err(|e| format!("identity: {e}"))?;
+        Ok(Some(Arc::new(IdentityStore {
+            stamps: RwLock::new(stamps(&paths)),
+            paths,
+            active: RwLock::new(Arc::new(active)),
+            reloads: std::sync::atomic::AtomicU64::new(0),
+        })))
+    }
+
+    fn load(p: &Paths) -> Result<Active, TlsError> {
+        let current = Identity::load(&p.cert, &p.key)?;
+        let next = match &p.next {
+            Some((c, k)) => Some(Identity::load(c, k)?),
+            None => None,
+        };
+        Ok(Active { current, next })
+    }
+
+    fn active(&self) -> Arc<Active> {
+        self.active
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn switched(&self, a: &Active, now: OffsetDateTime) -> bool {
+        a.next.is_some()
+            && (self.paths.switch_at.is_some_and(|t| now >= t)
+                || self.paths.switch_before_expiry.is_some_and(|d| {
+                    a.current.facts.not_after - now
+                        <= time::Duration::try_from(d).unwrap_or(time::Duration::ZERO)
+                }))
+    }
+
+    /// The identity to present on a connection starting now.
+    pub fn presented(&self) -> Identity {
+        let a = self.active();
+        match &a.next {
+            Some(next) if self.switched(&a, OffsetDateTime::now_utc()) => next.clone(),
+            _ => a.current.clone(),
+        }
+    }
+
+    /// Changes whenever the identity in force may have changed (a reload, or the switch to
+    /// `next`): connection pools start afresh when it does.
+    pub fn generation(&self) -> u64 {
+        let switched = self.switched(&self.active(), OffsetDateTime::now_utc());
+        self.reloads.load(std::sync::atomic::Ordering::Relaxed) * 2 + u64::from(switched)
+    }
+
+    /// The key rustls presents on a connection starting now.
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.presented().certified_key()
+    }
+
+    /// What receivers should trust now: the one in use and, until the switch, the next one.
+    /// After the switch the old certificate is no longer published.
+    pub fn published(&self) -> Vec<(Role, Identity)> {
+        let a = self.active();
+        match &a.next {
+            Some(next) if self.switched(&a, OffsetDateTime::now_utc()) => vec![(Role::Current, next.clone())],
+            Some(next) => vec![(Role::Current, a.current.clone()), (Role::Next, next.clone())],
+            None => vec![(Role::Current, a.current.clone())],
+        }
+    }
+
+    /// Reload the files if they changed (or when `force`). A valid set is swapped in; an
+    /// invalid one is refused and the old material stays. Returns whether it changed.
+    pub fn reload(&self, force: bool) -> Result<bool, String> {
+        let now = stamps(&self.paths);
+        let unchanged = self.stamps.read().map(|s| *s == now).unwrap_or(false);
+        if unchanged && !force {
+            return Ok(false);
+        }
+        match Self::load(&self.paths) {
+            Ok(a) => {
+                let old = self.active().current.facts.sha256_fingerprint.clone();
+                if let Ok(mut w) = self.active.write() {
+                    *w = Arc::new(a);
+                }
+                if let Ok(mut s) = self.stamps.write() {
+                    *s = now;
+                }
+                let new = self.active().current.facts.sha256_fingerprint.clone();
+                self.reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(changed = old != new, "client identity reloaded");
+                Ok(true)
+            }
+            Err(e) => {
+                // Remember the stamps so a bad file is reported once, not every poll.
+                if let Ok(mut s) = self.stamps.write() {
+                    *s = now;
+                }
+                tracing::error!(error = %e, "refused the new identity files; the previous identity stays in use");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Seconds until the presented certificate expires.
+    pub fn expiry_seconds(&self) -> i64 {
+        (self.presented().facts.not_after - OffsetDateTime::now_utc()).whole_seconds()
+    }
+
+    /// Poll the files every `every` and reload on SIGHUP, until aborted.
+    pub async fn watch(self: Arc<Self>, every: Duration) {
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(every);
+        loop {
+            #[cfg(unix)]
+            let forced = match hup.as_mut() {
+                Some(h) => tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = h.recv() => true,
+                },
+                None => {
+                    tick.tick().await;
+                    false
+                }
+            };
+            #[cfg(not(unix))]
+            let forced = {
+                tick.tick().await;
+                false
+            };
+            let _ = self.reload(forced);
+        }
+    }
+}
+
+fn stamps(p: &Paths) -> Vec<Option<SystemTime>> {
+    let m = |f: &PathBuf| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+    let mut v = vec![m(&p.cert), m(&p.key)];
+    if let Some((c, k)) = &p.next {
+        v.push(m(c));
+        v.push(m(k));
+    }
+    v
+}

@@ -1,0 +1,352 @@
+//! The gateway's identity: the public certificate endpoints, `cert fetch`, hot reload while
+//! deliveries run, and rotation to a `next` certificate published ahead of use.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use sallyport::config::Config;
+use sallyport::export::Engine;
+use sallyport::pki::{CertAuthority, LeafSpec};
+use sallyport::receiver::{Action, ClientAuth, Receiver};
+use serde_json::{json, Value};
+use support::*;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    ca: CertAuthority,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::new("Identity Test CA", 30).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
+        let server = ca.issue(&LeafSpec::localhost_server(30)).unwrap();
+        std::fs::write(dir.path().join("rx.pem"), &server.cert).unwrap();
+        std::fs::write(dir.path().join("rx.key"), &server.key).unwrap();
+        Setup { dir, ca }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Write a client certificate `name.pem`/`name.key` with CN `cn`, atomically (temp + rename).
+    fn client(&self, name: &str, cn: &str) {
+        let pem = self
+            .ca
+            .issue(&LeafSpec::client(cn, vec![format!("{cn}.example")], vec![], 20))
+            .unwrap();
+        for (ext, text) in [("pem", &pem.cert), ("key", &pem.key)] {
+            let tmp = self.path(&format!(".{name}.{ext}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, self.path(&format!("{name}.{ext}"))).unwrap();
+        }
+    }
+
+    async fn receiver(&self) -> Receiver {
+        // Every answer closes the connection, so each delivery makes a new one and shows
+        // which certificate is presented now.
+        Receiver::start_with(
+            &self.path("rx.pem"),
+            &self.path("rx.key"),
+            &self.path("ca.pem"),
+            ClientAuth::Required,
+            Arc::new(|_| Action::Respond(StatusCode::OK, vec![("connection", "close".into())])),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn config(&self, identity_extra: &str, endpoint: &str, extra: &str) -> String {
+        format!(
+            "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"current.pem\"\nkey = \"current.key\"\n{identity_extra}\n\
+             [store]\nurl = \"sqlite://id.db\"\n{extra}\n[[segments]]\nid = \"s1\"\nname = \"S\"\n\
+             [[dataflows]]\nname = \"rx\"\nendpoint = \"{endpoint}\"\nca = \"ca.pem\"\nsegments = [\"s1\"]\n"
+        )
+    }
+}
+
+fn profiles(from: usize, n: usize) -> Vec<u8> {
+    (from..from + n)
+        .map(|i| {
+            json!({"profileId": format!("p{i}"), "segments": [{"id": "s1", "status": "realized"}]})
+                .to_string()
+                + "\n"
+        })
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn cns(rx: &Receiver) -> Vec<String> {
+    rx.received()
+        .iter()
+        .map(|r| r.client_cert.as_ref().unwrap().subject_cn.clone().unwrap())
+        .collect()
+}
+
+async fn serve(s: &Setup, identity_extra: &str) -> (tokio::process::Child, u16) {
+    let (public, admin) = (free_port(), free_port());
+    let text = s.config(
+        identity_extra,
+        "https://localhost:9/in",
+        &format!("[public]\nlisten = \"127.0.0.1:{public}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\""),
+    );
+    let cfg = s.path("serve.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::task::spawn_blocking(move || wait_for_port(public))
+        .await
+        .unwrap();
+    (child, public)
+}
+
+fn leaf_pem(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let end = text.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----\n".len();
+    text[..end].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adobe_shape_endpoint_pages_over_current_and_next() {
+    let s = Setup::new();
+    s.client("current", "gw-current");
+    s.client("next", "gw-next");
+    let (_child, port) = serve(
+        &s,
+        "next_cert = \"next.pem\"\nnext_key = \"next.key\"\nswitch_at = \"2099-01-01T00:00:00Z\"",
+    )
+    .await;
+    let base = format!("http://127.0.0.1:{port}/data/core/mtls/v1/certificate/public-certificate");
+
+    let (st, body) = http("GET", &format!("{base}?page=0&limit=1"), None, b"").await;
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["total"], 2);
+    assert_eq!(v["count"], 1);
+    let r = &v["results"][0];
+    assert_eq!(r["certCommonName"], "gw-current");
+    assert_eq!(
+        r["publicCertificate"].as_str().unwrap(),
+        leaf_pem(&s.path("current.pem"))
+    );
+    let facts = sallyport::tls::CertFacts::from_der(
+        &sallyport::tls::pem::load_certs(&s.path("current.pem")).unwrap()[0],
+    )
+    .unwrap();
+    let expiry = time::OffsetDateTime::parse(
+        r["expiryDate"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(expiry.unix_timestamp(), facts.not_after.unix_timestamp());
+    assert_eq!(
+        v["_links"]["next"],
+        "/data/core/mtls/v1/certificate/public-certificate?page=1&limit=1"
+    );
+    assert!(v["_links"]["prev"].is_null());
+    let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["_links", "count", "results", "total"]);
+
+    let (_, body) = http("GET", &format!("{base}?page=1&limit=1"), None, b"").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["results"][0]["certCommonName"], "gw-next");
+    assert!(v["_links"]["next"].is_null());
+    assert_eq!(
+        v["_links"]["prev"],
+        "/data/core/mtls/v1/certificate/public-certificate?page=0&limit=1"
+    );
+
+    for bad in ["page=x", "page=-1", "limit=0", "limit=101", "limit=ten"] {
+        let (st, body) = http("GET", &format!("{base}?{bad}"), None, b"").await;
+        assert_eq!(st, 400, "{bad}: {body}");
+        assert!(serde_json::from_str::<Value>(&body).unwrap()["error"]["message"].is_string());
+    }
+
+    let (_, body) = http(
+        "GET",
+        &format!("http://127.0.0.1:{port}/v1/certificate"),
+        None,
+        b"",
+    )
+    .await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let certs = v["certificates"].as_array().unwrap();
+    assert_eq!(
+        (certs[0]["role"].as_str(), certs[1]["role"].as_str()),
+        (Some("current"), Some("next"))
+    );
+    assert_eq!(certs[0]["sans"]["dns"], json!(["gw-current.example"]));
+    assert_eq!(certs[0]["issuer"], "CN=Identity Test CA, O=Sallyport dev PKI");
+    assert!(certs[0]["sha256Fingerprint"].as_str().unwrap().len() == 95);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_fetch_writes_a_pem_that_openssl_reads_back() {
+    let s = Setup::new();
+    s.client("current", "gw-current");
+    let (_child, port) = serve(&s, "").await;
+    let out_pem = s.path("fetched.pem");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+        .args([
+            "cert",
+            "fetch",
+            &format!("http://127.0.0.1:{port}"),
+            "--out",
+            out_pem.to_str().unwrap(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("gw-current") && stdout.contains("days left"),
+        "{stdout}"
+    );
+    let o = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-ext", "subjectAltName", "-in"])
+        .arg(&out_pem)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("CN = gw-current") || text.contains("CN=gw-current"),
+        "{text}"
+    );
+    assert!(text.contains("DNS:gw-current.example"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_reload_switches_new_connections_and_refuses_a_corrupt_file() {
+    let s = Setup::new();
+    s.client("current", "gw-old");
+    let rx = s.receiver().await;
+    let cfg = Config::from_toml(
+        &s.config("", &rx.url("/in"), ""),
+        Path::new("id.toml"),
+        s.dir.path(),
+    )
+    .unwrap();
+    let engine = Engine::open(&cfg).await.unwrap();
+    let workers = engine.spawn_workers();
+    let watcher = tokio::spawn(engine.identity_store().unwrap().watch(Duration::from_millis(50)));
+    engine.ingest(&profiles(0, 5)).await.unwrap();
+    wait_until("5 deliveries", Duration::from_secs(10), || {
+        rx.received().len() == 5
+    })
+    .await;
+
+    s.client("current", "gw-new");
+    let store = engine.identity_store().unwrap();
+    wait_until("the reload", Duration::from_secs(10), || {
+        store.presented().facts.subject_cn.as_deref() == Some("gw-new")
+    })
+    .await;
+    engine.ingest(&profiles(5, 5)).await.unwrap();
+    wait_until("10 deliveries", Duration::from_secs(10), || {
+        rx.received().len() == 10
+    })
+    .await;
+
+    // A corrupt replacement is refused; deliveries go on with the last good identity.
+    std::fs::write(
+        s.path("current.pem"),
+        "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.presented().facts.subject_cn.as_deref(), Some("gw-new"));
+    engine.ingest(&profiles(10, 5)).await.unwrap();
+    wait_until("15 deliveries", Duration::from_secs(10), || {
+        rx.received().len() == 15
+    })
+    .await;
+    watcher.abort();
+    workers.iter().for_each(|w| w.abort());
+
+    let seen = cns(&rx);
+    assert!(seen[..5].iter().all(|c| c == "gw-old"), "{seen:?}");
+    assert!(seen[5..].iter().all(|c| c == "gw-new"), "{seen:?}");
+    assert_eq!(engine.stats().failed, 0, "no delivery failed across the reloads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_publishes_next_ahead_and_switches_at_the_set_time() {
+    let s = Setup::new();
+    s.client("current", "gw-current");
+    s.client("next", "gw-next");
+    let rx = s.receiver().await;
+    let switch = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let at = switch
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let extra = format!("next_cert = \"next.pem\"\nnext_key = \"next.key\"\nswitch_at = \"{at}\"");
+    let cfg = Config::from_toml(
+        &s.config(&extra, &rx.url("/in"), ""),
+        Path::new("id.toml"),
+        s.dir.path(),
+    )
+    .unwrap();
+    let engine = Engine::open(&cfg).await.unwrap();
+    let store = engine.identity_store().unwrap();
+    let roles = |store: &sallyport::tls::creds::IdentityStore| -> Vec<String> {
+        store
+            .published()
+            .iter()
+            .map(|(r, id)| format!("{r:?}:{}", id.facts.subject_cn.clone().unwrap()))
+            .collect()
+    };
+    assert_eq!(
+        roles(&store),
+        ["Current:gw-current", "Next:gw-next"],
+        "next is published ahead of use"
+    );
+    let workers = engine.spawn_workers();
+    engine.ingest(&profiles(0, 3)).await.unwrap();
+    wait_until("3 deliveries", Duration::from_secs(10), || {
+        rx.received().len() == 3
+    })
+    .await;
+    wait_until("the switch time", Duration::from_secs(10), || {
+        time::OffsetDateTime::now_utc() > switch
+    })
+    .await;
+    engine.ingest(&profiles(3, 3)).await.unwrap();
+    wait_until("6 deliveries", Duration::from_secs(10), || {
+        rx.received().len() == 6
+    })
+    .await;
+    workers.iter().for_each(|w| w.abort());
+    let seen = cns(&rx);
+    assert_eq!(
+        seen,
+        [
+            "gw-current",
+            "gw-current",
+            "gw-current",
+            "gw-next",
+            "gw-next",
+            "gw-next"
+        ]
+    );
+    assert_eq!(
+        roles(&store),
+        ["Current:gw-next"],
+        "after the switch the old certificate is no longer published"
+    );
+}
