@@ -6,7 +6,7 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 
 use http::StatusCode;
-use sallyport::receiver::{ClientAuth, Receiver};
+use sallyport::receiver::ClientAuth;
 use support::*;
 use tokio::process::Command;
 
@@ -104,15 +104,7 @@ async fn pki_init_writes_private_keys_0600_and_refuses_to_overwrite() {
 async fn send_delivers_and_reports_json() {
     let pki = RcgenPki::new();
     let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     let url = rx.url("/hook");
     let args = [
         "send",
@@ -153,15 +145,7 @@ async fn send_delivers_and_reports_json() {
 async fn send_refuses_a_receiver_that_is_not_mtls_only_unless_told() {
     let pki = RcgenPki::new();
     let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::NotRequested,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::NotRequested, StatusCode::OK).await;
     let url = rx.url("/hook");
     let mut args = vec![
         "send",
@@ -199,15 +183,9 @@ async fn send_refuses_a_receiver_that_is_not_mtls_only_unless_told() {
 async fn send_reports_a_non_2xx_answer_as_a_failure() {
     let pki = RcgenPki::new();
     let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::SERVICE_UNAVAILABLE,
-    )
-    .await
-    .unwrap();
+    let rx = pki
+        .receiver(ClientAuth::Required, StatusCode::SERVICE_UNAVAILABLE)
+        .await;
     let url = rx.url("/hook");
     let (code, _, err) = run(&[
         "send",

@@ -40,15 +40,7 @@ fn post(url: &str, body: &str) -> OutboundRequest {
 async fn delivers_to_an_mtls_receiver_which_sees_our_cn_and_sans() {
     let pki = RcgenPki::new();
     let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     let c = client(&f.ca_cert, &f.client_cert, &f.client_key, true);
     let d = c.send(post(&rx.url("/in"), r#"{"a":1}"#)).await.unwrap();
     assert_eq!(d.status, StatusCode::OK);
@@ -74,15 +66,7 @@ async fn delivers_to_an_mtls_receiver_which_sees_our_cn_and_sans() {
 async fn refuses_a_receiver_that_does_not_request_a_client_certificate() {
     let pki = RcgenPki::new();
     let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::NotRequested,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::NotRequested, StatusCode::OK).await;
     let c = client(&f.ca_cert, &f.client_cert, &f.client_key, true);
     let err = c.send(post(&rx.url("/in"), "secret profile")).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::MtlsNotRequested);
@@ -100,15 +84,7 @@ async fn refuses_a_receiver_that_does_not_request_a_client_certificate() {
 async fn keep_alive_reuses_one_connection() {
     let pki = RcgenPki::new();
     let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     let c = client(&f.ca_cert, &f.client_cert, &f.client_key, true);
     for i in 0..5 {
         c.send(post(&rx.url("/in"), &format!("{i}"))).await.unwrap();
@@ -182,15 +158,7 @@ async fn interop_with_nginx_ssl_verify_client_on() {
 async fn untrusted_server_chain_is_a_clear_error() {
     let pki = RcgenPki::new();
     let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     // Untrusted chain: verify against another CA.
     let other = RcgenPki::new();
     let c = client(&other.files.ca_cert, &f.client_cert, &f.client_key, true);

@@ -193,16 +193,9 @@ async fn a_tls_alert_from_a_receiver_that_rejects_our_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_4xx_is_final_at_once_when_configured() {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::UNPROCESSABLE_ENTITY,
-    )
-    .await
-    .unwrap();
+    let rx = pki
+        .receiver(ClientAuth::Required, StatusCode::UNPROCESSABLE_ENTITY)
+        .await;
     let engine = Engine::open(&config(&pki, &rx.url("/in"), "no_retry_on_4xx = true"))
         .await
         .unwrap();
@@ -221,16 +214,7 @@ async fn a_4xx_is_final_at_once_when_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_deliveries_verify_with_the_standard_webhooks_scheme() {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     std::fs::write(
         pki.dir.path().join("whsec"),
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n",

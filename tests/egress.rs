@@ -61,16 +61,7 @@ fn counting_listener(addr: &str) -> (u16, Arc<AtomicUsize>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_leave_only_from_the_pinned_source_addresses() {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     let egress = Egress::from_config(&EgressConfig {
         source_ips: vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()],
         allow: vec!["127.0.0.1".into()],
@@ -250,16 +241,7 @@ fn policy_decisions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_delivery_becomes_a_dead_letter_at_once_and_is_audited() {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     // "localhost" is allowed by name, but it resolves to loopback, which has no CIDR allow.
     let text = format!(
         "[egress]\nallow = [\"localhost\"]\n[identity]\ncert = \"gateway.pem\"\nkey = \"gateway.key\"\n\
@@ -348,16 +330,7 @@ async fn serve_publishes_its_egress_ips_and_refuses_an_unassigned_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_pin_every_connection_comes_from_it() {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     let egress = Egress::from_config(&EgressConfig {
         source_ips: vec!["127.0.0.7".parse().unwrap()],
         allow: vec!["127.0.0.1".into()],
@@ -408,16 +381,7 @@ impl sallyport::egress::Resolve for Rebinding {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebinding_resolver_never_gets_us_to_the_denied_address() {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     let (denied_port, denied_attempts) = counting_listener("127.0.0.2:0");
     let resolver = Arc::new(Rebinding {
         allowed: rx.addr,

@@ -23,16 +23,7 @@ struct Setup {
 
 async fn setup() -> Setup {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     Setup { pki, rx }
 }
 

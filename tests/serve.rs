@@ -97,16 +97,7 @@ fn profiles_seen(rx: &Receiver) -> std::collections::BTreeSet<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_over_the_admin_api_delivers_and_counts() {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     let (cfg, public, admin) = write_config(&pki, &rx.url("/in"), "", true);
     let gw = start(&cfg, public, admin).await;
 

@@ -56,15 +56,7 @@ fn detail(v: &Value, name: &str) -> String {
 async fn a_rustls_receiver_requiring_client_certs_passes_every_check() {
     let pki = RcgenPki::new();
     let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     let (code, v) = verify(
         &rx.url("/in"),
         &f.client_cert,
@@ -138,15 +130,7 @@ async fn nginx_with_ssl_verify_client_on_passes_and_optional_fails() {
 async fn a_plain_tls_server_fails_the_certificate_request_check() {
     let pki = RcgenPki::new();
     let f = &pki.files;
-    let rx = Receiver::start(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::NotRequested,
-        StatusCode::OK,
-    )
-    .await
-    .unwrap();
+    let rx = pki.receiver(ClientAuth::NotRequested, StatusCode::OK).await;
     let (code, v) = verify(&rx.url("/"), &f.client_cert, &f.client_key, &f.ca_cert, &[]).await;
     assert_eq!(code, 1);
     assert_eq!(status(&v, "client_cert_requested"), "fail");

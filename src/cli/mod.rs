@@ -140,17 +140,17 @@ pub struct IngestArgs {
     pub json: bool,
 }
 
+/// Who we are and whom we trust toward one receiver: a configured dataflow, or files.
 #[derive(Debug, Args)]
-pub struct VerifyArgs {
-    /// The receiver URL (https://…).
-    pub url: String,
-    /// Take identity, trust and egress policy from this config's dataflow.
+pub struct TargetArgs {
+    /// Take identity, trust, egress policy (and headers, query, timeout) from this config's
+    /// dataflow.
     #[arg(long, requires = "dataflow", conflicts_with_all = ["client_cert", "client_key"])]
     pub config: Option<PathBuf>,
     /// Dataflow name in --config.
     #[arg(long, requires = "config")]
     pub dataflow: Option<String>,
-    /// Client certificate chain to present (PEM).
+    /// Client certificate chain to present (PEM, leaf first).
     #[arg(long, requires = "client_key")]
     pub client_cert: Option<PathBuf>,
     /// Client private key (PEM).
@@ -159,6 +159,14 @@ pub struct VerifyArgs {
     /// CA bundle to verify the receiver with (default: the dataflow's, else webpki roots).
     #[arg(long)]
     pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The receiver URL (https://…).
+    pub url: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Budget for connect, handshake and answer.
     #[arg(long, default_value = "2s")]
     pub timeout: String,
@@ -331,7 +339,7 @@ fn verify_options(args: VerifyArgs) -> Result<crate::verify::Options, Failure> {
     }
     let timeout = crate::config::parse_duration(&args.timeout)
         .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
-    match (&args.config, &args.dataflow) {
+    match (&args.target.config, &args.target.dataflow) {
         (Some(path), Some(name)) => {
             let cfg = Config::load(path).map_err(Failure::usage)?;
             let df = cfg
@@ -344,12 +352,16 @@ fn verify_options(args: VerifyArgs) -> Result<crate::verify::Options, Failure> {
                 ),
                 None => None,
             };
-            let ca = args.ca.clone().or_else(|| df.ca.as_ref().map(|c| cfg.path(c)));
+            let ca = args
+                .target
+                .ca
+                .clone()
+                .or_else(|| df.ca.as_ref().map(|c| cfg.path(c)));
             let trust = crate::tls::Trust::from_optional_file(ca.as_deref()).map_err(Failure::usage)?;
             let egress = Arc::new(crate::egress::Egress::from_config(&cfg.egress).map_err(Failure::usage)?);
             let send_test = if args.send_test {
                 Some(crate::delivery::DeliveryClient::new(
-                    crate::delivery::settings_for_dataflow(&cfg, df, args.ca.as_deref())
+                    crate::delivery::settings_for_dataflow(&cfg, df, args.target.ca.as_deref())
                         .map_err(Failure::usage)?,
                 ))
             } else {
@@ -365,11 +377,12 @@ fn verify_options(args: VerifyArgs) -> Result<crate::verify::Options, Failure> {
             })
         }
         _ => {
-            let identity = match (&args.client_cert, &args.client_key) {
+            let identity = match (&args.target.client_cert, &args.target.client_key) {
                 (Some(c), Some(k)) => Some(crate::tls::Identity::load(c, k).map_err(Failure::usage)?),
                 _ => None,
             };
-            let trust = crate::tls::Trust::from_optional_file(args.ca.as_deref()).map_err(Failure::usage)?;
+            let trust =
+                crate::tls::Trust::from_optional_file(args.target.ca.as_deref()).map_err(Failure::usage)?;
             let send_test = if args.send_test {
                 let mut rules = args.allow.clone();
                 if let Some(url::Host::Domain(d)) = url.host() {

@@ -2,7 +2,6 @@
 //! a receiver. Refuses a receiver that is not mTLS-only exactly as dataflows do.
 
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bytes::Bytes;
@@ -22,21 +21,8 @@ const MAX_SEND_BODY: u64 = 64 * 1024 * 1024;
 pub struct SendArgs {
     /// Receiver URL (https://…).
     pub url: String,
-    /// Take identity, trust, headers, query and timeout from this config's dataflow.
-    #[arg(long, requires = "dataflow", conflicts_with_all = ["client_cert", "client_key"])]
-    pub config: Option<PathBuf>,
-    /// Dataflow name in --config.
-    #[arg(long, requires = "config")]
-    pub dataflow: Option<String>,
-    /// Client certificate chain (PEM, leaf first).
-    #[arg(long, requires = "client_key")]
-    pub client_cert: Option<PathBuf>,
-    /// Client private key (PEM).
-    #[arg(long, requires = "client_cert")]
-    pub client_key: Option<PathBuf>,
-    /// CA bundle to verify the receiver with (default: the dataflow's, else webpki roots).
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: super::TargetArgs,
     /// HTTP method (default POST with --data, else GET).
     #[arg(short = 'X', long = "request")]
     pub method: Option<String>,
@@ -145,16 +131,17 @@ fn prepare(args: SendArgs) -> Result<(DeliveryClient, OutboundRequest), Failure>
     if url.scheme() != "https" {
         return Err(Failure::usage(format!("{}: scheme must be https", args.url)));
     }
-    let mut settings = match (&args.config, &args.dataflow) {
+    let mut settings = match (&args.target.config, &args.target.dataflow) {
         (Some(path), Some(name)) => {
             let cfg = Config::load(path).map_err(Failure::usage)?;
             let df = cfg
                 .dataflow(name)
                 .ok_or_else(|| Failure::usage(format!("{}: no dataflow named '{name}'", path.display())))?;
-            crate::delivery::settings_for_dataflow(&cfg, df, args.ca.as_deref()).map_err(Failure::usage)?
+            crate::delivery::settings_for_dataflow(&cfg, df, args.target.ca.as_deref())
+                .map_err(Failure::usage)?
         }
         _ => {
-            let identity = match (&args.client_cert, &args.client_key) {
+            let identity = match (&args.target.client_cert, &args.target.client_key) {
                 (Some(c), Some(k)) => Some(Identity::load(c, k).map_err(Failure::usage)?),
                 _ => None,
             };
@@ -164,7 +151,7 @@ fn prepare(args: SendArgs) -> Result<(DeliveryClient, OutboundRequest), Failure>
                      (or --allow-no-client-auth to send without one)",
                 ));
             }
-            let trust = Trust::from_optional_file(args.ca.as_deref()).map_err(Failure::usage)?;
+            let trust = Trust::from_optional_file(args.target.ca.as_deref()).map_err(Failure::usage)?;
             let tls = ClientTlsConfig::new(trust, identity.as_ref(), crate::tls::client::ALPN_H2_H1)
                 .map_err(Failure::usage)?;
             // The URL the operator typed is explicit intent for its host name (not for the
@@ -180,7 +167,7 @@ fn prepare(args: SendArgs) -> Result<(DeliveryClient, OutboundRequest), Failure>
             }
         }
     };
-    if args.config.is_some() && !args.allow.is_empty() {
+    if args.target.config.is_some() && !args.allow.is_empty() {
         return Err(Failure::usage(
             "--allow applies without --config; with --config, [egress] decides",
         ));

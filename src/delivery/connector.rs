@@ -204,20 +204,13 @@ impl Connector {
             ));
         }
         let chain = conn.peer_certificates().unwrap_or_default();
+        let (tls_version, cipher_suite, alpn) = crate::tls::client::negotiated(conn);
         let peer = PeerInfo {
             remote_addr,
             local_addr,
-            tls_version: conn
-                .protocol_version()
-                .map(|v| format!("{v:?}"))
-                .unwrap_or_default(),
-            cipher_suite: conn
-                .negotiated_cipher_suite()
-                .map(|c| format!("{:?}", c.suite()))
-                .unwrap_or_default(),
-            alpn: conn
-                .alpn_protocol()
-                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            tls_version,
+            cipher_suite,
+            alpn,
             client_cert_requested: probe.requested(),
             client_cert_presented: probe.presented(),
             server_certificate: chain.first().and_then(|c| CertFacts::from_der(c).ok()),

@@ -78,7 +78,10 @@ CREATE TABLE IF NOT EXISTS audit (
   hash TEXT NOT NULL,
   mac TEXT
 );
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (dataflow, next_attempt_at, id);
+-- Claims walk a dataflow's rows in id order and stop at the limit; an index led by
+-- next_attempt_at made SQLite sort every due row on each claim (1M rows: seconds per claim).
+DROP INDEX IF EXISTS outbox_due;
+CREATE INDEX IF NOT EXISTS outbox_claim ON outbox (dataflow, id);
 ";
 
 /// The SQLite store.

@@ -147,6 +147,21 @@ impl std::fmt::Debug for ClientTlsConfig {
     }
 }
 
+/// What a completed handshake negotiated: TLS version, cipher suite and ALPN protocol, as
+/// reports and audit records name them.
+pub fn negotiated(conn: &rustls::ClientConnection) -> (String, String, Option<String>) {
+    (
+        conn.protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default(),
+        conn.negotiated_cipher_suite()
+            .map(|c| format!("{:?}", c.suite()))
+            .unwrap_or_default(),
+        conn.alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned()),
+    )
+}
+
 /// ALPN protocols offered: HTTP/2 when the receiver supports it, else HTTP/1.1.
 pub const ALPN_H2_H1: &[&[u8]] = &[b"h2", b"http/1.1"];
 

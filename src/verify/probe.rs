@@ -245,18 +245,11 @@ impl Probe {
             }
         };
         let (_, conn) = stream.get_ref();
+        let (version, cipher, alpn) = crate::tls::client::negotiated(conn);
         out.tls = Some(TlsInfo {
-            version: conn
-                .protocol_version()
-                .map(|v| format!("{v:?}"))
-                .unwrap_or_default(),
-            cipher: conn
-                .negotiated_cipher_suite()
-                .map(|c| format!("{:?}", c.suite()))
-                .unwrap_or_default(),
-            alpn: conn
-                .alpn_protocol()
-                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            version,
+            cipher,
+            alpn,
             elapsed: hs_started.elapsed(),
             client_cert_requested: probe.requested(),
             acceptable_issuers: probe.acceptable_issuers(),

@@ -17,6 +17,19 @@ pub struct RcgenPki {
 }
 
 impl RcgenPki {
+    /// An in-process receiver with this PKI's server certificate, trusting its CA for client
+    /// certificates, answering `status`.
+    pub async fn receiver(
+        &self,
+        auth: sallyport::receiver::ClientAuth,
+        status: http::StatusCode,
+    ) -> sallyport::receiver::Receiver {
+        let f = &self.files;
+        sallyport::receiver::Receiver::start(&f.server_cert, &f.server_key, &f.ca_cert, auth, status)
+            .await
+            .unwrap()
+    }
+
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let files = pki::init(
