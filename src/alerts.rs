@@ -25,6 +25,8 @@ pub struct Alert {
     /// `failure_ratio`, `dead_letters` or `cert_expiry`.
     pub rule: String,
     pub dataflow: Option<String>,
+    /// The client identity concerned (`cert_expiry`).
+    pub identity: Option<String>,
     pub value: f64,
     pub threshold: f64,
     pub message: String,
@@ -104,7 +106,7 @@ impl Alerts {
     fn evaluate(
         &self,
         samples: &VecDeque<Sample>,
-        cert_expiry_seconds: Option<i64>,
+        cert_expiry_seconds: Vec<(String, i64)>,
         firing: &mut HashSet<(String, String)>,
     ) -> Vec<Alert> {
         let mut out = Vec::new();
@@ -140,6 +142,7 @@ impl Alerts {
                     Alert {
                         rule: "failure_ratio".into(),
                         dataflow: Some(name.clone()),
+                        identity: None,
                         value: ratio,
                         threshold: self.rules.failure_ratio,
                         message: format!(
@@ -156,6 +159,7 @@ impl Alerts {
                     Alert {
                         rule: "dead_letters".into(),
                         dataflow: Some(name.clone()),
+                        identity: None,
                         value: dd as f64,
                         threshold: self.rules.dead_letters as f64,
                         message: format!(
@@ -167,7 +171,7 @@ impl Alerts {
                 );
             }
         }
-        if let Some(secs) = cert_expiry_seconds {
+        for (identity, secs) in cert_expiry_seconds {
             let days = secs.div_euclid(86_400);
             // The tightest threshold reached is the one that matters.
             let mut thresholds = self.rules.cert_expiry_days.clone();
@@ -175,14 +179,15 @@ impl Alerts {
             if let Some(t) = thresholds.iter().find(|t| days < **t) {
                 check(
                     "cert_expiry",
-                    &t.to_string(),
+                    &format!("{identity}:{t}"),
                     true,
                     Alert {
                         rule: "cert_expiry".into(),
                         dataflow: None,
+                        identity: Some(identity.clone()),
                         value: days as f64,
                         threshold: *t as f64,
-                        message: format!("the gateway's client certificate expires in {days} day(s)"),
+                        message: format!("client certificate '{identity}' expires in {days} day(s)"),
                         at,
                     },
                 );

@@ -64,7 +64,7 @@ pub struct FlowSnapshot<'a> {
 /// Render the exposition text.
 pub fn render(
     flows: &[FlowSnapshot<'_>],
-    cert_expiry_seconds: Option<i64>,
+    cert_expiry_seconds: &[(String, i64)],
     p50_s: f64,
     p99_s: f64,
 ) -> String {
@@ -199,14 +199,19 @@ pub fn render(
         out,
         "sallyport_ingest_to_delivered_seconds{{quantile=\"0.99\"}} {p99_s}"
     );
-    if let Some(s) = cert_expiry_seconds {
+    if !cert_expiry_seconds.is_empty() {
         family(
             &mut out,
             "sallyport_client_cert_expiry_seconds",
             "gauge",
-            "Seconds until the gateway's client certificate expires.",
+            "Seconds until a client certificate expires, by identity.",
         );
-        let _ = writeln!(out, "sallyport_client_cert_expiry_seconds {s}");
+        for (identity, s) in cert_expiry_seconds {
+            let _ = writeln!(
+                out,
+                "sallyport_client_cert_expiry_seconds{{identity=\"{identity}\"}} {s}"
+            );
+        }
     }
     out
 }

@@ -287,3 +287,59 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
     f.write_all(text.as_bytes()).map_err(io)?;
     f.sync_all().map_err(io)
 }
+
+/// A fresh P-256 key and a PKCS#10 request for a receiver's CA to sign. `sans` are
+/// `dns:NAME`, `uri:URI`, `ip:ADDR` or `email:ADDR`. Returns (CSR PEM, key PEM).
+pub fn make_csr(cn: &str, sans: &[String]) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    for san in sans {
+        let (kind, value) = san.split_once(':').ok_or_else(|| {
+            PkiError::Invalid(format!("--san '{san}': expected dns:…, uri:…, ip:… or email:…"))
+        })?;
+        let bad = || PkiError::Invalid(format!("--san '{san}': not a valid {kind} name"));
+        params.subject_alt_names.push(match kind {
+            "dns" => SanType::DnsName(value.try_into().map_err(|_| bad())?),
+            "uri" => SanType::URI(value.try_into().map_err(|_| bad())?),
+            "email" => SanType::Rfc822Name(value.try_into().map_err(|_| bad())?),
+            "ip" => SanType::IpAddress(value.parse().map_err(|_| bad())?),
+            _ => {
+                return Err(PkiError::Invalid(format!(
+                    "--san '{san}': kind must be dns, uri, ip or email"
+                )))
+            }
+        });
+    }
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((csr, key.serialize_pem()))
+}
+
+/// Check a signed chain against the pending key: the leaf must carry the pending key's
+/// public key, be valid now, and each certificate must be signed by the next one given.
+pub fn check_signed(chain_path: &Path, pending_key: &Path) -> Result<crate::tls::Identity, PkiError> {
+    let id =
+        crate::tls::Identity::load(chain_path, pending_key).map_err(|e| PkiError::Invalid(e.to_string()))?;
+    for pair in id.chain.windows(2) {
+        fn parse<'a>(
+            der: &'a [u8],
+            path: &Path,
+        ) -> Result<x509_parser::certificate::X509Certificate<'a>, PkiError> {
+            x509_parser::parse_x509_certificate(der)
+                .map(|(_, c)| c)
+                .map_err(|e| PkiError::Invalid(format!("{}: {e}", path.display())))
+        }
+        let (child, parent) = (parse(&pair[0], chain_path)?, parse(&pair[1], chain_path)?);
+        child.verify_signature(Some(parent.public_key())).map_err(|_| {
+            PkiError::Invalid(format!(
+                "{}: '{}' is not signed by the next certificate in the chain ('{}')",
+                chain_path.display(),
+                child.subject(),
+                parent.subject()
+            ))
+        })?;
+    }
+    Ok(id)
+}

@@ -28,10 +28,16 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     crate::egress::check_source_ips(&cfg.egress.source_ips)?;
     let engine = Engine::open(&cfg).await.map_err(|e| e.to_string())?;
     let public = api::bind("public", cfg.public.listen).await?;
+    let public_tls = match (&cfg.public.tls_cert, &cfg.public.tls_key) {
+        (Some(c), Some(k)) => {
+            Some(api::tls_acceptor(&cfg.path(c), &cfg.path(k)).map_err(|e| format!("public.tls_cert: {e}"))?)
+        }
+        _ => None,
+    };
     let admin = api::bind("admin", cfg.admin.listen).await?;
     let alerts = crate::alerts::Alerts::from_config(&cfg)?;
     let mut workers = engine.spawn_workers();
-    if let Some(store) = engine.identity_store() {
+    for (_, store) in engine.identities() {
         workers.push(tokio::spawn(store.watch(std::time::Duration::from_secs(2))));
     }
     workers.push(tokio::spawn(alerts.run(engine.clone())));
@@ -40,11 +46,13 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         tokio::spawn(api::serve(
             public,
             api::public::handler(engine.clone(), cfg.egress.source_ips.clone()),
+            public_tls,
             stop_rx.clone(),
         )),
         tokio::spawn(api::serve(
             admin,
             api::admin::handler(engine.clone(), cfg.clone(), tokens),
+            None,
             stop_rx,
         )),
     ];

@@ -350,3 +350,55 @@ async fn rotation_publishes_next_ahead_and_switches_at_the_set_time() {
         "after the switch the old certificate is no longer published"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_listener_can_serve_tls_and_cert_fetch_verifies_it() {
+    let s = Setup::new();
+    s.client("current", "gw-current");
+    let (public, admin) = (free_port(), free_port());
+    let text = s.config(
+        "",
+        "https://localhost:9/in",
+        &format!(
+            "[public]\nlisten = \"127.0.0.1:{public}\"\ntls_cert = \"rx.pem\"\ntls_key = \"rx.key\"\n[admin]\nlisten = \"127.0.0.1:{admin}\""
+        ),
+    );
+    let cfg = s.path("tls.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let _child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::task::spawn_blocking(move || wait_for_port(public))
+        .await
+        .unwrap();
+    let run = |ca: Option<&Path>| {
+        let mut args = vec![
+            "cert".to_owned(),
+            "fetch".into(),
+            format!("https://localhost:{public}"),
+            "--json".into(),
+        ];
+        if let Some(ca) = ca {
+            args.extend(["--ca".into(), ca.display().to_string()]);
+        }
+        std::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let ok = run(Some(&s.path("ca.pem")));
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let v: Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(v["certificates"][0]["subjectCn"], "gw-current");
+    // Without the CA, the listener's certificate is not trusted: cert fetch refuses.
+    let refused = run(None);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

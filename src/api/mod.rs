@@ -71,23 +71,54 @@ pub async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, String> {
         .map_err(|e| format!("{what} listener {addr}: {e}"))
 }
 
-/// Serve plain HTTP/1.1 and HTTP/2 on `listener` until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch::Receiver<bool>) {
+/// A TLS acceptor for a listener's own server certificate (HTTP/2 and HTTP/1.1 by ALPN).
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    let chain = crate::tls::pem::load_certs(cert).map_err(|e| e.to_string())?;
+    let key = crate::tls::pem::load_key(key).map_err(|e| e.to_string())?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Serve HTTP/1.1 and HTTP/2 on `listener` (over TLS when `tls` is given) until `shutdown`
+/// turns true.
+pub async fn serve(
+    listener: TcpListener,
+    handler: Handler,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.changed() => return,
         };
         let Ok((tcp, _)) = accepted else { continue };
-        let handler = handler.clone();
+        let (handler, tls) = (handler.clone(), tls.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(req).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let builder = auto::Builder::new(TokioExecutor::new());
+            match tls {
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(tcp).await {
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+                }
+            }
         });
     }
 }

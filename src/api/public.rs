@@ -35,6 +35,22 @@ pub fn pem_of(chain: &[rustls_pki_types::CertificateDer<'_>]) -> String {
     out
 }
 
+/// The identity a request asks for with `?identity=NAME` (the gateway's own by default).
+fn identity(
+    engine: &Engine,
+    query: Option<&str>,
+) -> Result<Arc<crate::tls::creds::IdentityStore>, Box<super::Reply>> {
+    let name = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "identity")
+        .map_or_else(|| crate::tls::creds::DEFAULT.to_owned(), |(_, v)| v.into_owned());
+    engine.identity_named(&name).ok_or_else(|| {
+        Box::new(error_reply(
+            StatusCode::NOT_FOUND,
+            format!("no client identity named '{name}'"),
+        ))
+    })
+}
+
 /// One certificate with every fact receivers pin or check.
 fn certificate_doc(role: crate::tls::creds::Role, id: &crate::tls::Identity) -> serde_json::Value {
     let f = &id.facts;
@@ -107,22 +123,16 @@ pub fn handler(engine: Engine, egress_ips: Vec<std::net::IpAddr>) -> Handler {
             match req.uri().path() {
                 "/healthz" => json_reply(StatusCode::OK, &json!({"status": "ok"})),
                 "/v1/egress-ips" => json_reply(StatusCode::OK, &egress_doc),
-                ADOBE_PATH => match engine.identity_store() {
-                    Some(store) => adobe_certificates(&store, req.uri().query()),
-                    None => error_reply(
-                        StatusCode::NOT_FOUND,
-                        "this gateway has no client identity configured",
-                    ),
+                ADOBE_PATH => match identity(&engine, req.uri().query()) {
+                    Ok(store) => adobe_certificates(&store, req.uri().query()),
+                    Err(reply) => *reply,
                 },
-                "/v1/certificate" => match engine.identity_store() {
-                    Some(store) => json_reply(
+                "/v1/certificate" => match identity(&engine, req.uri().query()) {
+                    Ok(store) => json_reply(
                         StatusCode::OK,
                         &json!({"certificates": store.published().iter().map(|(role, id)| certificate_doc(*role, id)).collect::<Vec<_>>()}),
                     ),
-                    None => error_reply(
-                        StatusCode::NOT_FOUND,
-                        "this gateway has no client identity configured",
-                    ),
+                    Err(reply) => *reply,
                 },
                 "/readyz" => match engine.pending().await {
                     Ok(pending) => json_reply(

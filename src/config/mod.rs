@@ -66,6 +66,21 @@ impl Config {
         Self::from_toml(&text, path, base)
     }
 
+    /// Parse a config file without validating it: for `pki csr`/`pki install`, which create
+    /// the very files validation would ask for.
+    pub fn parse_unvalidated(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            file: path.to_owned(),
+            message: syntax_message(&text, &e),
+        })?;
+        cfg.base_dir = path.parent().unwrap_or_else(|| Path::new(".")).to_owned();
+        Ok(cfg)
+    }
+
     /// Parse and validate TOML text; `file` names it in errors, `base` anchors relative paths.
     pub fn from_toml(text: &str, file: &Path, base: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {

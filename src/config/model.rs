@@ -50,6 +50,12 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Named client identities for dataflows that present their own certificate (a
+    /// receiver's own CA, one identity per receiver). Same keys as `[identity]`.
+    #[serde(default)]
+    pub identities: std::collections::BTreeMap<String, IdentityConfig>,
+    #[serde(default)]
+    pub pki: PkiConfig,
     #[serde(default)]
     pub dataflows: Vec<Dataflow>,
     /// The segment catalog.
@@ -84,12 +90,19 @@ pub struct PublicConfig {
     /// Default `127.0.0.1:8443`.
     #[serde(default = "default_public_listen")]
     pub listen: SocketAddr,
+    /// Serve the public listener over TLS with this server certificate chain. Default: plain
+    /// HTTP (the documents it serves are public).
+    pub tls_cert: Option<PathBuf>,
+    /// The key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for PublicConfig {
     fn default() -> Self {
         PublicConfig {
             listen: default_public_listen(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -197,6 +210,27 @@ fn default_interval() -> String {
     "30s".into()
 }
 
+/// Where `sallyport pki csr` keeps the keys it generates until `pki install`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PkiConfig {
+    /// Directory for pending private keys (created 0700, keys 0600). Default `"keys"`.
+    #[serde(default = "default_key_dir")]
+    pub key_dir: PathBuf,
+}
+
+impl Default for PkiConfig {
+    fn default() -> Self {
+        PkiConfig {
+            key_dir: default_key_dir(),
+        }
+    }
+}
+
+fn default_key_dir() -> PathBuf {
+    PathBuf::from("keys")
+}
+
 /// The audit log's optional HMAC key (without one, the chain still detects edits, deletions
 /// and reorders, but a writer with database access could recompute it).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -256,6 +290,9 @@ pub struct Dataflow {
     /// Mapped segment ids.
     #[serde(default)]
     pub segments: Vec<String>,
+    /// A named identity from `[identities]` to present to this receiver. Default: the
+    /// gateway's `[identity]`.
+    pub identity: Option<String>,
     /// Attempts per delivery before it becomes a dead letter (the first try plus retries).
     /// Default 3, as the HTTP API destination does; 1..=10.
     #[serde(default = "default_max_attempts")]
@@ -417,29 +454,25 @@ impl Config {
     pub fn validate(&self) -> Vec<Issue> {
         let mut out = Issues(Vec::new());
         if let Some(id) = &self.identity {
-            self.check_file(&mut out, "identity.cert", &id.cert);
-            self.check_file(&mut out, "identity.key", &id.key);
-            match (&id.next_cert, &id.next_key) {
-                (Some(c), Some(k)) => {
-                    self.check_file(&mut out, "identity.next_cert", c);
-                    self.check_file(&mut out, "identity.next_key", k);
-                    if id.switch_at.is_none() && id.switch_before_expiry.is_none() {
-                        out.push("identity", "next_cert needs switch_at or switch_before_expiry");
-                    }
-                }
-                (None, None) => {}
-                _ => out.push("identity", "set both next_cert and next_key, or neither"),
+            self.validate_identity(&mut out, "identity", id);
+        }
+        for (name, id) in &self.identities {
+            if name == "default" {
+                out.push(
+                    format!("identities.{name}"),
+                    "'default' names the [identity] table; choose another name",
+                );
+            } else if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                out.push(
+                    format!("identities.{name}"),
+                    "names are letters, digits, '-' or '_'",
+                );
             }
-            if let Some(t) = &id.switch_at {
-                if time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).is_err() {
-                    out.push("identity.switch_at", format!("'{t}' is not an RFC 3339 time"));
-                }
-            }
-            if let Some(d) = &id.switch_before_expiry {
-                if let Err(e) = parse_duration(d) {
-                    out.push("identity.switch_before_expiry", e);
-                }
-            }
+            self.validate_identity(&mut out, &format!("identities.{name}"), id);
         }
         if let (Some(_), Some(_)) = (&self.admin.token_env, &self.admin.token_file) {
             out.push("admin", "set only one of token_env and token_file");
@@ -450,6 +483,14 @@ impl Config {
                     out.push(format!("egress.{what}[{i}]"), e);
                 }
             }
+        }
+        match (&self.public.tls_cert, &self.public.tls_key) {
+            (Some(c), Some(k)) => {
+                self.check_file(&mut out, "public.tls_cert", c);
+                self.check_file(&mut out, "public.tls_key", k);
+            }
+            (None, None) => {}
+            _ => out.push("public", "set both tls_cert and tls_key, or neither"),
         }
         let a = &self.alerts;
         if let Some(w) = &a.webhook {
@@ -528,6 +569,43 @@ impl Config {
         out.0
     }
 
+    fn validate_identity(&self, out: &mut Issues, key: &str, id: &IdentityConfig) {
+        self.check_file(out, &format!("{key}.cert"), &id.cert);
+        self.check_file(out, &format!("{key}.key"), &id.key);
+        match (&id.next_cert, &id.next_key) {
+            (Some(c), Some(k)) => {
+                self.check_file(out, &format!("{key}.next_cert"), c);
+                self.check_file(out, &format!("{key}.next_key"), k);
+                if id.switch_at.is_none() && id.switch_before_expiry.is_none() {
+                    out.push(key, "next_cert needs switch_at or switch_before_expiry");
+                }
+            }
+            (None, None) => {}
+            _ => out.push(key, "set both next_cert and next_key, or neither"),
+        }
+        if let Some(t) = &id.switch_at {
+            if time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).is_err() {
+                out.push(
+                    format!("{key}.switch_at"),
+                    format!("'{t}' is not an RFC 3339 time"),
+                );
+            }
+        }
+        if let Some(d) = &id.switch_before_expiry {
+            if let Err(e) = parse_duration(d) {
+                out.push(format!("{key}.switch_before_expiry"), e);
+            }
+        }
+    }
+
+    /// The identity config a dataflow presents: its named one, else the gateway's.
+    pub fn identity_for(&self, df: &Dataflow) -> Option<&IdentityConfig> {
+        match &df.identity {
+            Some(name) => self.identities.get(name),
+            None => self.identity.as_ref(),
+        }
+    }
+
     fn validate_dataflow(&self, out: &mut Issues, key: &str, df: &Dataflow) {
         match check_url(&df.endpoint) {
             Err(reason) => out.push(format!("{key}.endpoint"), reason),
@@ -541,7 +619,14 @@ impl Config {
             ),
             Ok(_) => {}
         }
-        if df.mtls && self.identity.is_none() {
+        if let Some(name) = &df.identity {
+            if !self.identities.contains_key(name) {
+                out.push(
+                    format!("{key}.identity"),
+                    format!("'{name}' is not in [identities]"),
+                );
+            }
+        } else if df.mtls && self.identity.is_none() {
             out.push(
                 format!("{key}.mtls"),
                 "mtls = true needs an [identity] with cert and key",

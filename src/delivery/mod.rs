@@ -346,7 +346,7 @@ pub fn settings_for_dataflow_with(
     ca_override: Option<&std::path::Path>,
     creds: Option<&Arc<crate::tls::creds::IdentityStore>>,
 ) -> Result<DestinationSettings, String> {
-    let identity = match (creds, &cfg.identity) {
+    let identity = match (creds, cfg.identity_for(df)) {
         (Some(c), _) => Some(c.presented()),
         (None, Some(id)) => Some(
             crate::tls::Identity::load(&cfg.path(&id.cert), &cfg.path(&id.key))

@@ -65,8 +65,8 @@ struct Inner {
     catalog: Catalog,
     flows: Vec<Arc<Flow>>,
     stats: Stats,
-    /// The gateway's client identities (rotation, hot reload).
-    creds: Option<Arc<crate::tls::creds::IdentityStore>>,
+    /// The client identities by name (`default` and `[identities]`): rotation, hot reload.
+    creds: std::collections::BTreeMap<String, Arc<crate::tls::creds::IdentityStore>>,
 }
 
 /// Delivery counters and the ingest-to-delivered latency histogram (microseconds).
@@ -130,7 +130,7 @@ impl Engine {
             blocking(move || store::open(&cfg)).await?
         };
         let catalog = Catalog::from_config(cfg);
-        let creds = crate::tls::creds::IdentityStore::from_config(cfg).map_err(EngineError::Setup)?;
+        let creds = crate::tls::creds::IdentityStore::all_from_config(cfg).map_err(EngineError::Setup)?;
         let mut flows = Vec::new();
         for df in &cfg.dataflows {
             let (name, segs, now) = (df.name.clone(), df.segments.clone(), now_ms());
@@ -144,8 +144,8 @@ impl Engine {
                     tracing::info!(dataflow = %df.name, segment = %seg, profiles = n, "backfill queued");
                 }
             }
-            let settings =
-                settings_for_dataflow_with(cfg, df, None, creds.as_ref()).map_err(EngineError::Setup)?;
+            let store = creds.get(df.identity.as_deref().unwrap_or(crate::tls::creds::DEFAULT));
+            let settings = settings_for_dataflow_with(cfg, df, None, store).map_err(EngineError::Setup)?;
             let endpoint = url::Url::parse(&df.endpoint).map_err(|e| EngineError::Setup(e.to_string()))?;
             let signer = if df.signing_secret_env.is_some() || df.signing_secret_file.is_some() {
                 let secret = cfg
@@ -304,7 +304,21 @@ impl Engine {
 
     /// The gateway's client identities, for the public endpoints and the reload watcher.
     pub fn identity_store(&self) -> Option<Arc<crate::tls::creds::IdentityStore>> {
-        self.inner.creds.clone()
+        self.identity_named(crate::tls::creds::DEFAULT)
+    }
+
+    /// A named identity (`default` is the gateway's own).
+    pub fn identity_named(&self, name: &str) -> Option<Arc<crate::tls::creds::IdentityStore>> {
+        self.inner.creds.get(name).cloned()
+    }
+
+    /// Every identity by name.
+    pub fn identities(&self) -> Vec<(String, Arc<crate::tls::creds::IdentityStore>)> {
+        self.inner
+            .creds
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Prometheus text for `/metrics`.
@@ -332,15 +346,19 @@ impl Engine {
         let s = self.stats();
         crate::metrics::render(
             &snaps,
-            self.cert_expiry_seconds(),
+            &self.cert_expiry_seconds(),
             s.p50_ms / 1000.0,
             s.p99_ms / 1000.0,
         )
     }
 
-    /// Seconds until the client certificate expires (negative once expired).
-    pub fn cert_expiry_seconds(&self) -> Option<i64> {
-        self.inner.creds.as_ref().map(|c| c.expiry_seconds())
+    /// Per identity: seconds until its presented certificate expires (negative once expired).
+    pub fn cert_expiry_seconds(&self) -> Vec<(String, i64)> {
+        self.inner
+            .creds
+            .iter()
+            .map(|(k, c)| (k.clone(), c.expiry_seconds()))
+            .collect()
     }
 
     /// Per dataflow: attempts, failed attempts and dead letters so far.

@@ -14,6 +14,9 @@ use time::OffsetDateTime;
 use super::{Identity, TlsError};
 use crate::config::Config;
 
+/// The name of the gateway's own `[identity]` among named identities.
+pub const DEFAULT: &str = "default";
+
 /// Which role a published certificate plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -59,7 +62,29 @@ impl std::fmt::Debug for IdentityStore {
 impl IdentityStore {
     /// Load `[identity]` (and its `next` certificate); `None` when not configured.
     pub fn from_config(cfg: &Config) -> Result<Option<Arc<Self>>, String> {
-        let Some(id) = &cfg.identity else { return Ok(None) };
+        cfg.identity
+            .as_ref()
+            .map(|id| Self::from_identity(cfg, id))
+            .transpose()
+    }
+
+    /// Every identity of the config: `default` for `[identity]`, and each `[identities.NAME]`.
+    pub fn all_from_config(cfg: &Config) -> Result<std::collections::BTreeMap<String, Arc<Self>>, String> {
+        let mut out = std::collections::BTreeMap::new();
+        if let Some(id) = &cfg.identity {
+            out.insert(DEFAULT.to_owned(), Self::from_identity(cfg, id)?);
+        }
+        for (name, id) in &cfg.identities {
+            out.insert(
+                name.clone(),
+                Self::from_identity(cfg, id).map_err(|e| format!("identities.{name}: {e}"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Load one identity table.
+    pub fn from_identity(cfg: &Config, id: &crate::config::IdentityConfig) -> Result<Arc<Self>, String> {
         let paths = Paths {
             cert: cfg.path(&id.cert),
             key: cfg.path(&id.key),
@@ -77,12 +102,12 @@ impl IdentityStore {
                 .and_then(|s| crate::config::parse_duration(s).ok()),
         };
         let active = Self::load(&paths).map_err(|e| format!("identity: {e}"))?;
-        Ok(Some(Arc::new(IdentityStore {
+        Ok(Arc::new(IdentityStore {
             stamps: RwLock::new(stamps(&paths)),
             paths,
             active: RwLock::new(Arc::new(active)),
             reloads: std::sync::atomic::AtomicU64::new(0),
-        })))
+        }))
     }
 
     fn load(p: &Paths) -> Result<Active, TlsError> {
