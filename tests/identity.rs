@@ -152,7 +152,7 @@ async fn the_adobe_shape_endpoint_pages_over_current_and_next() {
     assert_eq!(expiry.unix_timestamp(), facts.not_after.unix_timestamp());
     assert_eq!(
         v["_links"]["next"],
-        "/data/core/mtls/v1/certificate/public-certificate?page=1&limit=1"
+        json!({"href": "/data/core/mtls/v1/certificate/public-certificate?page=1&limit=1", "templated": false})
     );
     assert!(v["_links"]["prev"].is_null());
     let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
@@ -164,7 +164,7 @@ async fn the_adobe_shape_endpoint_pages_over_current_and_next() {
     assert!(v["_links"]["next"].is_null());
     assert_eq!(
         v["_links"]["prev"],
-        "/data/core/mtls/v1/certificate/public-certificate?page=0&limit=1"
+        json!({"href": "/data/core/mtls/v1/certificate/public-certificate?page=0&limit=1", "templated": false})
     );
 
     for bad in ["page=x", "page=-1", "limit=0", "limit=101", "limit=ten"] {

@@ -94,13 +94,64 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
                 }
             }
         }
-        (Method::GET, ["v1", "dataflows"]) => json_reply(
-            StatusCode::OK,
-            &json!({"dataflows": cfg.dataflows.iter().map(dataflow_doc).collect::<Vec<_>>()}),
-        ),
-        (Method::GET, ["v1", "dataflows", name]) => match cfg.dataflow(name) {
-            Some(df) => json_reply(StatusCode::OK, &dataflow_doc(df)),
-            None => error_reply(StatusCode::NOT_FOUND, format!("no dataflow named '{name}'")),
+        (Method::GET, ["v1", "dataflows"]) => {
+            let all: Vec<serde_json::Value> = all_dataflows(engine, cfg)
+                .await
+                .iter()
+                .map(|(d, src)| dataflow_doc(d, src))
+                .collect();
+            json_reply(StatusCode::OK, &json!({ "dataflows": all }))
+        }
+        (Method::GET, ["v1", "dataflows", name]) => {
+            match all_dataflows(engine, cfg)
+                .await
+                .into_iter()
+                .find(|(d, _)| d.name == *name)
+            {
+                Some((df, src)) => json_reply(StatusCode::OK, &dataflow_doc(&df, src)),
+                None => error_reply(StatusCode::NOT_FOUND, format!("no dataflow named '{name}'")),
+            }
+        }
+        (Method::PUT, ["v1", "dataflows", name]) => {
+            let name = name.to_string();
+            let body = match read_body(req.into_body(), 1024 * 1024).await {
+                Ok(b) => b,
+                Err(reply) => return reply,
+            };
+            let df: crate::config::Dataflow = match serde_json::from_slice(&body) {
+                Ok(d) => d,
+                Err(e) => {
+                    return error_reply(StatusCode::UNPROCESSABLE_ENTITY, format!("not a dataflow: {e}"))
+                }
+            };
+            if df.name != name {
+                return error_reply(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "the body's name differs from the URL's",
+                );
+            }
+            match engine.put_dataflow(df.clone()).await {
+                Ok(()) => json_reply(StatusCode::OK, &dataflow_doc(&df, "api")),
+                Err(e @ crate::export::engine::DataflowChange::Conflict(_)) => {
+                    error_reply(StatusCode::CONFLICT, e)
+                }
+                Err(crate::export::engine::DataflowChange::Invalid(issues)) => json_reply(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"error": {"status": 422, "message": "invalid dataflow", "issues": issues}}),
+                ),
+                Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
+        }
+        (Method::DELETE, ["v1", "dataflows", name]) => match engine.delete_dataflow(name).await {
+            Ok(true) => json_reply(StatusCode::OK, &json!({ "deleted": name })),
+            Ok(false) => error_reply(
+                StatusCode::NOT_FOUND,
+                format!("no API-managed dataflow named '{name}'"),
+            ),
+            Err(e @ crate::export::engine::DataflowChange::Conflict(_)) => {
+                error_reply(StatusCode::CONFLICT, e)
+            }
+            Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
         },
         (Method::GET, ["v1", "dead-letters"]) => match engine.store().dead_letters(None, 1000) {
             Ok(list) => json_reply(StatusCode::OK, &json!({"deadLetters": list})),
@@ -150,8 +201,21 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
 }
 
 /// A dataflow as the API shows it: settings, never secrets.
-fn dataflow_doc(df: &crate::config::Dataflow) -> serde_json::Value {
+/// Configured and API-managed dataflows, with where each comes from.
+async fn all_dataflows(engine: &Engine, cfg: &Config) -> Vec<(crate::config::Dataflow, &'static str)> {
+    let mut out: Vec<_> = cfg.dataflows.iter().map(|d| (d.clone(), "config")).collect();
+    for (_, json) in engine.api_dataflows().await.unwrap_or_default() {
+        if let Ok(d) = serde_json::from_str::<crate::config::Dataflow>(&json) {
+            out.push((d, "api"));
+        }
+    }
+    out
+}
+
+/// A dataflow as the API shows it: settings, never secrets (only where they are read from).
+fn dataflow_doc(df: &crate::config::Dataflow, source: &str) -> serde_json::Value {
     json!({
+        "source": source,
         "name": df.name, "endpoint": df.endpoint, "mtls": df.mtls, "timeout": df.timeout,
         "auth": df.auth.kind(), "includeSegmentNames": df.include_segment_names,
         "includeSegmentTimestamps": df.include_segment_timestamps,

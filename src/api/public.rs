@@ -101,7 +101,8 @@ fn adobe_certificates(store: &crate::tls::creds::IdentityStore, query: Option<&s
             })
         })
         .collect();
-    let link = |p: usize| format!("{ADOBE_PATH}?page={p}&limit={limit}");
+    // Adobe's shape: each link is {"href", "templated"}, or null at either end.
+    let link = |p: usize| json!({"href": format!("{ADOBE_PATH}?page={p}&limit={limit}"), "templated": false});
     let next = ((page + 1).saturating_mul(limit) < total).then(|| link(page + 1));
     let prev = (page > 0).then(|| link((page - 1).min(total.div_ceil(limit).saturating_sub(1))));
     json_reply(

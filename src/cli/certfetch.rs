@@ -55,7 +55,7 @@ pub(super) async fn run(
                     .map_err(|e| Failure::failed(format!("result {i} is not a valid certificate: {e}")))?,
             );
         }
-        next = doc["_links"]["next"].as_str().map(str::to_owned);
+        next = doc["_links"]["next"]["href"].as_str().map(str::to_owned);
     }
     if certs.is_empty() {
         return Err(Failure::failed("the gateway published no certificate"));

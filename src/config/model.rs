@@ -257,7 +257,7 @@ pub struct EgressConfig {
 }
 
 /// One HTTP destination ("dataflow").
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Dataflow {
     pub name: String,
@@ -306,7 +306,7 @@ pub struct Dataflow {
     pub signing_secret_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttributeMapping {
     pub source: String,
@@ -314,7 +314,7 @@ pub struct AttributeMapping {
 }
 
 /// Where OAuth2 client credentials go (RFC 6749 §2.3.1 allows both).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialsIn {
     /// In the form body (`client_id`, `client_secret`). The default.
@@ -325,7 +325,7 @@ pub enum CredentialsIn {
 }
 
 /// Authentication toward a receiver.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Auth {
     #[default]

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 /// Headers as the doc's string or as a TOML table.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum HeaderSpec {
     Compact(String),
@@ -17,7 +17,7 @@ pub enum HeaderSpec {
 }
 
 /// Query parameters as the doc's string or as a TOML table.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum QuerySpec {
     Compact(String),

@@ -63,7 +63,12 @@ struct Flow {
 struct Inner {
     store: Arc<dyn Store>,
     catalog: Catalog,
-    flows: Vec<Arc<Flow>>,
+    /// The dataflows now (config ones, then API-managed ones).
+    flows: std::sync::RwLock<Vec<Arc<Flow>>>,
+    /// The config the engine was opened with (API-managed dataflows are checked against it).
+    cfg: Config,
+    /// Running workers by dataflow, once `spawn_workers` was called.
+    workers: Mutex<Option<std::collections::HashMap<String, tokio::task::AbortHandle>>>,
     stats: Stats,
     /// The client identities by name (`default` and `[identities]`): rotation, hot reload.
     creds: std::collections::BTreeMap<String, Arc<crate::tls::creds::IdentityStore>>,
@@ -75,6 +80,17 @@ struct Stats {
     failed: AtomicU64,
     dead: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
+}
+
+/// Why an API change to a dataflow was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DataflowChange {
+    #[error("{0}")]
+    Conflict(String),
+    #[error("invalid dataflow: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error("store: {0}")]
+    Store(String),
 }
 
 /// One dataflow's outcome counters (for alert rules).
@@ -110,7 +126,7 @@ pub struct Engine {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("dataflows", &self.inner.flows.len())
+            .field("dataflows", &self.inner.flows().len())
             .finish()
     }
 }
@@ -133,50 +149,24 @@ impl Engine {
         let creds = crate::tls::creds::IdentityStore::all_from_config(cfg).map_err(EngineError::Setup)?;
         let mut flows = Vec::new();
         for df in &cfg.dataflows {
-            let (name, segs, now) = (df.name.clone(), df.segments.clone(), now_ms());
+            flows.push(Arc::new(build_flow(&store, cfg, &creds, df).await?));
+        }
+        let saved = {
             let s = store.clone();
-            let (times, fresh) = blocking(move || s.sync_mappings(&name, &segs, now)).await?;
-            for seg in fresh {
-                let (s, name) = (store.clone(), df.name.clone());
-                let seg2 = seg.clone();
-                let n = blocking(move || s.backfill(&name, &seg2, now)).await?;
-                if n > 0 {
-                    tracing::info!(dataflow = %df.name, segment = %seg, profiles = n, "backfill queued");
+            blocking(move || s.api_dataflows()).await?
+        };
+        for (name, json) in saved {
+            match serde_json::from_str::<crate::config::Dataflow>(&json) {
+                Ok(df) if cfg.dataflow(&df.name).is_none() => {
+                    flows.push(Arc::new(build_flow(&store, cfg, &creds, &df).await?))
+                }
+                Ok(_) => {
+                    tracing::warn!(dataflow = %name, "an API-managed dataflow has the name of a configured one; the config wins")
+                }
+                Err(e) => {
+                    tracing::error!(dataflow = %name, error = %e, "a stored API-managed dataflow does not parse; skipped")
                 }
             }
-            let store = creds.get(df.identity.as_deref().unwrap_or(crate::tls::creds::DEFAULT));
-            let settings = settings_for_dataflow_with(cfg, df, None, store).map_err(EngineError::Setup)?;
-            let endpoint = url::Url::parse(&df.endpoint).map_err(|e| EngineError::Setup(e.to_string()))?;
-            let signer = if df.signing_secret_env.is_some() || df.signing_secret_file.is_some() {
-                let secret = cfg
-                    .secret_source(
-                        df.signing_secret_env.as_ref(),
-                        df.signing_secret_file.as_ref(),
-                        "signing_secret",
-                    )
-                    .and_then(|s| s.read())
-                    .map_err(|e| EngineError::Setup(format!("dataflow {}: {e}", df.name)))?;
-                Some(
-                    WebhookSigner::from_secret(secret.expose())
-                        .map_err(|e| EngineError::Setup(format!("dataflow {}: {e}", df.name)))?,
-                )
-            } else {
-                None
-            };
-            flows.push(Arc::new(Flow {
-                spec: DataflowSpec::from_config(df, &times),
-                client: DeliveryClient::new(settings),
-                endpoint,
-                retry: RetryPolicy {
-                    max_attempts: df.max_attempts,
-                    no_retry_on_4xx: df.no_retry_on_4xx,
-                    ..RetryPolicy::default()
-                },
-                signer,
-                auth_kind: df.auth.kind(),
-                counters: Default::default(),
-                wake: Notify::new(),
-            }));
         }
 
         let histogram =
@@ -185,7 +175,9 @@ impl Engine {
             inner: Arc::new(Inner {
                 store,
                 catalog,
-                flows,
+                flows: std::sync::RwLock::new(flows),
+                cfg: cfg.clone(),
+                workers: Mutex::new(None),
                 creds,
                 stats: Stats {
                     delivered: AtomicU64::new(0),
@@ -218,14 +210,14 @@ impl Engine {
             inner.store.apply_updates(&updates, &mut |p, u| {
                 let change = p.apply(u, &now);
                 inner
-                    .flows
+                    .flows()
                     .iter()
                     .filter_map(|f| evaluate(&f.spec, p, &change).map(|t| (f.spec.name.clone(), t)))
                     .collect()
             })
         })
         .await?;
-        for f in &self.inner.flows {
+        for f in &self.inner.flows() {
             f.wake.notify_one();
         }
         Ok(report)
@@ -261,9 +253,10 @@ impl Engine {
             .ok_or_else(|| EngineError::Setup(format!("no dead letter {id}")))?;
         let flow = self
             .inner
-            .flows
+            .flows()
             .iter()
             .find(|f| f.spec.name == dl.dataflow)
+            .cloned()
             .ok_or_else(|| {
                 EngineError::Setup(format!(
                     "dead letter {id}: dataflow '{}' is not configured",
@@ -323,14 +316,13 @@ impl Engine {
 
     /// Prometheus text for `/metrics`.
     pub async fn metrics_text(&self) -> String {
+        let flows = self.inner.flows();
         let mut pending = Vec::new();
-        for f in &self.inner.flows {
+        for f in &flows {
             let (s, name) = (self.inner.store.clone(), f.spec.name.clone());
             pending.push(blocking(move || s.pending(Some(&name))).await.unwrap_or(0));
         }
-        let snaps: Vec<crate::metrics::FlowSnapshot<'_>> = self
-            .inner
-            .flows
+        let snaps: Vec<crate::metrics::FlowSnapshot<'_>> = flows
             .iter()
             .zip(pending)
             .map(|(f, pending)| crate::metrics::FlowSnapshot {
@@ -364,7 +356,7 @@ impl Engine {
     /// Per dataflow: attempts, failed attempts and dead letters so far.
     pub fn outcome_totals(&self) -> Vec<OutcomeTotals> {
         self.inner
-            .flows
+            .flows()
             .iter()
             .map(|f| {
                 let (attempts, failures) = f.counters.attempts_and_failures();
@@ -395,11 +387,103 @@ impl Engine {
 
     /// Start one delivery worker per dataflow. They run until the tasks are aborted.
     pub fn spawn_workers(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        self.inner
-            .flows
-            .iter()
-            .map(|f| tokio::spawn(worker(self.inner.clone(), f.clone())))
-            .collect()
+        let mut running = std::collections::HashMap::new();
+        let handles: Vec<_> = self
+            .inner
+            .flows()
+            .into_iter()
+            .map(|f| {
+                let h = tokio::spawn(worker(self.inner.clone(), f.clone()));
+                running.insert(f.spec.name.clone(), h.abort_handle());
+                h
+            })
+            .collect();
+        *self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
+        handles
+    }
+
+    /// Add or replace an API-managed dataflow: validated against the config, persisted,
+    /// its newly mapped segments backfilled, its worker (re)started when workers run.
+    pub async fn put_dataflow(&self, df: crate::config::Dataflow) -> Result<(), DataflowChange> {
+        if self.inner.cfg.dataflow(&df.name).is_some() {
+            return Err(DataflowChange::Conflict(format!(
+                "'{}' is defined in the config file; change it there",
+                df.name
+            )));
+        }
+        let mut candidate = self.inner.cfg.clone();
+        candidate.dataflows.push(df.clone());
+        let issues: Vec<String> = candidate
+            .validate()
+            .into_iter()
+            .filter(|i| {
+                i.key
+                    .starts_with(&format!("dataflows[{}]", candidate.dataflows.len() - 1))
+            })
+            .map(|i| {
+                i.to_string().replacen(
+                    &format!("dataflows[{}]", candidate.dataflows.len() - 1),
+                    "dataflow",
+                    1,
+                )
+            })
+            .collect();
+        if !issues.is_empty() {
+            return Err(DataflowChange::Invalid(issues));
+        }
+        let flow = Arc::new(
+            build_flow(&self.inner.store, &candidate, &self.inner.creds, &df)
+                .await
+                .map_err(|e| DataflowChange::Invalid(vec![e.to_string()]))?,
+        );
+        let json = serde_json::to_string(&df).map_err(|e| DataflowChange::Invalid(vec![e.to_string()]))?;
+        let (s, name) = (self.inner.store.clone(), df.name.clone());
+        blocking(move || s.save_api_dataflow(&name, &json))
+            .await
+            .map_err(|e| DataflowChange::Store(e.to_string()))?;
+        if let Ok(mut flows) = self.inner.flows.write() {
+            flows.retain(|f| f.spec.name != df.name);
+            flows.push(flow.clone());
+        }
+        self.restart_worker(&df.name, Some(flow));
+        Ok(())
+    }
+
+    /// Remove an API-managed dataflow: its worker stops, its queued deliveries and segment
+    /// mappings are dropped (mapping it again backfills again).
+    pub async fn delete_dataflow(&self, name: &str) -> Result<bool, DataflowChange> {
+        if self.inner.cfg.dataflow(name).is_some() {
+            return Err(DataflowChange::Conflict(format!(
+                "'{name}' is defined in the config file; remove it there"
+            )));
+        }
+        let (s, n) = (self.inner.store.clone(), name.to_owned());
+        let existed = blocking(move || s.delete_api_dataflow(&n))
+            .await
+            .map_err(|e| DataflowChange::Store(e.to_string()))?;
+        if let Ok(mut flows) = self.inner.flows.write() {
+            flows.retain(|f| f.spec.name != name);
+        }
+        self.restart_worker(name, None);
+        Ok(existed)
+    }
+
+    /// API-managed dataflows as stored (JSON), by name.
+    pub async fn api_dataflows(&self) -> Result<Vec<(String, String)>, EngineError> {
+        let s = self.inner.store.clone();
+        blocking(move || s.api_dataflows()).await
+    }
+
+    fn restart_worker(&self, name: &str, flow: Option<Arc<Flow>>) {
+        let mut guard = self.inner.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(running) = guard.as_mut() else { return };
+        if let Some(h) = running.remove(name) {
+            h.abort();
+        }
+        if let Some(f) = flow {
+            let h = tokio::spawn(worker(self.inner.clone(), f));
+            running.insert(name.to_owned(), h.abort_handle());
+        }
     }
 }
 
@@ -412,6 +496,68 @@ const COMPLETE_BATCH: usize = 1024;
 /// One dataflow's pipeline: a claimer leases due rows and starts a send for each as soon as
 /// one of the [`IN_FLIGHT`] slots frees up; a completer records outcomes in batches. A row
 /// stays leased from claim to completion, so a profile never has two deliveries in flight.
+/// Build one dataflow's runtime: record its mapped segments (backfilling the newly mapped
+/// ones), its delivery client with the right identity, retry policy and signer.
+async fn build_flow(
+    store: &Arc<dyn Store>,
+    cfg: &Config,
+    creds: &std::collections::BTreeMap<String, Arc<crate::tls::creds::IdentityStore>>,
+    df: &crate::config::Dataflow,
+) -> Result<Flow, EngineError> {
+    let (name, segs, now) = (df.name.clone(), df.segments.clone(), now_ms());
+    let s = store.clone();
+    let (times, fresh) = blocking(move || s.sync_mappings(&name, &segs, now)).await?;
+    for seg in fresh {
+        let (s, name, seg2) = (store.clone(), df.name.clone(), seg.clone());
+        let n = blocking(move || s.backfill(&name, &seg2, now)).await?;
+        if n > 0 {
+            tracing::info!(dataflow = %df.name, segment = %seg, profiles = n, "backfill queued");
+        }
+    }
+    let identity = creds.get(df.identity.as_deref().unwrap_or(crate::tls::creds::DEFAULT));
+    let settings = settings_for_dataflow_with(cfg, df, None, identity).map_err(EngineError::Setup)?;
+    let endpoint = url::Url::parse(&df.endpoint).map_err(|e| EngineError::Setup(e.to_string()))?;
+    let signer = if df.signing_secret_env.is_some() || df.signing_secret_file.is_some() {
+        let secret = cfg
+            .secret_source(
+                df.signing_secret_env.as_ref(),
+                df.signing_secret_file.as_ref(),
+                "signing_secret",
+            )
+            .and_then(|s| s.read())
+            .map_err(|e| EngineError::Setup(format!("dataflow {}: {e}", df.name)))?;
+        Some(
+            WebhookSigner::from_secret(secret.expose())
+                .map_err(|e| EngineError::Setup(format!("dataflow {}: {e}", df.name)))?,
+        )
+    } else {
+        None
+    };
+    Ok(Flow {
+        spec: DataflowSpec::from_config(df, &times),
+        client: DeliveryClient::new(settings),
+        endpoint,
+        retry: RetryPolicy {
+            max_attempts: df.max_attempts,
+            no_retry_on_4xx: df.no_retry_on_4xx,
+            ..RetryPolicy::default()
+        },
+        signer,
+        auth_kind: df.auth.kind(),
+        counters: Default::default(),
+        wake: Notify::new(),
+    })
+}
+
+impl Inner {
+    fn flows(&self) -> Vec<Arc<Flow>> {
+        self.flows
+            .read()
+            .map(|f| f.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
 async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord, i64)>(COMPLETE_BATCH * 2);

@@ -169,6 +169,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Record a failed replay attempt on a dead letter.
     fn dead_letter_failed(&self, id: i64, error: &AttemptError) -> Result<(), StoreError>;
+
+    /// Dataflows managed through the admin API: (name, JSON).
+    fn api_dataflows(&self) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Create or replace an API-managed dataflow.
+    fn save_api_dataflow(&self, name: &str, json: &str) -> Result<(), StoreError>;
+
+    /// Remove an API-managed dataflow with its queued deliveries and segment mappings.
+    /// Returns whether it existed.
+    fn delete_api_dataflow(&self, name: &str) -> Result<bool, StoreError>;
 }
 
 /// Open the store a config names.

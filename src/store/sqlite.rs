@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
   created_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_dataflow ON dead_letters (dataflow, id);
+CREATE TABLE IF NOT EXISTS api_dataflows (name TEXT PRIMARY KEY, json TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
   seq INTEGER PRIMARY KEY,
   record TEXT NOT NULL,
@@ -662,6 +663,31 @@ impl Store for SqliteStore {
             .lock()
             .execute("DELETE FROM dead_letters WHERE id = ?1", [id])?
             > 0)
+    }
+
+    fn api_dataflows(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("SELECT name, json FROM api_dataflows ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn save_api_dataflow(&self, name: &str, json: &str) -> Result<(), StoreError> {
+        self.lock().execute(
+            "INSERT INTO api_dataflows (name, json) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET json = excluded.json",
+            params![name, json],
+        )?;
+        Ok(())
+    }
+
+    fn delete_api_dataflow(&self, name: &str) -> Result<bool, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let n = tx.execute("DELETE FROM api_dataflows WHERE name = ?1", [name])?;
+        tx.execute("DELETE FROM outbox WHERE dataflow = ?1", [name])?;
+        tx.execute("DELETE FROM mappings WHERE dataflow = ?1", [name])?;
+        tx.commit()?;
+        Ok(n > 0)
     }
 
     fn dead_letter_failed(&self, id: i64, error: &AttemptError) -> Result<(), StoreError> {
