@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
@@ -45,8 +45,10 @@ struct Paths {
 pub struct IdentityStore {
     paths: Paths,
     active: RwLock<Arc<Active>>,
-    /// File modification times last loaded (cert, key, next cert, next key).
-    stamps: RwLock<Vec<Option<SystemTime>>>,
+    /// SHA-256 of the files last loaded (cert, key, next cert, next key): content, not
+    /// modification time, which the kernel keeps at a coarse tick (two writes within one
+    /// tick would look unchanged).
+    stamps: RwLock<Vec<Option<Vec<u8>>>>,
     /// Successful reloads so far.
     reloads: std::sync::atomic::AtomicU64,
 }
@@ -232,8 +234,12 @@ impl IdentityStore {
     }
 }
 
-fn stamps(p: &Paths) -> Vec<Option<SystemTime>> {
-    let m = |f: &PathBuf| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+fn stamps(p: &Paths) -> Vec<Option<Vec<u8>>> {
+    let m = |f: &PathBuf| {
+        std::fs::read(f)
+            .ok()
+            .map(|b| ring::digest::digest(&ring::digest::SHA256, &b).as_ref().to_vec())
+    };
     let mut v = vec![m(&p.cert), m(&p.key)];
     if let Some((c, k)) = &p.next {
         v.push(m(c));
