@@ -2,7 +2,7 @@
 //! transaction) and one delivery worker per dataflow (claim a batch → build payloads from the
 //! latest state → send concurrently through the delivery client → record outcomes).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,11 +74,8 @@ struct Inner {
     creds: std::collections::BTreeMap<String, Arc<crate::tls::creds::IdentityStore>>,
 }
 
-/// Delivery counters and the ingest-to-delivered latency histogram (microseconds).
+/// The ingest-to-delivered latency histogram (microseconds).
 struct Stats {
-    delivered: AtomicU64,
-    failed: AtomicU64,
-    dead: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
 }
 
@@ -180,9 +177,6 @@ impl Engine {
                 workers: Mutex::new(None),
                 creds,
                 stats: Stats {
-                    delivered: AtomicU64::new(0),
-                    failed: AtomicU64::new(0),
-                    dead: AtomicU64::new(0),
                     latency_us: Mutex::new(histogram),
                 },
             }),
@@ -231,13 +225,14 @@ impl Engine {
 
     /// Deliveries so far and their ingest-to-delivered latency.
     pub fn stats(&self) -> DeliveryStats {
+        let totals = self.outcome_totals();
         let s = &self.inner.stats;
         let h = s.latency_us.lock().unwrap_or_else(|p| p.into_inner());
         let ms = |us: u64| us as f64 / 1000.0;
         DeliveryStats {
-            delivered: s.delivered.load(Ordering::Relaxed),
-            failed: s.failed.load(Ordering::Relaxed),
-            dead: s.dead.load(Ordering::Relaxed),
+            delivered: totals.iter().map(|t| t.attempts - t.failures).sum(),
+            failed: totals.iter().map(|t| t.failures).sum(),
+            dead: totals.iter().map(|t| t.dead).sum(),
             p50_ms: ms(h.value_at_quantile(0.5)),
             p99_ms: ms(h.value_at_quantile(0.99)),
             max_ms: ms(h.max()),
@@ -623,23 +618,14 @@ async fn complete_loop(
 }
 
 impl Stats {
+    /// Outcome counts live per dataflow (`Flow::counters`); this keeps the latency.
     fn record(&self, c: &Completion, enqueued_at: i64) {
-        match c {
-            Completion::Delivered { .. } => {
-                self.delivered.fetch_add(1, Ordering::Relaxed);
-                let us = ((now_ms() - enqueued_at).max(0) as u64)
-                    .saturating_mul(1000)
-                    .max(1);
-                if let Ok(mut h) = self.latency_us.lock() {
-                    h.saturating_record(us);
-                }
-            }
-            Completion::Failed { .. } => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-            }
-            Completion::Dead { .. } => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-                self.dead.fetch_add(1, Ordering::Relaxed);
+        if let Completion::Delivered { .. } = c {
+            let us = ((now_ms() - enqueued_at).max(0) as u64)
+                .saturating_mul(1000)
+                .max(1);
+            if let Ok(mut h) = self.latency_us.lock() {
+                h.saturating_record(us);
             }
         }
     }
