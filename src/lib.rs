@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod pki;
 pub mod receiver;
 pub mod serve;
+pub mod sidecar;
 pub mod store;
 pub mod tls;
 pub mod verify;

@@ -283,7 +283,10 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(cfg) => crate::serve::run(cfg).await.map_err(Failure::failed),
             Err(e) => Err(Failure::usage(e)),
         },
-        Command::Sidecar(_) => not_yet("sidecar", "the sidecar proxy (issue #9)"),
+        Command::Sidecar(a) => match Config::load(&a.config) {
+            Ok(cfg) => crate::sidecar::run(cfg).await.map_err(Failure::failed),
+            Err(e) => Err(Failure::usage(e)),
+        },
         Command::Cert(CertCommand::Fetch { url, out, json, ca }) => certfetch::run(&url, out, json, ca).await,
         Command::Cert(CertCommand::Show { file, json }) => cert_show(&file, json),
         Command::Verify(args) => return verify(args).await,
@@ -344,12 +347,6 @@ impl Failure {
             message: message.to_string(),
         }
     }
-}
-
-fn not_yet(cmd: &str, what: &str) -> Result<(), Failure> {
-    Err(Failure::usage(format!(
-        "`{cmd}` is not yet available in this build: it arrives with {what}"
-    )))
 }
 
 async fn verify(args: VerifyArgs) -> ExitCode {

@@ -56,6 +56,8 @@ pub struct Config {
     pub identities: std::collections::BTreeMap<String, IdentityConfig>,
     #[serde(default)]
     pub pki: PkiConfig,
+    /// The localhost sidecar (`sallyport sidecar`). Default: none.
+    pub sidecar: Option<SidecarConfig>,
     #[serde(default)]
     pub dataflows: Vec<Dataflow>,
     /// The segment catalog.
@@ -208,6 +210,83 @@ fn default_cert_days() -> Vec<i64> {
 }
 fn default_interval() -> String {
     "30s".into()
+}
+
+/// A plain-HTTP listener on loopback whose routes carry an app's requests out through the
+/// delivery core (mTLS, egress policy, auth, audit).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// Default `127.0.0.1:18090`.
+    #[serde(default = "default_sidecar_listen")]
+    pub listen: SocketAddr,
+    /// Allow a non-loopback `listen` (prints a warning). Default `false`.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+    /// Largest request body streamed to an upstream. Default 16 MiB.
+    #[serde(default = "default_sidecar_max_body")]
+    pub max_body_bytes: usize,
+    /// Add `X-Forwarded-For` and `X-Forwarded-Proto`. Default `false`.
+    #[serde(default)]
+    pub x_forwarded: bool,
+    /// Longest matching prefix wins.
+    #[serde(default)]
+    pub routes: Vec<SidecarRoute>,
+}
+
+/// One route: requests under `prefix` go to `upstream` (prefix stripped), with the same
+/// settings a dataflow has.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarRoute {
+    /// Path prefix, starting with `/`.
+    pub prefix: String,
+    /// `https://host[:port][/base]`.
+    pub upstream: String,
+    /// Default `true`.
+    #[serde(default = "default_true")]
+    pub mtls: bool,
+    pub ca: Option<PathBuf>,
+    /// Default `"2s"` (connect + response head; bodies then stream).
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    pub headers: Option<HeaderSpec>,
+    pub query: Option<QuerySpec>,
+    #[serde(default)]
+    pub auth: Auth,
+    pub identity: Option<String>,
+}
+
+impl SidecarRoute {
+    /// The route as a dataflow, so it is validated and connected exactly like one.
+    pub fn as_dataflow(&self, index: usize) -> Dataflow {
+        Dataflow {
+            name: format!("sidecar-{index}"),
+            endpoint: self.upstream.clone(),
+            mtls: self.mtls,
+            ca: self.ca.clone(),
+            timeout: self.timeout.clone(),
+            headers: self.headers.clone(),
+            query: self.query.clone(),
+            include_segment_names: false,
+            include_segment_timestamps: false,
+            auth: self.auth.clone(),
+            attributes: vec![],
+            segments: vec![],
+            identity: self.identity.clone(),
+            max_attempts: 1,
+            no_retry_on_4xx: false,
+            signing_secret_env: None,
+            signing_secret_file: None,
+        }
+    }
+}
+
+fn default_sidecar_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 18090))
+}
+fn default_sidecar_max_body() -> usize {
+    16 * 1024 * 1024
 }
 
 /// Where `sallyport pki csr` keeps the keys it generates until `pki install`.
@@ -491,6 +570,27 @@ impl Config {
             }
             (None, None) => {}
             _ => out.push("public", "set both tls_cert and tls_key, or neither"),
+        }
+        if let Some(sc) = &self.sidecar {
+            if !sc.listen.ip().is_loopback() && !sc.allow_non_loopback {
+                out.push(
+                    "sidecar.listen",
+                    format!(
+                        "{} is not loopback; set allow_non_loopback = true to expose it",
+                        sc.listen
+                    ),
+                );
+            }
+            for (i, r) in sc.routes.iter().enumerate() {
+                let key = format!("sidecar.routes[{i}]");
+                if !r.prefix.starts_with('/') {
+                    out.push(
+                        format!("{key}.prefix"),
+                        format!("'{}' must start with /", r.prefix),
+                    );
+                }
+                self.validate_dataflow(&mut out, &key, &r.as_dataflow(i));
+            }
         }
         let a = &self.alerts;
         if let Some(w) = &a.webhook {

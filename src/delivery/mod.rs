@@ -292,7 +292,42 @@ impl DeliveryClient {
     }
 
     fn build(&self, req: OutboundRequest) -> Result<Request<Body>, DeliveryError> {
-        let mut url = req.url;
+        let body: Body = Full::new(req.body).map_err(|never| match never {}).boxed();
+        self.build_with(req.method, req.url, req.headers, body)
+    }
+
+    /// Send a request whose body streams, and return the answer with its body still
+    /// streaming (the sidecar). The timeout covers connecting and the response head; the body
+    /// then flows at the pace of both ends. No 401 retry: a stream cannot be sent twice.
+    pub async fn send_streaming(
+        &self,
+        method: Method,
+        url: url::Url,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<http::Response<hyper::body::Incoming>, DeliveryError> {
+        let credential = self.settings.auth.credential().await?;
+        let mut request = self.build_with(method, url, headers, body)?;
+        if let Some(c) = &credential {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, auth::bearer_header(c)?);
+        }
+        let timeout = self.settings.timeout;
+        tokio::time::timeout(timeout, self.pool().request(request))
+            .await
+            .map_err(|_| DeliveryError::new(ErrorKind::Timeout, format!("no answer within {timeout:?}")))?
+            .map_err(|e| self.explain(DeliveryError::classify(Box::new(e), "sending the request")))
+    }
+
+    fn build_with(
+        &self,
+        method: Method,
+        url: url::Url,
+        req_headers: HeaderMap,
+        body: Body,
+    ) -> Result<Request<Body>, DeliveryError> {
+        let mut url = url;
         if url.scheme() != "https" {
             return Err(DeliveryError::new(
                 ErrorKind::InvalidUrl,
@@ -309,7 +344,7 @@ impl DeliveryClient {
             .as_str()
             .parse()
             .map_err(|e| DeliveryError::new(ErrorKind::InvalidUrl, format!("{url}: {e}")))?;
-        let mut builder = Request::builder().method(req.method).uri(uri);
+        let mut builder = Request::builder().method(method).uri(uri);
         let headers = builder
             .headers_mut()
             .ok_or_else(|| DeliveryError::new(ErrorKind::InvalidRequest, "the request could not be built"))?;
@@ -317,11 +352,10 @@ impl DeliveryClient {
             headers.append(name.clone(), value.clone());
         }
         // Per-request headers win over configured ones of the same name.
-        for name in req.headers.keys() {
+        for name in req_headers.keys() {
             headers.remove(name);
         }
-        headers.extend(req.headers);
-        let body: Body = Full::new(req.body).map_err(|never| match never {}).boxed();
+        headers.extend(req_headers);
         builder
             .body(body)
             .map_err(|e| DeliveryError::new(ErrorKind::InvalidRequest, e.to_string()))

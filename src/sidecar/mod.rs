@@ -1,0 +1,286 @@
+//! The sidecar: an app on the same host speaks plain HTTP to a loopback listener; each
+//! request is carried out through the delivery core (mTLS-only, egress policy, route auth,
+//! pinned source addresses) and audited. Request and response bodies stream both ways; the
+//! request body is bounded by `max_body_bytes`.
+//!
+//! Must never: listen beyond loopback unless configured to, pass the app's `Authorization`
+//! on when the route authenticates itself, forward hop-by-hop headers, or buffer a body.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::audit::AuditRecord;
+use crate::config::Config;
+use crate::delivery::{
+    settings_for_dataflow_with, Body, BoxError, DeliveryClient, DeliveryError, ErrorKind, PeerInfo,
+};
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+struct Route {
+    prefix: String,
+    upstream: url::Url,
+    client: DeliveryClient,
+    authenticates: bool,
+    auth_kind: &'static str,
+    name: String,
+}
+
+/// A configured sidecar, ready to serve.
+pub struct Sidecar {
+    routes: Vec<Route>,
+    max_body: usize,
+    x_forwarded: bool,
+    audit: mpsc::Sender<AuditRecord>,
+}
+
+type Reply = Response<Body>;
+
+/// Build the sidecar from `[sidecar]`, with audit records written to the config's store.
+pub async fn build(cfg: &Config) -> Result<(Arc<Sidecar>, SocketAddr, tokio::task::JoinHandle<()>), String> {
+    let sc = cfg
+        .sidecar
+        .as_ref()
+        .ok_or("the config has no [sidecar] section")?;
+    let creds = crate::tls::creds::IdentityStore::all_from_config(cfg)?;
+    let mut routes = Vec::new();
+    for (i, r) in sc.routes.iter().enumerate() {
+        let df = r.as_dataflow(i);
+        let identity = creds.get(df.identity.as_deref().unwrap_or(crate::tls::creds::DEFAULT));
+        let settings = settings_for_dataflow_with(cfg, &df, None, identity)
+            .map_err(|e| format!("sidecar.routes[{i}]: {e}"))?;
+        routes.push(Route {
+            prefix: r.prefix.clone(),
+            upstream: url::Url::parse(&r.upstream)
+                .map_err(|e| format!("sidecar.routes[{i}].upstream: {e}"))?,
+            client: DeliveryClient::new(settings),
+            authenticates: !matches!(r.auth, crate::config::Auth::None),
+            auth_kind: r.auth.kind(),
+            name: format!("sidecar:{}", r.prefix),
+        });
+    }
+    // Longest prefix first.
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+    let store = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || crate::store::open(&cfg))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    let (tx, rx) = mpsc::channel(4096);
+    let writer = tokio::spawn(audit_writer(store, rx));
+    Ok((
+        Arc::new(Sidecar {
+            routes,
+            max_body: sc.max_body_bytes,
+            x_forwarded: sc.x_forwarded,
+            audit: tx,
+        }),
+        sc.listen,
+        writer,
+    ))
+}
+
+/// Audit records are appended in batches: one transaction per burst, not per request.
+async fn audit_writer(store: Arc<dyn crate::store::Store>, mut rx: mpsc::Receiver<AuditRecord>) {
+    let mut buf = Vec::with_capacity(1024);
+    while rx.recv_many(&mut buf, 1024).await > 0 {
+        let batch = std::mem::take(&mut buf);
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.append_audit(&batch)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "sidecar audit records could not be written"),
+            Err(e) => tracing::error!(error = %e, "sidecar audit writer failed"),
+        }
+    }
+}
+
+/// Serve on `listener` until the task is aborted.
+pub async fn serve(sidecar: Arc<Sidecar>, listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            continue;
+        };
+        let sc = sidecar.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let sc = sc.clone();
+                async move { Ok::<_, Infallible>(sc.handle(req, peer).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn json_error(status: StatusCode, kind: &str, message: &str) -> Reply {
+    let body = json!({"error": {"status": status.as_u16(), "kind": kind, "message": message}}).to_string();
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Copy headers minus hop-by-hop ones (and any the `Connection` header names).
+fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (k, v) in headers {
+        let name = k.as_str();
+        if !HOP_BY_HOP.contains(&name) && !named.iter().any(|n| n == name) {
+            out.append(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+impl Sidecar {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
+        let started = Instant::now();
+        let path = req.uri().path().to_owned();
+        let Some(route) = self.routes.iter().find(|r| path.starts_with(&r.prefix)) else {
+            return json_error(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "no sidecar route matches this path",
+            );
+        };
+        let mut url = route.upstream.clone();
+        let rest = &path[route.prefix.len()..];
+        let base = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base}/{}", rest.trim_start_matches('/')));
+        url.set_query(req.uri().query());
+        let (parts, body) = req.into_parts();
+        let mut headers = end_to_end(&parts.headers);
+        headers.remove(http::header::HOST);
+        if route.authenticates {
+            headers.remove(http::header::AUTHORIZATION);
+        }
+        if self.x_forwarded {
+            if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+                headers.insert("x-forwarded-for", v);
+            }
+            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        }
+        let limit = self.max_body;
+        let body: Body = Limited::new(body, limit).map_err(|e| -> BoxError { e }).boxed();
+        let result = route
+            .client
+            .send_streaming(parts.method.clone(), url, headers, body)
+            .await;
+        let (reply, status, error, peer_info) = match result {
+            Ok(res) => {
+                let peer_info = res.extensions().get::<Arc<PeerInfo>>().cloned();
+                let (mut rparts, rbody) = res.into_parts();
+                rparts.headers = end_to_end(&rparts.headers);
+                let status = rparts.status.as_u16();
+                let body: Body = rbody.map_err(|e| -> BoxError { Box::new(e) }).boxed();
+                (Response::from_parts(rparts, body), Some(status), None, peer_info)
+            }
+            Err(e) => (
+                self.error_reply(&e),
+                None,
+                Some(e.kind().as_str().to_owned()),
+                None,
+            ),
+        };
+        let record = AuditRecord {
+            at: crate::store::now_ms(),
+            dataflow: route.name.clone(),
+            destination: format!(
+                "{}:{}",
+                route.upstream.host_str().unwrap_or_default(),
+                route.upstream.port_or_known_default().unwrap_or(443)
+            ),
+            resolved_ip: peer_info.as_ref().map(|p| p.remote_addr.ip().to_string()),
+            source_ip: peer_info.as_ref().map(|p| p.local_addr.ip().to_string()),
+            profile_id: String::new(),
+            // Bodies stream through unread; their hash is not taken.
+            payload_sha256: String::new(),
+            idempotency_key: String::new(),
+            attempt: 1,
+            outcome: if error.is_none() {
+                "proxied".into()
+            } else {
+                "failed".into()
+            },
+            error_kind: error,
+            http_status: status,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            peer_cert_sha256: peer_info
+                .as_ref()
+                .and_then(|p| p.server_certificate.as_ref())
+                .map(|c| c.sha256_fingerprint.clone()),
+            auth: route.auth_kind.to_owned(),
+        };
+        if self.audit.try_send(record).is_err() {
+            tracing::error!("sidecar audit queue is full; a record was dropped");
+        }
+        reply
+    }
+
+    /// The proxy's own errors: typed, in JSON, never the upstream's words.
+    fn error_reply(&self, e: &DeliveryError) -> Reply {
+        let status = match e.kind() {
+            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        json_error(status, e.kind().as_str(), &e.to_string())
+    }
+}
+
+/// `sallyport sidecar`: serve until SIGINT/SIGTERM.
+pub async fn run(cfg: Config) -> Result<(), String> {
+    let (sidecar, listen, writer) = build(&cfg).await?;
+    if !listen.ip().is_loopback() {
+        eprintln!("sallyport: WARNING: the sidecar listens on {listen}, beyond loopback: anything that reaches it can send through the gateway");
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("sidecar listener {listen}: {e}"))?;
+    eprintln!(
+        "sallyport: sidecar on http://{listen} ({} route(s))",
+        sidecar.routes.len()
+    );
+    let server = tokio::spawn(serve(sidecar, listener));
+    let _ = tokio::signal::ctrl_c().await;
+    server.abort();
+    writer.abort();
+    Ok(())
+}

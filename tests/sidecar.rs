@@ -1,0 +1,274 @@
+//! The sidecar as an app sees it: plain HTTP on loopback in, mTLS out to nginx requiring a
+//! client certificate (certificates made by the `openssl` CLI), bodies streamed both ways,
+//! route auth injected, typed errors, keep-alive upstream, every request audited.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use sallyport::config::Config;
+use sallyport::receiver::ClientAuth;
+use support::*;
+
+struct Rig {
+    _tmp: tempfile::TempDir,
+    nginx: Peer,
+    rx: sallyport::receiver::Receiver,
+    _plain: sallyport::receiver::Receiver,
+    port: u16,
+    store_cfg: Config,
+}
+
+async fn rig() -> Rig {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let up = OpensslPki::new(d, "up");
+    let sink = free_port();
+    let nginx = nginx(
+        d,
+        &format!(
+            "log_format sp '$connection $request_length $status $request';\n\
+             server {{ listen 127.0.0.1:PORT ssl; ssl_certificate {}; ssl_certificate_key {};\n\
+             ssl_client_certificate {}; ssl_verify_client on; client_max_body_size 10m; access_log {}/sp.log sp;\n\
+                          gzip on; gzip_min_length 1; gzip_types text/plain;\n\
+             location /upload {{ proxy_pass http://127.0.0.1:{sink}/; }}\n\
+             location / {{ return 200 \"received $ssl_client_s_dn\"; }} }}\n\
+             server {{ listen 127.0.0.1:{sink}; access_log off; client_max_body_size 10m; location / {{ return 200 \"stored\"; }} }}",
+            up.server.display(),
+            up.server_key.display(),
+            up.ca.display(),
+            d.display()
+        ),
+    );
+    // Our recording receiver and a plain-TLS one, with rcgen certificates.
+    let pki = RcgenPki::new();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let plain = pki.receiver(ClientAuth::NotRequested, StatusCode::OK).await;
+    std::fs::write(d.join("route.token"), "route-token-77\n").unwrap();
+    let port = free_port();
+    // The gateway presents the openssl-made client certificate to nginx, and the rcgen one
+    // (via a named identity) to the rcgen receivers.
+    let text = format!(
+        "[identity]\ncert = \"{}\"\nkey = \"{}\"\n[identities.rc]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [egress]\nallow = [\"127.0.0.0/8\"]\n[store]\nurl = \"sqlite://sc.db\"\n\
+         [sidecar]\nlisten = \"127.0.0.1:{port}\"\nmax_body_bytes = 8388608\n\
+         [[sidecar.routes]]\nprefix = \"/nginx\"\nupstream = \"{}\"\nca = \"{}\"\n\
+         [[sidecar.routes]]\nprefix = \"/rx\"\nupstream = \"{}\"\nca = \"{}\"\nidentity = \"rc\"\n\
+         auth = {{ kind = \"bearer\", token_file = \"route.token\" }}\n\
+         [[sidecar.routes]]\nprefix = \"/plain\"\nupstream = \"{}\"\nca = \"{}\"\nidentity = \"rc\"\n\
+         [[sidecar.routes]]\nprefix = \"/denied\"\nupstream = \"https://10.0.0.5/\"\nca = \"{}\"\n",
+        up.client.display(),
+        up.client_key.display(),
+        pki.files.client_cert.display(),
+        pki.files.client_key.display(),
+        nginx.url(""),
+        up.ca.display(),
+        rx.url(""),
+        pki.files.ca_cert.display(),
+        plain.url(""),
+        pki.files.ca_cert.display(),
+        up.ca.display(),
+    );
+    let cfg = Config::from_toml(&text, std::path::Path::new("sc.toml"), d).unwrap();
+    let (sidecar, listen, _writer) = sallyport::sidecar::build(&cfg).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+    tokio::spawn(sallyport::sidecar::serve(sidecar, listener));
+    std::mem::forget(pki);
+    Rig {
+        _tmp: tmp,
+        nginx,
+        rx,
+        _plain: plain,
+        port,
+        store_cfg: cfg,
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection to the sidecar, as an app would hold it.
+async fn app(port: u16) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+async fn call(
+    tx: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (u16, http::HeaderMap, Bytes) {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    tx.ready().await.unwrap();
+    let res = tx.send_request(req.body(Full::new(body)).unwrap()).await.unwrap();
+    let (parts, body) = res.into_parts();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        body.collect().await.unwrap().to_bytes(),
+    )
+}
+
+fn nginx_log(r: &Rig) -> Vec<Vec<String>> {
+    std::fs::read_to_string(r.nginx.dir.parent().unwrap().join("sp.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split(' ').map(str::to_owned).collect())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_post_5mb_chunked_and_keep_alive_through_to_nginx() {
+    let r = rig().await;
+    let mut tx = app(r.port).await;
+    let (s, _, body) = call(&mut tx, "GET", "/nginx/hello", &[], Bytes::new()).await;
+    assert_eq!(s, 200);
+    assert!(
+        String::from_utf8_lossy(&body).contains("CN=up-client"),
+        "nginx saw our client certificate"
+    );
+
+    let big = Bytes::from(vec![b'x'; 5 * 1024 * 1024]);
+    // nginx answers `return 200` without reading the upload, so that app connection cannot be
+    // reused afterwards (HTTP semantics); keep-alive is checked on the upstream side below.
+    let mut upload = app(r.port).await;
+    let (s, _, _) = call(
+        &mut upload,
+        "POST",
+        "/nginx/upload",
+        &[("content-type", "application/octet-stream")],
+        big,
+    )
+    .await;
+    assert_eq!(s, 200);
+    // nginx answers `return 200` without reading the upload, so the app's connection cannot be
+    // reused after it (HTTP semantics); the upstream side is what keep-alive is about here.
+    let mut tx = app(r.port).await;
+
+    let (s, headers, body) = call(
+        &mut tx,
+        "GET",
+        "/nginx/chunked",
+        &[("accept-encoding", "gzip")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(headers.get("content-encoding").unwrap(), "gzip");
+    assert!(
+        headers.get("content-length").is_none(),
+        "a chunked answer streams through: {headers:?}"
+    );
+    assert!(!body.is_empty());
+
+    for _ in 0..10 {
+        assert_eq!(
+            call(&mut tx, "GET", "/nginx/again", &[], Bytes::new()).await.0,
+            200
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = nginx_log(&r);
+    let upload = log
+        .iter()
+        .find(|l| l.get(4).is_some_and(|p| p == "/upload"))
+        .unwrap();
+    assert!(
+        upload[1].parse::<usize>().unwrap() >= 5 * 1024 * 1024,
+        "{upload:?}"
+    );
+    let connections: std::collections::BTreeSet<&String> = log.iter().map(|l| &l[0]).collect();
+    assert!(
+        connections.len() < log.len(),
+        "{} connections for {} requests",
+        connections.len(),
+        log.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_auth_replaces_the_apps_authorization_and_hop_by_hop_headers_stop() {
+    let r = rig().await;
+    let mut tx = app(r.port).await;
+    let (s, _, _) = call(
+        &mut tx,
+        "POST",
+        "/rx/in?x=1",
+        &[
+            ("authorization", "Bearer app-secret"),
+            ("x-app", "1"),
+            ("connection", "keep-alive, x-drop-me"),
+            ("x-drop-me", "1"),
+        ],
+        Bytes::from_static(b"{}"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let got = &r.rx.received()[0];
+    assert_eq!(got.path_and_query, "/in?x=1");
+    let h = |n: &str| got.headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    assert_eq!(h("authorization").as_deref(), Some("Bearer route-token-77"));
+    assert_eq!(h("x-app").as_deref(), Some("1"));
+    assert!(
+        h("x-drop-me").is_none(),
+        "a header named by Connection is hop-by-hop"
+    );
+    assert_eq!(
+        got.client_cert.as_ref().unwrap().subject_cn.as_deref(),
+        Some("sallyport-gateway")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_errors_and_audit_records() {
+    let r = rig().await;
+    let mut tx = app(r.port).await;
+    let (s, _, body) = call(&mut tx, "POST", "/plain/in", &[], Bytes::from_static(b"{}")).await;
+    assert_eq!(s, 502);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["kind"], "mtls_not_requested", "{v}");
+    assert_eq!(r._plain.received().len(), 0);
+    let (s, _, body) = call(&mut tx, "GET", "/denied/x", &[], Bytes::new()).await;
+    assert_eq!(s, 502);
+    assert!(String::from_utf8_lossy(&body).contains("destination denied by egress policy"));
+    let (s, _, _) = call(&mut tx, "GET", "/nowhere", &[], Bytes::new()).await;
+    assert_eq!(s, 404);
+    assert_eq!(call(&mut tx, "GET", "/nginx/ok", &[], Bytes::new()).await.0, 200);
+    let store = sallyport::store::open(&r.store_cfg).unwrap();
+    let mut records = Vec::new();
+    for _ in 0..100 {
+        records = store.audit_records(0, 100).unwrap();
+        if records.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text: Vec<&str> = records.iter().map(|r| r.record.as_str()).collect();
+    assert!(
+        text.iter()
+            .any(|r| r.contains("\"errorKind\":\"mtls_not_requested\"")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter().any(|r| r.contains("\"errorKind\":\"egress_denied\"")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|r| r.contains("\"outcome\":\"proxied\"") && r.contains("\"httpStatus\":200")),
+        "{text:?}"
+    );
+}
