@@ -41,6 +41,15 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         workers.push(tokio::spawn(store.watch(std::time::Duration::from_secs(2))));
     }
     workers.push(tokio::spawn(alerts.run(engine.clone())));
+    if cfg.sidecar.is_some() {
+        let (sidecar, listen, writer) = crate::sidecar::build(&cfg).await?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("sidecar listener {listen}: {e}"))?;
+        eprintln!("sallyport: sidecar on http://{listen}");
+        workers.push(tokio::spawn(crate::sidecar::serve(sidecar, listener)));
+        workers.push(writer);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let servers = [
         tokio::spawn(api::serve(
@@ -74,7 +83,8 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Wait for SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

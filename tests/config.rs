@@ -298,3 +298,18 @@ fn cert_facts_match_openssl() {
     assert_eq!(facts.sans.ip, ["127.0.0.1"]);
     assert_eq!(facts.issuer, "CN=facts Test CA");
 }
+
+#[test]
+fn the_documented_sidecar_config_is_valid() {
+    let tmp = repo_like();
+    let text = std::fs::read_to_string("config/sidecar.toml").unwrap();
+    let cfg = Config::from_toml(
+        &text,
+        Path::new("config/sidecar.toml"),
+        &tmp.path().join("config"),
+    )
+    .unwrap();
+    let sc = cfg.sidecar.unwrap();
+    assert_eq!(sc.routes[0].prefix, "/acme");
+    assert!(sc.listen.ip().is_loopback());
+}

@@ -272,3 +272,39 @@ async fn typed_errors_and_audit_records() {
         "{text:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_proxy_mode_sends_absolute_form_requests_over_mtls_and_refuses_denied_hosts() {
+    let pki = RcgenPki::new();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let port = free_port();
+    let text = format!(
+        "[identity]\ncert = \"gateway.pem\"\nkey = \"gateway.key\"\n[egress]\nallow = [\"127.0.0.0/8\"]\n\
+         [store]\nurl = \"sqlite://fwd.db\"\n[sidecar]\nlisten = \"127.0.0.1:{port}\"\n\
+         [sidecar.forward_proxy]\nprefix = \"/\"\nupstream = \"https://forward.invalid/\"\nca = \"ca.pem\"\n"
+    );
+    let cfg = Config::from_toml(&text, std::path::Path::new("fwd.toml"), pki.dir.path()).unwrap();
+    let (sidecar, listen, _w) = sallyport::sidecar::build(&cfg).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+    tokio::spawn(sallyport::sidecar::serve(sidecar, listener));
+    let mut tx = app(port).await;
+    let target = format!("http://localhost:{}/hook?a=1", rx.addr.port());
+    let (s, _, _) = call(&mut tx, "POST", &target, &[], Bytes::from_static(b"{}")).await;
+    assert_eq!(s, 200);
+    let got = &rx.received()[0];
+    assert_eq!(got.path_and_query, "/hook?a=1");
+    assert_eq!(
+        got.client_cert.as_ref().unwrap().subject_cn.as_deref(),
+        Some("sallyport-gateway")
+    );
+    let (s, _, body) = call(
+        &mut tx,
+        "POST",
+        "http://10.0.0.5/hook",
+        &[],
+        Bytes::from_static(b"{}"),
+    )
+    .await;
+    assert_eq!(s, 403);
+    assert!(String::from_utf8_lossy(&body).contains("destination denied by egress policy"));
+}

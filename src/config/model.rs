@@ -232,6 +232,10 @@ pub struct SidecarConfig {
     /// Longest matching prefix wins.
     #[serde(default)]
     pub routes: Vec<SidecarRoute>,
+    /// Forward-proxy mode: absolute-form requests (`POST http://host/path`) are sent as
+    /// `https://host/path` when the host passes the egress policy. `upstream` is ignored;
+    /// `prefix` must be `/`. Default: off.
+    pub forward_proxy: Option<SidecarRoute>,
 }
 
 /// One route: requests under `prefix` go to `upstream` (prefix stripped), with the same
@@ -580,6 +584,9 @@ impl Config {
                         sc.listen
                     ),
                 );
+            }
+            if let Some(f) = &sc.forward_proxy {
+                self.validate_dataflow(&mut out, "sidecar.forward_proxy", &f.as_dataflow(usize::MAX));
             }
             for (i, r) in sc.routes.iter().enumerate() {
                 let key = format!("sidecar.routes[{i}]");

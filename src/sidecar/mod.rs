@@ -51,6 +51,8 @@ struct Route {
 /// A configured sidecar, ready to serve.
 pub struct Sidecar {
     routes: Vec<Route>,
+    /// Forward-proxy mode's client, when enabled.
+    forward: Option<Route>,
     max_body: usize,
     x_forwarded: bool,
     audit: mpsc::Sender<AuditRecord>,
@@ -81,6 +83,24 @@ pub async fn build(cfg: &Config) -> Result<(Arc<Sidecar>, SocketAddr, tokio::tas
             name: format!("sidecar:{}", r.prefix),
         });
     }
+    let forward = match &sc.forward_proxy {
+        Some(f) => {
+            let df = f.as_dataflow(usize::MAX);
+            let identity = creds.get(df.identity.as_deref().unwrap_or(crate::tls::creds::DEFAULT));
+            let settings = settings_for_dataflow_with(cfg, &df, None, identity)
+                .map_err(|e| format!("sidecar.forward_proxy: {e}"))?;
+            Some(Route {
+                prefix: "/".into(),
+                upstream: url::Url::parse(&f.upstream)
+                    .map_err(|e| format!("sidecar.forward_proxy.upstream: {e}"))?,
+                client: DeliveryClient::new(settings),
+                authenticates: !matches!(f.auth, crate::config::Auth::None),
+                auth_kind: f.auth.kind(),
+                name: "sidecar:forward".into(),
+            })
+        }
+        None => None,
+    };
     // Longest prefix first.
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
     let store = {
@@ -95,6 +115,7 @@ pub async fn build(cfg: &Config) -> Result<(Arc<Sidecar>, SocketAddr, tokio::tas
     Ok((
         Arc::new(Sidecar {
             routes,
+            forward,
             max_body: sc.max_body_bytes,
             x_forwarded: sc.x_forwarded,
             audit: tx,
@@ -174,18 +195,47 @@ impl Sidecar {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
         let started = Instant::now();
         let path = req.uri().path().to_owned();
-        let Some(route) = self.routes.iter().find(|r| path.starts_with(&r.prefix)) else {
-            return json_error(
-                StatusCode::NOT_FOUND,
-                "no_route",
-                "no sidecar route matches this path",
-            );
+        // Absolute-form (`GET http://host/path`): forward-proxy mode, sent as https.
+        let forward = req.uri().authority().map(|a| a.to_string());
+        let (route, url, forwarded) = match (forward, &self.forward) {
+            (Some(authority), Some(fwd)) => {
+                let target = format!(
+                    "https://{authority}{}",
+                    req.uri().path_and_query().map_or("/", |p| p.as_str())
+                );
+                match crate::config::check_url(&target) {
+                    Ok(u) => (fwd, u, true),
+                    Err(e) => return json_error(StatusCode::BAD_REQUEST, "invalid_url", &e),
+                }
+            }
+            (Some(_), None) => {
+                return json_error(
+                    StatusCode::FORBIDDEN,
+                    "forward_proxy_off",
+                    "forward-proxy mode is not enabled",
+                )
+            }
+            (None, _) => {
+                let Some(route) = self.routes.iter().find(|r| path.starts_with(&r.prefix)) else {
+                    return json_error(
+                        StatusCode::NOT_FOUND,
+                        "no_route",
+                        "no sidecar route matches this path",
+                    );
+                };
+                let mut url = route.upstream.clone();
+                let rest = &path[route.prefix.len()..];
+                let base = url.path().trim_end_matches('/').to_owned();
+                url.set_path(&format!("{base}/{}", rest.trim_start_matches('/')));
+                url.set_query(req.uri().query());
+                (route, url, false)
+            }
         };
-        let mut url = route.upstream.clone();
-        let rest = &path[route.prefix.len()..];
-        let base = url.path().trim_end_matches('/').to_owned();
-        url.set_path(&format!("{base}/{}", rest.trim_start_matches('/')));
-        url.set_query(req.uri().query());
+        let destination = format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or(443)
+        );
         let (parts, body) = req.into_parts();
         let mut headers = end_to_end(&parts.headers);
         headers.remove(http::header::HOST);
@@ -214,7 +264,7 @@ impl Sidecar {
                 (Response::from_parts(rparts, body), Some(status), None, peer_info)
             }
             Err(e) => (
-                self.error_reply(&e),
+                self.error_reply(&e, forwarded),
                 None,
                 Some(e.kind().as_str().to_owned()),
                 None,
@@ -223,11 +273,7 @@ impl Sidecar {
         let record = AuditRecord {
             at: crate::store::now_ms(),
             dataflow: route.name.clone(),
-            destination: format!(
-                "{}:{}",
-                route.upstream.host_str().unwrap_or_default(),
-                route.upstream.port_or_known_default().unwrap_or(443)
-            ),
+            destination,
             resolved_ip: peer_info.as_ref().map(|p| p.remote_addr.ip().to_string()),
             source_ip: peer_info.as_ref().map(|p| p.local_addr.ip().to_string()),
             profile_id: String::new(),
@@ -256,9 +302,11 @@ impl Sidecar {
     }
 
     /// The proxy's own errors: typed, in JSON, never the upstream's words.
-    fn error_reply(&self, e: &DeliveryError) -> Reply {
+    fn error_reply(&self, e: &DeliveryError, forwarded: bool) -> Reply {
         let status = match e.kind() {
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            // In forward mode the app chose the host: a refused one is the app's 403.
+            ErrorKind::EgressDenied if forwarded => StatusCode::FORBIDDEN,
             _ => StatusCode::BAD_GATEWAY,
         };
         json_error(status, e.kind().as_str(), &e.to_string())
@@ -279,7 +327,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         sidecar.routes.len()
     );
     let server = tokio::spawn(serve(sidecar, listener));
-    let _ = tokio::signal::ctrl_c().await;
+    crate::serve::shutdown_signal().await;
     server.abort();
     writer.abort();
     Ok(())
