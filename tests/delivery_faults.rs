@@ -251,3 +251,56 @@ async fn signed_deliveries_verify_with_the_standard_webhooks_scheme() {
     let expected = base64::engine::general_purpose::STANDARD.encode(ring::hmac::sign(&key, &signed).as_ref());
     assert_eq!(sig, format!("v1,{expected}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dlq_command_lists_and_purges_dead_letters() {
+    let pki = RcgenPki::new();
+    let rx = pki
+        .receiver(ClientAuth::Required, StatusCode::SERVICE_UNAVAILABLE)
+        .await;
+    // The same config, as a file the CLI reads.
+    let f = &pki.files;
+    let cfg_path = pki.dir.path().join("dlq.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://faults.db\"\n\
+             [[segments]]\nid = \"{SEG}\"\nname = \"S\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{}\"\nca = \"{}\"\n\
+             segments = [\"{SEG}\"]\nmax_attempts = 1\n",
+            f.client_cert.display(),
+            f.client_key.display(),
+            rx.url("/in"),
+            f.ca_cert.display()
+        ),
+    )
+    .unwrap();
+    let engine = Engine::open(&config(&pki, &rx.url("/in"), "max_attempts = 1"))
+        .await
+        .unwrap();
+    let workers = engine.spawn_workers();
+    engine.ingest(&one_profile()).await.unwrap();
+    let store = engine.store();
+    wait_for("a dead letter", Duration::from_secs(10), || {
+        !store.dead_letters(None, 5).unwrap().is_empty()
+    })
+    .await;
+    workers.iter().for_each(|w| w.abort());
+    let cfg = cfg_path.to_str().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["dlq", "list", "--config", cfg, "--json"]);
+    assert!(out.status.success());
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["dataflow"], "rx");
+    assert_eq!(list[0]["errors"][0]["status"], 503);
+    assert!(list[0].get("payload").is_none(), "the payload is never printed");
+    let out = run(&["dlq", "purge", "--config", cfg]);
+    assert_eq!(out.status.code(), Some(2), "ids or --all are required");
+    let out = run(&["dlq", "purge", "--config", cfg, "--all"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("purged 1 dead letter(s)"));
+    assert!(store.dead_letters(None, 5).unwrap().is_empty());
+}

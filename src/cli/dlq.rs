@@ -50,19 +50,9 @@ pub(super) async fn run(cmd: DlqCommand) -> Result<(), Failure> {
             println!("{}", serde_json::to_string_pretty(&d).map_err(Failure::failed)?);
             Ok(())
         }
-        DlqCommand::Replay {
-            config,
-            ids,
-            all,
-            dataflow,
-        } => {
+        DlqCommand::Replay { config, pick } => {
             let cfg = Config::load(&config).map_err(Failure::usage)?;
-            let ids = select(
-                &*store::open(&cfg).map_err(Failure::failed)?,
-                ids,
-                all,
-                dataflow.as_deref(),
-            )?;
+            let ids = select(&*store::open(&cfg).map_err(Failure::failed)?, pick)?;
             let engine = crate::export::Engine::open(&cfg).await.map_err(Failure::failed)?;
             let mut failed = 0;
             for id in &ids {
@@ -82,14 +72,9 @@ pub(super) async fn run(cmd: DlqCommand) -> Result<(), Failure> {
             }
             Ok(())
         }
-        DlqCommand::Purge {
-            config,
-            ids,
-            all,
-            dataflow,
-        } => {
+        DlqCommand::Purge { config, pick } => {
             let store = open(&config)?;
-            let ids = select(&*store, ids, all, dataflow.as_deref())?;
+            let ids = select(&*store, pick)?;
             for id in &ids {
                 store.remove_dead_letter(*id).map_err(Failure::failed)?;
             }
@@ -104,7 +89,9 @@ fn open(config: &Path) -> Result<std::sync::Arc<dyn Store>, Failure> {
     store::open(&cfg).map_err(Failure::failed)
 }
 
-fn select(store: &dyn Store, ids: Vec<i64>, all: bool, dataflow: Option<&str>) -> Result<Vec<i64>, Failure> {
+fn select(store: &dyn Store, pick: super::DlqSelection) -> Result<Vec<i64>, Failure> {
+    let super::DlqSelection { ids, all, dataflow } = pick;
+    let dataflow = dataflow.as_deref();
     match (ids.is_empty(), all) {
         (false, false) => Ok(ids),
         (true, true) => Ok(store

@@ -83,6 +83,18 @@ pub enum AuditCommand {
     },
 }
 
+/// Which dead letters a command acts on.
+#[derive(Debug, Args)]
+pub struct DlqSelection {
+    /// Dead letter ids; none with --all.
+    pub ids: Vec<i64>,
+    /// Every dead letter (of --dataflow when given).
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long)]
+    pub dataflow: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
     /// List dead letters (oldest first).
@@ -108,23 +120,15 @@ pub enum DlqCommand {
     Replay {
         #[arg(long, short, default_value = "config/sallyport.toml")]
         config: PathBuf,
-        /// Dead letter ids; none with --all.
-        ids: Vec<i64>,
-        /// Every dead letter (of --dataflow when given).
-        #[arg(long)]
-        all: bool,
-        #[arg(long)]
-        dataflow: Option<String>,
+        #[command(flatten)]
+        pick: DlqSelection,
     },
     /// Delete dead letters without sending them.
     Purge {
         #[arg(long, short, default_value = "config/sallyport.toml")]
         config: PathBuf,
-        ids: Vec<i64>,
-        #[arg(long)]
-        all: bool,
-        #[arg(long)]
-        dataflow: Option<String>,
+        #[command(flatten)]
+        pick: DlqSelection,
     },
 }
 

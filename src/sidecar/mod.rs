@@ -69,36 +69,24 @@ pub async fn build(cfg: &Config) -> Result<(Arc<Sidecar>, SocketAddr, tokio::tas
     let creds = crate::tls::creds::IdentityStore::all_from_config(cfg)?;
     let mut routes = Vec::new();
     for (i, r) in sc.routes.iter().enumerate() {
-        let df = r.as_dataflow(i);
-        let identity = creds.get(df.identity.as_deref().unwrap_or(crate::tls::creds::DEFAULT));
-        let settings = settings_for_dataflow_with(cfg, &df, None, identity)
-            .map_err(|e| format!("sidecar.routes[{i}]: {e}"))?;
-        routes.push(Route {
-            prefix: r.prefix.clone(),
-            upstream: url::Url::parse(&r.upstream)
-                .map_err(|e| format!("sidecar.routes[{i}].upstream: {e}"))?,
-            client: DeliveryClient::new(settings),
-            authenticates: !matches!(r.auth, crate::config::Auth::None),
-            auth_kind: r.auth.kind(),
-            name: format!("sidecar:{}", r.prefix),
-        });
+        routes.push(route(
+            cfg,
+            &creds,
+            r,
+            i,
+            &format!("sidecar.routes[{i}]"),
+            format!("sidecar:{}", r.prefix),
+        )?);
     }
     let forward = match &sc.forward_proxy {
-        Some(f) => {
-            let df = f.as_dataflow(usize::MAX);
-            let identity = creds.get(df.identity.as_deref().unwrap_or(crate::tls::creds::DEFAULT));
-            let settings = settings_for_dataflow_with(cfg, &df, None, identity)
-                .map_err(|e| format!("sidecar.forward_proxy: {e}"))?;
-            Some(Route {
-                prefix: "/".into(),
-                upstream: url::Url::parse(&f.upstream)
-                    .map_err(|e| format!("sidecar.forward_proxy.upstream: {e}"))?,
-                client: DeliveryClient::new(settings),
-                authenticates: !matches!(f.auth, crate::config::Auth::None),
-                auth_kind: f.auth.kind(),
-                name: "sidecar:forward".into(),
-            })
-        }
+        Some(f) => Some(route(
+            cfg,
+            &creds,
+            f,
+            usize::MAX,
+            "sidecar.forward_proxy",
+            "sidecar:forward".into(),
+        )?),
         None => None,
     };
     // Longest prefix first.
@@ -123,6 +111,28 @@ pub async fn build(cfg: &Config) -> Result<(Arc<Sidecar>, SocketAddr, tokio::tas
         sc.listen,
         writer,
     ))
+}
+
+/// One route's runtime: connected exactly like a dataflow with the same settings.
+fn route(
+    cfg: &Config,
+    creds: &std::collections::BTreeMap<String, Arc<crate::tls::creds::IdentityStore>>,
+    r: &crate::config::SidecarRoute,
+    index: usize,
+    key: &str,
+    name: String,
+) -> Result<Route, String> {
+    let df = r.as_dataflow(index);
+    let identity = creds.get(df.identity.as_deref().unwrap_or(crate::tls::creds::DEFAULT));
+    let settings = settings_for_dataflow_with(cfg, &df, None, identity).map_err(|e| format!("{key}: {e}"))?;
+    Ok(Route {
+        prefix: r.prefix.clone(),
+        upstream: url::Url::parse(&r.upstream).map_err(|e| format!("{key}.upstream: {e}"))?,
+        client: DeliveryClient::new(settings),
+        authenticates: !matches!(r.auth, crate::config::Auth::None),
+        auth_kind: r.auth.kind(),
+        name,
+    })
 }
 
 /// Audit records are appended in batches: one transaction per burst, not per request.
