@@ -5,8 +5,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -18,17 +17,26 @@ use support::*;
 
 const SEG: &str = "s1";
 
-fn config(pki: &RcgenPki, url: &str, extra: &str) -> Config {
+/// The faults config as TOML text (the CLI test writes it to a file).
+fn config_text(pki: &RcgenPki, url: &str, extra: &str) -> String {
     let f = &pki.files;
-    let text = format!(
+    format!(
         "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://faults.db\"\n\
          [[segments]]\nid = \"{SEG}\"\nname = \"S\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{url}\"\nca = \"{}\"\n\
          segments = [\"{SEG}\"]\n{extra}\n",
         f.client_cert.display(),
         f.client_key.display(),
         f.ca_cert.display()
-    );
-    Config::from_toml(&text, std::path::Path::new("t.toml"), pki.dir.path()).unwrap()
+    )
+}
+
+fn config(pki: &RcgenPki, url: &str, extra: &str) -> Config {
+    Config::from_toml(
+        &config_text(pki, url, extra),
+        std::path::Path::new("t.toml"),
+        pki.dir.path(),
+    )
+    .unwrap()
 }
 
 async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
@@ -48,24 +56,7 @@ fn one_profile() -> Vec<u8> {
 /// check: 3 attempts, one dead letter with 3 errors of `kind`, same key on every attempt.
 async fn three_attempts_then_dead_letter(fault: Action, extra: &str, kind: &str) {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let healthy = Arc::new(AtomicBool::new(false));
-    let h = healthy.clone();
-    let rx = Receiver::start_with(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        Arc::new(move |_| {
-            if h.load(Ordering::SeqCst) {
-                Action::Respond(StatusCode::OK, vec![])
-            } else {
-                fault.clone()
-            }
-        }),
-    )
-    .await
-    .unwrap();
+    let (rx, healthy) = pki.receiver_failing_until_healthy(fault).await;
     let engine = Engine::open(&config(&pki, &rx.url("/in"), extra)).await.unwrap();
     let workers = engine.spawn_workers();
     engine.ingest(&one_profile()).await.unwrap();
@@ -259,21 +250,8 @@ async fn the_dlq_command_lists_and_purges_dead_letters() {
         .receiver(ClientAuth::Required, StatusCode::SERVICE_UNAVAILABLE)
         .await;
     // The same config, as a file the CLI reads.
-    let f = &pki.files;
     let cfg_path = pki.dir.path().join("dlq.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://faults.db\"\n\
-             [[segments]]\nid = \"{SEG}\"\nname = \"S\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{}\"\nca = \"{}\"\n\
-             segments = [\"{SEG}\"]\nmax_attempts = 1\n",
-            f.client_cert.display(),
-            f.client_key.display(),
-            rx.url("/in"),
-            f.ca_cert.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg_path, config_text(&pki, &rx.url("/in"), "max_attempts = 1")).unwrap();
     let engine = Engine::open(&config(&pki, &rx.url("/in"), "max_attempts = 1"))
         .await
         .unwrap();

@@ -5,8 +5,7 @@
 mod support;
 
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -150,25 +149,9 @@ async fn ingest_over_the_admin_api_delivers_and_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_over_the_admin_api_list_show_replay_and_purge() {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let healthy = Arc::new(AtomicBool::new(false));
-    let h = healthy.clone();
-    let rx = Receiver::start_with(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        Arc::new(move |_| {
-            let s = if h.load(Ordering::SeqCst) {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            Action::Respond(s, vec![])
-        }),
-    )
-    .await
-    .unwrap();
+    let (rx, healthy) = pki
+        .receiver_failing_until_healthy(Action::Respond(StatusCode::SERVICE_UNAVAILABLE, vec![]))
+        .await;
     let (cfg, public, admin) = write_config(&pki, &rx.url("/in"), "max_attempts = 1", true);
     let gw = start(&cfg, public, admin).await;
     let (s, _) = http(
@@ -249,25 +232,10 @@ async fn without_a_token_the_admin_api_refuses_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_accepted_is_lost_to_kill_9() {
     let pki = RcgenPki::new();
-    let f = &pki.files;
     // The receiver sits on every request (longer than the timeout) until told to answer.
-    let healthy = Arc::new(AtomicBool::new(false));
-    let h = healthy.clone();
-    let rx = Receiver::start_with(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        Arc::new(move |_| {
-            if h.load(Ordering::SeqCst) {
-                Action::Respond(StatusCode::OK, vec![])
-            } else {
-                Action::Delay(Duration::from_secs(5), StatusCode::OK)
-            }
-        }),
-    )
-    .await
-    .unwrap();
+    let (rx, healthy) = pki
+        .receiver_failing_until_healthy(Action::Delay(Duration::from_secs(5), StatusCode::OK))
+        .await;
     let (cfg, public, admin) =
         write_config(&pki, &rx.url("/in"), "timeout = \"2s\"\nmax_attempts = 10", true);
     let mut gw = start(&cfg, public, admin).await;

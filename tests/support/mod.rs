@@ -30,6 +30,36 @@ impl RcgenPki {
             .unwrap()
     }
 
+    /// A receiver that answers with `fault` until the returned flag is set, then 200.
+    pub async fn receiver_failing_until_healthy(
+        &self,
+        fault: sallyport::receiver::Action,
+    ) -> (
+        sallyport::receiver::Receiver,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let healthy = std::sync::Arc::new(AtomicBool::new(false));
+        let h = healthy.clone();
+        let f = &self.files;
+        let rx = sallyport::receiver::Receiver::start_with(
+            &f.server_cert,
+            &f.server_key,
+            &f.ca_cert,
+            sallyport::receiver::ClientAuth::Required,
+            std::sync::Arc::new(move |_| {
+                if h.load(Ordering::SeqCst) {
+                    sallyport::receiver::Action::Respond(http::StatusCode::OK, vec![])
+                } else {
+                    fault.clone()
+                }
+            }),
+        )
+        .await
+        .unwrap();
+        (rx, healthy)
+    }
+
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let files = pki::init(
