@@ -120,7 +120,7 @@ async fn every_attempt_is_recorded_and_the_untouched_log_verifies() {
     let (code, out) = verify(&cfg);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("6 record(s) verified (hash chain and HMAC)"),
+        out.contains("6 record(s) verified in 1 chain(s) (hash chain and HMAC)"),
         "{out}"
     );
     let (_, export, _) = sallyport(&["audit", "export", "--config", cfg.to_str().unwrap()]);

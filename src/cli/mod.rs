@@ -477,46 +477,57 @@ fn audit(cmd: AuditCommand) -> Result<(), Failure> {
     let cfg = Config::load(config).map_err(Failure::usage)?;
     let store = crate::store::open(&cfg).map_err(Failure::failed)?;
     let chain = crate::store::audit_chain(&cfg).map_err(Failure::failed)?;
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = store.audit_records(after, 10_000).map_err(Failure::failed)?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        all.extend(page);
-    }
-    match cmd {
-        AuditCommand::Verify { .. } => match crate::audit::verify(&all, &chain) {
-            Ok(n) => {
-                println!(
-                    "audit log intact: {n} record(s) verified{}",
-                    if cfg.audit.key_env.is_some() || cfg.audit.key_file.is_some() {
-                        " (hash chain and HMAC)"
-                    } else {
-                        " (hash chain)"
-                    }
-                );
-                Ok(())
-            }
-            Err(b) => Err(Failure::failed(format!(
-                "audit log broken at record {}: {}",
-                b.seq, b.reason
-            ))),
-        },
-        AuditCommand::Export { .. } => {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            for r in &all {
-                let rec: serde_json::Value = serde_json::from_str(&r.record).map_err(Failure::failed)?;
-                if since_ms.is_some_and(|s| rec["at"].as_i64().unwrap_or(0) < s) {
-                    continue;
+    let keyed = cfg.audit.key_env.is_some() || cfg.audit.key_file.is_some();
+    let chains = store.audit_chains().map_err(Failure::failed)?;
+    let mut out = std::io::stdout().lock();
+    let mut total = 0;
+    for name in &chains {
+        // One chain at a time, page by page: memory stays bounded by the longest chain.
+        let mut records = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store
+                .audit_chain_records(name, after, 10_000)
+                .map_err(Failure::failed)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            records.extend(page);
+        }
+        match cmd {
+            AuditCommand::Verify { .. } => match crate::audit::verify(&records, &chain) {
+                Ok(n) => total += n,
+                Err(b) => {
+                    return Err(Failure::failed(format!(
+                        "audit log broken at record {} of chain '{name}': {}",
+                        b.seq, b.reason
+                    )))
                 }
-                let line = serde_json::json!({"seq": r.seq, "hash": r.hash, "prev": r.prev, "record": rec});
-                writeln!(out, "{line}").map_err(Failure::failed)?;
+            },
+            AuditCommand::Export { .. } => {
+                use std::io::Write;
+                for r in &records {
+                    let rec: serde_json::Value = serde_json::from_str(&r.record).map_err(Failure::failed)?;
+                    if since_ms.is_some_and(|s| rec["at"].as_i64().unwrap_or(0) < s) {
+                        continue;
+                    }
+                    let line = serde_json::json!({"chain": name, "seq": r.seq, "hash": r.hash, "prev": r.prev, "record": rec});
+                    writeln!(out, "{line}").map_err(Failure::failed)?;
+                }
             }
-            Ok(())
         }
     }
+    if let AuditCommand::Verify { .. } = cmd {
+        println!(
+            "audit log intact: {total} record(s) verified in {} chain(s){}",
+            chains.len(),
+            if keyed {
+                " (hash chain and HMAC)"
+            } else {
+                " (hash chain)"
+            }
+        );
+    }
+    Ok(())
 }
 
 async fn ingest(args: IngestArgs) -> Result<(), Failure> {

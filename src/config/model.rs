@@ -134,17 +134,66 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite://PATH` (default `sqlite://var/sallyport.db`) or `postgres://…`.
+    /// `sqlite://PATH` (default `sqlite://var/sallyport.db`) or `postgres://user@host:port/db`
+    /// (several instances may share one PostgreSQL database). Put no password here: use
+    /// `password_env` or `password_file`.
     #[serde(default = "default_store_url")]
     pub url: String,
+    /// PostgreSQL password from this environment variable. Default: none (trust/peer auth).
+    pub password_env: Option<String>,
+    /// PostgreSQL password from this file. Default: none.
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL schema holding Sallyport's tables (created when missing). Default `public`.
+    pub schema: Option<String>,
+    /// This instance's name in leases and its audit chain (PostgreSQL). Default: the host name.
+    pub instance: Option<String>,
+    /// How long a claimed delivery stays leased to the instance that claimed it; after that,
+    /// another instance may take it over (an instance that died). Default `"30s"`.
+    #[serde(default = "default_lease")]
+    pub lease: String,
+    /// PostgreSQL connections per instance. Default 4.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             url: default_store_url(),
+            password_env: None,
+            password_file: None,
+            schema: None,
+            instance: None,
+            lease: default_lease(),
+            pool_size: default_pool_size(),
         }
     }
+}
+
+impl StoreConfig {
+    /// The validated lease (validation guarantees it parses).
+    pub fn lease(&self) -> Duration {
+        parse_duration(&self.lease).unwrap_or(Duration::from_secs(30))
+    }
+
+    /// The URL with any password replaced, fit for a log line or an error.
+    pub fn redacted_url(&self) -> String {
+        match url::Url::parse(&self.url) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("REDACTED"));
+                u.to_string()
+            }
+            Ok(u) => u.to_string(),
+            Err(_) => "(unparseable URL)".into(),
+        }
+    }
+}
+
+fn default_lease() -> String {
+    "30s".into()
+}
+fn default_pool_size() -> usize {
+    4
 }
 
 /// Alert rules, evaluated every `interval`; a firing alert is logged and, when `webhook` is
@@ -636,8 +685,59 @@ impl Config {
         {
             out.push(
                 "store.url",
-                format!("'{}' must start with sqlite:// or postgres://", self.store.url),
+                format!(
+                    "'{}' must start with sqlite:// or postgres://",
+                    self.store.redacted_url()
+                ),
             );
+        }
+        let pg = !self.store.url.starts_with("sqlite://");
+        if pg && url::Url::parse(&self.store.url).is_ok_and(|u| u.password().is_some()) {
+            out.push(
+                "store.url",
+                "holds a password; use store.password_env or store.password_file instead",
+            );
+        }
+        if self.store.password_env.is_some() || self.store.password_file.is_some() {
+            self.check_secret(
+                &mut out,
+                "store",
+                "password",
+                self.store.password_env.as_ref(),
+                self.store.password_file.as_ref(),
+            );
+        }
+        match parse_duration(&self.store.lease) {
+            Ok(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(3600) => {}
+            _ => out.push(
+                "store.lease",
+                format!("'{}' must be a duration from 1s to 1h", self.store.lease),
+            ),
+        }
+        if !(1..=64).contains(&self.store.pool_size) {
+            out.push("store.pool_size", "must be from 1 to 64");
+        }
+        let ident_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        };
+        if let Some(schema) = &self.store.schema {
+            if !(ident_ok(schema) && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')) {
+                out.push(
+                    "store.schema",
+                    format!("'{schema}' must be 1-63 letters, digits or '_'"),
+                );
+            }
+        }
+        if let Some(instance) = &self.store.instance {
+            if !ident_ok(instance) {
+                out.push(
+                    "store.instance",
+                    format!("'{instance}' must be 1-63 letters, digits, '.', '-' or '_'"),
+                );
+            }
         }
         let mut names = std::collections::HashSet::new();
         for (i, df) in self.dataflows.iter().enumerate() {

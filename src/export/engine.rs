@@ -26,10 +26,10 @@ use crate::delivery::{
 };
 use crate::store::{self, now_ms, AttemptError, Completion, OutboxItem, Store, StoreError};
 
+/// How often an instance on a shared store looks for dataflow changes made elsewhere.
+const DATAFLOW_POLL: Duration = Duration::from_secs(2);
 /// Rows claimed per round trip to the store.
 const BATCH: usize = 512;
-/// How long a claimed row stays leased to this worker.
-const LEASE_MS: i64 = 30_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -72,6 +72,9 @@ struct Inner {
     stats: Stats,
     /// The client identities by name (`default` and `[identities]`): rotation, hot reload.
     creds: std::collections::BTreeMap<String, Arc<crate::tls::creds::IdentityStore>>,
+    /// API-managed dataflows running here, as stored (name → JSON); on a shared store this
+    /// is compared with the database to pick up other instances' changes.
+    api_known: Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// The ingest-to-delivered latency histogram (microseconds).
@@ -152,10 +155,12 @@ impl Engine {
             let s = store.clone();
             blocking(move || s.api_dataflows()).await?
         };
+        let mut api_known = std::collections::HashMap::new();
         for (name, json) in saved {
             match serde_json::from_str::<crate::config::Dataflow>(&json) {
                 Ok(df) if cfg.dataflow(&df.name).is_none() => {
-                    flows.push(Arc::new(build_flow(&store, cfg, &creds, &df).await?))
+                    flows.push(Arc::new(build_flow(&store, cfg, &creds, &df).await?));
+                    api_known.insert(name, json);
                 }
                 Ok(_) => {
                     tracing::warn!(dataflow = %name, "an API-managed dataflow has the name of a configured one; the config wins")
@@ -179,6 +184,7 @@ impl Engine {
                 stats: Stats {
                     latency_us: Mutex::new(histogram),
                 },
+                api_known: Mutex::new(api_known),
             }),
         })
     }
@@ -394,6 +400,19 @@ impl Engine {
             })
             .collect();
         *self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
+        let mut handles = handles;
+        if self.inner.store.shared() {
+            // Other instances may change API-managed dataflows: poll for their changes.
+            let engine = self.clone();
+            handles.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(DATAFLOW_POLL).await;
+                    if let Err(e) = engine.sync_api_dataflows().await {
+                        tracing::warn!(error = %e, "reading shared dataflows failed");
+                    }
+                }
+            }));
+        }
         handles
     }
 
@@ -432,16 +451,74 @@ impl Engine {
                 .map_err(|e| DataflowChange::Invalid(vec![e.to_string()]))?,
         );
         let json = serde_json::to_string(&df).map_err(|e| DataflowChange::Invalid(vec![e.to_string()]))?;
-        let (s, name) = (self.inner.store.clone(), df.name.clone());
-        blocking(move || s.save_api_dataflow(&name, &json))
+        let (s, name, j) = (self.inner.store.clone(), df.name.clone(), json.clone());
+        blocking(move || s.save_api_dataflow(&name, &j))
             .await
             .map_err(|e| DataflowChange::Store(e.to_string()))?;
-        if let Ok(mut flows) = self.inner.flows.write() {
-            flows.retain(|f| f.spec.name != df.name);
-            flows.push(flow.clone());
-        }
-        self.restart_worker(&df.name, Some(flow));
+        self.install_flow(&df.name, Some((flow, json)));
         Ok(())
+    }
+
+    /// Run `flow` as dataflow `name` (replacing any running one), or stop it (`None`).
+    fn install_flow(&self, name: &str, flow: Option<(Arc<Flow>, String)>) {
+        if let Ok(mut flows) = self.inner.flows.write() {
+            flows.retain(|f| f.spec.name != name);
+            if let Some((f, _)) = &flow {
+                flows.push(f.clone());
+            }
+        }
+        {
+            let mut known = self.inner.api_known.lock().unwrap_or_else(|p| p.into_inner());
+            match &flow {
+                Some((_, json)) => known.insert(name.to_owned(), json.clone()),
+                None => known.remove(name),
+            };
+        }
+        self.restart_worker(name, flow.map(|(f, _)| f));
+    }
+
+    /// Pick up API-managed dataflows that another instance created, changed or deleted in a
+    /// shared store. Returns how many changed here.
+    pub async fn sync_api_dataflows(&self) -> Result<usize, EngineError> {
+        let stored: std::collections::HashMap<String, String> =
+            self.api_dataflows().await?.into_iter().collect();
+        let known = self
+            .inner
+            .api_known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut changed = 0;
+        for name in known.keys().filter(|n| !stored.contains_key(*n)) {
+            tracing::info!(dataflow = %name, "dataflow deleted by another instance");
+            self.install_flow(name, None);
+            changed += 1;
+        }
+        for (name, json) in stored {
+            if known.get(&name) == Some(&json) || self.inner.cfg.dataflow(&name).is_some() {
+                continue;
+            }
+            let df = match serde_json::from_str::<crate::config::Dataflow>(&json) {
+                Ok(df) => df,
+                Err(e) => {
+                    tracing::error!(dataflow = %name, error = %e, "a stored API-managed dataflow does not parse; skipped");
+                    continue;
+                }
+            };
+            let mut candidate = self.inner.cfg.clone();
+            candidate.dataflows.push(df.clone());
+            match build_flow(&self.inner.store, &candidate, &self.inner.creds, &df).await {
+                Ok(flow) => {
+                    tracing::info!(dataflow = %name, "dataflow changed by another instance");
+                    self.install_flow(&name, Some((Arc::new(flow), json)));
+                    changed += 1;
+                }
+                Err(e) => {
+                    tracing::error!(dataflow = %name, error = %e, "a dataflow changed by another instance cannot run here")
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// Remove an API-managed dataflow: its worker stops, its queued deliveries and segment
@@ -456,10 +533,7 @@ impl Engine {
         let existed = blocking(move || s.delete_api_dataflow(&n))
             .await
             .map_err(|e| DataflowChange::Store(e.to_string()))?;
-        if let Ok(mut flows) = self.inner.flows.write() {
-            flows.retain(|f| f.spec.name != name);
-        }
-        self.restart_worker(name, None);
+        self.install_flow(name, None);
         Ok(existed)
     }
 
@@ -559,7 +633,8 @@ async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
     let completer = tokio::spawn(complete_loop(inner.clone(), flow.clone(), done_rx));
     loop {
         let (s, name) = (inner.store.clone(), flow.spec.name.clone());
-        let items = match blocking(move || s.claim(&name, BATCH, now_ms(), LEASE_MS)).await {
+        let lease_ms = i64::try_from(inner.cfg.store.lease().as_millis()).unwrap_or(30_000);
+        let items = match blocking(move || s.claim(&name, BATCH, now_ms(), lease_ms)).await {
             Ok(items) => items,
             Err(e) => {
                 tracing::error!(dataflow = %flow.spec.name, error = %e, "claiming deliveries failed");

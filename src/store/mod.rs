@@ -9,6 +9,7 @@
 //!
 //! Must never: acknowledge an update before it is committed, or lose an outbox row on crash.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -19,17 +20,20 @@ use crate::export::spec::MappedSegment;
 use crate::export::trigger::{Reasons, Trigger};
 use crate::export::update::ProfileUpdate;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("store: PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
     #[error("store: {path}: {reason}")]
     Open { path: String, reason: String },
     #[error("store: stored data is corrupt: {0}")]
     Corrupt(String),
-    #[error("store: unsupported URL '{0}' (expected sqlite://PATH)")]
+    #[error("store: unsupported URL '{0}' (expected sqlite://PATH or postgres://…)")]
     Url(String),
 }
 
@@ -149,8 +153,30 @@ pub trait Store: Send + Sync + 'static {
     /// Append audit records (attempts made outside the outbox, such as replays).
     fn append_audit(&self, audit: &[AuditRecord]) -> Result<(), StoreError>;
 
-    /// Audit records after `after_seq`, in order, at most `limit`.
-    fn audit_records(&self, after_seq: i64, limit: usize) -> Result<Vec<ChainedRecord>, StoreError>;
+    /// The audit chain this process appends to.
+    fn chain_id(&self) -> String;
+
+    /// Every audit chain in the store (one per gateway process on a shared store).
+    fn audit_chains(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Records of one audit chain after `after_seq`, in order, at most `limit`.
+    fn audit_chain_records(
+        &self,
+        chain: &str,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<ChainedRecord>, StoreError>;
+
+    /// Records of this process's audit chain after `after_seq`, in order, at most `limit`.
+    fn audit_records(&self, after_seq: i64, limit: usize) -> Result<Vec<ChainedRecord>, StoreError> {
+        self.audit_chain_records(&self.chain_id(), after_seq, limit)
+    }
+
+    /// Whether other gateway instances may change this store (dataflows managed through
+    /// another instance's admin API must then be picked up by polling).
+    fn shared(&self) -> bool {
+        false
+    }
 
     /// Rows waiting (all dataflows when `None`).
     fn pending(&self, dataflow: Option<&str>) -> Result<u64, StoreError>;
@@ -184,13 +210,49 @@ pub trait Store: Send + Sync + 'static {
 /// Open the store a config names.
 pub fn open(cfg: &crate::config::Config) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     let url = &cfg.store.url;
-    match url.strip_prefix("sqlite://") {
-        Some(path) => Ok(std::sync::Arc::new(SqliteStore::open(
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        return Ok(std::sync::Arc::new(SqliteStore::open(
             &cfg.path(std::path::Path::new(path)),
             audit_chain(cfg)?,
-        )?)),
-        None => Err(StoreError::Url(url.clone())),
+        )?));
     }
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(StoreError::Url(cfg.store.redacted_url()));
+    }
+    let password = if cfg.store.password_env.is_some() || cfg.store.password_file.is_some() {
+        let secret = cfg
+            .secret_source(
+                cfg.store.password_env.as_ref(),
+                cfg.store.password_file.as_ref(),
+                "password",
+            )
+            .and_then(|s| s.read())
+            .map_err(|reason| StoreError::Open {
+                path: "store.password".into(),
+                reason,
+            })?;
+        Some(secret.expose().to_owned())
+    } else {
+        None
+    };
+    let instance = cfg.store.instance.clone().unwrap_or_else(host_name);
+    Ok(std::sync::Arc::new(PgStore::open(
+        url,
+        password.as_deref(),
+        cfg.store.schema.as_deref(),
+        &instance,
+        cfg.store.pool_size,
+        audit_chain(cfg)?,
+    )?))
+}
+
+/// This machine's host name, for naming the instance (`gateway` when it cannot be read).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into())
 }
 
 /// The audit chain with the configured key, if any.

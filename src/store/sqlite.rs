@@ -23,6 +23,9 @@ use crate::export::update::{ProfileUpdate, SegmentStatus};
 
 const SCHEMA_VERSION: i64 = 1;
 
+/// The one audit chain of the embedded store (one gateway process writes it).
+const CHAIN: &str = "local";
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS profiles (
@@ -621,7 +624,23 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn audit_records(&self, after_seq: i64, limit: usize) -> Result<Vec<ChainedRecord>, StoreError> {
+    fn chain_id(&self) -> String {
+        CHAIN.into()
+    }
+
+    fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        Ok(vec![CHAIN.into()])
+    }
+
+    fn audit_chain_records(
+        &self,
+        chain: &str,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<ChainedRecord>, StoreError> {
+        if chain != CHAIN {
+            return Ok(Vec::new());
+        }
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         let mut stmt = conn.prepare_cached(
             "SELECT seq, record, prev, hash, mac FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",

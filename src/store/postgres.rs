@@ -1,0 +1,936 @@
+//! The shared store: PostgreSQL, for several gateway instances on one database.
+//!
+//! Work sharing: outbox rows are claimed in batches with `FOR UPDATE SKIP LOCKED` and leased
+//! to the claiming instance (`lease_owner`, `lease_until`). An instance that dies leaves its
+//! leases to expire; then any instance claims those rows again and sends them under the same
+//! idempotency key (it is made of the row id and version, both stored here). Per-profile
+//! order holds across instances for the same reason it holds in one: a (dataflow, profile)
+//! has one outbox row, and a row has one lease at a time.
+//!
+//! Audit: each running instance appends to its own hash chain (`audit.chain` = instance name,
+//! process id and start time), so writers never wait for each other's chain head and a chain
+//! never forks. `sallyport audit verify` verifies every chain from its genesis.
+//!
+//! Ingest: profiles touched by a batch are locked (`FOR UPDATE`, new ones by their insert)
+//! for the read-merge-write, so two instances ingesting the same profile serialise on it. A
+//! deadlock or serialisation failure rolls back and the transaction is retried.
+//!
+//! The driver is tokio-postgres. Its connection tasks run on a small runtime owned by the
+//! store, so the blocking `Store` methods can be called from any thread (including one
+//! inside another runtime) and simply wait for their answer.
+//!
+//! Must never: acknowledge an update before it is committed, lose an outbox row, or put the
+//! database password in a log line or an error.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
+
+use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, StoreError};
+use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
+use crate::export::profile::{Membership, Profile};
+use crate::export::spec::MappedSegment;
+use crate::export::trigger::{Reasons, Trigger};
+use crate::export::update::{ProfileUpdate, SegmentStatus};
+
+/// Schema migrations, applied in order on start under an advisory lock; each version is
+/// recorded in `schema_migrations`.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "
+CREATE TABLE profiles (
+  id TEXT PRIMARY KEY,
+  merge_policy TEXT NOT NULL,
+  identity_map TEXT NOT NULL,
+  attributes TEXT NOT NULL,
+  updated_at BIGINT NOT NULL
+);
+CREATE TABLE memberships (
+  profile_id TEXT NOT NULL,
+  segment_id TEXT NOT NULL,
+  status TEXT NOT NULL,
+  last_qualification_time TEXT NOT NULL,
+  PRIMARY KEY (profile_id, segment_id)
+);
+CREATE INDEX memberships_by_segment ON memberships (segment_id, status);
+CREATE TABLE mappings (
+  dataflow TEXT NOT NULL,
+  segment_id TEXT NOT NULL,
+  created_at BIGINT NOT NULL,
+  updated_at BIGINT NOT NULL,
+  PRIMARY KEY (dataflow, segment_id)
+);
+CREATE TABLE outbox (
+  id BIGSERIAL PRIMARY KEY,
+  dataflow TEXT NOT NULL,
+  profile_id TEXT NOT NULL,
+  version BIGINT NOT NULL DEFAULT 1,
+  segments TEXT NOT NULL,
+  reasons INTEGER NOT NULL,
+  enqueued_at BIGINT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at BIGINT NOT NULL,
+  errors TEXT NOT NULL DEFAULT '[]',
+  lease_owner TEXT,
+  lease_until BIGINT NOT NULL DEFAULT 0,
+  UNIQUE (dataflow, profile_id)
+);
+CREATE INDEX outbox_claim ON outbox (dataflow, id);
+CREATE TABLE dead_letters (
+  id BIGSERIAL PRIMARY KEY,
+  dataflow TEXT NOT NULL,
+  profile_id TEXT NOT NULL,
+  idempotency_key TEXT NOT NULL,
+  payload BYTEA NOT NULL,
+  attempts INTEGER NOT NULL,
+  errors TEXT NOT NULL,
+  created_at BIGINT NOT NULL
+);
+CREATE INDEX dead_letters_by_dataflow ON dead_letters (dataflow, id);
+CREATE TABLE api_dataflows (name TEXT PRIMARY KEY, json TEXT NOT NULL);
+CREATE TABLE audit (
+  chain TEXT NOT NULL,
+  seq BIGINT NOT NULL,
+  record TEXT NOT NULL,
+  prev TEXT NOT NULL,
+  hash TEXT NOT NULL,
+  mac TEXT,
+  PRIMARY KEY (chain, seq)
+);
+",
+)];
+
+/// Advisory lock key that serialises migrations across instances starting together.
+const MIGRATION_LOCK: i64 = 0x5a11_9027;
+
+/// Transactions retried after a deadlock or serialisation failure, at most.
+const TX_RETRIES: u32 = 8;
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    /// Runs the connections' I/O tasks. Shut down without blocking on drop.
+    rt: Option<tokio::runtime::Runtime>,
+    config: tokio_postgres::Config,
+    schema: Option<String>,
+    pool: Mutex<PoolState>,
+    freed: Condvar,
+    size: usize,
+    /// This process's audit chain and lease owner name.
+    chain_id: String,
+    chain: Chain,
+    /// This chain's head (last seq, hash). Held for the whole of any transaction that
+    /// appends to the chain, so appends from this process never race.
+    head: Mutex<(i64, String)>,
+}
+
+struct PoolState {
+    idle: Vec<PgConn>,
+    /// Connections open or being opened (idle + lent out).
+    live: usize,
+}
+
+struct PgConn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+/// A connection lent out by the pool; returned on drop.
+struct Lent<'a> {
+    store: &'a PgStore,
+    conn: Option<PgConn>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        let mut st = self.store.pool_state();
+        match self.conn.take() {
+            Some(c) if !c.client.is_closed() => st.idle.push(c),
+            _ => st.live -= 1,
+        }
+        self.store.freed.notify_one();
+    }
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("chain", &self.chain_id).finish()
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside another runtime; this does not.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Wait for a driver future on this thread. The driver's futures only talk to its
+/// connection task through channels, so they need no runtime here.
+fn wait<F: std::future::Future>(f: F) -> F::Output {
+    futures_executor::block_on(f)
+}
+
+fn retryable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Postgres(e) => matches!(
+            e.code(),
+            Some(&SqlState::T_R_DEADLOCK_DETECTED) | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+        ),
+        _ => false,
+    }
+}
+
+/// A cached prepared statement on this connection.
+fn prepared(
+    tx: &Transaction<'_>,
+    cache: &mut HashMap<&'static str, Statement>,
+    sql: &'static str,
+) -> Result<Statement, StoreError> {
+    if let Some(s) = cache.get(sql) {
+        return Ok(s.clone());
+    }
+    let s = wait(tx.prepare(sql))?;
+    cache.insert(sql, s.clone());
+    Ok(s)
+}
+
+/// One transaction's view: the transaction and its connection's statement cache.
+struct Tx<'a, 'b> {
+    tx: &'a Transaction<'b>,
+    cache: &'a mut HashMap<&'static str, Statement>,
+}
+
+impl Tx<'_, '_> {
+    fn query(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
+        let s = prepared(self.tx, self.cache, sql)?;
+        Ok(wait(self.tx.query(&s, params))?)
+    }
+
+    fn execute(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        let s = prepared(self.tx, self.cache, sql)?;
+        Ok(wait(self.tx.execute(&s, params))?)
+    }
+}
+
+impl PgStore {
+    /// Connect, apply migrations, and start this process's audit chain.
+    pub fn open(
+        url: &str,
+        password: Option<&str>,
+        schema: Option<&str>,
+        instance: &str,
+        pool_size: usize,
+        chain: Chain,
+    ) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e: tokio_postgres::Error| StoreError::Open {
+                path: "store.url".into(),
+                reason: format!("not a PostgreSQL URL: {e}"),
+            })?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        config.application_name("sallyport");
+        config.connect_timeout(Duration::from_secs(5));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sallyport-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Open {
+                path: "store".into(),
+                reason: format!("cannot start the PostgreSQL driver: {e}"),
+            })?;
+        let chain_id = format!("{instance}/{}/{}", std::process::id(), super::now_ms());
+        let store = PgStore {
+            rt: Some(rt),
+            config,
+            schema: schema.map(str::to_owned),
+            pool: Mutex::new(PoolState {
+                idle: Vec::new(),
+                live: 0,
+            }),
+            freed: Condvar::new(),
+            size: pool_size.max(1),
+            chain_id,
+            chain,
+            head: Mutex::new((0, GENESIS.to_owned())),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn pool_state(&self) -> MutexGuard<'_, PoolState> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn connect(&self) -> Result<PgConn, StoreError> {
+        let (config, rt) = match &self.rt {
+            Some(rt) => (self.config.clone(), rt),
+            None => return Err(StoreError::Corrupt("store is shut down".into())),
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let r = match config.connect(NoTls).await {
+                Ok((client, connection)) => {
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::warn!(error = %e, "PostgreSQL connection closed");
+                        }
+                    });
+                    Ok(client)
+                }
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(r);
+        });
+        let client = rx
+            .recv()
+            .map_err(|_| StoreError::Corrupt("the PostgreSQL driver stopped".into()))??;
+        if let Some(schema) = &self.schema {
+            // Validated as letters, digits and '_' by the config; quoted all the same.
+            wait(client.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path TO \"{schema}\""
+            )))?;
+        }
+        Ok(PgConn {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+
+    /// Borrow a connection, opening one when none is idle and the pool has room.
+    fn lend(&self) -> Result<Lent<'_>, StoreError> {
+        let mut st = self.pool_state();
+        loop {
+            if let Some(c) = st.idle.pop() {
+                if c.client.is_closed() {
+                    st.live -= 1;
+                    continue;
+                }
+                return Ok(Lent {
+                    store: self,
+                    conn: Some(c),
+                });
+            }
+            if st.live < self.size {
+                st.live += 1;
+                drop(st);
+                return match self.connect() {
+                    Ok(c) => Ok(Lent {
+                        store: self,
+                        conn: Some(c),
+                    }),
+                    Err(e) => {
+                        self.pool_state().live -= 1;
+                        self.freed.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            st = self.freed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Run `f` in a transaction, retrying it after a deadlock or serialisation failure.
+    fn transaction<T>(
+        &self,
+        mut f: impl FnMut(&mut Tx<'_, '_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut lent = self.lend()?;
+        let Some(conn) = lent.conn.as_mut() else {
+            return Err(StoreError::Corrupt("pool lent no connection".into()));
+        };
+        let mut attempt = 0;
+        loop {
+            let tx = wait(conn.client.transaction())?;
+            let mut view = Tx {
+                tx: &tx,
+                cache: &mut conn.statements,
+            };
+            let r = f(&mut view).and_then(|v| {
+                wait(tx.commit())?;
+                Ok(v)
+            });
+            match r {
+                Err(e) if retryable(&e) && attempt < TX_RETRIES => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(2 << attempt.min(6)));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        self.transaction(|tx| {
+            tx.tx_batch(&format!(
+                "SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
+                 CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            ))?;
+            let rows = tx.query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])?;
+            let current: i64 = rows.first().map(|r| r.get(0)).unwrap_or(0);
+            let newest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+            if current > newest {
+                return Err(StoreError::Open {
+                    path: "store".into(),
+                    reason: format!(
+                        "database schema version {current} is newer than this build's ({newest}); upgrade sallyport"
+                    ),
+                });
+            }
+            for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+                tx.tx_batch(sql)?;
+                tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Link `audit` after this chain's head inside `tx`; returns the new head.
+    fn append_chain(
+        &self,
+        tx: &mut Tx<'_, '_>,
+        head: &(i64, String),
+        audit: &[AuditRecord],
+    ) -> Result<(i64, String), StoreError> {
+        let (mut seq, mut hash) = head.clone();
+        if audit.is_empty() {
+            return Ok((seq, hash));
+        }
+        let mut seqs = Vec::with_capacity(audit.len());
+        let (mut records, mut prevs, mut hashes, mut macs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for rec in audit {
+            let c = self.chain.link(seq, &hash, rec);
+            seq = c.seq;
+            hash = c.hash.clone();
+            seqs.push(c.seq);
+            records.push(c.record);
+            prevs.push(c.prev);
+            hashes.push(c.hash);
+            macs.push(c.mac);
+        }
+        tx.execute(
+            "INSERT INTO audit (chain, seq, record, prev, hash, mac)
+             SELECT $1, * FROM unnest($2::int8[], $3::text[], $4::text[], $5::text[], $6::text[])",
+            &[&self.chain_id, &seqs, &records, &prevs, &hashes, &macs],
+        )?;
+        Ok((seq, hash))
+    }
+
+    fn head(&self) -> MutexGuard<'_, (i64, String)> {
+        self.head.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Tx<'_, '_> {
+    fn tx_batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        Ok(wait(self.tx.batch_execute(sql))?)
+    }
+}
+
+fn parse_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, StoreError> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        _ => Err(StoreError::Corrupt("a stored JSON object does not parse".into())),
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Load profiles (with memberships) by id.
+fn load_profiles(
+    tx: &mut Tx<'_, '_>,
+    ids: &[String],
+    lock: bool,
+) -> Result<HashMap<String, Profile>, StoreError> {
+    let rows = if lock {
+        tx.query(
+            "SELECT id, merge_policy, identity_map, attributes FROM profiles WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&ids],
+        )?
+    } else {
+        tx.query(
+            "SELECT id, merge_policy, identity_map, attributes FROM profiles WHERE id = ANY($1)",
+            &[&ids],
+        )?
+    };
+    let mut out = HashMap::with_capacity(rows.len());
+    for r in rows {
+        let id: String = r.get(0);
+        out.insert(
+            id.clone(),
+            Profile {
+                id,
+                merge_policy: r.get(1),
+                identity_map: parse_object(r.get(2))?,
+                attributes: parse_object(r.get(3))?,
+                segments: Default::default(),
+            },
+        );
+    }
+    let rows = tx.query(
+        "SELECT profile_id, segment_id, status, last_qualification_time FROM memberships WHERE profile_id = ANY($1)",
+        &[&ids],
+    )?;
+    for r in rows {
+        let (pid, seg, status, t): (String, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let status =
+            SegmentStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?;
+        if let Some(p) = out.get_mut(&pid) {
+            p.segments.insert(
+                seg,
+                Membership {
+                    status,
+                    last_qualification_time: t,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn dead_letter(r: &Row) -> Result<DeadLetter, StoreError> {
+    let payload: Vec<u8> = r.get(4);
+    let errors: String = r.get(6);
+    let attempts: i32 = r.get(5);
+    Ok(DeadLetter {
+        id: r.get(0),
+        dataflow: r.get(1),
+        profile_id: r.get(2),
+        idempotency_key: r.get(3),
+        payload_bytes: payload.len(),
+        payload,
+        attempts: attempts.max(0) as u32,
+        errors: serde_json::from_str(&errors)
+            .map_err(|e| StoreError::Corrupt(format!("dead letter errors: {e}")))?,
+        created_at: r.get(7),
+    })
+}
+
+impl Store for PgStore {
+    fn apply_updates(
+        &self,
+        updates: &[ProfileUpdate],
+        apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
+    ) -> Result<(), StoreError> {
+        let now = super::now_ms();
+        let mut ids: Vec<String> = updates.iter().map(|u| u.profile_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        self.transaction(|tx| {
+            // New profiles are locked by their insert; existing ones by FOR UPDATE. Both in
+            // id order, so two ingesting instances take row locks in the same order.
+            let inserted: HashSet<String> = tx
+                .query(
+                    "INSERT INTO profiles (id, merge_policy, identity_map, attributes, updated_at)
+                     SELECT id, 'default', '{}', '{}', $2 FROM unnest($1::text[]) AS t(id) ORDER BY id
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
+                    &[&ids, &now],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let existing: Vec<String> = ids.iter().filter(|i| !inserted.contains(*i)).cloned().collect();
+            let mut loaded = load_profiles(tx, &existing, true)?;
+            let mut profiles: HashMap<String, (Profile, Vec<String>)> = HashMap::new();
+            let mut queued: HashMap<(String, String), Trigger> = HashMap::new();
+            let mut order: Vec<(String, String)> = Vec::new();
+            for u in updates {
+                let (p, touched) = profiles.entry(u.profile_id.clone()).or_insert_with(|| {
+                    let p = loaded
+                        .remove(&u.profile_id)
+                        .unwrap_or_else(|| Profile::new(&u.profile_id));
+                    (p, Vec::new())
+                });
+                touched.extend(u.segments.iter().map(|s| s.id.clone()));
+                for (df, t) in apply(p, u) {
+                    let key = (df, u.profile_id.clone());
+                    match queued.get_mut(&key) {
+                        Some(existing) => super::union(existing, &t),
+                        None => {
+                            order.push(key.clone());
+                            queued.insert(key, t);
+                        }
+                    }
+                }
+            }
+            let (mut pid, mut mp, mut im, mut at) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut m_pid, mut m_seg, mut m_status, mut m_time) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (p, touched) in profiles.values_mut() {
+                pid.push(p.id.clone());
+                mp.push(p.merge_policy.clone());
+                im.push(to_json(&p.identity_map)?);
+                at.push(to_json(&p.attributes)?);
+                touched.sort();
+                touched.dedup();
+                for seg in touched.iter() {
+                    if let Some(m) = p.segments.get(seg) {
+                        m_pid.push(p.id.clone());
+                        m_seg.push(seg.clone());
+                        m_status.push(m.status.as_str().to_owned());
+                        m_time.push(m.last_qualification_time.clone());
+                    }
+                }
+            }
+            tx.execute(
+                "UPDATE profiles SET merge_policy = t.mp, identity_map = t.im, attributes = t.at, updated_at = $5
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS t(id, mp, im, at)
+                 WHERE profiles.id = t.id",
+                &[&pid, &mp, &im, &at, &now],
+            )?;
+            if !m_pid.is_empty() {
+                tx.execute(
+                    "INSERT INTO memberships (profile_id, segment_id, status, last_qualification_time)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                     ON CONFLICT (profile_id, segment_id) DO UPDATE SET status = excluded.status,
+                       last_qualification_time = excluded.last_qualification_time",
+                    &[&m_pid, &m_seg, &m_status, &m_time],
+                )?;
+            }
+            if !order.is_empty() {
+                let (mut q_df, mut q_pid, mut q_segs, mut q_reasons) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for key in &order {
+                    if let Some(t) = queued.get(key) {
+                        q_df.push(key.0.clone());
+                        q_pid.push(key.1.clone());
+                        q_segs.push(to_json(&t.segments)?);
+                        q_reasons.push(i32::from(t.reasons.0));
+                    }
+                }
+                // A queued row keeps its place in line and any retry backoff; its version is
+                // bumped so an in-flight send of the older state does not acknowledge this one.
+                tx.execute(
+                    "INSERT INTO outbox (dataflow, profile_id, segments, reasons, enqueued_at, next_attempt_at)
+                     SELECT df, pid, segs, reasons, $5, $5
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[]) AS t(df, pid, segs, reasons)
+                     ON CONFLICT (dataflow, profile_id) DO UPDATE SET version = outbox.version + 1,
+                       reasons = outbox.reasons | excluded.reasons,
+                       segments = (SELECT COALESCE(jsonb_agg(v ORDER BY n), '[]'::jsonb)::text FROM
+                         (SELECT v, MIN(n) AS n FROM jsonb_array_elements(outbox.segments::jsonb || excluded.segments::jsonb)
+                            WITH ORDINALITY AS e(v, n) GROUP BY v) d)",
+                    &[&q_df, &q_pid, &q_segs, &q_reasons, &now],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn sync_mappings(
+        &self,
+        dataflow: &str,
+        segments: &[String],
+        now_ms: i64,
+    ) -> Result<(HashMap<String, MappedSegment>, Vec<String>), StoreError> {
+        self.transaction(|tx| {
+            // Insert first: of two instances starting together, one sees each segment as new.
+            let fresh: Vec<String> = tx
+                .query(
+                    "INSERT INTO mappings (dataflow, segment_id, created_at, updated_at)
+                     SELECT $1, s, $3, $3 FROM unnest($2::text[]) AS t(s)
+                     ON CONFLICT (dataflow, segment_id) DO NOTHING RETURNING segment_id",
+                    &[&dataflow, &segments, &now_ms],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            // Unmapped since last time: forget, so mapping again backfills again.
+            tx.execute(
+                "DELETE FROM mappings WHERE dataflow = $1 AND NOT (segment_id = ANY($2))",
+                &[&dataflow, &segments],
+            )?;
+            let mut out = HashMap::new();
+            for r in tx.query(
+                "SELECT segment_id, created_at, updated_at FROM mappings WHERE dataflow = $1",
+                &[&dataflow],
+            )? {
+                out.insert(
+                    r.get::<_, String>(0),
+                    MappedSegment {
+                        mapping_created_at: r.get(1),
+                        mapping_updated_at: r.get(2),
+                    },
+                );
+            }
+            Ok((out, fresh.clone()))
+        })
+    }
+
+    fn backfill(&self, dataflow: &str, segment: &str, now_ms: i64) -> Result<u64, StoreError> {
+        let seg = to_json(&[segment])?;
+        let reasons = i32::from((Reasons::BACKFILL | Reasons::SEGMENT).0);
+        self.transaction(|tx| {
+            tx.execute(
+                "INSERT INTO outbox (dataflow, profile_id, segments, reasons, enqueued_at, next_attempt_at)
+                 SELECT $1, profile_id, $2, $3, $4, $4 FROM memberships
+                 WHERE segment_id = $5 AND status IN ('realized', 'exiting')
+                 ORDER BY profile_id
+                 ON CONFLICT (dataflow, profile_id) DO UPDATE SET version = outbox.version + 1,
+                   reasons = outbox.reasons | excluded.reasons",
+                &[&dataflow, &seg, &reasons, &now_ms, &segment],
+            )
+        })
+    }
+
+    fn claim(
+        &self,
+        dataflow: &str,
+        limit: usize,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let limit = limit as i64;
+        let until = now_ms + lease_ms;
+        self.transaction(|tx| {
+            let rows = tx.query(
+                "UPDATE outbox o SET lease_owner = $4, lease_until = $5
+                 FROM (SELECT id FROM outbox
+                       WHERE dataflow = $1 AND next_attempt_at <= $2 AND lease_until <= $2
+                       ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
+                 WHERE o.id = c.id
+                 RETURNING o.id, o.profile_id, o.version, o.segments, o.reasons, o.attempts, o.enqueued_at",
+                &[&dataflow, &now_ms, &limit, &self.chain_id, &until],
+            )?;
+            let ids: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+            let mut profiles = load_profiles(tx, &ids, false)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let (id, profile_id): (i64, String) = (r.get(0), r.get(1));
+                let profile = profiles
+                    .remove(&profile_id)
+                    .ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} names a missing profile")))?;
+                let (reasons, attempts): (i32, i32) = (r.get(4), r.get(5));
+                out.push(OutboxItem {
+                    id,
+                    version: r.get(2),
+                    profile,
+                    segments: serde_json::from_str(r.get(3)).unwrap_or_default(),
+                    reasons: Reasons(u8::try_from(reasons).unwrap_or(0)),
+                    attempts: attempts.max(0) as u32,
+                    enqueued_at: r.get(6),
+                });
+            }
+            out.sort_by_key(|i| i.id);
+            Ok(out)
+        })
+    }
+
+    fn complete(&self, results: &[Completion], audit: &[AuditRecord]) -> Result<(), StoreError> {
+        let mut head = self.head();
+        let new_head = self.transaction(|tx| {
+            let new_head = self.append_chain(tx, &head, audit)?;
+            let (mut ids, mut versions) = (Vec::new(), Vec::new());
+            for r in results {
+                match r {
+                    Completion::Delivered { id, version } => {
+                        ids.push(*id);
+                        versions.push(*version);
+                    }
+                    Completion::Failed { id, retry_at, error } => {
+                        tx.execute(
+                            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2,
+                               errors = (errors::jsonb || jsonb_build_array($3::text::jsonb))::text,
+                               lease_owner = NULL, lease_until = 0
+                             WHERE id = $1",
+                            &[id, retry_at, &to_json(error)?],
+                        )?;
+                    }
+                    Completion::Dead {
+                        id,
+                        version,
+                        idempotency_key,
+                        payload,
+                        error,
+                    } => {
+                        tx.execute(
+                            "INSERT INTO dead_letters (dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at)
+                             SELECT dataflow, profile_id, $2, $3, attempts + 1,
+                               (errors::jsonb || jsonb_build_array($4::text::jsonb))::text, $5
+                             FROM outbox WHERE id = $1",
+                            &[id, idempotency_key, payload, &to_json(error)?, &error.at],
+                        )?;
+                        let n = tx.execute("DELETE FROM outbox WHERE id = $1 AND version = $2", &[id, version])?;
+                        if n == 0 {
+                            tx.execute(
+                                "UPDATE outbox SET attempts = 0, errors = '[]', lease_owner = NULL, lease_until = 0
+                                 WHERE id = $1",
+                                &[id],
+                            )?;
+                        }
+                    }
+                }
+            }
+            if !ids.is_empty() {
+                let deleted: HashSet<i64> = tx
+                    .query(
+                        "DELETE FROM outbox o USING unnest($1::int8[], $2::int8[]) AS d(id, version)
+                         WHERE o.id = d.id AND o.version = d.version RETURNING o.id",
+                        &[&ids, &versions],
+                    )?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                // Changed while in flight: send the newer state next, afresh.
+                let changed: Vec<i64> = ids.into_iter().filter(|i| !deleted.contains(i)).collect();
+                if !changed.is_empty() {
+                    tx.execute(
+                        "UPDATE outbox SET attempts = 0, lease_owner = NULL, lease_until = 0 WHERE id = ANY($1)",
+                        &[&changed],
+                    )?;
+                }
+            }
+            Ok(new_head)
+        })?;
+        *head = new_head;
+        Ok(())
+    }
+
+    fn append_audit(&self, audit: &[AuditRecord]) -> Result<(), StoreError> {
+        let mut head = self.head();
+        let new_head = self.transaction(|tx| self.append_chain(tx, &head, audit))?;
+        *head = new_head;
+        Ok(())
+    }
+
+    fn chain_id(&self) -> String {
+        self.chain_id.clone()
+    }
+
+    fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        self.transaction(|tx| {
+            Ok(tx
+                .query("SELECT DISTINCT chain FROM audit ORDER BY chain", &[])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect())
+        })
+    }
+
+    fn audit_chain_records(
+        &self,
+        chain: &str,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<ChainedRecord>, StoreError> {
+        let limit = limit as i64;
+        self.transaction(|tx| {
+            Ok(tx
+                .query(
+                    "SELECT seq, record, prev, hash, mac FROM audit WHERE chain = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    &[&chain, &after_seq, &limit],
+                )?
+                .iter()
+                .map(|r| ChainedRecord {
+                    seq: r.get(0),
+                    record: r.get(1),
+                    prev: r.get(2),
+                    hash: r.get(3),
+                    mac: r.get(4),
+                })
+                .collect())
+        })
+    }
+
+    fn pending(&self, dataflow: Option<&str>) -> Result<u64, StoreError> {
+        self.transaction(|tx| {
+            let rows = tx.query(
+                "SELECT COUNT(*) FROM outbox WHERE $1::text IS NULL OR dataflow = $1",
+                &[&dataflow],
+            )?;
+            Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0).max(0) as u64)
+        })
+    }
+
+    fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
+        let ids = [id.to_owned()];
+        self.transaction(|tx| Ok(load_profiles(tx, &ids, false)?.remove(id)))
+    }
+
+    fn dead_letters(&self, dataflow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let limit = limit as i64;
+        self.transaction(|tx| {
+            tx.query(
+                "SELECT id, dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at
+                 FROM dead_letters WHERE $1::text IS NULL OR dataflow = $1 ORDER BY id LIMIT $2",
+                &[&dataflow, &limit],
+            )?
+            .iter()
+            .map(dead_letter)
+            .collect()
+        })
+    }
+
+    fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
+        self.transaction(|tx| {
+            tx.query(
+                "SELECT id, dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at
+                 FROM dead_letters WHERE id = $1",
+                &[&id],
+            )?
+            .first()
+            .map(dead_letter)
+            .transpose()
+        })
+    }
+
+    fn remove_dead_letter(&self, id: i64) -> Result<bool, StoreError> {
+        self.transaction(|tx| Ok(tx.execute("DELETE FROM dead_letters WHERE id = $1", &[&id])? > 0))
+    }
+
+    fn dead_letter_failed(&self, id: i64, error: &AttemptError) -> Result<(), StoreError> {
+        let error = to_json(error)?;
+        self.transaction(|tx| {
+            tx.execute(
+                "UPDATE dead_letters SET attempts = attempts + 1,
+                   errors = (errors::jsonb || jsonb_build_array($2::text::jsonb))::text
+                 WHERE id = $1",
+                &[&id, &error],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn api_dataflows(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.transaction(|tx| {
+            Ok(tx
+                .query("SELECT name, json FROM api_dataflows ORDER BY name", &[])?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+        })
+    }
+
+    fn save_api_dataflow(&self, name: &str, json: &str) -> Result<(), StoreError> {
+        self.transaction(|tx| {
+            tx.execute(
+                "INSERT INTO api_dataflows (name, json) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET json = excluded.json",
+                &[&name, &json],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn delete_api_dataflow(&self, name: &str) -> Result<bool, StoreError> {
+        self.transaction(|tx| {
+            let n = tx.execute("DELETE FROM api_dataflows WHERE name = $1", &[&name])?;
+            tx.execute("DELETE FROM outbox WHERE dataflow = $1", &[&name])?;
+            tx.execute("DELETE FROM mappings WHERE dataflow = $1", &[&name])?;
+            Ok(n > 0)
+        })
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+}

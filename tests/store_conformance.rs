@@ -1,0 +1,480 @@
+//! One set of store tests, run against both backends: the embedded SQLite store and the
+//! PostgreSQL store (the machine's server at 127.0.0.1:5432, or `SALLYPORT_TEST_PG`; each
+//! test gets its own schema, dropped afterwards).
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use sallyport::audit::{AuditRecord, Chain};
+use sallyport::export::trigger::{Reasons, Trigger};
+use sallyport::export::update::{parse_line, SegmentStatus};
+use sallyport::store::{AttemptError, Completion, PgStore, SqliteStore, Store};
+use serde_json::json;
+use support::pg::PgSchema;
+
+const DF: &str = "df";
+const NOW: i64 = 1_800_000_000_000;
+const LEASE: i64 = 30_000;
+
+/// A backend under test, and what keeps it alive (temp dir or schema).
+struct Backend {
+    store: Arc<dyn Store>,
+    reopen: Box<dyn Fn() -> Arc<dyn Store>>,
+    _keep: Box<dyn std::any::Any>,
+}
+
+fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let open =
+        move || -> Arc<dyn Store> { Arc::new(SqliteStore::open(&path, Chain::new(Some(b"k"))).unwrap()) };
+    Backend {
+        store: open(),
+        reopen: Box::new(open),
+        _keep: Box::new(dir),
+    }
+}
+
+fn postgres() -> Backend {
+    let schema = PgSchema::new();
+    let (url, name) = (schema.url.clone(), schema.name.clone());
+    let open = move || -> Arc<dyn Store> {
+        Arc::new(PgStore::open(&url, None, Some(&name), "test", 4, Chain::new(Some(b"k"))).unwrap())
+    };
+    Backend {
+        store: open(),
+        reopen: Box::new(open),
+        _keep: Box::new(schema),
+    }
+}
+
+/// Each conformance test, once per backend.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite { $( #[test] fn $name() { super::$name(super::sqlite()) } )* }
+        mod on_postgres { $( #[test] fn $name() { super::$name(super::postgres()) } )* }
+    };
+}
+
+conformance!(
+    updates_merge_into_stored_profiles,
+    a_second_change_coalesces_into_the_queued_row,
+    claims_lease_rows_until_completed_or_expired,
+    a_row_changed_in_flight_is_sent_again,
+    failures_back_off_then_become_dead_letters,
+    audit_records_chain_and_verify,
+    newly_mapped_segments_are_backfilled_once,
+    api_dataflows_are_stored_and_deleting_drops_their_queue,
+    state_survives_reopening,
+);
+
+/// Apply NDJSON lines; every update with a segment event or attributes enqueues for `DF`.
+fn ingest(store: &dyn Store, lines: &[serde_json::Value]) {
+    let updates: Vec<_> = lines
+        .iter()
+        .map(|l| parse_line(l.to_string().as_bytes()).unwrap())
+        .collect();
+    store
+        .apply_updates(&updates, &mut |p, u| {
+            p.apply(u, "2026-11-25T00:00:00Z");
+            let mut t = Trigger::default();
+            for s in &u.segments {
+                t.reasons = t.reasons | Reasons::SEGMENT;
+                t.segments.push(s.id.clone());
+            }
+            if u.attributes.is_some() {
+                t.reasons = t.reasons | Reasons::ATTRIBUTE;
+            }
+            if t.reasons.is_empty() {
+                vec![]
+            } else {
+                vec![(DF.to_owned(), t)]
+            }
+        })
+        .unwrap();
+}
+
+fn realized(id: &str, seg: &str) -> serde_json::Value {
+    json!({"profileId": id, "segments": [{"id": seg, "status": "realized"}]})
+}
+
+fn error(attempt: u32) -> AttemptError {
+    AttemptError {
+        at: NOW,
+        attempt,
+        kind: "http_status".into(),
+        status: Some(503),
+        message: "503 Service Unavailable".into(),
+    }
+}
+
+fn record(profile: &str, outcome: &str) -> AuditRecord {
+    AuditRecord {
+        at: NOW,
+        dataflow: DF.into(),
+        destination: "rx.example:443".into(),
+        resolved_ip: Some("192.0.2.1".into()),
+        source_ip: None,
+        profile_id: profile.into(),
+        payload_sha256: sallyport::audit::payload_sha256(b"{}"),
+        idempotency_key: format!("k-{profile}"),
+        attempt: 1,
+        outcome: outcome.into(),
+        error_kind: None,
+        http_status: Some(200),
+        latency_ms: 1.5,
+        peer_cert_sha256: None,
+        auth: "none".into(),
+    }
+}
+
+fn updates_merge_into_stored_profiles(b: Backend) {
+    let s = &*b.store;
+    ingest(
+        s,
+        &[
+            json!({"profileId": "p1", "identityMap": {"email": [{"id": "a@example.com"}]},
+                   "attributes": {"person": {"name": {"firstName": "Ada"}}}}),
+            json!({"profileId": "p1", "attributes": {"person": {"name": {"lastName": "L"}}},
+                   "segments": [{"id": "s1", "status": "realized", "lastQualificationTime": "2026-11-01T00:00:00Z"}]}),
+        ],
+    );
+    ingest(
+        s,
+        &[json!({"profileId": "p1", "segments": [{"id": "s1", "status": "exiting"}]})],
+    );
+    let p = s.profile("p1").unwrap().unwrap();
+    assert_eq!(
+        serde_json::Value::Object(p.attributes),
+        json!({"person": {"name": {"firstName": "Ada", "lastName": "L"}}})
+    );
+    assert_eq!(p.identity_map["email"][0]["id"], "a@example.com");
+    assert_eq!(p.segments["s1"].status, SegmentStatus::Exiting);
+    assert!(s.profile("nobody").unwrap().is_none());
+}
+
+fn a_second_change_coalesces_into_the_queued_row(b: Backend) {
+    let s = &*b.store;
+    ingest(s, &[realized("p1", "s1")]);
+    ingest(
+        s,
+        &[
+            realized("p1", "s2"),
+            json!({"profileId": "p1", "attributes": {"a": 1}}),
+        ],
+    );
+    assert_eq!(s.pending(Some(DF)).unwrap(), 1, "one row per (dataflow, profile)");
+    assert_eq!(s.pending(Some("other")).unwrap(), 0);
+    let items = s.claim(DF, 10, NOW + 1_000_000, LEASE).unwrap();
+    assert_eq!(items.len(), 1);
+    let it = &items[0];
+    assert_eq!(it.version, 2, "the second batch bumped the version");
+    assert_eq!(it.segments, vec!["s1".to_owned(), "s2".to_owned()]);
+    assert!(it.reasons.contains(Reasons::SEGMENT) && it.reasons.contains(Reasons::ATTRIBUTE));
+    assert_eq!(it.profile.segments.len(), 2);
+}
+
+fn claims_lease_rows_until_completed_or_expired(b: Backend) {
+    let s = &*b.store;
+    ingest(
+        s,
+        &[realized("p1", "s1"), realized("p2", "s1"), realized("p3", "s1")],
+    );
+    let now = sallyport::store::now_ms();
+    let first = s.claim(DF, 2, now, LEASE).unwrap();
+    let ids: Vec<&str> = first.iter().map(|i| i.profile.id.as_str()).collect();
+    assert_eq!(ids, ["p1", "p2"], "oldest first");
+    let second = s.claim(DF, 10, now, LEASE).unwrap();
+    assert_eq!(second.len(), 1, "leased rows are skipped");
+    assert_eq!(second[0].profile.id, "p3");
+    assert!(s.claim(DF, 10, now, LEASE).unwrap().is_empty());
+    // A completed row is gone; a lease that expired makes the rest claimable again.
+    s.complete(
+        &[Completion::Delivered {
+            id: first[0].id,
+            version: first[0].version,
+        }],
+        &[],
+    )
+    .unwrap();
+    let again = s.claim(DF, 10, now + LEASE + 1, LEASE).unwrap();
+    let ids: HashSet<String> = again.iter().map(|i| i.profile.id.clone()).collect();
+    assert_eq!(ids, HashSet::from(["p2".to_owned(), "p3".to_owned()]));
+    assert_eq!(s.pending(None).unwrap(), 2);
+}
+
+fn a_row_changed_in_flight_is_sent_again(b: Backend) {
+    let s = &*b.store;
+    ingest(s, &[realized("p1", "s1")]);
+    let now = sallyport::store::now_ms();
+    let sent = s.claim(DF, 10, now, LEASE).unwrap().remove(0);
+    ingest(s, &[json!({"profileId": "p1", "attributes": {"a": 2}})]);
+    s.complete(
+        &[Completion::Delivered {
+            id: sent.id,
+            version: sent.version,
+        }],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(s.pending(None).unwrap(), 1, "the newer state is still queued");
+    let next = s.claim(DF, 10, now, LEASE).unwrap();
+    assert_eq!(next.len(), 1, "and claimable at once (the lease was released)");
+    assert_eq!(
+        (next[0].id, next[0].version, next[0].attempts),
+        (sent.id, sent.version + 1, 0)
+    );
+    assert_eq!(next[0].profile.attributes["a"], 2);
+    s.complete(
+        &[Completion::Delivered {
+            id: next[0].id,
+            version: next[0].version,
+        }],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(s.pending(None).unwrap(), 0);
+}
+
+fn failures_back_off_then_become_dead_letters(b: Backend) {
+    let s = &*b.store;
+    ingest(s, &[realized("p1", "s1")]);
+    let now = sallyport::store::now_ms();
+    let item = s.claim(DF, 10, now, LEASE).unwrap().remove(0);
+    s.complete(
+        &[Completion::Failed {
+            id: item.id,
+            retry_at: now + 5_000,
+            error: error(1),
+        }],
+        &[],
+    )
+    .unwrap();
+    assert!(
+        s.claim(DF, 10, now, LEASE).unwrap().is_empty(),
+        "not before retry_at"
+    );
+    let item = s.claim(DF, 10, now + 5_000, LEASE).unwrap().remove(0);
+    assert_eq!(item.attempts, 1);
+    s.complete(
+        &[Completion::Dead {
+            id: item.id,
+            version: item.version,
+            idempotency_key: "key-1".into(),
+            payload: b"{\"x\":1}".to_vec(),
+            error: error(2),
+        }],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(s.pending(None).unwrap(), 0);
+    let dead = s.dead_letters(Some(DF), 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(
+        (d.attempts, d.errors.len(), d.idempotency_key.as_str()),
+        (2, 2, "key-1")
+    );
+    assert_eq!(d.errors, vec![error(1), error(2)]);
+    assert!(s.dead_letters(Some("other"), 10).unwrap().is_empty());
+    let one = s.dead_letter(d.id).unwrap().unwrap();
+    assert_eq!(
+        (one.payload.as_slice(), one.profile_id.as_str()),
+        (&b"{\"x\":1}"[..], "p1")
+    );
+    s.dead_letter_failed(d.id, &error(3)).unwrap();
+    let one = s.dead_letter(d.id).unwrap().unwrap();
+    assert_eq!((one.attempts, one.errors.len()), (3, 3));
+    assert!(s.remove_dead_letter(d.id).unwrap());
+    assert!(!s.remove_dead_letter(d.id).unwrap());
+    assert!(s.dead_letter(d.id).unwrap().is_none());
+}
+
+fn audit_records_chain_and_verify(b: Backend) {
+    let s = &*b.store;
+    s.complete(&[], &[record("p1", "retry"), record("p1", "delivered")])
+        .unwrap();
+    s.append_audit(&[record("p2", "delivered")]).unwrap();
+    let recs = s.audit_records(0, 100).unwrap();
+    assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(sallyport::audit::verify(&recs, &Chain::new(Some(b"k"))), Ok(3));
+    assert!(
+        sallyport::audit::verify(&recs, &Chain::new(Some(b"other key"))).is_err(),
+        "the HMAC binds the chain to the key"
+    );
+    assert_eq!(s.audit_chains().unwrap(), vec![s.chain_id()]);
+    assert_eq!(s.audit_chain_records(&s.chain_id(), 2, 10).unwrap().len(), 1);
+    assert!(s.audit_chain_records("no such chain", 0, 10).unwrap().is_empty());
+}
+
+fn newly_mapped_segments_are_backfilled_once(b: Backend) {
+    let s = &*b.store;
+    let members: Vec<_> = (0..50).map(|i| realized(&format!("p{i:02}"), "s1")).collect();
+    s.apply_updates(
+        &members
+            .iter()
+            .map(|l| parse_line(l.to_string().as_bytes()).unwrap())
+            .collect::<Vec<_>>(),
+        &mut |p, u| {
+            p.apply(u, "2026-11-25T00:00:00Z");
+            vec![]
+        },
+    )
+    .unwrap();
+    ingest(
+        s,
+        &[json!({"profileId": "p00", "segments": [{"id": "s1", "status": "exited"}]})],
+    );
+    let (times, fresh) = s.sync_mappings(DF, &["s1".into()], NOW).unwrap();
+    assert_eq!(fresh, ["s1"]);
+    assert_eq!(times["s1"].mapping_created_at, NOW);
+    let (_, fresh) = s.sync_mappings(DF, &["s1".into()], NOW + 1).unwrap();
+    assert!(fresh.is_empty(), "an existing mapping is not new");
+    assert_eq!(
+        s.backfill(DF, "s1", NOW).unwrap(),
+        49,
+        "members only (p00 exited)"
+    );
+    assert_eq!(
+        s.pending(Some(DF)).unwrap(),
+        50,
+        "p00's own row plus 49 backfilled"
+    );
+    // Unmapped, then mapped again: backfilled again.
+    s.sync_mappings(DF, &[], NOW + 2).unwrap();
+    let (_, fresh) = s.sync_mappings(DF, &["s1".into()], NOW + 3).unwrap();
+    assert_eq!(fresh, ["s1"]);
+}
+
+fn api_dataflows_are_stored_and_deleting_drops_their_queue(b: Backend) {
+    let s = &*b.store;
+    s.save_api_dataflow("b", "{\"v\":1}").unwrap();
+    s.save_api_dataflow(DF, "{\"v\":1}").unwrap();
+    s.save_api_dataflow(DF, "{\"v\":2}").unwrap();
+    assert_eq!(
+        s.api_dataflows().unwrap(),
+        vec![("b".into(), "{\"v\":1}".into()), (DF.into(), "{\"v\":2}".into())]
+    );
+    ingest(s, &[realized("p1", "s1")]);
+    assert_eq!(s.pending(Some(DF)).unwrap(), 1);
+    assert!(s.delete_api_dataflow(DF).unwrap());
+    assert!(!s.delete_api_dataflow(DF).unwrap());
+    assert_eq!(s.pending(Some(DF)).unwrap(), 0);
+    assert_eq!(s.api_dataflows().unwrap().len(), 1);
+}
+
+fn state_survives_reopening(b: Backend) {
+    ingest(&*b.store, &[realized("p1", "s1"), realized("p2", "s1")]);
+    b.store.complete(&[], &[record("p1", "delivered")]).unwrap();
+    drop(b.store);
+    let s = (b.reopen)();
+    assert_eq!(s.pending(None).unwrap(), 2);
+    assert!(s.profile("p2").unwrap().is_some());
+    let total: usize = s
+        .audit_chains()
+        .unwrap()
+        .iter()
+        .map(|c| s.audit_chain_records(c, 0, 100).unwrap().len())
+        .sum();
+    assert_eq!(total, 1);
+}
+
+/// Two PostgreSQL stores on one schema (two gateway instances): concurrent claims never hand
+/// the same row to both, and together they take every row.
+#[test]
+fn postgres_instances_never_claim_the_same_row() {
+    let schema = PgSchema::new();
+    let open = |name: &str| {
+        Arc::new(PgStore::open(&schema.url, None, Some(&schema.name), name, 2, Chain::new(None)).unwrap())
+    };
+    let (a, b) = (open("a"), open("b"));
+    let lines: Vec<_> = (0..2000).map(|i| realized(&format!("p{i}"), "s1")).collect();
+    ingest(&*a, &lines);
+    let now = sallyport::store::now_ms();
+    let take = |s: Arc<PgStore>| {
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            loop {
+                let batch = s.claim(DF, 37, now, LEASE).unwrap();
+                if batch.is_empty() {
+                    return got;
+                }
+                got.extend(batch.into_iter().map(|i| i.id));
+            }
+        })
+    };
+    let (ta, tb) = (take(a.clone()), take(b.clone()));
+    let (ga, gb) = (ta.join().unwrap(), tb.join().unwrap());
+    let (sa, sb): (HashSet<i64>, HashSet<i64>) = (ga.iter().copied().collect(), gb.iter().copied().collect());
+    assert!(sa.is_disjoint(&sb), "a row was claimed by both instances");
+    assert_eq!(sa.len() + sb.len(), 2000);
+    assert!(!sa.is_empty() && !sb.is_empty(), "both instances took work");
+    // Each instance appends its own chain; both verify.
+    a.append_audit(&[record("p1", "delivered")]).unwrap();
+    b.append_audit(&[record("p2", "delivered")]).unwrap();
+    let chains = a.audit_chains().unwrap();
+    assert_eq!(chains.len(), 2);
+    for c in chains {
+        assert_eq!(
+            sallyport::audit::verify(&a.audit_chain_records(&c, 0, 10).unwrap(), &Chain::new(None)),
+            Ok(1)
+        );
+    }
+}
+
+/// Two instances ingesting the same profiles at once: no update is lost (each profile is
+/// locked for its read-merge-write).
+#[test]
+fn postgres_concurrent_ingest_loses_no_update() {
+    let schema = PgSchema::new();
+    let open =
+        || Arc::new(PgStore::open(&schema.url, None, Some(&schema.name), "i", 2, Chain::new(None)).unwrap());
+    let stores = [open(), open()];
+    let handles: Vec<_> = stores
+        .iter()
+        .enumerate()
+        .map(|(n, s)| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for round in 0..20 {
+                    // Same profiles, each writer its own attribute: both must survive.
+                    let lines: Vec<_> = (0..20)
+                        .rev()
+                        .map(|i| json!({"profileId": format!("p{i}"), "attributes": {format!("w{n}"): {format!("r{round}"): true}}}))
+                        .collect();
+                    ingest(&*s, &lines);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    for i in 0..20 {
+        let p = stores[0].profile(&format!("p{i}")).unwrap().unwrap();
+        for w in ["w0", "w1"] {
+            assert_eq!(
+                p.attributes[w].as_object().unwrap().len(),
+                20,
+                "p{i}.{w}: {:?}",
+                p.attributes
+            );
+        }
+    }
+}
+
+#[test]
+fn postgres_migrations_are_recorded_and_a_newer_schema_is_refused() {
+    let schema = PgSchema::new();
+    let open = || PgStore::open(&schema.url, None, Some(&schema.name), "m", 1, Chain::new(None));
+    drop(open().unwrap());
+    drop(open().unwrap()); // a second start applies nothing
+    let versions = schema.query_i64("SELECT version FROM schema_migrations ORDER BY version");
+    assert_eq!(versions, vec![1]);
+    schema.execute("INSERT INTO schema_migrations (version) VALUES (999)");
+    let err = open().unwrap_err().to_string();
+    assert!(err.contains("newer than this build"), "{err}");
+}
