@@ -15,31 +15,17 @@ PKI=$(mktemp -d /tmp/sallyport-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$PKI"; }
 trap cleanup EXIT
-export PATH="$PATH:/usr/sbin"
-command -v nginx >/dev/null && command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light wrk >/dev/null; }
-
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
+bench_tools
+bench_pki
 cd "$PKI"
-key() { openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1.key"; }
-key ca; openssl req -x509 -new -key ca.key -subj "/CN=Bench CA" -days 2 -out ca.pem \
-  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
-leaf() { key "$1"; openssl req -new -key "$1.key" -subj "/CN=$2" -out "$1.csr" 2>/dev/null
-  printf 'subjectAltName=%s\nextendedKeyUsage=%s\n' "$3" "$4" > "$1.ext"
-  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile "$1.ext" -out "$1.pem" 2>/dev/null; }
-leaf server localhost "DNS:localhost,IP:127.0.0.1" serverAuth
-leaf client gateway.bench.test "DNS:gateway.bench.test" clientAuth
 # A body the size of a Sallyport payload in this benchmark (~450 bytes).
 python3 -c "import json;print(json.dumps({'firstName':'First1','identityMap':{'ecid':[{'id':'0'*38}],'email_lc_sha256':[{'id':'0'*64}]},'person':{'email':'user1@example.com'},'segmentMembership':{'ups':{'5b998cb9-9488-4ec3-8d95-fa8338ced490':{'lastQualificationTime':'2026-11-25T10:00:00Z','name':'First name equals John','status':'realized'}}}}),end='')" > body.json
 printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nlocal f = io.open("%s/body.json"); wrk.body = f:read("*a"); f:close()\n' "$PKI" > post.lua
 
-mkdir -p rx/logs px/logs
-cat > rx/nginx.conf <<CONF
-worker_processes 1; pid $PKI/rx/nginx.pid; error_log $PKI/rx/logs/error.log warn; daemon off;
-events { worker_connections 8192; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $PKI/rx/body;
-  server { listen 127.0.0.1:9443 ssl; ssl_certificate $PKI/server.pem; ssl_certificate_key $PKI/server.key;
-    ssl_client_certificate $PKI/ca.pem; ssl_verify_client on; client_body_buffer_size 64k;
-    location / { return 200 "ok"; } } }
-CONF
+mkdir -p px/logs
+bench_receiver
 cat > px/nginx.conf <<CONF
 worker_processes 1; pid $PKI/px/nginx.pid; error_log $PKI/px/logs/error.log warn; daemon off;
 events { worker_connections 8192; }
@@ -51,7 +37,6 @@ http { access_log off; keepalive_requests 1000000; client_body_temp_path $PKI/px
       proxy_ssl_trusted_certificate $PKI/ca.pem; proxy_ssl_verify on; proxy_ssl_name localhost;
       proxy_ssl_session_reuse on; } } }
 CONF
-nginx -c "$PKI/rx/nginx.conf" -p "$PKI/rx" & PIDS+=($!)
 nginx -c "$PKI/px/nginx.conf" -p "$PKI/px" & PIDS+=($!)
 sleep 0.5
 

@@ -22,6 +22,14 @@ if [ ! -d tests/oauth/node_modules/oauth2-mock-server ]; then
   (cd tests/oauth && npm ci --no-audit --no-fund --silent)
 fi
 
+# The PostgreSQL store's tests need a server: the machine's (127.0.0.1:5432, database test) or
+# SALLYPORT_TEST_PG. Say so plainly instead of failing forty tests with connection errors.
+pg_url=${SALLYPORT_TEST_PG:-postgres://postgres@127.0.0.1:5432/test}
+if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -d "$pg_url"; then
+  echo "PostgreSQL is not answering at $pg_url (set SALLYPORT_TEST_PG); the store tests need it" >&2
+  exit 1
+fi
+
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then

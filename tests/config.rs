@@ -109,6 +109,19 @@ fn each_bad_config_names_key_and_reason() {
         ),
         ("[store]\nurl = \"mysql://x\"\n".into(), "store.url", "must start with sqlite://"),
         (
+            "[store]\nurl = \"postgres://u:hunter2@db.example/x\"\n".into(),
+            "store.url",
+            "holds a password; use store.password_env",
+        ),
+        ("[store]\nlease = \"10ms\"\n".into(), "store.lease", "from 1s to 1h"),
+        ("[store]\npool_size = 0\n".into(), "store.pool_size", "from 1 to 64"),
+        ("[store]\nschema = \"a;drop\"\n".into(), "store.schema", "letters, digits or '_'"),
+        (
+            "[store]\nurl = \"postgres://db.example/x\"\npassword_env = \"SALLYPORT_TEST_UNSET_TOKEN\"\n".into(),
+            "store.password",
+            "SALLYPORT_TEST_UNSET_TOKEN is not set",
+        ),
+        (
             "[identity]\ncert = \"../certs/nope.pem\"\nkey = \"../certs/gateway.key\"\n".into(),
             "identity.cert",
             "does not exist",
@@ -122,6 +135,7 @@ fn each_bad_config_names_key_and_reason() {
     for (text, key, reason) in cases {
         let err = Config::from_toml(&text, Path::new("bad.toml"), &base).expect_err(&text);
         let msg = err.to_string();
+        assert!(!msg.contains("hunter2"), "a password in an error: {msg}");
         assert!(msg.starts_with("bad.toml: "), "file not named: {msg}");
         assert!(
             msg.contains(key) && msg.contains(reason),

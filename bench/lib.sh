@@ -1,0 +1,35 @@
+# Shared by the bench scripts: a PKI made with the openssl CLI and an nginx receiver that
+# requires a client certificate (one worker, as ../shared/bench/peers/run-peers.sh runs it).
+# Source it after setting PKI (a scratch directory) and PIDS (an array of processes to stop).
+
+bench_tools() {
+  export PATH="$PATH:/usr/sbin"
+  command -v nginx >/dev/null && command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light wrk >/dev/null; }
+}
+
+# ca.pem, server.{pem,key} (localhost, 127.0.0.1), client.{pem,key} in $PKI.
+bench_pki() {
+  ( cd "$PKI"
+    key() { openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1.key"; }
+    key ca; openssl req -x509 -new -key ca.key -subj "/CN=Bench CA" -days 2 -out ca.pem \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
+    leaf() { key "$1"; openssl req -new -key "$1.key" -subj "/CN=$2" -out "$1.csr" 2>/dev/null
+      printf 'subjectAltName=%s\nextendedKeyUsage=%s\n' "$3" "$4" > "$1.ext"
+      openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile "$1.ext" -out "$1.pem" 2>/dev/null; }
+    leaf server localhost "DNS:localhost,IP:127.0.0.1" serverAuth
+    leaf client gateway.bench.test "DNS:gateway.bench.test" clientAuth )
+}
+
+# nginx on 127.0.0.1:9443 with ssl_verify_client on, answering 200 to everything.
+bench_receiver() {
+  mkdir -p "$PKI/rx/logs"
+  cat > "$PKI/rx/nginx.conf" <<CONF
+worker_processes 1; pid $PKI/rx/nginx.pid; error_log $PKI/rx/logs/error.log warn; daemon off;
+events { worker_connections 8192; }
+http { access_log off; keepalive_requests 1000000; client_body_temp_path $PKI/rx/body;
+  server { listen 127.0.0.1:9443 ssl; ssl_certificate $PKI/server.pem; ssl_certificate_key $PKI/server.key;
+    ssl_client_certificate $PKI/ca.pem; ssl_verify_client on; client_body_buffer_size 64k;
+    location / { return 200 "ok"; } } }
+CONF
+  nginx -c "$PKI/rx/nginx.conf" -p "$PKI/rx" & PIDS+=($!)
+}
