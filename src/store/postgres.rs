@@ -34,7 +34,7 @@ use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, S
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
 use crate::export::profile::{Membership, Profile};
 use crate::export::spec::MappedSegment;
-use crate::export::trigger::{Reasons, Trigger};
+use crate::export::trigger::Reasons;
 use crate::export::update::{ProfileUpdate, SegmentStatus};
 
 /// Schema migrations, applied in order on start under an advisory lock; each version is
@@ -543,37 +543,14 @@ impl Store for PgStore {
                 .collect();
             let existing: Vec<String> = ids.iter().filter(|i| !inserted.contains(*i)).cloned().collect();
             let mut loaded = load_profiles(tx, &existing, true)?;
-            let mut profiles: HashMap<String, (Profile, Vec<String>)> = HashMap::new();
-            let mut queued: HashMap<(String, String), Trigger> = HashMap::new();
-            let mut order: Vec<(String, String)> = Vec::new();
-            for u in updates {
-                let (p, touched) = profiles.entry(u.profile_id.clone()).or_insert_with(|| {
-                    let p = loaded
-                        .remove(&u.profile_id)
-                        .unwrap_or_else(|| Profile::new(&u.profile_id));
-                    (p, Vec::new())
-                });
-                touched.extend(u.segments.iter().map(|s| s.id.clone()));
-                for (df, t) in apply(p, u) {
-                    let key = (df, u.profile_id.clone());
-                    match queued.get_mut(&key) {
-                        Some(existing) => super::union(existing, &t),
-                        None => {
-                            order.push(key.clone());
-                            queued.insert(key, t);
-                        }
-                    }
-                }
-            }
+            let batch = super::plan_batch(updates, &mut |id| Ok(loaded.remove(id)), apply)?;
             let (mut pid, mut mp, mut im, mut at) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let (mut m_pid, mut m_seg, mut m_status, mut m_time) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for (p, touched) in profiles.values_mut() {
+            for (p, touched) in &batch.profiles {
                 pid.push(p.id.clone());
                 mp.push(p.merge_policy.clone());
                 im.push(to_json(&p.identity_map)?);
                 at.push(to_json(&p.attributes)?);
-                touched.sort();
-                touched.dedup();
                 for seg in touched.iter() {
                     if let Some(m) = p.segments.get(seg) {
                         m_pid.push(p.id.clone());
@@ -598,15 +575,13 @@ impl Store for PgStore {
                     &[&m_pid, &m_seg, &m_status, &m_time],
                 )?;
             }
-            if !order.is_empty() {
+            if !batch.enqueues.is_empty() {
                 let (mut q_df, mut q_pid, mut q_segs, mut q_reasons) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                for key in &order {
-                    if let Some(t) = queued.get(key) {
-                        q_df.push(key.0.clone());
-                        q_pid.push(key.1.clone());
-                        q_segs.push(to_json(&t.segments)?);
-                        q_reasons.push(i32::from(t.reasons.0));
-                    }
+                for ((df, profile_id), t) in &batch.enqueues {
+                    q_df.push(df.clone());
+                    q_pid.push(profile_id.clone());
+                    q_segs.push(to_json(&t.segments)?);
+                    q_reasons.push(i32::from(t.reasons.0));
                 }
                 // A queued row keeps its place in line and any retry backoff; its version is
                 // bumped so an in-flight send of the older state does not acknowledge this one.

@@ -359,39 +359,13 @@ impl Store for SqliteStore {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         // Profiles touched by this batch, applied in order in memory, written once.
-        let mut profiles: HashMap<String, (Profile, Vec<String>)> = HashMap::new();
-        let mut queued: HashMap<(String, String), Trigger> = HashMap::new();
-        let mut order: Vec<(String, String)> = Vec::new();
-        for u in updates {
-            if !profiles.contains_key(&u.profile_id) {
-                let p = load_profile(&tx, &u.profile_id)?.unwrap_or_else(|| Profile::new(&u.profile_id));
-                profiles.insert(u.profile_id.clone(), (p, Vec::new()));
-            }
-            let Some((p, touched)) = profiles.get_mut(&u.profile_id) else {
-                continue;
-            };
-            for s in &u.segments {
-                touched.push(s.id.clone());
-            }
-            for (df, t) in apply(p, u) {
-                let key = (df, u.profile_id.clone());
-                match queued.get_mut(&key) {
-                    Some(existing) => union(existing, &t),
-                    None => {
-                        order.push(key.clone());
-                        queued.insert(key, t);
-                    }
-                }
-            }
-        }
-        for (p, touched) in profiles.values() {
+        let batch = super::plan_batch(updates, &mut |id| load_profile(&tx, id), apply)?;
+        for (p, touched) in &batch.profiles {
             let touched: Vec<&String> = touched.iter().collect();
             save_profile(&tx, p, &touched, now)?;
         }
-        for key in &order {
-            if let Some(t) = queued.get(key) {
-                enqueue(&tx, &key.0, &key.1, t, now)?;
-            }
+        for ((df, profile_id), t) in &batch.enqueues {
+            enqueue(&tx, df, profile_id, t, now)?;
         }
         tx.commit()?;
         Ok(())
