@@ -114,13 +114,29 @@ fn pending(s: &Setup) -> i64 {
     s.schema.query_i64("SELECT COUNT(*) FROM outbox")[0]
 }
 
+/// A running instance, killed when dropped (also when a test fails half-way).
+struct Instance(Child);
+
+impl Instance {
+    fn kill(&mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// An instance named `name` (its leases and audit chain carry the name).
-fn instance(s: &Setup, name: &str) -> Child {
+fn instance(s: &Setup, name: &str) -> Instance {
     instance_on(s, name, free_port())
 }
 
 /// An instance whose admin API listens on `admin_port`.
-fn instance_on(s: &Setup, name: &str, admin_port: u16) -> Child {
+fn instance_on(s: &Setup, name: &str, admin_port: u16) -> Instance {
     let text = std::fs::read_to_string(&s.config)
         .unwrap()
         .replace("INSTANCE", name)
@@ -131,6 +147,7 @@ fn instance_on(s: &Setup, name: &str, admin_port: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Instance)
         .unwrap()
 }
 
@@ -185,7 +202,8 @@ fn two_instances_share_100k_deliveries_each_exactly_once() {
     let mut b = instance(&s, "b");
     wait("every delivery", Duration::from_secs(600), || pending(&s) == 0);
     std::thread::sleep(Duration::from_millis(500));
-    let _ = (a.kill(), b.kill(), a.wait(), b.wait());
+    a.kill();
+    b.kill();
 
     let seen = received(&s.rx);
     assert_eq!(seen.len(), N, "distinct deliveries received");
@@ -217,8 +235,7 @@ fn after_kill_9_the_other_instance_takes_over_the_leases() {
         let by = delivered_by_instance(&s);
         by["a"] > 0 && by["b"] > 0 && received(&s.rx).len() > N / 10
     });
-    a.kill().unwrap(); // SIGKILL: no shutdown, leases and in-flight sends abandoned
-    a.wait().unwrap();
+    a.kill(); // SIGKILL: no shutdown, leases and in-flight sends abandoned
     let orphaned = s
         .schema
         .query_i64("SELECT COUNT(*) FROM outbox WHERE lease_owner LIKE 'a/%'")[0];
@@ -227,7 +244,7 @@ fn after_kill_9_the_other_instance_takes_over_the_leases() {
         pending(&s) == 0
     });
     std::thread::sleep(Duration::from_millis(500));
-    let _ = (b.kill(), b.wait());
+    b.kill();
 
     let seen = received(&s.rx);
     assert_eq!(seen.len(), N, "nothing lost");
@@ -273,8 +290,7 @@ async fn a_dataflow_put_on_one_instance_runs_on_the_other() {
     .await;
     assert_eq!(status, 200, "{text}");
     // Only b is left to deliver; it must learn of `second` from the database.
-    a.kill().unwrap();
-    a.wait().unwrap();
+    a.kill();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let lines: String = (0..10)
         .map(|i| {
@@ -301,5 +317,5 @@ async fn a_dataflow_put_on_one_instance_runs_on_the_other() {
     .await
     .unwrap();
     assert_eq!(received(&s.rx).len(), 10, "the configured dataflow got them too");
-    let _ = (b.kill(), b.wait());
+    b.kill();
 }

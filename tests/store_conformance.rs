@@ -478,3 +478,43 @@ fn postgres_migrations_are_recorded_and_a_newer_schema_is_refused() {
     let err = open().unwrap_err().to_string();
     assert!(err.contains("newer than this build"), "{err}");
 }
+
+/// After a lease expired and another instance took the row over, the first instance's late
+/// outcome does not touch the row: the new owner decides (no second delivery in flight).
+#[test]
+fn postgres_a_late_outcome_after_takeover_leaves_the_row_to_its_new_owner() {
+    let schema = PgSchema::new();
+    let open =
+        |name: &str| PgStore::open(&schema.url, None, Some(&schema.name), name, 1, Chain::new(None)).unwrap();
+    let (a, b) = (open("a"), open("b"));
+    ingest(&a, &[realized("p1", "s1")]);
+    let now = sallyport::store::now_ms();
+    let late = a.claim(DF, 10, now, LEASE).unwrap().remove(0);
+    let taken = b.claim(DF, 10, now + LEASE + 1, LEASE).unwrap();
+    assert_eq!(taken.len(), 1, "the expired lease was taken over");
+    let fail = |s: &PgStore, id| {
+        s.complete(
+            &[Completion::Failed {
+                id,
+                retry_at: now,
+                error: error(1),
+            }],
+            &[],
+        )
+        .unwrap()
+    };
+    fail(&a, late.id);
+    assert!(
+        a.claim(DF, 10, now + LEASE + 2, LEASE).unwrap().is_empty(),
+        "a's late failure did not release b's lease"
+    );
+    b.complete(
+        &[Completion::Delivered {
+            id: taken[0].id,
+            version: taken[0].version,
+        }],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(b.pending(None).unwrap(), 0);
+}

@@ -667,6 +667,8 @@ impl Store for PgStore {
         let limit = limit as i64;
         let until = now_ms + lease_ms;
         self.transaction(|tx| {
+            // A lease lost to a database crash only makes its row due again.
+            tx.tx_batch("SET LOCAL synchronous_commit = off")?;
             let rows = tx.query(
                 "UPDATE outbox o SET lease_owner = $4, lease_until = $5
                  FROM (SELECT id FROM outbox
@@ -702,7 +704,14 @@ impl Store for PgStore {
 
     fn complete(&self, results: &[Completion], audit: &[AuditRecord]) -> Result<(), StoreError> {
         let mut head = self.head();
+        // Failures and releases apply only to rows this process still leases: once a lease has
+        // expired and another instance took the row over, that instance decides its fate. A
+        // delivered version is removed whoever holds the row (it has arrived).
         let new_head = self.transaction(|tx| {
+            // As the SQLite store's outcomes: durable across our crash at once, across a
+            // database crash after the WAL writer's next flush (≤ 3 × wal_writer_delay). An
+            // outcome lost that way only means an idempotent re-send.
+            tx.tx_batch("SET LOCAL synchronous_commit = off")?;
             let new_head = self.append_chain(tx, &head, audit)?;
             let (mut ids, mut versions) = (Vec::new(), Vec::new());
             for r in results {
@@ -716,8 +725,8 @@ impl Store for PgStore {
                             "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2,
                                errors = (errors::jsonb || jsonb_build_array($3::text::jsonb))::text,
                                lease_owner = NULL, lease_until = 0
-                             WHERE id = $1",
-                            &[id, retry_at, &to_json(error)?],
+                             WHERE id = $1 AND lease_owner = $4",
+                            &[id, retry_at, &to_json(error)?, &self.chain_id],
                         )?;
                     }
                     Completion::Dead {
@@ -731,15 +740,18 @@ impl Store for PgStore {
                             "INSERT INTO dead_letters (dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at)
                              SELECT dataflow, profile_id, $2, $3, attempts + 1,
                                (errors::jsonb || jsonb_build_array($4::text::jsonb))::text, $5
-                             FROM outbox WHERE id = $1",
-                            &[id, idempotency_key, payload, &to_json(error)?, &error.at],
+                             FROM outbox WHERE id = $1 AND lease_owner = $6",
+                            &[id, idempotency_key, payload, &to_json(error)?, &error.at, &self.chain_id],
                         )?;
-                        let n = tx.execute("DELETE FROM outbox WHERE id = $1 AND version = $2", &[id, version])?;
+                        let n = tx.execute(
+                            "DELETE FROM outbox WHERE id = $1 AND version = $2 AND lease_owner = $3",
+                            &[id, version, &self.chain_id],
+                        )?;
                         if n == 0 {
                             tx.execute(
                                 "UPDATE outbox SET attempts = 0, errors = '[]', lease_owner = NULL, lease_until = 0
-                                 WHERE id = $1",
-                                &[id],
+                                 WHERE id = $1 AND lease_owner = $2",
+                                &[id, &self.chain_id],
                             )?;
                         }
                     }
@@ -759,8 +771,9 @@ impl Store for PgStore {
                 let changed: Vec<i64> = ids.into_iter().filter(|i| !deleted.contains(i)).collect();
                 if !changed.is_empty() {
                     tx.execute(
-                        "UPDATE outbox SET attempts = 0, lease_owner = NULL, lease_until = 0 WHERE id = ANY($1)",
-                        &[&changed],
+                        "UPDATE outbox SET attempts = 0, lease_owner = NULL, lease_until = 0
+                         WHERE id = ANY($1) AND lease_owner = $2",
+                        &[&changed, &self.chain_id],
                     )?;
                 }
             }
