@@ -74,8 +74,10 @@ pending() { # STORE_KIND
 }
 
 now() { date +%s.%N; }
+# "busy total" jiffies of the whole machine, from /proc/stat.
+jiffies() { awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; print t-$5-$6, t}' /proc/stat; }
 
-# run KIND INSTANCES → "ingest_s drain_s"
+# run KIND INSTANCES → "ingest_s drain_s cpu_busy_percent_during_drain"
 run() {
   local kind=$1 k=$2 lines
   if [ "$kind" = sqlite ]; then
@@ -88,24 +90,26 @@ schema = \"$SCHEMA\""
   t0=$(now)
   "$BIN" ingest --config "$(config "$lines" ingest)" "$PKI/profiles.ndjson" >/dev/null
   t1=$(now)
+  read -r b0 a0 <<<"$(jiffies)"
   for i in $(seq 1 "$k"); do
     "$BIN" serve --config "$(config "$lines" "i$i")" 2>"$PKI/serve-$kind-$k-$i.log" & started+=($!); PIDS+=($!)
   done
   while [ "$(pending "$kind")" != 0 ]; do sleep 0.05; done
   t2=$(now)
+  read -r b1 a1 <<<"$(jiffies)"
   for p in "${started[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  python3 -c "print(f'{$t1-$t0:.2f} {$t2-$t1:.2f}')"
+  python3 -c "print(f'{$t1-$t0:.2f} {$t2-$t1:.2f} {100*($b1-$b0)/max(1,$a1-$a0):.0f}')"
 }
 
-read -r si sd <<<"$(run sqlite 1)"
-read -r p1i p1d <<<"$(run postgres 1)"
-read -r p2i p2d <<<"$(run postgres 2)"
-python3 - "$N" "$si" "$sd" "$p1i" "$p1d" "$p2i" "$p2d" <<'PY'
+read -r si sd sc <<<"$(run sqlite 1)"
+read -r p1i p1d p1c <<<"$(run postgres 1)"
+read -r p2i p2d p2c <<<"$(run postgres 2)"
+python3 - "$N" "$si" "$sd" "$sc" "$p1i" "$p1d" "$p1c" "$p2i" "$p2d" "$p2c" <<'PY'
 import sys
-n = int(sys.argv[1]); si, sd, p1i, p1d, p2i, p2d = map(float, sys.argv[2:])
+n = int(sys.argv[1]); si, sd, sc, p1i, p1d, p1c, p2i, p2d, p2c = map(float, sys.argv[2:])
 base = n / sd
-print(f"| store | instances | ingest {n:,} (s) | drain {n:,} deliveries (s) | deliveries/s | vs SQLite ×1 |")
-print("| --- | --- | --- | --- | --- | --- |")
-for name, k, i, d in [("SQLite", 1, si, sd), ("PostgreSQL", 1, p1i, p1d), ("PostgreSQL", 2, p2i, p2d)]:
-    print(f"| {name} | {k} | {i:.1f} | {d:.1f} | {n/d:,.0f} | {n/d/base:.2f}× |")
+print(f"| store | instances | ingest {n:,} (s) | drain {n:,} deliveries (s) | deliveries/s | vs SQLite ×1 | machine CPU busy while draining |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+for name, k, i, d, c in [("SQLite", 1, si, sd, sc), ("PostgreSQL", 1, p1i, p1d, p1c), ("PostgreSQL", 2, p2i, p2d, p2c)]:
+    print(f"| {name} | {k} | {i:.1f} | {d:.1f} | {n/d:,.0f} | {n/d/base:.2f}× | {c:.0f}% |")
 PY

@@ -27,14 +27,38 @@ pub use sqlite::SqliteStore;
 pub enum StoreError {
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("store: PostgreSQL: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    /// The server's own message (tokio-postgres' Display says only "db error"), and its
+    /// SQLSTATE when it sent one.
+    #[error("store: PostgreSQL: {message}")]
+    Postgres {
+        message: String,
+        code: Option<tokio_postgres::error::SqlState>,
+    },
     #[error("store: {path}: {reason}")]
     Open { path: String, reason: String },
     #[error("store: stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("store: unsupported URL '{0}' (expected sqlite://PATH or postgres://…)")]
     Url(String),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let message = match e.as_db_error() {
+            Some(db) => match db.detail() {
+                Some(d) => format!("{}: {} ({d})", db.severity(), db.message()),
+                None => format!("{}: {}", db.severity(), db.message()),
+            },
+            None => match std::error::Error::source(&e) {
+                Some(cause) => format!("{e}: {cause}"),
+                None => e.to_string(),
+            },
+        };
+        StoreError::Postgres {
+            message,
+            code: e.code().cloned(),
+        }
+    }
 }
 
 /// One queued delivery, claimed for sending.

@@ -178,9 +178,9 @@ fn wait<F: std::future::Future>(f: F) -> F::Output {
 
 fn retryable(e: &StoreError) -> bool {
     match e {
-        StoreError::Postgres(e) => matches!(
-            e.code(),
-            Some(&SqlState::T_R_DEADLOCK_DETECTED) | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+        StoreError::Postgres { code, .. } => matches!(
+            code,
+            Some(SqlState::T_R_DEADLOCK_DETECTED) | Some(SqlState::T_R_SERIALIZATION_FAILURE)
         ),
         _ => false,
     }
@@ -295,8 +295,11 @@ impl PgStore {
             .map_err(|_| StoreError::Corrupt("the PostgreSQL driver stopped".into()))??;
         if let Some(schema) = &self.schema {
             // Validated as letters, digits and '_' by the config; quoted all the same.
+            // Under the migration lock: two instances creating the schema at once would
+            // otherwise race (CREATE SCHEMA IF NOT EXISTS is not atomic against itself).
             wait(client.batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path TO \"{schema}\""
+                "BEGIN; SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); CREATE SCHEMA IF NOT EXISTS \"{schema}\"; COMMIT;
+                 SET search_path TO \"{schema}\""
             )))?;
         }
         Ok(PgConn {
