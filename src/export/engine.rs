@@ -778,11 +778,7 @@ pub fn idempotency_key(dataflow: &str, row: i64, version: i64) -> String {
         ctx.update(part);
     }
     let d = ctx.finish();
-    let mut out = String::from("sp_");
-    for b in &d.as_ref()[..16] {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("sp_{}", crate::audit::hex(&d.as_ref()[..16]))
 }
 
 /// A uniform value in [0, 1) for backoff jitter (no need for a cryptographic source).
