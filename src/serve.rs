@@ -42,13 +42,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     }
     workers.push(tokio::spawn(alerts.run(engine.clone())));
     if cfg.sidecar.is_some() {
-        let (sidecar, listen, writer) = crate::sidecar::build(&cfg).await?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("sidecar listener {listen}: {e}"))?;
-        eprintln!("sallyport: sidecar on http://{listen}");
-        workers.push(tokio::spawn(crate::sidecar::serve(sidecar, listener)));
-        workers.push(writer);
+        workers.extend(crate::sidecar::start(&cfg).await?);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let servers = [

@@ -6,8 +6,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,63 +14,8 @@ use http::{HeaderMap, Method, StatusCode};
 use sallyport::config::Config;
 use sallyport::delivery::{settings_for_dataflow, DeliveryClient, OutboundRequest};
 use sallyport::receiver::{Action, ClientAuth, Receiver};
-use serde_json::Value;
+use support::oauth::OAuthServer;
 use support::*;
-
-struct OAuthServer {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Drop for OAuthServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl OAuthServer {
-    fn start(pki: &RcgenPki, expires_in: u64, fail_refresh: bool) -> Self {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oauth");
-        assert!(
-            dir.join("node_modules/oauth2-mock-server").exists(),
-            "run the test command: it installs tests/oauth"
-        );
-        let port = free_port();
-        let log = pki.dir.path().join(format!("oauth-{port}.log"));
-        let child = Command::new("node")
-            .current_dir(&dir)
-            .arg("server.mjs")
-            .arg(&pki.files.server_key)
-            .arg(&pki.files.server_cert)
-            .arg(port.to_string())
-            .arg(&log)
-            .arg(expires_in.to_string())
-            .arg(if fail_refresh { "1" } else { "0" })
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for_port(port);
-        OAuthServer { child, port, log }
-    }
-
-    fn requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    fn grants(&self) -> Vec<String> {
-        self.requests()
-            .iter()
-            .map(|r| r["grant"].as_str().unwrap().to_owned())
-            .collect()
-    }
-}
 
 fn client(pki: &RcgenPki, rx: &Receiver, auth: &str) -> DeliveryClient {
     let f = &pki.files;

@@ -308,3 +308,183 @@ async fn forward_proxy_mode_sends_absolute_form_requests_over_mtls_and_refuses_d
     assert_eq!(s, 403);
     assert!(String::from_utf8_lossy(&body).contains("destination denied by egress policy"));
 }
+
+/// An upstream that answers by script (request index → action), then 200.
+async fn scripted(pki: &RcgenPki, script: Vec<sallyport::receiver::Action>) -> sallyport::receiver::Receiver {
+    let f = &pki.files;
+    sallyport::receiver::Receiver::start_with(
+        &f.server_cert,
+        &f.server_key,
+        &f.ca_cert,
+        ClientAuth::Required,
+        std::sync::Arc::new(move |n| {
+            script
+                .get(n)
+                .cloned()
+                .unwrap_or(sallyport::receiver::Action::Respond(StatusCode::OK, vec![]))
+        }),
+    )
+    .await
+    .unwrap()
+}
+
+/// A sidecar config with routes to `upstream` (rcgen PKI) and `extra` TOML in [sidecar].
+fn sidecar_config(pki: &RcgenPki, upstream: &str, sidecar_extra: &str, routes: &str) -> Config {
+    let f = &pki.files;
+    let text = format!(
+        "[identity]\ncert = \"{}\"\nkey = \"{}\"\n[egress]\nallow = [\"127.0.0.0/8\"]\n[store]\nurl = \"sqlite://sc.db\"\n\
+         [sidecar]\n{sidecar_extra}\n{}",
+        f.client_cert.display(),
+        f.client_key.display(),
+        routes
+            .replace("UPSTREAM", upstream)
+            .replace("CA", &f.ca_cert.display().to_string()),
+    );
+    Config::from_toml(&text, std::path::Path::new("sc.toml"), pki.dir.path()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_retried_others_only_when_the_route_says_so() {
+    use sallyport::receiver::Action;
+    let pki = RcgenPki::new();
+    let busy = || Action::Respond(StatusCode::SERVICE_UNAVAILABLE, vec![]);
+    let rx = scripted(
+        &pki,
+        vec![
+            busy(),                                  // GET, attempt 1
+            Action::Drop,                            // GET, attempt 2: connection closed without an answer
+            Action::Respond(StatusCode::OK, vec![]), // GET, attempt 3
+            busy(),                                  // POST: not retried
+            busy(),                                  // POST on the route that retries everything, attempt 1
+            Action::Respond(StatusCode::OK, vec![]), // … attempt 2
+            busy(), // PUT with a body larger than the retry buffer: streamed once
+        ],
+    )
+    .await;
+    let port = free_port();
+    let cfg = sidecar_config(
+        &pki,
+        &rx.url(""),
+        &format!("listen = \"127.0.0.1:{port}\""),
+        "[[sidecar.routes]]\nprefix = \"/up\"\nupstream = \"UPSTREAM\"\nca = \"CA\"\nretry_buffer_bytes = 1024\n\
+         [[sidecar.routes]]\nprefix = \"/all\"\nupstream = \"UPSTREAM\"\nca = \"CA\"\nretry_non_idempotent = true\n",
+    );
+    let tasks = sallyport::sidecar::start(&cfg).await.unwrap();
+    wait_for_port(port);
+    let mut tx = app(port).await;
+
+    let (s, _, _) = call(&mut tx, "GET", "/up/a", &[], Bytes::new()).await;
+    assert_eq!(
+        (s, rx.received().len()),
+        (200, 3),
+        "GET: two retries, then the answer"
+    );
+    let (s, _, _) = call(&mut tx, "POST", "/up/b", &[], Bytes::from_static(b"{\"n\":1}")).await;
+    assert_eq!(
+        (s, rx.received().len()),
+        (503, 4),
+        "POST: the upstream's answer, once"
+    );
+    let (s, _, _) = call(&mut tx, "POST", "/all/c", &[], Bytes::from_static(b"{\"n\":2}")).await;
+    assert_eq!(
+        (s, rx.received().len()),
+        (200, 6),
+        "POST retried when the route says so"
+    );
+    let got = rx.received();
+    assert_eq!(got[4].body, got[5].body, "the retry sent the same body");
+    assert_eq!(&got[5].body[..], b"{\"n\":2}");
+    let big = Bytes::from(vec![b'x'; 4096]);
+    let (s, _, _) = call(&mut tx, "PUT", "/up/d", &[], big.clone()).await;
+    assert_eq!(
+        (s, rx.received().len()),
+        (503, 7),
+        "a body over the retry buffer is sent once"
+    );
+    assert_eq!(rx.received()[6].body, big);
+
+    // One audit record per attempt.
+    let store = sallyport::store::open(&cfg).unwrap();
+    let mut attempts = Vec::new();
+    for _ in 0..100 {
+        attempts = store
+            .audit_records(0, 100)
+            .unwrap()
+            .iter()
+            .map(|r| {
+                serde_json::from_str::<serde_json::Value>(&r.record).unwrap()["attempt"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        if attempts.len() >= 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(attempts, [1, 2, 3, 1, 1, 2, 1]);
+    tasks.iter().for_each(|t| t.abort());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_listener_owner_only_and_oauth2_route_auth() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = RcgenPki::new();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let oauth = support::oauth::OAuthServer::start(&pki, 3600, false);
+    std::fs::write(pki.dir.path().join("client.secret"), "s3cr3t-client\n").unwrap();
+    let sock = pki.dir.path().join("sidecar.sock");
+    let cfg = sidecar_config(
+        &pki,
+        &rx.url(""),
+        &format!("unix_socket = \"{}\"", sock.display()),
+        &format!(
+            "[[sidecar.routes]]\nprefix = \"/rx\"\nupstream = \"UPSTREAM\"\nca = \"CA\"\n\
+             auth = {{ kind = \"oauth2_client_credentials\", token_url = \"https://localhost:{}/token\", \
+             client_id = \"gw\", client_secret_file = \"client.secret\" }}\n",
+            oauth.port
+        ),
+    );
+    let tasks = sallyport::sidecar::start(&cfg).await.unwrap();
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "only the owner may use the socket");
+
+    let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let (s, _, _) = call(
+            &mut tx,
+            "POST",
+            "/rx/in",
+            &[("authorization", "Bearer app-secret")],
+            Bytes::from_static(b"{}"),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let seen: Vec<String> = rx
+        .received()
+        .iter()
+        .map(|r| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == "authorization")
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.iter().all(|a| a.starts_with("Bearer ey") && *a == seen[0]),
+        "{seen:?}"
+    );
+    assert_eq!(
+        oauth.grants(),
+        ["client_credentials"],
+        "one token for three requests"
+    );
+    tasks.iter().for_each(|t| t.abort());
+}

@@ -278,6 +278,9 @@ pub struct SidecarConfig {
     /// Add `X-Forwarded-For` and `X-Forwarded-Proto`. Default `false`.
     #[serde(default)]
     pub x_forwarded: bool,
+    /// Listen on this Unix socket (created mode 0600; an existing socket file is replaced)
+    /// instead of `listen`. Default: none.
+    pub unix_socket: Option<PathBuf>,
     /// Longest matching prefix wins.
     #[serde(default)]
     pub routes: Vec<SidecarRoute>,
@@ -308,6 +311,25 @@ pub struct SidecarRoute {
     #[serde(default)]
     pub auth: Auth,
     pub identity: Option<String>,
+    /// Retries after a failed attempt (connection error, timeout, TLS error, or a 502/503/504
+    /// answer), for idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) whose body is
+    /// at most `retry_buffer_bytes`. Default 2; 0 turns retries off.
+    #[serde(default = "default_sidecar_retries")]
+    pub retries: u32,
+    /// Retry other methods too (POST, PATCH): only for upstreams that deduplicate. Default `false`.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+    /// A retried request's body is held in memory to be sent again, up to this size; a larger
+    /// one streams through once, unretried. Default 65536.
+    #[serde(default = "default_retry_buffer")]
+    pub retry_buffer_bytes: usize,
+}
+
+fn default_sidecar_retries() -> u32 {
+    2
+}
+fn default_retry_buffer() -> usize {
+    65_536
 }
 
 impl SidecarRoute {
@@ -636,6 +658,33 @@ impl Config {
             }
             if let Some(f) = &sc.forward_proxy {
                 self.validate_dataflow(&mut out, "sidecar.forward_proxy", &f.as_dataflow(usize::MAX));
+            }
+            if let Some(path) = &sc.unix_socket {
+                match self.path(path).parent() {
+                    Some(dir) if dir.is_dir() => {}
+                    _ => out.push(
+                        "sidecar.unix_socket",
+                        format!("{}: its directory does not exist", path.display()),
+                    ),
+                }
+            }
+            let labelled = sc
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("sidecar.routes[{i}]"), r))
+                .chain(
+                    sc.forward_proxy
+                        .iter()
+                        .map(|r| ("sidecar.forward_proxy".to_owned(), r)),
+                );
+            for (key, r) in labelled {
+                if r.retries > 5 {
+                    out.push(format!("{key}.retries"), "at most 5");
+                }
+                if r.retry_buffer_bytes > 16 * 1024 * 1024 {
+                    out.push(format!("{key}.retry_buffer_bytes"), "at most 16 MiB");
+                }
             }
             for (i, r) in sc.routes.iter().enumerate() {
                 let key = format!("sidecar.routes[{i}]");

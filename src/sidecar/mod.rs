@@ -46,6 +46,31 @@ struct Route {
     authenticates: bool,
     auth_kind: &'static str,
     name: String,
+    retries: u32,
+    retry_non_idempotent: bool,
+    retry_buffer: usize,
+}
+
+/// Methods a retry cannot make happen twice in effect (RFC 9110 §9.2.2).
+fn idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+        Method::TRACE,
+    ]
+    .contains(m)
+}
+
+/// An answer worth another attempt: the upstream's own gateway trouble.
+fn retry_status(s: StatusCode) -> bool {
+    matches!(
+        s,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
 }
 
 /// A configured sidecar, ready to serve.
@@ -132,6 +157,9 @@ fn route(
         authenticates: !matches!(r.auth, crate::config::Auth::None),
         auth_kind: r.auth.kind(),
         name,
+        retries: r.retries,
+        retry_non_idempotent: r.retry_non_idempotent,
+        retry_buffer: r.retry_buffer_bytes,
     })
 }
 
@@ -155,17 +183,47 @@ pub async fn serve(sidecar: Arc<Sidecar>, listener: tokio::net::TcpListener) {
         let Ok((tcp, peer)) = listener.accept().await else {
             continue;
         };
-        let sc = sidecar.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let sc = sc.clone();
-                async move { Ok::<_, Infallible>(sc.handle(req, peer).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
+        tokio::spawn(serve_connection(sidecar.clone(), tcp, Some(peer.ip())));
     }
+}
+
+/// Serve on a Unix socket until the task is aborted.
+pub async fn serve_unix(sidecar: Arc<Sidecar>, listener: tokio::net::UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(serve_connection(sidecar.clone(), stream, None));
+    }
+}
+
+/// Bind the sidecar's Unix socket, readable and writable by its owner only.
+pub fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, String> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    // Replace a stale socket from an earlier run, never any other kind of file.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!("{}: exists and is not a socket", path.display()));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+async fn serve_connection<S>(sc: Arc<Sidecar>, stream: S, peer: Option<std::net::IpAddr>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let sc = sc.clone();
+        async move { Ok::<_, Infallible>(sc.handle(req, peer).await) }
+    });
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 fn json_error(status: StatusCode, kind: &str, message: &str) -> Reply {
@@ -202,7 +260,7 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
 }
 
 impl Sidecar {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
+    async fn handle(&self, req: Request<Incoming>, peer: Option<std::net::IpAddr>) -> Reply {
         let started = Instant::now();
         let path = req.uri().path().to_owned();
         // Absolute-form (`GET http://host/path`): forward-proxy mode, sent as https.
@@ -253,44 +311,95 @@ impl Sidecar {
             headers.remove(http::header::AUTHORIZATION);
         }
         if self.x_forwarded {
-            if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-                headers.insert("x-forwarded-for", v);
+            if let Some(ip) = peer {
+                if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+                    headers.insert("x-forwarded-for", v);
+                }
             }
             headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
         }
         let limit = self.max_body;
-        let body: Body = Limited::new(body, limit).map_err(|e| -> BoxError { e }).boxed();
-        let result = route
-            .client
-            .send_streaming(parts.method.clone(), url, headers, body)
-            .await;
-        let (reply, status, error, peer_info) = match result {
+        // A request that may be retried keeps its (small) body to send again; any other
+        // streams through once.
+        let may_retry = route.retries > 0 && (idempotent(&parts.method) || route.retry_non_idempotent);
+        let keep = route.retry_buffer.min(limit);
+        let small = hyper::body::Body::is_end_stream(&body)
+            || hyper::body::Body::size_hint(&body)
+                .exact()
+                .is_some_and(|n| n <= keep as u64);
+        let (mut streamed, replay) = if may_retry && small {
+            match Limited::new(body, keep).collect().await {
+                Ok(b) => (None, Some(b.to_bytes())),
+                Err(e) => return json_error(StatusCode::BAD_REQUEST, "request_body", &e.to_string()),
+            }
+        } else {
+            let b: Body = Limited::new(body, limit).map_err(|e| -> BoxError { e }).boxed();
+            (Some(b), None)
+        };
+        let attempts = if replay.is_some() { 1 + route.retries } else { 1 };
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let body = match (&replay, streamed.take()) {
+                (Some(bytes), _) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
+                (None, Some(b)) => b,
+                (None, None) => unreachable_body(),
+            };
+            let result = route
+                .client
+                .send_streaming(parts.method.clone(), url.clone(), headers.clone(), body)
+                .await;
+            let again = attempt < attempts
+                && match &result {
+                    Ok(res) => retry_status(res.status()),
+                    Err(e) => e.retryable(),
+                };
+            self.audit_attempt(route, &destination, attempt, &result, started);
+            if !again {
+                break result;
+            }
+            drop(result);
+            tokio::time::sleep(std::time::Duration::from_millis(25 << attempt.min(4))).await;
+        };
+        match result {
             Ok(res) => {
-                let peer_info = res.extensions().get::<Arc<PeerInfo>>().cloned();
                 let (mut rparts, rbody) = res.into_parts();
                 rparts.headers = end_to_end(&rparts.headers);
-                let status = rparts.status.as_u16();
                 let body: Body = rbody.map_err(|e| -> BoxError { Box::new(e) }).boxed();
-                (Response::from_parts(rparts, body), Some(status), None, peer_info)
+                Response::from_parts(rparts, body)
             }
-            Err(e) => (
-                self.error_reply(&e, forwarded),
+            Err(e) => self.error_reply(&e, forwarded),
+        }
+    }
+
+    /// One audit record per attempt, as exports write them.
+    fn audit_attempt(
+        &self,
+        route: &Route,
+        destination: &str,
+        attempt: u32,
+        result: &Result<http::Response<Incoming>, DeliveryError>,
+        started: Instant,
+    ) {
+        let (status, error, peer_info) = match result {
+            Ok(res) => (
+                Some(res.status().as_u16()),
                 None,
-                Some(e.kind().as_str().to_owned()),
-                None,
+                res.extensions().get::<Arc<PeerInfo>>().cloned(),
             ),
+            Err(e) => (None, Some(e.kind().as_str().to_owned()), None),
         };
         let record = AuditRecord {
             at: crate::store::now_ms(),
             dataflow: route.name.clone(),
-            destination,
+            destination: destination.to_owned(),
             resolved_ip: peer_info.as_ref().map(|p| p.remote_addr.ip().to_string()),
             source_ip: peer_info.as_ref().map(|p| p.local_addr.ip().to_string()),
             profile_id: String::new(),
             // Bodies stream through unread; their hash is not taken.
             payload_sha256: String::new(),
             idempotency_key: String::new(),
-            attempt: 1,
+            attempt,
             outcome: if error.is_none() {
                 "proxied".into()
             } else {
@@ -308,7 +417,6 @@ impl Sidecar {
         if self.audit.try_send(record).is_err() {
             tracing::error!("sidecar audit queue is full; a record was dropped");
         }
-        reply
     }
 
     /// The proxy's own errors: typed, in JSON, never the upstream's words.
@@ -323,22 +431,45 @@ impl Sidecar {
     }
 }
 
+/// A body for an attempt that cannot happen (a streamed body is sent once, and only once).
+fn unreachable_body() -> Body {
+    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
+}
+
+/// Build the sidecar and start serving on its TCP listener or Unix socket. Returns the
+/// server and audit-writer tasks.
+pub async fn start(cfg: &Config) -> Result<[tokio::task::JoinHandle<()>; 2], String> {
+    let (sidecar, listen, writer) = build(cfg).await?;
+    let routes = sidecar.routes.len();
+    let unix = cfg.sidecar.as_ref().and_then(|s| s.unix_socket.as_ref());
+    let server = match unix {
+        Some(path) => {
+            let path = cfg.path(path);
+            let listener = bind_unix(&path)?;
+            eprintln!(
+                "sallyport: sidecar on unix:{} ({routes} route(s))",
+                path.display()
+            );
+            tokio::spawn(serve_unix(sidecar, listener))
+        }
+        None => {
+            if !listen.ip().is_loopback() {
+                eprintln!("sallyport: WARNING: the sidecar listens on {listen}, beyond loopback: anything that reaches it can send through the gateway");
+            }
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("sidecar listener {listen}: {e}"))?;
+            eprintln!("sallyport: sidecar on http://{listen} ({routes} route(s))");
+            tokio::spawn(serve(sidecar, listener))
+        }
+    };
+    Ok([server, writer])
+}
+
 /// `sallyport sidecar`: serve until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), String> {
-    let (sidecar, listen, writer) = build(&cfg).await?;
-    if !listen.ip().is_loopback() {
-        eprintln!("sallyport: WARNING: the sidecar listens on {listen}, beyond loopback: anything that reaches it can send through the gateway");
-    }
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("sidecar listener {listen}: {e}"))?;
-    eprintln!(
-        "sallyport: sidecar on http://{listen} ({} route(s))",
-        sidecar.routes.len()
-    );
-    let server = tokio::spawn(serve(sidecar, listener));
+    let tasks = start(&cfg).await?;
     crate::serve::shutdown_signal().await;
-    server.abort();
-    writer.abort();
+    tasks.iter().for_each(|t| t.abort());
     Ok(())
 }

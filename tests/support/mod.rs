@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use sallyport::pki::{self, DevPki, InitOptions};
 
+pub mod oauth;
 pub mod pg;
 
 /// A dev PKI made by rcgen (sallyport's own generator) in a temporary directory.
