@@ -180,9 +180,84 @@ impl SqliteStore {
         Ok((seq, hash))
     }
 
+    /// Record outcomes and their audit records inside `tx`; returns the chain head to publish
+    /// once `tx` commits.
+    fn complete_in(
+        &self,
+        tx: &Transaction<'_>,
+        results: &[Completion],
+        audit: &[AuditRecord],
+    ) -> Result<(i64, String), StoreError> {
+        let new_head = self.append_chain(tx, audit)?;
+        for r in results {
+            match r {
+                Completion::Delivered { id, version } => {
+                    let n = tx
+                        .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND version = ?2")?
+                        .execute(params![id, version])?;
+                    if n == 0 {
+                        // Changed while in flight: send the newer state next, afresh.
+                        tx.prepare_cached("UPDATE outbox SET attempts = 0 WHERE id = ?1")?
+                            .execute([id])?;
+                    }
+                }
+                Completion::Failed { id, retry_at, error } => {
+                    let errors = with_error(tx, *id, error)?;
+                    tx.prepare_cached(
+                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, errors = ?3 WHERE id = ?1",
+                    )?
+                    .execute(params![id, retry_at, errors])?;
+                }
+                Completion::Dead {
+                    id,
+                    version,
+                    idempotency_key,
+                    payload,
+                    error,
+                } => {
+                    let errors = with_error(tx, *id, error)?;
+                    tx.prepare_cached(
+                        "INSERT INTO dead_letters (dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at)
+                         SELECT dataflow, profile_id, ?2, ?3, attempts + 1, ?4, ?5 FROM outbox WHERE id = ?1",
+                    )?
+                    .execute(params![id, idempotency_key, payload, errors, error.at])?;
+                    let n = tx
+                        .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND version = ?2")?
+                        .execute(params![id, version])?;
+                    if n == 0 {
+                        tx.prepare_cached("UPDATE outbox SET attempts = 0, errors = '[]' WHERE id = ?1")?
+                            .execute([id])?;
+                    }
+                }
+            }
+        }
+        Ok(new_head)
+    }
+
     fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<i64, i64>> {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Run `f` in a transaction committed with `synchronous = NORMAL` (durable across a process
+/// crash; a power loss may forget it), then put the connection back to `FULL`, which every
+/// other write (ingest above all) relies on.
+fn relaxed_tx<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+    let result = (|| {
+        let tx = conn.transaction()?;
+        let v = f(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    })();
+    if let Err(e) = conn.execute_batch("PRAGMA synchronous = FULL") {
+        // apply_updates sets FULL again itself before every ingest commit.
+        tracing::warn!(error = %e, "could not restore synchronous = FULL");
+    }
+    result
 }
 
 fn load_profile(tx: &Connection, id: &str) -> Result<Option<Profile>, StoreError> {
@@ -357,6 +432,8 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let now = super::now_ms();
         let mut conn = self.lock();
+        // An accepted update must survive power loss, whatever an earlier write left set.
+        conn.execute_batch("PRAGMA synchronous = FULL")?;
         let tx = conn.transaction()?;
         // Profiles touched by this batch, applied in order in memory, written once.
         let batch = super::plan_batch(updates, &mut |id| load_profile(&tx, id), apply)?;
@@ -518,54 +595,8 @@ impl Store for SqliteStore {
 
     fn complete(&self, results: &[Completion], audit: &[AuditRecord]) -> Result<(), StoreError> {
         let mut conn = self.lock();
-        conn.execute_batch("PRAGMA synchronous = NORMAL")?;
-        let tx = conn.transaction()?;
-        let new_head = self.append_chain(&tx, audit)?;
-        for r in results {
-            match r {
-                Completion::Delivered { id, version } => {
-                    let n = tx
-                        .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND version = ?2")?
-                        .execute(params![id, version])?;
-                    if n == 0 {
-                        // Changed while in flight: send the newer state next, afresh.
-                        tx.prepare_cached("UPDATE outbox SET attempts = 0 WHERE id = ?1")?
-                            .execute([id])?;
-                    }
-                }
-                Completion::Failed { id, retry_at, error } => {
-                    let errors = with_error(&tx, *id, error)?;
-                    tx.prepare_cached(
-                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, errors = ?3 WHERE id = ?1",
-                    )?
-                    .execute(params![id, retry_at, errors])?;
-                }
-                Completion::Dead {
-                    id,
-                    version,
-                    idempotency_key,
-                    payload,
-                    error,
-                } => {
-                    let errors = with_error(&tx, *id, error)?;
-                    tx.prepare_cached(
-                        "INSERT INTO dead_letters (dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at)
-                         SELECT dataflow, profile_id, ?2, ?3, attempts + 1, ?4, ?5 FROM outbox WHERE id = ?1",
-                    )?
-                    .execute(params![id, idempotency_key, payload, errors, error.at])?;
-                    let n = tx
-                        .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND version = ?2")?
-                        .execute(params![id, version])?;
-                    if n == 0 {
-                        tx.prepare_cached("UPDATE outbox SET attempts = 0, errors = '[]' WHERE id = ?1")?
-                            .execute([id])?;
-                    }
-                }
-            }
-        }
-        tx.commit()?;
+        let new_head = relaxed_tx(&mut conn, |tx| self.complete_in(tx, results, audit))?;
         *self.head.lock().unwrap_or_else(|p| p.into_inner()) = new_head;
-        conn.execute_batch("PRAGMA synchronous = FULL")?;
         drop(conn);
         let mut l = self.leases();
         for r in results {
@@ -591,9 +622,9 @@ impl Store for SqliteStore {
 
     fn append_audit(&self, audit: &[AuditRecord]) -> Result<(), StoreError> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let new_head = self.append_chain(&tx, audit)?;
-        tx.commit()?;
+        // As outcomes: durable across a process crash at once; a power loss may forget the
+        // last records (an fsync per sidecar batch cost more than the proxying itself).
+        let new_head = relaxed_tx(&mut conn, |tx| self.append_chain(tx, audit))?;
         *self.head.lock().unwrap_or_else(|p| p.into_inner()) = new_head;
         Ok(())
     }
