@@ -488,3 +488,52 @@ async fn a_unix_socket_listener_owner_only_and_oauth2_route_auth() {
     );
     tasks.iter().for_each(|t| t.abort());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_listener_has_its_own_routes() {
+    let pki = RcgenPki::new();
+    let rx1 = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let rx2 = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let (p1, p2) = (free_port(), free_port());
+    let cfg = sidecar_config(
+        &pki,
+        &rx1.url(""),
+        &format!("listen = \"127.0.0.1:{p1}\""),
+        &format!(
+            "[[sidecar.routes]]\nprefix = \"/x\"\nupstream = \"UPSTREAM\"\nca = \"CA\"\n\
+             [[sidecar.listeners]]\nlisten = \"127.0.0.1:{p2}\"\n\
+             [[sidecar.listeners.routes]]\nprefix = \"/x\"\nupstream = \"{}\"\nca = \"CA\"\n",
+            rx2.url("")
+        ),
+    );
+    let tasks = sallyport::sidecar::start(&cfg).await.unwrap();
+    for (port, path) in [(p1, "/x/one"), (p2, "/x/two"), (p2, "/x/three")] {
+        wait_for_port(port);
+        let mut tx = app(port).await;
+        assert_eq!(call(&mut tx, "GET", path, &[], Bytes::new()).await.0, 200);
+    }
+    let paths = |rx: &sallyport::receiver::Receiver| -> Vec<String> {
+        rx.received().iter().map(|r| r.path_and_query.clone()).collect()
+    };
+    assert_eq!(paths(&rx1), ["/one"]);
+    assert_eq!(paths(&rx2), ["/two", "/three"]);
+    tasks.iter().for_each(|t| t.abort());
+
+    // A listener needs an address and routes; a non-loopback one needs the explicit flag.
+    let bad = format!(
+        "[sidecar]\n[[sidecar.listeners]]\n[[sidecar.listeners]]\nlisten = \"0.0.0.0:{p2}\"\n\
+         [[sidecar.listeners.routes]]\nprefix = \"/x\"\nupstream = \"https://localhost/\"\n"
+    );
+    let err = Config::from_toml(&bad, std::path::Path::new("sc.toml"), pki.dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("sidecar.listeners[0]: set listen or unix_socket"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sidecar.listeners[0].routes: a listener needs routes"),
+        "{err}"
+    );
+    assert!(err.contains("sidecar.listeners[1].listen: 0.0.0.0"), "{err}");
+}

@@ -288,6 +288,46 @@ pub struct SidecarConfig {
     /// `https://host/path` when the host passes the egress policy. `upstream` is ignored;
     /// `prefix` must be `/`. Default: off.
     pub forward_proxy: Option<SidecarRoute>,
+    /// More listeners, each with routes of its own (e.g. one per app, or a Unix socket for
+    /// one and a port for another). `max_body_bytes` and `x_forwarded` apply to all.
+    #[serde(default)]
+    pub listeners: Vec<SidecarListener>,
+}
+
+/// One more sidecar listener: a loopback address or a Unix socket, and its routes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarListener {
+    /// A TCP address; loopback unless `allow_non_loopback`. Set this or `unix_socket`.
+    pub listen: Option<SocketAddr>,
+    /// A Unix socket path (created mode 0600). Set this or `listen`.
+    pub unix_socket: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+    #[serde(default)]
+    pub routes: Vec<SidecarRoute>,
+    pub forward_proxy: Option<SidecarRoute>,
+}
+
+impl SidecarConfig {
+    /// Every listener with its config key: `[sidecar]` itself first, then `[[sidecar.listeners]]`.
+    pub fn all_listeners(&self) -> Vec<(String, SidecarListener)> {
+        let main = SidecarListener {
+            listen: Some(self.listen),
+            unix_socket: self.unix_socket.clone(),
+            allow_non_loopback: self.allow_non_loopback,
+            routes: self.routes.clone(),
+            forward_proxy: self.forward_proxy.clone(),
+        };
+        std::iter::once(("sidecar".to_owned(), main))
+            .chain(
+                self.listeners
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| (format!("sidecar.listeners[{i}]"), l.clone())),
+            )
+            .collect()
+    }
 }
 
 /// One route: requests under `prefix` go to `upstream` (prefix stripped), with the same
@@ -647,54 +687,8 @@ impl Config {
             _ => out.push("public", "set both tls_cert and tls_key, or neither"),
         }
         if let Some(sc) = &self.sidecar {
-            if !sc.listen.ip().is_loopback() && !sc.allow_non_loopback {
-                out.push(
-                    "sidecar.listen",
-                    format!(
-                        "{} is not loopback; set allow_non_loopback = true to expose it",
-                        sc.listen
-                    ),
-                );
-            }
-            if let Some(f) = &sc.forward_proxy {
-                self.validate_dataflow(&mut out, "sidecar.forward_proxy", &f.as_dataflow(usize::MAX));
-            }
-            if let Some(path) = &sc.unix_socket {
-                match self.path(path).parent() {
-                    Some(dir) if dir.is_dir() => {}
-                    _ => out.push(
-                        "sidecar.unix_socket",
-                        format!("{}: its directory does not exist", path.display()),
-                    ),
-                }
-            }
-            let labelled = sc
-                .routes
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (format!("sidecar.routes[{i}]"), r))
-                .chain(
-                    sc.forward_proxy
-                        .iter()
-                        .map(|r| ("sidecar.forward_proxy".to_owned(), r)),
-                );
-            for (key, r) in labelled {
-                if r.retries > 5 {
-                    out.push(format!("{key}.retries"), "at most 5");
-                }
-                if r.retry_buffer_bytes > 16 * 1024 * 1024 {
-                    out.push(format!("{key}.retry_buffer_bytes"), "at most 16 MiB");
-                }
-            }
-            for (i, r) in sc.routes.iter().enumerate() {
-                let key = format!("sidecar.routes[{i}]");
-                if !r.prefix.starts_with('/') {
-                    out.push(
-                        format!("{key}.prefix"),
-                        format!("'{}' must start with /", r.prefix),
-                    );
-                }
-                self.validate_dataflow(&mut out, &key, &r.as_dataflow(i));
+            for (n, (lkey, l)) in sc.all_listeners().into_iter().enumerate() {
+                self.validate_sidecar_listener(&mut out, &lkey, n, &l);
             }
         }
         let a = &self.alerts;
@@ -1023,6 +1017,66 @@ impl Config {
         match SecretSource::from_pair(env, file.as_ref(), what).and_then(|s| s.read()) {
             Ok(_) => {}
             Err(e) => out.push(format!("{key}.{what}"), e),
+        }
+    }
+
+    /// One sidecar listener: where it listens, and each route as a dataflow would be checked.
+    fn validate_sidecar_listener(&self, out: &mut Issues, lkey: &str, n: usize, l: &SidecarListener) {
+        match (&l.listen, &l.unix_socket) {
+            // The main [sidecar] listener always has an address (default loopback); its
+            // unix_socket, when set, is used instead.
+            (_, Some(path)) => match self.path(path).parent() {
+                Some(dir) if dir.is_dir() => {}
+                _ => out.push(
+                    format!("{lkey}.unix_socket"),
+                    format!("{}: its directory does not exist", path.display()),
+                ),
+            },
+            (Some(addr), None) => {
+                if !addr.ip().is_loopback() && !l.allow_non_loopback {
+                    out.push(
+                        format!("{lkey}.listen"),
+                        format!("{addr} is not loopback; set allow_non_loopback = true to expose it"),
+                    );
+                }
+            }
+            (None, None) => out.push(lkey, "set listen or unix_socket"),
+        }
+        if l.routes.is_empty() && l.forward_proxy.is_none() && n > 0 {
+            out.push(
+                format!("{lkey}.routes"),
+                "a listener needs routes or forward_proxy",
+            );
+        }
+        let labelled = l
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("{lkey}.routes[{i}]"), r, Some(i)))
+            .chain(
+                l.forward_proxy
+                    .iter()
+                    .map(|r| (format!("{lkey}.forward_proxy"), r, None)),
+            );
+        for (key, r, i) in labelled {
+            if r.retries > 5 {
+                out.push(format!("{key}.retries"), "at most 5");
+            }
+            if r.retry_buffer_bytes > 16 * 1024 * 1024 {
+                out.push(format!("{key}.retry_buffer_bytes"), "at most 16 MiB");
+            }
+            match i {
+                Some(i) => {
+                    if !r.prefix.starts_with('/') {
+                        out.push(
+                            format!("{key}.prefix"),
+                            format!("'{}' must start with /", r.prefix),
+                        );
+                    }
+                    self.validate_dataflow(out, &key, &r.as_dataflow(n * 1000 + i));
+                }
+                None => self.validate_dataflow(out, &key, &r.as_dataflow(usize::MAX - n)),
+            }
         }
     }
 

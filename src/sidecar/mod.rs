@@ -86,36 +86,30 @@ pub struct Sidecar {
 type Reply = Response<Body>;
 
 /// Build the sidecar from `[sidecar]`, with audit records written to the config's store.
+/// Returns the main listener's sidecar and address, and the audit writer task.
 pub async fn build(cfg: &Config) -> Result<(Arc<Sidecar>, SocketAddr, tokio::task::JoinHandle<()>), String> {
+    let (mut all, writer) = build_all(cfg).await?;
+    let (listener, sidecar) = all.remove(0);
+    let listen = listener.listen.ok_or("the sidecar has no listen address")?;
+    Ok((sidecar, listen, writer))
+}
+
+/// Every listener's sidecar (`[sidecar]` first, then `[[sidecar.listeners]]`), sharing one
+/// audit writer.
+async fn build_all(
+    cfg: &Config,
+) -> Result<
+    (
+        Vec<(crate::config::SidecarListener, Arc<Sidecar>)>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+> {
     let sc = cfg
         .sidecar
         .as_ref()
         .ok_or("the config has no [sidecar] section")?;
     let creds = crate::tls::creds::IdentityStore::all_from_config(cfg)?;
-    let mut routes = Vec::new();
-    for (i, r) in sc.routes.iter().enumerate() {
-        routes.push(route(
-            cfg,
-            &creds,
-            r,
-            i,
-            &format!("sidecar.routes[{i}]"),
-            format!("sidecar:{}", r.prefix),
-        )?);
-    }
-    let forward = match &sc.forward_proxy {
-        Some(f) => Some(route(
-            cfg,
-            &creds,
-            f,
-            usize::MAX,
-            "sidecar.forward_proxy",
-            "sidecar:forward".into(),
-        )?),
-        None => None,
-    };
-    // Longest prefix first.
-    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
     let store = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || crate::store::open(&cfg))
@@ -124,18 +118,49 @@ pub async fn build(cfg: &Config) -> Result<(Arc<Sidecar>, SocketAddr, tokio::tas
             .map_err(|e| e.to_string())?
     };
     let (tx, rx) = mpsc::channel(4096);
-    let writer = tokio::spawn(audit_writer(store, rx));
-    Ok((
-        Arc::new(Sidecar {
+    let mut out = Vec::new();
+    for (n, (key, l)) in sc.all_listeners().into_iter().enumerate() {
+        // Audit names: `sidecar:/prefix` on the main listener, `sidecar[n]:/prefix` on others.
+        let label = if n == 0 {
+            "sidecar".to_owned()
+        } else {
+            format!("sidecar[{}]", n - 1)
+        };
+        let mut routes = Vec::new();
+        for (i, r) in l.routes.iter().enumerate() {
+            routes.push(route(
+                cfg,
+                &creds,
+                r,
+                n * 1000 + i,
+                &format!("{key}.routes[{i}]"),
+                format!("{label}:{}", r.prefix),
+            )?);
+        }
+        let forward = match &l.forward_proxy {
+            Some(f) => Some(route(
+                cfg,
+                &creds,
+                f,
+                usize::MAX - n,
+                &format!("{key}.forward_proxy"),
+                format!("{label}:forward"),
+            )?),
+            None => None,
+        };
+        // Longest prefix first.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let sidecar = Arc::new(Sidecar {
             routes,
             forward,
             max_body: sc.max_body_bytes,
             x_forwarded: sc.x_forwarded,
-            audit: tx,
-        }),
-        sc.listen,
-        writer,
-    ))
+            audit: tx.clone(),
+        });
+        out.push((l, sidecar));
+    }
+    let writer = tokio::spawn(audit_writer(store, rx));
+    Ok((out, writer))
 }
 
 /// One route's runtime: connected exactly like a dataflow with the same settings.
@@ -436,34 +461,43 @@ fn unreachable_body() -> Body {
     Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
 }
 
-/// Build the sidecar and start serving on its TCP listener or Unix socket. Returns the
-/// server and audit-writer tasks.
-pub async fn start(cfg: &Config) -> Result<[tokio::task::JoinHandle<()>; 2], String> {
-    let (sidecar, listen, writer) = build(cfg).await?;
-    let routes = sidecar.routes.len();
-    let unix = cfg.sidecar.as_ref().and_then(|s| s.unix_socket.as_ref());
-    let server = match unix {
-        Some(path) => {
-            let path = cfg.path(path);
-            let listener = bind_unix(&path)?;
-            eprintln!(
-                "sallyport: sidecar on unix:{} ({routes} route(s))",
-                path.display()
-            );
-            tokio::spawn(serve_unix(sidecar, listener))
+/// Build the sidecar and start serving on every listener (TCP or Unix socket). Returns the
+/// server tasks and the audit writer's.
+pub async fn start(cfg: &Config) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+    let (all, writer) = build_all(cfg).await?;
+    let mut tasks = vec![writer];
+    for (l, sidecar) in all {
+        let routes = sidecar.routes.len() + usize::from(sidecar.forward.is_some());
+        if routes == 0 {
+            // Only `[sidecar]` itself can be empty (when all routes live on other listeners):
+            // a listener that could only answer 404 is not opened.
+            continue;
         }
-        None => {
-            if !listen.ip().is_loopback() {
-                eprintln!("sallyport: WARNING: the sidecar listens on {listen}, beyond loopback: anything that reaches it can send through the gateway");
+        let task = match (&l.unix_socket, l.listen) {
+            (Some(path), _) => {
+                let path = cfg.path(path);
+                let listener = bind_unix(&path)?;
+                eprintln!(
+                    "sallyport: sidecar on unix:{} ({routes} route(s))",
+                    path.display()
+                );
+                tokio::spawn(serve_unix(sidecar, listener))
             }
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| format!("sidecar listener {listen}: {e}"))?;
-            eprintln!("sallyport: sidecar on http://{listen} ({routes} route(s))");
-            tokio::spawn(serve(sidecar, listener))
-        }
-    };
-    Ok([server, writer])
+            (None, Some(listen)) => {
+                if !listen.ip().is_loopback() {
+                    eprintln!("sallyport: WARNING: the sidecar listens on {listen}, beyond loopback: anything that reaches it can send through the gateway");
+                }
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| format!("sidecar listener {listen}: {e}"))?;
+                eprintln!("sallyport: sidecar on http://{listen} ({routes} route(s))");
+                tokio::spawn(serve(sidecar, listener))
+            }
+            (None, None) => return Err("a sidecar listener has neither listen nor unix_socket".into()),
+        };
+        tasks.push(task);
+    }
+    Ok(tasks)
 }
 
 /// `sallyport sidecar`: serve until SIGINT/SIGTERM.
