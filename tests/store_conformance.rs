@@ -42,7 +42,7 @@ fn postgres() -> Backend {
     let schema = PgSchema::new();
     let (url, name) = (schema.url.clone(), schema.name.clone());
     let open = move || -> Arc<dyn Store> {
-        Arc::new(PgStore::open(&url, None, Some(&name), "test", 4, Chain::new(Some(b"k"))).unwrap())
+        Arc::new(PgStore::open(&url, None, Some(&name), "test", 4, None, Chain::new(Some(b"k"))).unwrap())
     };
     Backend {
         store: open(),
@@ -388,7 +388,18 @@ fn state_survives_reopening(b: Backend) {
 fn postgres_instances_never_claim_the_same_row() {
     let schema = PgSchema::new();
     let open = |name: &str| {
-        Arc::new(PgStore::open(&schema.url, None, Some(&schema.name), name, 2, Chain::new(None)).unwrap())
+        Arc::new(
+            PgStore::open(
+                &schema.url,
+                None,
+                Some(&schema.name),
+                name,
+                2,
+                None,
+                Chain::new(None),
+            )
+            .unwrap(),
+        )
     };
     let (a, b) = (open("a"), open("b"));
     let lines: Vec<_> = (0..2000).map(|i| realized(&format!("p{i}"), "s1")).collect();
@@ -430,8 +441,20 @@ fn postgres_instances_never_claim_the_same_row() {
 #[test]
 fn postgres_concurrent_ingest_loses_no_update() {
     let schema = PgSchema::new();
-    let open =
-        || Arc::new(PgStore::open(&schema.url, None, Some(&schema.name), "i", 2, Chain::new(None)).unwrap());
+    let open = || {
+        Arc::new(
+            PgStore::open(
+                &schema.url,
+                None,
+                Some(&schema.name),
+                "i",
+                2,
+                None,
+                Chain::new(None),
+            )
+            .unwrap(),
+        )
+    };
     let stores = [open(), open()];
     let handles: Vec<_> = stores
         .iter()
@@ -469,7 +492,17 @@ fn postgres_concurrent_ingest_loses_no_update() {
 #[test]
 fn postgres_migrations_are_recorded_and_a_newer_schema_is_refused() {
     let schema = PgSchema::new();
-    let open = || PgStore::open(&schema.url, None, Some(&schema.name), "m", 1, Chain::new(None));
+    let open = || {
+        PgStore::open(
+            &schema.url,
+            None,
+            Some(&schema.name),
+            "m",
+            1,
+            None,
+            Chain::new(None),
+        )
+    };
     drop(open().unwrap());
     drop(open().unwrap()); // a second start applies nothing
     let versions = schema.query_i64("SELECT version FROM schema_migrations ORDER BY version");
@@ -484,8 +517,18 @@ fn postgres_migrations_are_recorded_and_a_newer_schema_is_refused() {
 #[test]
 fn postgres_a_late_outcome_after_takeover_leaves_the_row_to_its_new_owner() {
     let schema = PgSchema::new();
-    let open =
-        |name: &str| PgStore::open(&schema.url, None, Some(&schema.name), name, 1, Chain::new(None)).unwrap();
+    let open = |name: &str| {
+        PgStore::open(
+            &schema.url,
+            None,
+            Some(&schema.name),
+            name,
+            1,
+            None,
+            Chain::new(None),
+        )
+        .unwrap()
+    };
     let (a, b) = (open("a"), open("b"));
     ingest(&a, &[realized("p1", "s1")]);
     let now = sallyport::store::now_ms();
@@ -517,4 +560,62 @@ fn postgres_a_late_outcome_after_takeover_leaves_the_row_to_its_new_owner() {
     )
     .unwrap();
     assert_eq!(b.pending(None).unwrap(), 0);
+}
+
+/// With `store.ca`, the store speaks TLS to PostgreSQL and verifies the server: the machine's
+/// server (ssl = on, Debian's own certificate) is trusted through exactly its certificate and
+/// reached by the name in it; a CA that did not sign it, or a name it does not carry, is
+/// refused before any query.
+#[test]
+fn postgres_over_tls_verifies_the_server_certificate() {
+    let schema = PgSchema::new();
+    assert_eq!(
+        schema.query_text("SHOW ssl"),
+        "on",
+        "the test PostgreSQL must serve TLS"
+    );
+    let cert = std::path::PathBuf::from(schema.query_text("SHOW ssl_cert_file"));
+    let der = sallyport::tls::pem::load_certs(&cert).unwrap().remove(0);
+    let facts = sallyport::tls::facts::CertFacts::from_der(&der).unwrap();
+    let name = facts
+        .sans
+        .dns
+        .first()
+        .cloned()
+        .unwrap_or_else(|| facts.subject_cn.clone().unwrap());
+    let server = url::Url::parse(&schema.url).unwrap();
+    let at = |host: &str| {
+        format!(
+            "postgres://{}@{host}:{}{}?hostaddr=127.0.0.1",
+            server.username(),
+            server.port().unwrap_or(5432),
+            server.path()
+        )
+    };
+    let open = |url: &str, ca: &std::path::Path| {
+        PgStore::open(
+            url,
+            None,
+            Some(&schema.name),
+            "tls",
+            1,
+            Some(ca),
+            Chain::new(None),
+        )
+    };
+
+    let store = open(&at(&name), &cert).unwrap();
+    ingest(&store, &[realized("p1", "s1")]);
+    assert_eq!(store.pending(None).unwrap(), 1);
+    let encrypted = schema.query_i64(
+        "SELECT COUNT(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.application_name = 'sallyport' AND s.ssl",
+    )[0];
+    assert!(encrypted >= 1, "the store's connection is TLS");
+
+    let other = support::RcgenPki::new();
+    let err = open(&at(&name), &other.files.ca_cert).unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let err = open(&at("wrong-name.invalid"), &cert).unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
 }

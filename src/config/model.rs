@@ -154,6 +154,10 @@ pub struct StoreConfig {
     /// PostgreSQL connections per instance. Default 4.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// CA bundle for the PostgreSQL server's certificate. When set, every connection is TLS
+    /// (required, verified, host name checked). Default: none — plaintext, for a database on
+    /// the same host or a trusted private network.
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -166,6 +170,7 @@ impl Default for StoreConfig {
             instance: None,
             lease: default_lease(),
             pool_size: default_pool_size(),
+            ca: None,
         }
     }
 }
@@ -756,6 +761,22 @@ impl Config {
                 "store.lease",
                 format!("'{}' must be a duration from 1s to 1h", self.store.lease),
             ),
+        }
+        if pg {
+            let sslmode = url::Url::parse(&self.store.url).ok().and_then(|u| {
+                u.query_pairs()
+                    .find(|(k, _)| k == "sslmode")
+                    .map(|(_, v)| v.into_owned())
+            });
+            match (&self.store.ca, sslmode.as_deref()) {
+                (Some(_), Some("disable")) => out.push("store.ca", "set, but the URL says sslmode=disable"),
+                (Some(ca), _) => self.check_file(&mut out, "store.ca", ca),
+                (None, Some("require" | "verify-ca" | "verify-full")) => out.push(
+                    "store.url",
+                    "sslmode asks for TLS: set store.ca to the CA bundle that verifies the server",
+                ),
+                _ => {}
+            }
         }
         if !(1..=64).contains(&self.store.pool_size) {
             out.push("store.pool_size", "must be from 1 to 64");

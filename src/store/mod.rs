@@ -266,6 +266,7 @@ pub fn open(cfg: &crate::config::Config) -> Result<std::sync::Arc<dyn Store>, St
         cfg.store.schema.as_deref(),
         &instance,
         cfg.store.pool_size,
+        cfg.store.ca.as_ref().map(|c| cfg.path(c)).as_deref(),
         audit_chain(cfg)?,
     )?))
 }

@@ -115,6 +115,8 @@ pub struct PgStore {
     /// Runs the connections' I/O tasks. Shut down without blocking on drop.
     rt: Option<tokio::runtime::Runtime>,
     config: tokio_postgres::Config,
+    /// TLS to the server, verified against `store.ca`, when configured (then required).
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     schema: Option<String>,
     pool: Mutex<PoolState>,
     freed: Condvar,
@@ -170,6 +172,13 @@ impl Drop for PgStore {
     }
 }
 
+/// Run a connection's I/O until it closes.
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::warn!(error = %StoreError::from(e), "PostgreSQL connection closed");
+    }
+}
+
 /// Wait for a driver future on this thread. The driver's futures only talk to its
 /// connection task through channels, so they need no runtime here.
 fn wait<F: std::future::Future>(f: F) -> F::Output {
@@ -219,13 +228,16 @@ impl Tx<'_, '_> {
 }
 
 impl PgStore {
-    /// Connect, apply migrations, and start this process's audit chain.
+    /// Connect, apply migrations, and start this process's audit chain. With `ca`, every
+    /// connection is TLS, and the server's certificate must chain to `ca` and name the URL's
+    /// host; without it, connections are plaintext.
     pub fn open(
         url: &str,
         password: Option<&str>,
         schema: Option<&str>,
         instance: &str,
         pool_size: usize,
+        ca: Option<&std::path::Path>,
         chain: Chain,
     ) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config =
@@ -233,6 +245,24 @@ impl PgStore {
                 path: "store.url".into(),
                 reason: format!("not a PostgreSQL URL: {e}"),
             })?;
+        let tls = match ca {
+            Some(path) => {
+                let open_err = |reason: String| StoreError::Open {
+                    path: "store.ca".into(),
+                    reason,
+                };
+                let trust =
+                    crate::tls::client::Trust::from_pem_file(path).map_err(|e| open_err(e.to_string()))?;
+                let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| open_err(e.to_string()))?
+                    .with_root_certificates(trust.root_store())
+                    .with_no_client_auth();
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+            }
+            None => None,
+        };
         if let Some(p) = password {
             config.password(p);
         }
@@ -251,6 +281,7 @@ impl PgStore {
         let store = PgStore {
             rt: Some(rt),
             config,
+            tls,
             schema: schema.map(str::to_owned),
             pool: Mutex::new(PoolState {
                 idle: Vec::new(),
@@ -271,22 +302,22 @@ impl PgStore {
     }
 
     fn connect(&self) -> Result<PgConn, StoreError> {
-        let (config, rt) = match &self.rt {
-            Some(rt) => (self.config.clone(), rt),
+        let (config, rt, tls) = match &self.rt {
+            Some(rt) => (self.config.clone(), rt, self.tls.clone()),
             None => return Err(StoreError::Corrupt("store is shut down".into())),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rt.spawn(async move {
-            let r = match config.connect(NoTls).await {
-                Ok((client, connection)) => {
-                    tokio::spawn(async move {
-                        if let Err(e) = connection.await {
-                            tracing::warn!(error = %e, "PostgreSQL connection closed");
-                        }
-                    });
-                    Ok(client)
-                }
-                Err(e) => Err(e),
+            // The two connection types differ; each runs on this runtime until closed.
+            let r = match tls {
+                Some(tls) => config.connect(tls).await.map(|(client, connection)| {
+                    tokio::spawn(drive(connection));
+                    client
+                }),
+                None => config.connect(NoTls).await.map(|(client, connection)| {
+                    tokio::spawn(drive(connection));
+                    client
+                }),
             };
             let _ = tx.send(r);
         });

@@ -61,6 +61,12 @@ impl PgSchema {
         run(move |c| Box::pin(async move { c.batch_execute(&sql).await.unwrap() }))
     }
 
+    /// The first column of the first row, as text (`SHOW …`, server-wide settings).
+    pub fn query_text(&self, sql: &str) -> String {
+        let sql = sql.to_owned();
+        run(move |c| Box::pin(async move { c.query_one(&sql, &[]).await.unwrap().get::<_, String>(0) }))
+    }
+
     /// The first column of each row, as i64.
     pub fn query_i64(&self, sql: &str) -> Vec<i64> {
         let (sql, schema) = (sql.to_owned(), self.name.clone());
