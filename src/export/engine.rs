@@ -75,6 +75,9 @@ struct Inner {
     /// API-managed dataflows running here, as stored (name → JSON); on a shared store this
     /// is compared with the database to pick up other instances' changes.
     api_known: Mutex<std::collections::HashMap<String, String>>,
+    /// Stored dataflows this instance could not run (name → JSON), so a bad one is logged
+    /// once per change, not on every poll.
+    api_rejected: Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// The ingest-to-delivered latency histogram (microseconds).
@@ -185,6 +188,7 @@ impl Engine {
                     latency_us: Mutex::new(histogram),
                 },
                 api_known: Mutex::new(api_known),
+                api_rejected: Mutex::new(std::collections::HashMap::new()),
             }),
         })
     }
@@ -498,6 +502,14 @@ impl Engine {
             if known.get(&name) == Some(&json) || self.inner.cfg.dataflow(&name).is_some() {
                 continue;
             }
+            {
+                let mut rejected = self.inner.api_rejected.lock().unwrap_or_else(|p| p.into_inner());
+                if rejected.get(&name) == Some(&json) {
+                    continue;
+                }
+                // Remembered now; forgotten below if it runs.
+                rejected.insert(name.clone(), json.clone());
+            }
             let df = match serde_json::from_str::<crate::config::Dataflow>(&json) {
                 Ok(df) => df,
                 Err(e) => {
@@ -509,6 +521,11 @@ impl Engine {
             candidate.dataflows.push(df.clone());
             match build_flow(&self.inner.store, &candidate, &self.inner.creds, &df).await {
                 Ok(flow) => {
+                    self.inner
+                        .api_rejected
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&name);
                     tracing::info!(dataflow = %name, "dataflow changed by another instance");
                     self.install_flow(&name, Some((Arc::new(flow), json)));
                     changed += 1;
