@@ -97,6 +97,11 @@ fn ingest(store: &dyn Store, lines: &[serde_json::Value]) {
         .unwrap();
 }
 
+/// Record one delivered row.
+fn delivered(s: &dyn Store, id: i64, version: i64) {
+    s.complete(&[Completion::Delivered { id, version }], &[]).unwrap();
+}
+
 fn realized(id: &str, seg: &str) -> serde_json::Value {
     json!({"profileId": id, "segments": [{"id": seg, "status": "realized"}]})
 }
@@ -192,14 +197,7 @@ fn claims_lease_rows_until_completed_or_expired(b: Backend) {
     assert_eq!(second[0].profile.id, "p3");
     assert!(s.claim(DF, 10, now, LEASE).unwrap().is_empty());
     // A completed row is gone; a lease that expired makes the rest claimable again.
-    s.complete(
-        &[Completion::Delivered {
-            id: first[0].id,
-            version: first[0].version,
-        }],
-        &[],
-    )
-    .unwrap();
+    delivered(s, first[0].id, first[0].version);
     let again = s.claim(DF, 10, now + LEASE + 1, LEASE).unwrap();
     let ids: HashSet<String> = again.iter().map(|i| i.profile.id.clone()).collect();
     assert_eq!(ids, HashSet::from(["p2".to_owned(), "p3".to_owned()]));
@@ -212,14 +210,7 @@ fn a_row_changed_in_flight_is_sent_again(b: Backend) {
     let now = sallyport::store::now_ms();
     let sent = s.claim(DF, 10, now, LEASE).unwrap().remove(0);
     ingest(s, &[json!({"profileId": "p1", "attributes": {"a": 2}})]);
-    s.complete(
-        &[Completion::Delivered {
-            id: sent.id,
-            version: sent.version,
-        }],
-        &[],
-    )
-    .unwrap();
+    delivered(s, sent.id, sent.version);
     assert_eq!(s.pending(None).unwrap(), 1, "the newer state is still queued");
     let next = s.claim(DF, 10, now, LEASE).unwrap();
     assert_eq!(next.len(), 1, "and claimable at once (the lease was released)");
@@ -228,14 +219,7 @@ fn a_row_changed_in_flight_is_sent_again(b: Backend) {
         (sent.id, sent.version + 1, 0)
     );
     assert_eq!(next[0].profile.attributes["a"], 2);
-    s.complete(
-        &[Completion::Delivered {
-            id: next[0].id,
-            version: next[0].version,
-        }],
-        &[],
-    )
-    .unwrap();
+    delivered(s, next[0].id, next[0].version);
     assert_eq!(s.pending(None).unwrap(), 0);
 }
 
@@ -551,14 +535,7 @@ fn postgres_a_late_outcome_after_takeover_leaves_the_row_to_its_new_owner() {
         a.claim(DF, 10, now + LEASE + 2, LEASE).unwrap().is_empty(),
         "a's late failure did not release b's lease"
     );
-    b.complete(
-        &[Completion::Delivered {
-            id: taken[0].id,
-            version: taken[0].version,
-        }],
-        &[],
-    )
-    .unwrap();
+    delivered(&b, taken[0].id, taken[0].version);
     assert_eq!(b.pending(None).unwrap(), 0);
 }
 
