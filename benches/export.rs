@@ -73,6 +73,16 @@ fn batch(from: usize, n: usize, seg: &str) -> Vec<u8> {
     out
 }
 
+/// CPU time this process has used (user + system), seconds; 0 where /proc is missing.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // Clock ticks: 100 per second on Linux.
+    f.get(10).zip(f.get(11)).map_or(0.0, |(u, s)| (u + s) / 100.0)
+}
+
 async fn drain(engine: &Engine, want: u64, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while engine.stats().delivered < want || engine.pending().await.unwrap() > 0 {
@@ -108,6 +118,7 @@ async fn main() {
         .collect();
     let workers = engine.spawn_workers();
     let started = Instant::now();
+    let cpu0 = cpu_secs();
     let mut ingest_time = Duration::ZERO;
     for b in &batches {
         let t = Instant::now();
@@ -116,16 +127,22 @@ async fn main() {
     }
     let ok = drain(&engine, n as u64, Duration::from_secs(600)).await;
     let secs = started.elapsed().as_secs_f64();
+    let cpu_ms_per_k = (cpu_secs() - cpu0) * 1000.0 / (n as f64 / 1000.0);
     let s = engine.stats();
     println!(
         "{}",
         json!({"phase": "throughput", "profiles": n, "seconds": secs, "profilesPerSec": n as f64 / secs,
                "ingestOnlyPerSec": n as f64 / ingest_time.as_secs_f64(), "complete": ok,
+               "cpuMsPerThousand": cpu_ms_per_k,
                "delivered": s.delivered, "failed": s.failed, "p50Ms": s.p50_ms, "p99Ms": s.p99_ms})
     );
     workers.iter().for_each(|w| w.abort());
     drop(engine);
 
+    // EXPORT_BENCH_PHASES=throughput skips the others (for quick A/B comparisons).
+    if std::env::var("EXPORT_BENCH_PHASES").is_ok_and(|p| !p.contains("latency")) {
+        return;
+    }
     // 2. Latency at a steady 10k profiles/s for 10 s (100 every 10 ms).
     let engine = Engine::open(&config(dir, url, ca, cert, key, &[SEG], "l.db"))
         .await

@@ -151,6 +151,42 @@ async fn a_profile_changed_twice_before_delivery_is_sent_once_with_its_latest_st
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataflow_changed_between_ingest_and_delivery_sends_what_the_new_mapping_builds() {
+    let s = setup().await;
+    let queued = {
+        // Queued (payload built) while segment names are off and firstName goes to firstName.
+        let engine = Engine::open(&config(&s, &[SEG], "m.db")).await.unwrap();
+        engine
+            .ingest(
+                line(
+                    json!({"profileId": "p", "attributes": {"person": {"name": {"firstName": "J"}}},
+                "segments": [{"id": SEG, "status": "realized"}]}),
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        engine.pending().await.unwrap()
+    };
+    assert_eq!(queued, 1);
+    let mut cfg = config(&s, &[SEG], "m.db");
+    cfg.dataflows[0].include_segment_names = true;
+    cfg.dataflows[0].attributes[0].target = "person.givenName".into();
+    let engine = Engine::open(&cfg).await.unwrap();
+    let workers = engine.spawn_workers();
+    wait_for("one delivery", || !s.rx.received().is_empty()).await;
+    let got = bodies(&s.rx);
+    assert_eq!(got[0]["person"]["givenName"], "J", "{}", got[0]);
+    assert!(got[0].get("firstName").is_none(), "{}", got[0]);
+    assert_eq!(
+        got[0]["segmentMembership"]["ups"][SEG]["name"], "First name equals John",
+        "{}",
+        got[0]
+    );
+    workers.iter().for_each(|w| w.abort());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newly_mapped_segment_backfills_every_qualified_profile_exactly_once() {
     let s = setup().await;
     let dir = s.pki.dir.path().to_owned();

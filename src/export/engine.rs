@@ -51,6 +51,8 @@ pub struct IngestReport {
 
 struct Flow {
     spec: DataflowSpec,
+    /// Names the payload shape `spec` and the catalog give (see [`spec_tag`]).
+    tag: i64,
     client: DeliveryClient,
     endpoint: url::Url,
     retry: RetryPolicy,
@@ -211,14 +213,23 @@ impl Engine {
             let now = time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default();
-            inner.store.apply_updates(&updates, &mut |p, u| {
-                let change = p.apply(u, &now);
-                inner
-                    .flows()
-                    .iter()
-                    .filter_map(|f| evaluate(&f.spec, p, &change).map(|t| (f.spec.name.clone(), t)))
-                    .collect()
-            })
+            let flows = inner.flows();
+            // The payload is built here, from the profile already in memory, and stored with
+            // the outbox row: a claim then reads it back instead of loading the profile.
+            inner.store.apply_updates_with(
+                &updates,
+                &mut |p, u| {
+                    let change = p.apply(u, &now);
+                    flows
+                        .iter()
+                        .filter_map(|f| evaluate(&f.spec, p, &change).map(|t| (f.spec.name.clone(), t)))
+                        .collect()
+                },
+                &mut |df, p, t| {
+                    let f = flows.iter().find(|f| f.spec.name == df)?;
+                    Some((f.tag, build_payload(f, &inner.catalog, p, &t.segments)))
+                },
+            )
         })
         .await?;
         for f in &self.inner.flows() {
@@ -578,6 +589,8 @@ impl Engine {
 const IN_FLIGHT: usize = 64;
 /// Outcomes written per store transaction, at most.
 const COMPLETE_BATCH: usize = 1024;
+/// How long the completer waits for more outcomes when only a few are ready.
+const COMPLETE_GATHER: Duration = Duration::from_millis(2);
 
 /// One dataflow's pipeline: a claimer leases due rows and starts a send for each as soon as
 /// one of the [`IN_FLIGHT`] slots frees up; a completer records outcomes in batches. A row
@@ -619,8 +632,10 @@ async fn build_flow(
     } else {
         None
     };
+    let spec = DataflowSpec::from_config(df, &times);
     Ok(Flow {
-        spec: DataflowSpec::from_config(df, &times),
+        tag: spec_tag(&spec, &Catalog::from_config(cfg)),
+        spec,
         client: DeliveryClient::new(settings),
         endpoint,
         retry: RetryPolicy {
@@ -633,6 +648,18 @@ async fn build_flow(
         counters: Default::default(),
         wake: Notify::new(),
     })
+}
+
+/// A tag that changes whenever what the payload builder reads from the dataflow or the
+/// segment catalog changes, so a payload stored at ingest is used only while it is still the
+/// one the dataflow would build now.
+fn spec_tag(spec: &DataflowSpec, catalog: &Catalog) -> i64 {
+    let segments: std::collections::BTreeMap<_, _> = catalog.segments.iter().collect();
+    let text = format!("{spec:?}\n{segments:?}");
+    let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    i64::from_be_bytes(b)
 }
 
 impl Inner {
@@ -673,7 +700,7 @@ async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
             let (flow, inner, done) = (flow.clone(), inner.clone(), done_tx.clone());
             tokio::spawn(async move {
                 let enqueued_at = item.enqueued_at;
-                let (c, audit) = deliver(&flow, &inner.catalog, item).await;
+                let (c, audit) = deliver(&inner, &flow, item).await;
                 drop(permit);
                 let _ = done.send((c, audit, enqueued_at)).await;
             });
@@ -692,6 +719,17 @@ async fn complete_loop(
 ) {
     let mut buf = Vec::with_capacity(COMPLETE_BATCH);
     while rx.recv_many(&mut buf, COMPLETE_BATCH).await > 0 {
+        // A store transaction costs more than the few rows it would hold: when outcomes
+        // trickle in, let a few milliseconds' worth gather first (rows stay leased meanwhile).
+        if buf.len() < COMPLETE_BATCH / 4 {
+            tokio::time::sleep(COMPLETE_GATHER).await;
+            while buf.len() < COMPLETE_BATCH {
+                match rx.try_recv() {
+                    Ok(x) => buf.push(x),
+                    Err(_) => break,
+                }
+            }
+        }
         let mut results = Vec::with_capacity(buf.len());
         let mut audit = Vec::with_capacity(buf.len());
         for (c, a, enqueued_at) in buf.drain(..) {
@@ -723,18 +761,56 @@ impl Stats {
     }
 }
 
-async fn deliver(flow: &Flow, catalog: &Catalog, item: OutboxItem) -> (Completion, AuditRecord) {
-    let body: Bytes = serde_json::to_vec(&payload::build(
-        &flow.spec,
-        catalog,
-        &item.profile,
-        &item.segments,
-    ))
-    .unwrap_or_default()
-    .into();
+/// The body to send for a claimed row: the payload stored at ingest when it was built from
+/// the dataflow as it is now, else built afresh from the profile's current state.
+async fn body_for(inner: &Inner, flow: &Flow, item: &mut OutboxItem) -> Result<Bytes, DeliveryError> {
+    match item.payload.take() {
+        Some((tag, body)) if tag == flow.tag => return Ok(body.into()),
+        _ => {}
+    }
+    let profile = match item.profile.take() {
+        Some(p) => p,
+        None => {
+            let (s, id) = (inner.store.clone(), item.profile_id.clone());
+            blocking(move || s.profile(&id))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.ok_or_else(|| "the profile is no longer stored".to_owned()))
+                .map_err(|e| {
+                    DeliveryError::new(ErrorKind::InvalidRequest, format!("payload cannot be built: {e}"))
+                })?
+        }
+    };
+    Ok(build_payload(flow, &inner.catalog, &profile, &item.segments).into())
+}
+
+fn build_payload(
+    flow: &Flow,
+    catalog: &Catalog,
+    profile: &crate::export::profile::Profile,
+    segments: &[String],
+) -> Vec<u8> {
+    serde_json::to_vec(&payload::build(&flow.spec, catalog, profile, segments)).unwrap_or_default()
+}
+
+async fn deliver(inner: &Inner, flow: &Flow, mut item: OutboxItem) -> (Completion, AuditRecord) {
     let key = idempotency_key(&flow.spec.name, item.id, item.version);
     let attempt = item.attempts + 1;
-    let sent = flow.send(&key, body.clone()).await;
+    let (body, sent) = match body_for(inner, flow, &mut item).await {
+        Ok(body) => {
+            let sent = flow.send(&key, body.clone()).await;
+            (body, sent)
+        }
+        Err(e) => (
+            Bytes::new(),
+            Sent {
+                result: Err(e),
+                status: None,
+                peer: None,
+                latency_ms: 0.0,
+            },
+        ),
+    };
     let completion = match &sent.result {
         Ok(()) => Completion::Delivered {
             id: item.id,
@@ -764,7 +840,7 @@ async fn deliver(flow: &Flow, catalog: &Catalog, item: OutboxItem) -> (Completio
         Completion::Failed { .. } => "retry",
         Completion::Dead { .. } => "dead_letter",
     };
-    let audit = flow.audit_record(&item.profile.id, &key, &body, attempt, outcome, &sent);
+    let audit = flow.audit_record(&item.profile_id, &key, &body, attempt, outcome, &sent);
     (completion, audit)
 }
 

@@ -14,14 +14,22 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
-use super::{union, AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, StoreError};
+use super::{
+    union, AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, PayloadHook, Store, StoreError,
+};
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
 use crate::export::profile::{Membership, Profile};
 use crate::export::spec::MappedSegment;
 use crate::export::trigger::{Reasons, Trigger};
 use crate::export::update::{ProfileUpdate, SegmentStatus};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// From each older schema version to the next.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "ALTER TABLE outbox ADD COLUMN payload BLOB; ALTER TABLE outbox ADD COLUMN payload_tag INTEGER;",
+)];
 
 /// The one audit chain of the embedded store (one gateway process writes it).
 const CHAIN: &str = "local";
@@ -60,7 +68,11 @@ CREATE TABLE IF NOT EXISTS outbox (
   enqueued_at INTEGER NOT NULL,
   attempts INTEGER NOT NULL DEFAULT 0,
   next_attempt_at INTEGER NOT NULL,
-    errors TEXT NOT NULL DEFAULT '[]',
+  errors TEXT NOT NULL DEFAULT '[]',
+  -- The payload built at ingest and the tag of the dataflow spec it was built from (NULL:
+  -- build it at claim time from the profile).
+  payload BLOB,
+  payload_tag INTEGER,
   UNIQUE (dataflow, profile_id)
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -136,6 +148,21 @@ impl SqliteStore {
                 )?;
             }
             Some(Ok(SCHEMA_VERSION)) => {}
+            Some(Ok(mut v)) if v < SCHEMA_VERSION => {
+                let tx = conn.unchecked_transaction()?;
+                while let Some((_, sql)) = MIGRATIONS.iter().find(|(from, _)| *from == v) {
+                    tx.execute_batch(sql)?;
+                    v += 1;
+                }
+                if v != SCHEMA_VERSION {
+                    return Err(err(format!("no migration from schema version {v}")));
+                }
+                tx.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                    [SCHEMA_VERSION.to_string()],
+                )?;
+                tx.commit()?;
+            }
             Some(other) => {
                 return Err(err(format!(
                     "schema version {other:?} is not {SCHEMA_VERSION}; this build cannot use it"
@@ -300,6 +327,49 @@ fn load_profile(tx: &Connection, id: &str) -> Result<Option<Profile>, StoreError
     Ok(Some(p))
 }
 
+/// Load many profiles in two statements (rows, then memberships), by id.
+fn load_profiles(conn: &Connection, ids: &[&str]) -> Result<HashMap<String, Profile>, StoreError> {
+    let list = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let mut out = HashMap::with_capacity(ids.len());
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, merge_policy, identity_map, attributes FROM profiles
+         WHERE id IN (SELECT value FROM json_each(?1))",
+    )?;
+    let mut rows = stmt.query([&list])?;
+    while let Some(r) = rows.next()? {
+        let id: String = r.get(0)?;
+        let profile = Profile {
+            id: id.clone(),
+            merge_policy: r.get(1)?,
+            identity_map: parse_object(r.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?)?,
+            attributes: parse_object(r.get_ref(3)?.as_str().map_err(rusqlite::Error::from)?)?,
+            segments: Default::default(),
+        };
+        out.insert(id, profile);
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT profile_id, segment_id, status, last_qualification_time FROM memberships
+         WHERE profile_id IN (SELECT value FROM json_each(?1))",
+    )?;
+    let mut rows = stmt.query([&list])?;
+    while let Some(r) = rows.next()? {
+        let pid: String = r.get(0)?;
+        let status: String = r.get(2)?;
+        let status =
+            SegmentStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?;
+        if let Some(p) = out.get_mut(&pid) {
+            p.segments.insert(
+                r.get(1)?,
+                Membership {
+                    status,
+                    last_qualification_time: r.get(3)?,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
 fn parse_object(s: &str) -> Result<Map<String, Value>, StoreError> {
     match serde_json::from_str(s) {
         Ok(Value::Object(m)) => Ok(m),
@@ -341,26 +411,31 @@ fn save_profile(
 fn enqueue(
     tx: &Transaction<'_>,
     dataflow: &str,
-    profile_id: &str,
+    profile: &Profile,
     t: &Trigger,
     now_ms: i64,
+    payload: PayloadHook<'_>,
 ) -> Result<(), StoreError> {
+    let profile_id = profile.id.as_str();
     let existing: Option<(String, u8)> = tx
         .prepare_cached("SELECT segments, reasons FROM outbox WHERE dataflow = ?1 AND profile_id = ?2")?
         .query_row([dataflow, profile_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     match existing {
         None => {
+            let (tag, body) = payload(dataflow, profile, t).unzip();
             tx.prepare_cached(
-                "INSERT INTO outbox (dataflow, profile_id, segments, reasons, enqueued_at, next_attempt_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                "INSERT INTO outbox (dataflow, profile_id, segments, reasons, enqueued_at, next_attempt_at, payload, payload_tag)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
             )?
             .execute(params![
                 dataflow,
                 profile_id,
                 segments_json(&t.segments),
                 t.reasons.0,
-                now_ms
+                now_ms,
+                body,
+                tag
             ])?;
         }
         Some((segs, reasons)) => {
@@ -369,17 +444,20 @@ fn enqueue(
                 segments: serde_json::from_str(&segs).unwrap_or_default(),
             };
             union(&mut merged, t);
+            let (tag, body) = payload(dataflow, profile, &merged).unzip();
             // Keep the row's place in line and any retry backoff; bump the version so an
             // in-flight send of the older state does not acknowledge this one.
             tx.prepare_cached(
-                "UPDATE outbox SET version = version + 1, segments = ?3, reasons = ?4
+                "UPDATE outbox SET version = version + 1, segments = ?3, reasons = ?4, payload = ?5, payload_tag = ?6
                  WHERE dataflow = ?1 AND profile_id = ?2",
             )?
             .execute(params![
                 dataflow,
                 profile_id,
                 segments_json(&merged.segments),
-                merged.reasons.0
+                merged.reasons.0,
+                body,
+                tag
             ])?;
         }
     }
@@ -425,10 +503,11 @@ fn segments_json(s: &[String]) -> String {
 }
 
 impl Store for SqliteStore {
-    fn apply_updates(
+    fn apply_updates_with(
         &self,
         updates: &[ProfileUpdate],
         apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
+        payload: PayloadHook<'_>,
     ) -> Result<(), StoreError> {
         let now = super::now_ms();
         let mut conn = self.lock();
@@ -442,7 +521,10 @@ impl Store for SqliteStore {
             save_profile(&tx, p, &touched, now)?;
         }
         for ((df, profile_id), t) in &batch.enqueues {
-            enqueue(&tx, df, profile_id, t, now)?;
+            let profile = batch
+                .profile(profile_id)
+                .ok_or_else(|| StoreError::Corrupt(format!("profile {profile_id} left its batch")))?;
+            enqueue(&tx, df, profile, t, now, payload)?;
         }
         tx.commit()?;
         Ok(())
@@ -517,7 +599,7 @@ impl Store for SqliteStore {
              WHERE segment_id = ?5 AND status IN ('realized', 'exiting')
              ORDER BY profile_id
              ON CONFLICT (dataflow, profile_id) DO UPDATE SET version = version + 1,
-               reasons = reasons | excluded.reasons",
+               reasons = reasons | excluded.reasons, payload = NULL, payload_tag = NULL",
             params![
                 dataflow,
                 seg,
@@ -544,46 +626,53 @@ impl Store for SqliteStore {
         };
         let mut conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn.transaction()?;
-        let mut rows: Vec<(i64, String, i64, String, u8, u32, i64)> = Vec::new();
+        let mut out: Vec<OutboxItem> = Vec::new();
         {
             let mut stmt = tx.prepare_cached(
-                "SELECT id, profile_id, version, segments, reasons, attempts, enqueued_at FROM outbox
-                 WHERE dataflow = ?1 AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3",
+                "SELECT id, profile_id, version, segments, reasons, attempts, enqueued_at, payload_tag, payload
+                 FROM outbox WHERE dataflow = ?1 AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3",
             )?;
-            let it = stmt.query_map(params![dataflow, now_ms, (limit + leased.len()) as i64], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            })?;
-            for r in it {
-                let r = r?;
-                if !leased.contains(&r.0) {
-                    rows.push(r);
+            let mut rows = stmt.query(params![dataflow, now_ms, (limit + leased.len()) as i64])?;
+            while let Some(r) = rows.next()? {
+                let id: i64 = r.get(0)?;
+                if leased.contains(&id) {
+                    continue;
                 }
-                if rows.len() == limit {
+                let tag: Option<i64> = r.get(7)?;
+                out.push(OutboxItem {
+                    id,
+                    version: r.get(2)?,
+                    profile_id: r.get(1)?,
+                    payload: match tag {
+                        Some(tag) => r.get::<_, Option<Vec<u8>>>(8)?.map(|b| (tag, b)),
+                        None => None,
+                    },
+                    profile: None,
+                    segments: serde_json::from_str(r.get_ref(3)?.as_str().map_err(rusqlite::Error::from)?)
+                        .unwrap_or_default(),
+                    reasons: Reasons(r.get(4)?),
+                    attempts: r.get(5)?,
+                    enqueued_at: r.get(6)?,
+                });
+                if out.len() == limit {
                     break;
                 }
             }
         }
-        let mut out = Vec::with_capacity(rows.len());
-        for (id, profile_id, version, segments, reasons, attempts, enqueued_at) in rows {
-            let profile = load_profile(&tx, &profile_id)?
-                .ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} names missing profile")))?;
-            out.push(OutboxItem {
-                id,
-                version,
-                profile,
-                segments: serde_json::from_str(&segments).unwrap_or_default(),
-                reasons: Reasons(reasons),
-                attempts,
-                enqueued_at,
-            });
+        // Rows queued without a payload are built from the profile as it is now.
+        let ids: Vec<&str> = out
+            .iter()
+            .filter(|i| i.payload.is_none())
+            .map(|i| i.profile_id.as_str())
+            .collect();
+        if !ids.is_empty() {
+            let mut profiles = load_profiles(&tx, &ids)?;
+            for item in out.iter_mut().filter(|i| i.payload.is_none()) {
+                let profile = profiles.remove(&item.profile_id).ok_or_else(|| {
+                    StoreError::Corrupt(format!("outbox row {} names missing profile", item.id))
+                })?;
+                item.profile = Some(profile);
+            }
         }
         tx.commit()?;
         let mut l = self.leases();
