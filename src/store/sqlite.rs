@@ -4,7 +4,9 @@
 //! acknowledgement, which only means an idempotent re-send).
 //!
 //! One writer connection and one reader connection (WAL lets a reader run beside the
-//! writer), so claiming deliveries does not wait for an ingest batch. This backend serves
+//! writer), so claiming deliveries does not wait for an ingest batch: a claim uses the writer
+//! when it is free (its page cache holds the rows it just queued; the reader's cache is
+//! dropped whenever the database changes) and the reader otherwise. This backend serves
 //! one gateway instance, so leases live in memory: a restart makes every row due again.
 
 use std::collections::HashMap;
@@ -132,7 +134,8 @@ impl SqliteStore {
         }
         let conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;
+             PRAGMA cache_size = -65536;",
         )?;
         conn.execute_batch(SCHEMA)?;
         let version: Option<String> = conn
@@ -624,7 +627,12 @@ impl Store for SqliteStore {
             l.retain(|_, until| *until > now_ms);
             l.keys().copied().collect()
         };
-        let mut conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        // The writer's page cache holds the rows it queued; the reader's is dropped whenever
+        // the database changed. Use the writer when no ingest holds it.
+        let mut conn = match self.writer.try_lock() {
+            Ok(w) => w,
+            Err(_) => self.reader.lock().unwrap_or_else(|p| p.into_inner()),
+        };
         let tx = conn.transaction()?;
         let mut out: Vec<OutboxItem> = Vec::new();
         {
