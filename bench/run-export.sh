@@ -44,10 +44,14 @@ cd "$ROOT"
 cargo bench --bench export --no-run >/dev/null 2>&1
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); nginx $(nginx -v 2>&1 | cut -d/ -f2)" >&2
 
-peer=$(wrk -t1 -c64 -d8s -s "$PKI/post.lua" http://127.0.0.1:18081/ | awk '/Requests\/sec/{print $2}')
+# The peer runs before and after Sallyport; the ratio uses the mean (the machine drifts).
+peer_rate() { wrk -t1 -c64 -d8s -s "$PKI/post.lua" http://127.0.0.1:18081/ | awk '/Requests\/sec/{print $2}'; }
+peer1=$(peer_rate)
 ours=$(cargo bench --bench export -- "https://localhost:9443/profiles" "$PKI/ca.pem" "$PKI/client.pem" "$PKI/client.key" "$N" "$BACKFILL")
 echo "$ours" >&2
-python3 - "$peer" "$ours" <<'PY'
+peer2=$(peer_rate)
+echo "peer before: $peer1 req/s, after: $peer2 req/s" >&2
+python3 - "$(python3 -c "print(($peer1 + $peer2) / 2)")" "$ours" <<'PY'
 import json, sys
 peer = float(sys.argv[1]); phases = {}
 for l in sys.argv[2].splitlines():
@@ -57,7 +61,8 @@ t = phases['throughput']; l = phases['latency-10k']; b = phases.get('backfill')
 print("| measure | Sallyport | peer (nginx proxy, same run) | ratio |")
 print("| --- | --- | --- | --- |")
 print(f"| end-to-end profiles/s ({t['profiles']:,} profiles, durable) | {t['profilesPerSec']:,.0f} | {peer:,.0f} req/s | {t['profilesPerSec']/peer:.2f}× |")
-print(f"| ingest only (parse + trigger + SQLite commit) profiles/s | {t['ingestOnlyPerSec']:,.0f} | | |")
+print(f"| ingest only (parse + trigger + payload + SQLite commit) profiles/s | {t['ingestOnlyPerSec']:,.0f} | | |")
+print(f"| CPU per 1,000 profiles end to end (gateway process) | {t['cpuMsPerThousand']:,.0f} ms | | |")
 print(f"| ingest-to-delivered p50 / p99 at 10k/s | {l['p50Ms']:.1f} ms / {l['p99Ms']:.1f} ms | | |")
 if b:
     print(f"| backfill {b['profiles']:,} profiles: enqueue / all delivered | {b['enqueueSeconds']:.1f} s / {b['deliveredSeconds']:.1f} s ({b['profilesPerSec']:,.0f}/s) | | |")

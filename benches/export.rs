@@ -107,67 +107,68 @@ async fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
 
-    // 1. Throughput: ingest as fast as possible while delivering.
-    let engine = Engine::open(&config(dir, url, ca, cert, key, &[SEG], "t.db"))
-        .await
-        .unwrap();
-    // The NDJSON arrives as bytes (as over HTTP): made before the clock starts.
-    let batches: Vec<Vec<u8>> = (0..n)
-        .step_by(5000)
-        .map(|from| batch(from, 5000.min(n - from), SEG))
-        .collect();
-    let workers = engine.spawn_workers();
-    let started = Instant::now();
-    let cpu0 = cpu_secs();
-    let mut ingest_time = Duration::ZERO;
-    for b in &batches {
-        let t = Instant::now();
-        engine.ingest(b).await.unwrap();
-        ingest_time += t.elapsed();
+    // EXPORT_BENCH_PHASES=throughput,latency,backfill (the default) picks phases to run.
+    let phases =
+        std::env::var("EXPORT_BENCH_PHASES").unwrap_or_else(|_| "throughput,latency,backfill".into());
+    if phases.contains("throughput") {
+        // 1. Throughput: ingest as fast as possible while delivering.
+        let engine = Engine::open(&config(dir, url, ca, cert, key, &[SEG], "t.db"))
+            .await
+            .unwrap();
+        // The NDJSON arrives as bytes (as over HTTP): made before the clock starts.
+        let batches: Vec<Vec<u8>> = (0..n)
+            .step_by(5000)
+            .map(|from| batch(from, 5000.min(n - from), SEG))
+            .collect();
+        let workers = engine.spawn_workers();
+        let started = Instant::now();
+        let cpu0 = cpu_secs();
+        let mut ingest_time = Duration::ZERO;
+        for b in &batches {
+            let t = Instant::now();
+            engine.ingest(b).await.unwrap();
+            ingest_time += t.elapsed();
+        }
+        let ok = drain(&engine, n as u64, Duration::from_secs(600)).await;
+        let secs = started.elapsed().as_secs_f64();
+        let cpu_ms_per_k = (cpu_secs() - cpu0) * 1000.0 / (n as f64 / 1000.0);
+        let s = engine.stats();
+        println!(
+            "{}",
+            json!({"phase": "throughput", "profiles": n, "seconds": secs, "profilesPerSec": n as f64 / secs,
+                   "ingestOnlyPerSec": n as f64 / ingest_time.as_secs_f64(), "complete": ok,
+                   "cpuMsPerThousand": cpu_ms_per_k,
+                   "delivered": s.delivered, "failed": s.failed, "p50Ms": s.p50_ms, "p99Ms": s.p99_ms})
+        );
+        workers.iter().for_each(|w| w.abort());
+        drop(engine);
     }
-    let ok = drain(&engine, n as u64, Duration::from_secs(600)).await;
-    let secs = started.elapsed().as_secs_f64();
-    let cpu_ms_per_k = (cpu_secs() - cpu0) * 1000.0 / (n as f64 / 1000.0);
-    let s = engine.stats();
-    println!(
-        "{}",
-        json!({"phase": "throughput", "profiles": n, "seconds": secs, "profilesPerSec": n as f64 / secs,
-               "ingestOnlyPerSec": n as f64 / ingest_time.as_secs_f64(), "complete": ok,
-               "cpuMsPerThousand": cpu_ms_per_k,
-               "delivered": s.delivered, "failed": s.failed, "p50Ms": s.p50_ms, "p99Ms": s.p99_ms})
-    );
-    workers.iter().for_each(|w| w.abort());
-    drop(engine);
-
-    // EXPORT_BENCH_PHASES=throughput skips the others (for quick A/B comparisons).
-    if std::env::var("EXPORT_BENCH_PHASES").is_ok_and(|p| !p.contains("latency")) {
-        return;
+    if phases.contains("latency") {
+        // 2. Latency at a steady 10k profiles/s for 10 s (100 every 10 ms).
+        let engine = Engine::open(&config(dir, url, ca, cert, key, &[SEG], "l.db"))
+            .await
+            .unwrap();
+        let workers = engine.spawn_workers();
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut sent = 0;
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            tick.tick().await;
+            engine.ingest(&batch(sent, 100, SEG)).await.unwrap();
+            sent += 100;
+        }
+        let ok = drain(&engine, sent as u64, Duration::from_secs(120)).await;
+        let s = engine.stats();
+        println!(
+            "{}",
+            json!({"phase": "latency-10k", "profiles": sent, "complete": ok, "p50Ms": s.p50_ms, "p99Ms": s.p99_ms,
+                   "maxMs": s.max_ms, "failed": s.failed})
+        );
+        workers.iter().for_each(|w| w.abort());
+        drop(engine);
     }
-    // 2. Latency at a steady 10k profiles/s for 10 s (100 every 10 ms).
-    let engine = Engine::open(&config(dir, url, ca, cert, key, &[SEG], "l.db"))
-        .await
-        .unwrap();
-    let workers = engine.spawn_workers();
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let mut sent = 0;
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        tick.tick().await;
-        engine.ingest(&batch(sent, 100, SEG)).await.unwrap();
-        sent += 100;
-    }
-    let ok = drain(&engine, sent as u64, Duration::from_secs(120)).await;
-    let s = engine.stats();
-    println!(
-        "{}",
-        json!({"phase": "latency-10k", "profiles": sent, "complete": ok, "p50Ms": s.p50_ms, "p99Ms": s.p99_ms,
-               "maxMs": s.max_ms, "failed": s.failed})
-    );
-    workers.iter().for_each(|w| w.abort());
-    drop(engine);
-
     // 3. Backfill: profiles already in SEG2 when SEG2 becomes mapped.
-    if backfill_n > 0 {
+    if backfill_n > 0 && phases.contains("backfill") {
         let engine = Engine::open(&config(dir, url, ca, cert, key, &[SEG], "b.db"))
             .await
             .unwrap();

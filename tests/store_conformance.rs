@@ -69,7 +69,6 @@ conformance!(
     newly_mapped_segments_are_backfilled_once,
     api_dataflows_are_stored_and_deleting_drops_their_queue,
     state_survives_reopening,
-    a_payload_stored_at_ingest_is_the_latest_state_and_backfill_drops_it,
 );
 
 /// Apply NDJSON lines; every update with a segment event or attributes enqueues for `DF`.
@@ -96,14 +95,6 @@ fn ingest(store: &dyn Store, lines: &[serde_json::Value]) {
             }
         })
         .unwrap();
-}
-
-/// A payload hook that names what it was built from: profile, attribute `a`, trigger segments.
-fn describe(_df: &str, p: &sallyport::export::profile::Profile, t: &Trigger) -> Option<(i64, Vec<u8>)> {
-    Some((
-        7,
-        format!("{}:{}:{:?}", p.id, p.attributes["a"], t.segments).into_bytes(),
-    ))
 }
 
 /// Record one delivered row.
@@ -188,7 +179,7 @@ fn a_second_change_coalesces_into_the_queued_row(b: Backend) {
     assert_eq!(it.version, 2, "the second batch bumped the version");
     assert_eq!(it.segments, vec!["s1".to_owned(), "s2".to_owned()]);
     assert!(it.reasons.contains(Reasons::SEGMENT) && it.reasons.contains(Reasons::ATTRIBUTE));
-    assert_eq!(it.profile.as_ref().unwrap().segments.len(), 2);
+    assert_eq!(it.profile.segments.len(), 2);
 }
 
 fn claims_lease_rows_until_completed_or_expired(b: Backend) {
@@ -199,16 +190,16 @@ fn claims_lease_rows_until_completed_or_expired(b: Backend) {
     );
     let now = sallyport::store::now_ms();
     let first = s.claim(DF, 2, now, LEASE).unwrap();
-    let ids: Vec<&str> = first.iter().map(|i| i.profile_id.as_str()).collect();
+    let ids: Vec<&str> = first.iter().map(|i| i.profile.id.as_str()).collect();
     assert_eq!(ids, ["p1", "p2"], "oldest first");
     let second = s.claim(DF, 10, now, LEASE).unwrap();
     assert_eq!(second.len(), 1, "leased rows are skipped");
-    assert_eq!(second[0].profile_id, "p3");
+    assert_eq!(second[0].profile.id, "p3");
     assert!(s.claim(DF, 10, now, LEASE).unwrap().is_empty());
     // A completed row is gone; a lease that expired makes the rest claimable again.
     delivered(s, first[0].id, first[0].version);
     let again = s.claim(DF, 10, now + LEASE + 1, LEASE).unwrap();
-    let ids: HashSet<String> = again.iter().map(|i| i.profile_id.clone()).collect();
+    let ids: HashSet<String> = again.iter().map(|i| i.profile.id.clone()).collect();
     assert_eq!(ids, HashSet::from(["p2".to_owned(), "p3".to_owned()]));
     assert_eq!(s.pending(None).unwrap(), 2);
 }
@@ -227,7 +218,7 @@ fn a_row_changed_in_flight_is_sent_again(b: Backend) {
         (next[0].id, next[0].version, next[0].attempts),
         (sent.id, sent.version + 1, 0)
     );
-    assert_eq!(next[0].profile.as_ref().unwrap().attributes["a"], 2);
+    assert_eq!(next[0].profile.attributes["a"], 2);
     delivered(s, next[0].id, next[0].version);
     assert_eq!(s.pending(None).unwrap(), 0);
 }
@@ -604,81 +595,4 @@ fn postgres_over_tls_verifies_the_server_certificate() {
     assert!(err.to_lowercase().contains("certificate"), "{err}");
     let err = open(&at("wrong-name.invalid"), &cert).unwrap_err().to_string();
     assert!(err.to_lowercase().contains("certificate"), "{err}");
-}
-
-fn a_payload_stored_at_ingest_is_the_latest_state_and_backfill_drops_it(b: Backend) {
-    let s = &*b.store;
-    let batch = |lines: &[serde_json::Value]| {
-        let updates: Vec<_> = lines
-            .iter()
-            .map(|l| parse_line(l.to_string().as_bytes()).unwrap())
-            .collect();
-        s.apply_updates_with(
-            &updates,
-            &mut |p, u| {
-                p.apply(u, "2026-11-25T00:00:00Z");
-                let segments = u.segments.iter().map(|e| e.id.clone()).collect();
-                vec![(
-                    DF.to_owned(),
-                    Trigger {
-                        reasons: Reasons::ATTRIBUTE,
-                        segments,
-                    },
-                )]
-            },
-            &mut describe,
-        )
-        .unwrap();
-    };
-    batch(&[
-        json!({"profileId": "p1", "attributes": {"a": 1}, "segments": [{"id": "s1", "status": "realized"}]}),
-    ]);
-    batch(&[json!({"profileId": "p1", "attributes": {"a": 2}})]);
-    let now = sallyport::store::now_ms();
-    let item = s.claim(DF, 10, now, LEASE).unwrap().remove(0);
-    match (&item.payload, &item.profile) {
-        // Built from the state after both batches, with the coalesced trigger.
-        (Some((tag, body)), None) => {
-            assert_eq!((*tag, body.as_slice()), (7, &b"p1:2:[\"s1\"]"[..]))
-        }
-        // A store that keeps no payloads loads the profile instead.
-        (None, Some(p)) => assert_eq!(p.attributes["a"], 2),
-        other => panic!("a claimed row has a payload or a profile, not {other:?}"),
-    }
-    s.complete(&[], &[]).unwrap();
-    // Backfilling into the queued row changes what it must carry: the payload is dropped and
-    // the profile loaded at claim time.
-    s.sync_mappings(DF, &["s1".to_owned()], NOW).unwrap();
-    s.backfill(DF, "s1", NOW).unwrap();
-    let item = s.claim(DF, 10, now + LEASE + 1, LEASE).unwrap().remove(0);
-    assert!(item.payload.is_none());
-    assert_eq!(item.profile.unwrap().attributes["a"], 2);
-}
-
-#[test]
-fn sqlite_a_version_1_database_is_migrated_and_keeps_its_queue() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("old.db");
-    let store = SqliteStore::open(&path, Chain::new(None)).unwrap();
-    ingest(&store, &[realized("p1", "s1")]);
-    drop(store);
-    // Turn it back into a version 1 database (no stored payloads).
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch(
-        "ALTER TABLE outbox DROP COLUMN payload; ALTER TABLE outbox DROP COLUMN payload_tag;
-         UPDATE meta SET value = '1' WHERE key = 'schema_version';",
-    )
-    .unwrap();
-    drop(conn);
-    let store = SqliteStore::open(&path, Chain::new(None)).unwrap();
-    let items = store.claim(DF, 10, sallyport::store::now_ms(), LEASE).unwrap();
-    assert_eq!(items.len(), 1, "the queued row survived the migration");
-    assert_eq!(items[0].profile.as_ref().unwrap().id, "p1");
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    let v: String = conn
-        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    assert_eq!(v, "2");
 }

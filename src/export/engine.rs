@@ -51,8 +51,6 @@ pub struct IngestReport {
 
 struct Flow {
     spec: DataflowSpec,
-    /// Names the payload shape `spec` and the catalog give (see [`spec_tag`]).
-    tag: i64,
     client: DeliveryClient,
     endpoint: url::Url,
     retry: RetryPolicy,
@@ -213,23 +211,14 @@ impl Engine {
             let now = time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default();
-            let flows = inner.flows();
-            // The payload is built here, from the profile already in memory, and stored with
-            // the outbox row: a claim then reads it back instead of loading the profile.
-            inner.store.apply_updates_with(
-                &updates,
-                &mut |p, u| {
-                    let change = p.apply(u, &now);
-                    flows
-                        .iter()
-                        .filter_map(|f| evaluate(&f.spec, p, &change).map(|t| (f.spec.name.clone(), t)))
-                        .collect()
-                },
-                &mut |df, p, t| {
-                    let f = flows.iter().find(|f| f.spec.name == df)?;
-                    Some((f.tag, build_payload(f, &inner.catalog, p, &t.segments)))
-                },
-            )
+            inner.store.apply_updates(&updates, &mut |p, u| {
+                let change = p.apply(u, &now);
+                inner
+                    .flows()
+                    .iter()
+                    .filter_map(|f| evaluate(&f.spec, p, &change).map(|t| (f.spec.name.clone(), t)))
+                    .collect()
+            })
         })
         .await?;
         for f in &self.inner.flows() {
@@ -632,10 +621,8 @@ async fn build_flow(
     } else {
         None
     };
-    let spec = DataflowSpec::from_config(df, &times);
     Ok(Flow {
-        tag: spec_tag(&spec, &Catalog::from_config(cfg)),
-        spec,
+        spec: DataflowSpec::from_config(df, &times),
         client: DeliveryClient::new(settings),
         endpoint,
         retry: RetryPolicy {
@@ -648,18 +635,6 @@ async fn build_flow(
         counters: Default::default(),
         wake: Notify::new(),
     })
-}
-
-/// A tag that changes whenever what the payload builder reads from the dataflow or the
-/// segment catalog changes, so a payload stored at ingest is used only while it is still the
-/// one the dataflow would build now.
-fn spec_tag(spec: &DataflowSpec, catalog: &Catalog) -> i64 {
-    let segments: std::collections::BTreeMap<_, _> = catalog.segments.iter().collect();
-    let text = format!("{spec:?}\n{segments:?}");
-    let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&d.as_ref()[..8]);
-    i64::from_be_bytes(b)
 }
 
 impl Inner {
@@ -700,7 +675,7 @@ async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
             let (flow, inner, done) = (flow.clone(), inner.clone(), done_tx.clone());
             tokio::spawn(async move {
                 let enqueued_at = item.enqueued_at;
-                let (c, audit) = deliver(&inner, &flow, item).await;
+                let (c, audit) = deliver(&flow, &inner.catalog, item).await;
                 drop(permit);
                 let _ = done.send((c, audit, enqueued_at)).await;
             });
@@ -761,56 +736,11 @@ impl Stats {
     }
 }
 
-/// The body to send for a claimed row: the payload stored at ingest when it was built from
-/// the dataflow as it is now, else built afresh from the profile's current state.
-async fn body_for(inner: &Inner, flow: &Flow, item: &mut OutboxItem) -> Result<Bytes, DeliveryError> {
-    match item.payload.take() {
-        Some((tag, body)) if tag == flow.tag => return Ok(body.into()),
-        _ => {}
-    }
-    let profile = match item.profile.take() {
-        Some(p) => p,
-        None => {
-            let (s, id) = (inner.store.clone(), item.profile_id.clone());
-            blocking(move || s.profile(&id))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|p| p.ok_or_else(|| "the profile is no longer stored".to_owned()))
-                .map_err(|e| {
-                    DeliveryError::new(ErrorKind::InvalidRequest, format!("payload cannot be built: {e}"))
-                })?
-        }
-    };
-    Ok(build_payload(flow, &inner.catalog, &profile, &item.segments).into())
-}
-
-fn build_payload(
-    flow: &Flow,
-    catalog: &Catalog,
-    profile: &crate::export::profile::Profile,
-    segments: &[String],
-) -> Vec<u8> {
-    serde_json::to_vec(&payload::build(&flow.spec, catalog, profile, segments)).unwrap_or_default()
-}
-
-async fn deliver(inner: &Inner, flow: &Flow, mut item: OutboxItem) -> (Completion, AuditRecord) {
+async fn deliver(flow: &Flow, catalog: &Catalog, item: OutboxItem) -> (Completion, AuditRecord) {
+    let body: Bytes = payload::to_vec(&flow.spec, catalog, &item.profile, &item.segments).into();
     let key = idempotency_key(&flow.spec.name, item.id, item.version);
     let attempt = item.attempts + 1;
-    let (body, sent) = match body_for(inner, flow, &mut item).await {
-        Ok(body) => {
-            let sent = flow.send(&key, body.clone()).await;
-            (body, sent)
-        }
-        Err(e) => (
-            Bytes::new(),
-            Sent {
-                result: Err(e),
-                status: None,
-                peer: None,
-                latency_ms: 0.0,
-            },
-        ),
-    };
+    let sent = flow.send(&key, body.clone()).await;
     let completion = match &sent.result {
         Ok(()) => Completion::Delivered {
             id: item.id,
@@ -840,7 +770,7 @@ async fn deliver(inner: &Inner, flow: &Flow, mut item: OutboxItem) -> (Completio
         Completion::Failed { .. } => "retry",
         Completion::Dead { .. } => "dead_letter",
     };
-    let audit = flow.audit_record(&item.profile_id, &key, &body, attempt, outcome, &sent);
+    let audit = flow.audit_record(&item.profile.id, &key, &body, attempt, outcome, &sent);
     (completion, audit)
 }
 

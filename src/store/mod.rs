@@ -66,13 +66,7 @@ impl From<tokio_postgres::Error> for StoreError {
 pub struct OutboxItem {
     pub id: i64,
     pub version: i64,
-    pub profile_id: String,
-    /// The payload built when the row was queued, with the tag of the dataflow spec it was
-    /// built from ([`PayloadHook`]); `None` when none was stored (backfill, a store that
-    /// does not keep payloads).
-    pub payload: Option<(i64, Vec<u8>)>,
-    /// The profile as stored now, loaded only when no payload was stored.
-    pub profile: Option<Profile>,
+    pub profile: Profile,
     /// Mapped segments whose status changes triggered this delivery (coalesced).
     pub segments: Vec<String>,
     pub reasons: Reasons,
@@ -145,31 +139,16 @@ pub struct DeadLetter {
 /// The decision for one update: which dataflows to enqueue the profile for, and why.
 pub type Enqueues = Vec<(String, Trigger)>;
 
-/// Builds the payload of a queued delivery from the profile's state at the end of an ingest
-/// batch and the (coalesced) trigger: `(spec tag, body)`, or `None` to build it at claim time.
-pub type PayloadHook<'a> = &'a mut dyn FnMut(&str, &Profile, &Trigger) -> Option<(i64, Vec<u8>)>;
-
 /// Persistent state of the export engine. Methods block; call them from `spawn_blocking`.
 pub trait Store: Send + Sync + 'static {
     /// Apply a batch in one transaction. `apply` merges each update into the stored profile
-    /// (a fresh one if new) and returns the dataflows to enqueue it for; `payload` builds what
-    /// to store with each queued row (a store may ignore it and load the profile at claim
-    /// time instead). Returns when the transaction is durable.
-    fn apply_updates_with(
-        &self,
-        updates: &[ProfileUpdate],
-        apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
-        payload: PayloadHook<'_>,
-    ) -> Result<(), StoreError>;
-
-    /// [`Store::apply_updates_with`] storing no payloads.
+    /// (a fresh one if new) and returns the dataflows to enqueue it for. Returns when the
+    /// transaction is durable.
     fn apply_updates(
         &self,
         updates: &[ProfileUpdate],
         apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
-    ) -> Result<(), StoreError> {
-        self.apply_updates_with(updates, apply, &mut |_, _, _| None)
-    }
+    ) -> Result<(), StoreError>;
 
     /// Record the dataflow's mapped segments. Returns each mapping's times and the segments
     /// that were not mapped before (to backfill).
@@ -326,15 +305,6 @@ pub fn now_ms() -> i64 {
 pub(crate) struct PlannedBatch {
     pub profiles: Vec<(Profile, Vec<String>)>,
     pub enqueues: Vec<((String, String), Trigger)>,
-    /// Profile id → its place in `profiles`.
-    index: HashMap<String, usize>,
-}
-
-impl PlannedBatch {
-    /// A profile touched by the batch, in its final state.
-    pub(crate) fn profile(&self, id: &str) -> Option<&Profile> {
-        self.index.get(id).map(|i| &self.profiles[*i].0)
-    }
 }
 
 /// Apply `updates` in order to the profiles `load` returns (a fresh one when it returns
@@ -375,11 +345,7 @@ pub(crate) fn plan_batch(
             }
         }
     }
-    Ok(PlannedBatch {
-        profiles,
-        enqueues,
-        index,
-    })
+    Ok(PlannedBatch { profiles, enqueues })
 }
 
 /// Coalesce two triggers for the same row.

@@ -30,7 +30,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 
-use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, PayloadHook, Store, StoreError};
+use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, StoreError};
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
 use crate::export::profile::{Membership, Profile};
 use crate::export::spec::MappedSegment;
@@ -553,12 +553,10 @@ fn dead_letter(r: &Row) -> Result<DeadLetter, StoreError> {
 }
 
 impl Store for PgStore {
-    // Payloads are built at claim time here (instances may run different configs).
-    fn apply_updates_with(
+    fn apply_updates(
         &self,
         updates: &[ProfileUpdate],
         apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
-        _payload: PayloadHook<'_>,
     ) -> Result<(), StoreError> {
         let now = super::now_ms();
         let mut ids: Vec<String> = updates.iter().map(|u| u.profile_id.clone()).collect();
@@ -726,9 +724,7 @@ impl Store for PgStore {
                 out.push(OutboxItem {
                     id,
                     version: r.get(2),
-                    profile_id,
-                    payload: None,
-                    profile: Some(profile),
+                    profile,
                     segments: serde_json::from_str(r.get(3)).unwrap_or_default(),
                     reasons: Reasons(u8::try_from(reasons).unwrap_or(0)),
                     attempts: attempts.max(0) as u32,

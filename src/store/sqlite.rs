@@ -16,22 +16,14 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
-use super::{
-    union, AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, PayloadHook, Store, StoreError,
-};
+use super::{union, AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, StoreError};
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
 use crate::export::profile::{Membership, Profile};
 use crate::export::spec::MappedSegment;
 use crate::export::trigger::{Reasons, Trigger};
 use crate::export::update::{ProfileUpdate, SegmentStatus};
 
-const SCHEMA_VERSION: i64 = 2;
-
-/// From each older schema version to the next.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "ALTER TABLE outbox ADD COLUMN payload BLOB; ALTER TABLE outbox ADD COLUMN payload_tag INTEGER;",
-)];
+const SCHEMA_VERSION: i64 = 1;
 
 /// The one audit chain of the embedded store (one gateway process writes it).
 const CHAIN: &str = "local";
@@ -70,11 +62,7 @@ CREATE TABLE IF NOT EXISTS outbox (
   enqueued_at INTEGER NOT NULL,
   attempts INTEGER NOT NULL DEFAULT 0,
   next_attempt_at INTEGER NOT NULL,
-  errors TEXT NOT NULL DEFAULT '[]',
-  -- The payload built at ingest and the tag of the dataflow spec it was built from (NULL:
-  -- build it at claim time from the profile).
-  payload BLOB,
-  payload_tag INTEGER,
+    errors TEXT NOT NULL DEFAULT '[]',
   UNIQUE (dataflow, profile_id)
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -151,21 +139,6 @@ impl SqliteStore {
                 )?;
             }
             Some(Ok(SCHEMA_VERSION)) => {}
-            Some(Ok(mut v)) if v < SCHEMA_VERSION => {
-                let tx = conn.unchecked_transaction()?;
-                while let Some((_, sql)) = MIGRATIONS.iter().find(|(from, _)| *from == v) {
-                    tx.execute_batch(sql)?;
-                    v += 1;
-                }
-                if v != SCHEMA_VERSION {
-                    return Err(err(format!("no migration from schema version {v}")));
-                }
-                tx.execute(
-                    "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
-                    [SCHEMA_VERSION.to_string()],
-                )?;
-                tx.commit()?;
-            }
             Some(other) => {
                 return Err(err(format!(
                     "schema version {other:?} is not {SCHEMA_VERSION}; this build cannot use it"
@@ -414,31 +387,26 @@ fn save_profile(
 fn enqueue(
     tx: &Transaction<'_>,
     dataflow: &str,
-    profile: &Profile,
+    profile_id: &str,
     t: &Trigger,
     now_ms: i64,
-    payload: PayloadHook<'_>,
 ) -> Result<(), StoreError> {
-    let profile_id = profile.id.as_str();
     let existing: Option<(String, u8)> = tx
         .prepare_cached("SELECT segments, reasons FROM outbox WHERE dataflow = ?1 AND profile_id = ?2")?
         .query_row([dataflow, profile_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     match existing {
         None => {
-            let (tag, body) = payload(dataflow, profile, t).unzip();
             tx.prepare_cached(
-                "INSERT INTO outbox (dataflow, profile_id, segments, reasons, enqueued_at, next_attempt_at, payload, payload_tag)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
+                "INSERT INTO outbox (dataflow, profile_id, segments, reasons, enqueued_at, next_attempt_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
             )?
             .execute(params![
                 dataflow,
                 profile_id,
                 segments_json(&t.segments),
                 t.reasons.0,
-                now_ms,
-                body,
-                tag
+                now_ms
             ])?;
         }
         Some((segs, reasons)) => {
@@ -447,20 +415,17 @@ fn enqueue(
                 segments: serde_json::from_str(&segs).unwrap_or_default(),
             };
             union(&mut merged, t);
-            let (tag, body) = payload(dataflow, profile, &merged).unzip();
             // Keep the row's place in line and any retry backoff; bump the version so an
             // in-flight send of the older state does not acknowledge this one.
             tx.prepare_cached(
-                "UPDATE outbox SET version = version + 1, segments = ?3, reasons = ?4, payload = ?5, payload_tag = ?6
+                "UPDATE outbox SET version = version + 1, segments = ?3, reasons = ?4
                  WHERE dataflow = ?1 AND profile_id = ?2",
             )?
             .execute(params![
                 dataflow,
                 profile_id,
                 segments_json(&merged.segments),
-                merged.reasons.0,
-                body,
-                tag
+                merged.reasons.0
             ])?;
         }
     }
@@ -506,11 +471,10 @@ fn segments_json(s: &[String]) -> String {
 }
 
 impl Store for SqliteStore {
-    fn apply_updates_with(
+    fn apply_updates(
         &self,
         updates: &[ProfileUpdate],
         apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
-        payload: PayloadHook<'_>,
     ) -> Result<(), StoreError> {
         let now = super::now_ms();
         let mut conn = self.lock();
@@ -524,10 +488,7 @@ impl Store for SqliteStore {
             save_profile(&tx, p, &touched, now)?;
         }
         for ((df, profile_id), t) in &batch.enqueues {
-            let profile = batch
-                .profile(profile_id)
-                .ok_or_else(|| StoreError::Corrupt(format!("profile {profile_id} left its batch")))?;
-            enqueue(&tx, df, profile, t, now, payload)?;
+            enqueue(&tx, df, profile_id, t, now)?;
         }
         tx.commit()?;
         Ok(())
@@ -602,7 +563,7 @@ impl Store for SqliteStore {
              WHERE segment_id = ?5 AND status IN ('realized', 'exiting')
              ORDER BY profile_id
              ON CONFLICT (dataflow, profile_id) DO UPDATE SET version = version + 1,
-               reasons = reasons | excluded.reasons, payload = NULL, payload_tag = NULL",
+               reasons = reasons | excluded.reasons",
             params![
                 dataflow,
                 seg,
@@ -634,53 +595,49 @@ impl Store for SqliteStore {
             Err(_) => self.reader.lock().unwrap_or_else(|p| p.into_inner()),
         };
         let tx = conn.transaction()?;
-        let mut out: Vec<OutboxItem> = Vec::new();
+        let mut rows: Vec<(i64, String, i64, String, u8, u32, i64)> = Vec::new();
         {
             let mut stmt = tx.prepare_cached(
-                "SELECT id, profile_id, version, segments, reasons, attempts, enqueued_at, payload_tag, payload
-                 FROM outbox WHERE dataflow = ?1 AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3",
+                "SELECT id, profile_id, version, segments, reasons, attempts, enqueued_at FROM outbox
+                 WHERE dataflow = ?1 AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3",
             )?;
-            let mut rows = stmt.query(params![dataflow, now_ms, (limit + leased.len()) as i64])?;
-            while let Some(r) = rows.next()? {
-                let id: i64 = r.get(0)?;
-                if leased.contains(&id) {
-                    continue;
+            let it = stmt.query_map(params![dataflow, now_ms, (limit + leased.len()) as i64], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })?;
+            for r in it {
+                let r = r?;
+                if !leased.contains(&r.0) {
+                    rows.push(r);
                 }
-                let tag: Option<i64> = r.get(7)?;
-                out.push(OutboxItem {
-                    id,
-                    version: r.get(2)?,
-                    profile_id: r.get(1)?,
-                    payload: match tag {
-                        Some(tag) => r.get::<_, Option<Vec<u8>>>(8)?.map(|b| (tag, b)),
-                        None => None,
-                    },
-                    profile: None,
-                    segments: serde_json::from_str(r.get_ref(3)?.as_str().map_err(rusqlite::Error::from)?)
-                        .unwrap_or_default(),
-                    reasons: Reasons(r.get(4)?),
-                    attempts: r.get(5)?,
-                    enqueued_at: r.get(6)?,
-                });
-                if out.len() == limit {
+                if rows.len() == limit {
                     break;
                 }
             }
         }
-        // Rows queued without a payload are built from the profile as it is now.
-        let ids: Vec<&str> = out
-            .iter()
-            .filter(|i| i.payload.is_none())
-            .map(|i| i.profile_id.as_str())
-            .collect();
-        if !ids.is_empty() {
-            let mut profiles = load_profiles(&tx, &ids)?;
-            for item in out.iter_mut().filter(|i| i.payload.is_none()) {
-                let profile = profiles.remove(&item.profile_id).ok_or_else(|| {
-                    StoreError::Corrupt(format!("outbox row {} names missing profile", item.id))
-                })?;
-                item.profile = Some(profile);
-            }
+        let ids: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+        let mut profiles = load_profiles(&tx, &ids)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, profile_id, version, segments, reasons, attempts, enqueued_at) in rows {
+            let profile = profiles
+                .remove(&profile_id)
+                .ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} names missing profile")))?;
+            out.push(OutboxItem {
+                id,
+                version,
+                profile,
+                segments: serde_json::from_str(&segments).unwrap_or_default(),
+                reasons: Reasons(reasons),
+                attempts,
+                enqueued_at,
+            });
         }
         tx.commit()?;
         let mut l = self.leases();
