@@ -379,7 +379,8 @@ impl Sidecar {
                     Ok(res) => retry_status(res.status()),
                     Err(e) => e.retryable(),
                 };
-            self.audit_attempt(route, &destination, attempt, &result, started);
+            self.audit_attempt(route, &destination, attempt, &result, started)
+                .await;
             if !again {
                 break result;
             }
@@ -397,8 +398,9 @@ impl Sidecar {
         }
     }
 
-    /// One audit record per attempt, as exports write them.
-    fn audit_attempt(
+    /// One audit record per attempt, as exports write them. When the writer falls behind, the
+    /// request waits for room in its queue: a record is never dropped to keep the pace.
+    async fn audit_attempt(
         &self,
         route: &Route,
         destination: &str,
@@ -439,8 +441,8 @@ impl Sidecar {
                 .map(|c| c.sha256_fingerprint.clone()),
             auth: route.auth_kind.to_owned(),
         };
-        if self.audit.try_send(record).is_err() {
-            tracing::error!("sidecar audit queue is full; a record was dropped");
+        if self.audit.send(record).await.is_err() {
+            tracing::error!("the sidecar audit writer has stopped; a record was not written");
         }
     }
 
