@@ -263,46 +263,6 @@ fn relaxed_tx<T>(
     result
 }
 
-fn load_profile(tx: &Connection, id: &str) -> Result<Option<Profile>, StoreError> {
-    let row: Option<(String, String, String)> = tx
-        .prepare_cached("SELECT merge_policy, identity_map, attributes FROM profiles WHERE id = ?1")?
-        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    let Some((merge_policy, identity_map, attributes)) = row else {
-        return Ok(None);
-    };
-    let mut p = Profile {
-        id: id.to_owned(),
-        merge_policy,
-        identity_map: parse_object(&identity_map)?,
-        attributes: parse_object(&attributes)?,
-        segments: Default::default(),
-    };
-    let mut stmt = tx.prepare_cached(
-        "SELECT segment_id, status, last_qualification_time FROM memberships WHERE profile_id = ?1",
-    )?;
-    let rows = stmt.query_map([id], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-        ))
-    })?;
-    for row in rows {
-        let (seg, status, t) = row?;
-        let status =
-            SegmentStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?;
-        p.segments.insert(
-            seg,
-            Membership {
-                status,
-                last_qualification_time: t,
-            },
-        );
-    }
-    Ok(Some(p))
-}
-
 /// Load many profiles in two statements (rows, then memberships), by id.
 fn load_profiles(conn: &Connection, ids: &[&str]) -> Result<HashMap<String, Profile>, StoreError> {
     let list = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -482,7 +442,12 @@ impl Store for SqliteStore {
         conn.execute_batch("PRAGMA synchronous = FULL")?;
         let tx = conn.transaction()?;
         // Profiles touched by this batch, applied in order in memory, written once.
-        let batch = super::plan_batch(updates, &mut |id| load_profile(&tx, id), apply)?;
+        // Every stored profile the batch names, in two statements.
+        let mut ids: Vec<&str> = updates.iter().map(|u| u.profile_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut loaded = load_profiles(&tx, &ids)?;
+        let batch = super::plan_batch(updates, &mut |id| Ok(loaded.remove(id)), apply)?;
         for (p, touched) in &batch.profiles {
             let touched: Vec<&String> = touched.iter().collect();
             save_profile(&tx, p, &touched, now)?;
@@ -671,7 +636,7 @@ impl Store for SqliteStore {
     }
 
     fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
-        load_profile(&self.lock(), id)
+        Ok(load_profiles(&self.lock(), &[id])?.remove(id))
     }
 
     fn append_audit(&self, audit: &[AuditRecord]) -> Result<(), StoreError> {
