@@ -648,7 +648,7 @@ impl Inner {
 
 async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord, i64)>(COMPLETE_BATCH * 2);
+    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord)>(COMPLETE_BATCH * 2);
     let completer = tokio::spawn(complete_loop(inner.clone(), flow.clone(), done_rx));
     loop {
         let (s, name) = (inner.store.clone(), flow.spec.name.clone());
@@ -677,7 +677,9 @@ async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
                 let enqueued_at = item.enqueued_at;
                 let (c, audit) = deliver(&flow, &inner.catalog, item).await;
                 drop(permit);
-                let _ = done.send((c, audit, enqueued_at)).await;
+                // Latency ends when the receiver answered, not when the outcome is committed.
+                inner.stats.record(&c, enqueued_at);
+                let _ = done.send((c, audit)).await;
             });
         }
         if completer.is_finished() {
@@ -690,7 +692,7 @@ async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
 async fn complete_loop(
     inner: Arc<Inner>,
     flow: Arc<Flow>,
-    mut rx: tokio::sync::mpsc::Receiver<(Completion, AuditRecord, i64)>,
+    mut rx: tokio::sync::mpsc::Receiver<(Completion, AuditRecord)>,
 ) {
     let mut buf = Vec::with_capacity(COMPLETE_BATCH);
     while rx.recv_many(&mut buf, COMPLETE_BATCH).await > 0 {
@@ -707,8 +709,7 @@ async fn complete_loop(
         }
         let mut results = Vec::with_capacity(buf.len());
         let mut audit = Vec::with_capacity(buf.len());
-        for (c, a, enqueued_at) in buf.drain(..) {
-            inner.stats.record(&c, enqueued_at);
+        for (c, a) in buf.drain(..) {
             flow.counters
                 .record(&a.outcome, a.error_kind.as_deref(), a.latency_ms);
             results.push(c);

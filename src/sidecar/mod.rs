@@ -452,7 +452,19 @@ impl Sidecar {
                 .map(|c| c.sha256_fingerprint.clone()),
             auth: route.auth_kind.to_owned(),
         };
-        if self.audit.send(record).await.is_err() {
+        let record = match self.audit.try_send(record) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(r)) => r,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("the sidecar audit writer has stopped; a record was not written");
+                return;
+            }
+        };
+        // Wait for room in a task of its own: an app that hangs up meanwhile cancels this
+        // request, not its record.
+        let tx = self.audit.clone();
+        let queued = tokio::spawn(async move { tx.send(record).await.is_ok() }).await;
+        if !matches!(queued, Ok(true)) {
             tracing::error!("the sidecar audit writer has stopped; a record was not written");
         }
     }
