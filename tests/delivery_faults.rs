@@ -172,8 +172,13 @@ async fn a_tls_alert_from_a_receiver_that_rejects_our_certificate() {
     workers.iter().for_each(|w| w.abort());
     let d = &store.dead_letters(None, 10).unwrap()[0];
     assert_eq!(d.attempts, 3);
+    // Once the alert has been read, every failure names it. Only the first attempt may lose
+    // the race in TLS 1.3: the receiver's reset can reach us before its alert is read, and
+    // then the cause is a broken pipe (`protocol`) — a known limit, see SECURITY.md.
+    let kinds: Vec<&str> = d.errors.iter().map(|e| e.kind.as_str()).collect();
     assert!(
-        d.errors.iter().all(|e| e.kind == "client_cert_rejected"),
+        kinds[1..].iter().all(|k| *k == "client_cert_rejected")
+            && ["client_cert_rejected", "protocol"].contains(&kinds[0]),
         "{:?}",
         d.errors
     );
