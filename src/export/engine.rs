@@ -576,10 +576,6 @@ impl Engine {
 /// Deliveries in flight per dataflow: a stable set of pooled connections (HTTP/1.1) or
 /// streams (HTTP/2), as a proxy's keep-alive pool would hold.
 const IN_FLIGHT: usize = 64;
-/// Outcomes written per store transaction, at most.
-const COMPLETE_BATCH: usize = 1024;
-/// How long the completer waits for more outcomes when only a few are ready.
-const COMPLETE_GATHER: Duration = Duration::from_millis(2);
 
 /// One dataflow's pipeline: a claimer leases due rows and starts a send for each as soon as
 /// one of the [`IN_FLIGHT`] slots frees up; a completer records outcomes in batches. A row
@@ -648,7 +644,7 @@ impl Inner {
 
 async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord)>(COMPLETE_BATCH * 2);
+    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord)>(store::WRITE_BATCH * 2);
     let completer = tokio::spawn(complete_loop(inner.clone(), flow.clone(), done_rx));
     loop {
         let (s, name) = (inner.store.clone(), flow.spec.name.clone());
@@ -694,19 +690,9 @@ async fn complete_loop(
     flow: Arc<Flow>,
     mut rx: tokio::sync::mpsc::Receiver<(Completion, AuditRecord)>,
 ) {
-    let mut buf = Vec::with_capacity(COMPLETE_BATCH);
-    while rx.recv_many(&mut buf, COMPLETE_BATCH).await > 0 {
-        // A store transaction costs more than the few rows it would hold: when outcomes
-        // trickle in, let a few milliseconds' worth gather first (rows stay leased meanwhile).
-        if buf.len() < COMPLETE_BATCH / 4 {
-            tokio::time::sleep(COMPLETE_GATHER).await;
-            while buf.len() < COMPLETE_BATCH {
-                match rx.try_recv() {
-                    Ok(x) => buf.push(x),
-                    Err(_) => break,
-                }
-            }
-        }
+    let mut buf = Vec::with_capacity(store::WRITE_BATCH);
+    // Rows stay leased while their outcomes gather.
+    while store::recv_batch(&mut rx, &mut buf).await > 0 {
         let mut results = Vec::with_capacity(buf.len());
         let mut audit = Vec::with_capacity(buf.len());
         for (c, a) in buf.drain(..) {

@@ -190,19 +190,8 @@ fn route(
 
 /// Audit records are appended in batches: one transaction per burst, not per request.
 async fn audit_writer(store: Arc<dyn crate::store::Store>, mut rx: mpsc::Receiver<AuditRecord>) {
-    let mut buf = Vec::with_capacity(1024);
-    while rx.recv_many(&mut buf, 1024).await > 0 {
-        // A transaction per handful of records rewrites the chain's last page each time:
-        // when records trickle in, let a couple of milliseconds' worth gather first.
-        if buf.len() < 256 {
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            while buf.len() < 1024 {
-                match rx.try_recv() {
-                    Ok(r) => buf.push(r),
-                    Err(_) => break,
-                }
-            }
-        }
+    let mut buf = Vec::with_capacity(crate::store::WRITE_BATCH);
+    while crate::store::recv_batch(&mut rx, &mut buf).await > 0 {
         let batch = std::mem::take(&mut buf);
         let s = store.clone();
         match tokio::task::spawn_blocking(move || s.append_audit(&batch)).await {
