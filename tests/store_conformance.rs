@@ -51,6 +51,19 @@ fn postgres() -> Backend {
     }
 }
 
+/// A PostgreSQL store in `schema` as gateway instance `instance`, plain connection, no audit key.
+fn pg_store(schema: &PgSchema, instance: &str, pool: usize) -> Result<PgStore, sallyport::store::StoreError> {
+    PgStore::open(
+        &schema.url,
+        None,
+        Some(&schema.name),
+        instance,
+        pool,
+        None,
+        Chain::new(None),
+    )
+}
+
 /// Each conformance test, once per backend.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -371,20 +384,7 @@ fn state_survives_reopening(b: Backend) {
 #[test]
 fn postgres_instances_never_claim_the_same_row() {
     let schema = PgSchema::new();
-    let open = |name: &str| {
-        Arc::new(
-            PgStore::open(
-                &schema.url,
-                None,
-                Some(&schema.name),
-                name,
-                2,
-                None,
-                Chain::new(None),
-            )
-            .unwrap(),
-        )
-    };
+    let open = |name: &str| Arc::new(pg_store(&schema, name, 2).unwrap());
     let (a, b) = (open("a"), open("b"));
     let lines: Vec<_> = (0..2000).map(|i| realized(&format!("p{i}"), "s1")).collect();
     ingest(&*a, &lines);
@@ -425,20 +425,7 @@ fn postgres_instances_never_claim_the_same_row() {
 #[test]
 fn postgres_concurrent_ingest_loses_no_update() {
     let schema = PgSchema::new();
-    let open = || {
-        Arc::new(
-            PgStore::open(
-                &schema.url,
-                None,
-                Some(&schema.name),
-                "i",
-                2,
-                None,
-                Chain::new(None),
-            )
-            .unwrap(),
-        )
-    };
+    let open = || Arc::new(pg_store(&schema, "i", 2).unwrap());
     let stores = [open(), open()];
     let handles: Vec<_> = stores
         .iter()
@@ -476,17 +463,7 @@ fn postgres_concurrent_ingest_loses_no_update() {
 #[test]
 fn postgres_migrations_are_recorded_and_a_newer_schema_is_refused() {
     let schema = PgSchema::new();
-    let open = || {
-        PgStore::open(
-            &schema.url,
-            None,
-            Some(&schema.name),
-            "m",
-            1,
-            None,
-            Chain::new(None),
-        )
-    };
+    let open = || pg_store(&schema, "m", 1);
     drop(open().unwrap());
     drop(open().unwrap()); // a second start applies nothing
     let versions = schema.query_i64("SELECT version FROM schema_migrations ORDER BY version");
@@ -501,18 +478,7 @@ fn postgres_migrations_are_recorded_and_a_newer_schema_is_refused() {
 #[test]
 fn postgres_a_late_outcome_after_takeover_leaves_the_row_to_its_new_owner() {
     let schema = PgSchema::new();
-    let open = |name: &str| {
-        PgStore::open(
-            &schema.url,
-            None,
-            Some(&schema.name),
-            name,
-            1,
-            None,
-            Chain::new(None),
-        )
-        .unwrap()
-    };
+    let open = |name: &str| pg_store(&schema, name, 1).unwrap();
     let (a, b) = (open("a"), open("b"));
     ingest(&a, &[realized("p1", "s1")]);
     let now = sallyport::store::now_ms();
