@@ -195,14 +195,7 @@ impl SqliteStore {
         for r in results {
             match r {
                 Completion::Delivered { id, version } => {
-                    let n = tx
-                        .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND version = ?2")?
-                        .execute(params![id, version])?;
-                    if n == 0 {
-                        // Changed while in flight: send the newer state next, afresh.
-                        tx.prepare_cached("UPDATE outbox SET attempts = 0 WHERE id = ?1")?
-                            .execute([id])?;
-                    }
+                    sent_version_done(tx, *id, *version, "UPDATE outbox SET attempts = 0 WHERE id = ?1")?;
                 }
                 Completion::Failed { id, retry_at, error } => {
                     let errors = with_error(tx, *id, error)?;
@@ -224,13 +217,13 @@ impl SqliteStore {
                          SELECT dataflow, profile_id, ?2, ?3, attempts + 1, ?4, ?5 FROM outbox WHERE id = ?1",
                     )?
                     .execute(params![id, idempotency_key, payload, errors, error.at])?;
-                    let n = tx
-                        .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND version = ?2")?
-                        .execute(params![id, version])?;
-                    if n == 0 {
-                        tx.prepare_cached("UPDATE outbox SET attempts = 0, errors = '[]' WHERE id = ?1")?
-                            .execute([id])?;
-                    }
+                    // The history went with the dead letter.
+                    sent_version_done(
+                        tx,
+                        *id,
+                        *version,
+                        "UPDATE outbox SET attempts = 0, errors = '[]' WHERE id = ?1",
+                    )?;
                 }
             }
         }
@@ -240,6 +233,18 @@ impl SqliteStore {
     fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<i64, i64>> {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The `version` sent from row `id` is finished: remove the row, or, when it changed while in
+/// flight, run `reset` on it (`?1` = id) so the newer state is sent next, afresh.
+fn sent_version_done(tx: &Transaction<'_>, id: i64, version: i64, reset: &str) -> Result<(), StoreError> {
+    let n = tx
+        .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND version = ?2")?
+        .execute(params![id, version])?;
+    if n == 0 {
+        tx.prepare_cached(reset)?.execute([id])?;
+    }
+    Ok(())
 }
 
 /// Run `f` in a transaction committed with `synchronous = NORMAL` (durable across a process
