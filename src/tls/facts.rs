@@ -74,7 +74,15 @@ impl CertFacts {
             subject_cn,
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
-            serial: cert.raw_serial_as_string(),
+            serial: {
+                // DER puts a 00 byte before a positive number whose top bit is set; the serial
+                // is the number, as `openssl x509 -serial` prints it.
+                let raw = match cert.raw_serial() {
+                    [0, rest @ ..] if !rest.is_empty() => rest,
+                    raw => raw,
+                };
+                x509_parser::utils::format_serial(raw)
+            },
             not_before: cert.validity().not_before.to_datetime(),
             not_after: cert.validity().not_after.to_datetime(),
             sans,
@@ -134,5 +142,20 @@ mod tests {
             sha256_fingerprint(b""),
             "E3:B0:C4:42:98:FC:1C:14:9A:FB:F4:C8:99:6F:B9:24:27:AE:41:E4:64:9B:93:4C:A4:95:99:1B:78:52:B8:55"
         );
+    }
+
+    /// A serial whose first byte has its top bit set is stored with a 00 byte in front (DER);
+    /// the serial shown is the number, as `openssl x509 -serial` shows it.
+    #[test]
+    fn serial_is_the_number_without_the_der_sign_byte() {
+        let facts = |serial: &[u8]| {
+            let mut p = rcgen::CertificateParams::new(vec!["a.test".into()]).expect("params");
+            p.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+            let key = rcgen::KeyPair::generate().expect("key");
+            let cert = p.self_signed(&key).expect("cert");
+            CertFacts::from_der(cert.der()).expect("facts").serial
+        };
+        assert_eq!(facts(&[0x97, 0xf8, 0x01]), "97:f8:01");
+        assert_eq!(facts(&[0x17, 0xf8]), "17:f8");
     }
 }
