@@ -44,6 +44,30 @@ pub struct PeerInfo {
     pub server_certificate: Option<CertFacts>,
     /// Length of the chain the receiver sent.
     pub server_chain_len: usize,
+    /// The two addresses' IPs as text, written once per connection: every audit record of a
+    /// request on it carries them.
+    #[serde(skip)]
+    remote_ip: String,
+    #[serde(skip)]
+    local_ip: String,
+}
+
+impl PeerInfo {
+    /// What an audit record says of the connection an attempt went over: the receiver's IP,
+    /// our source IP and the SHA-256 of the receiver's certificate. `None`s when no connection
+    /// was made.
+    pub fn audit_facts(peer: Option<&PeerInfo>) -> (Option<String>, Option<String>, Option<String>) {
+        match peer {
+            Some(p) => (
+                Some(p.remote_ip.clone()),
+                Some(p.local_ip.clone()),
+                p.server_certificate
+                    .as_ref()
+                    .map(|c| c.sha256_fingerprint.clone()),
+            ),
+            None => (None, None, None),
+        }
+    }
 }
 
 /// Connector settings for one destination profile (trust, identity, mTLS rule).
@@ -215,6 +239,8 @@ impl Connector {
             client_cert_presented: probe.presented(),
             server_certificate: chain.first().and_then(|c| CertFacts::from_der(c).ok()),
             server_chain_len: chain.len(),
+            remote_ip: remote_addr.ip().to_string(),
+            local_ip: local_addr.ip().to_string(),
         };
         let h2 = peer.alpn.as_deref() == Some("h2");
         Ok(TlsConn {

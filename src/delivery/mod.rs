@@ -348,18 +348,31 @@ impl DeliveryClient {
         let headers = builder
             .headers_mut()
             .ok_or_else(|| DeliveryError::new(ErrorKind::InvalidRequest, "the request could not be built"))?;
-        for (name, value) in &self.settings.headers {
-            headers.append(name.clone(), value.clone());
+        if self.settings.headers.is_empty() {
+            *headers = req_headers;
+        } else {
+            for (name, value) in &self.settings.headers {
+                headers.append(name.clone(), value.clone());
+            }
+            // Per-request headers win over configured ones of the same name.
+            for name in req_headers.keys() {
+                headers.remove(name);
+            }
+            headers.extend(req_headers);
         }
-        // Per-request headers win over configured ones of the same name.
-        for name in req_headers.keys() {
-            headers.remove(name);
-        }
-        headers.extend(req_headers);
         builder
             .body(body)
             .map_err(|e| DeliveryError::new(ErrorKind::InvalidRequest, e.to_string()))
     }
+}
+
+/// `host:port` of a delivery URL, as audit records name the destination.
+pub fn destination(url: &url::Url) -> String {
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or(443)
+    )
 }
 
 /// Build the destination settings of a configured dataflow: its trust (or `ca_override`),

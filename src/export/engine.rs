@@ -53,6 +53,8 @@ struct Flow {
     spec: DataflowSpec,
     client: DeliveryClient,
     endpoint: url::Url,
+    /// `host:port` of the endpoint, as audit records name it.
+    destination: String,
     retry: RetryPolicy,
     signer: Option<WebhookSigner>,
     auth_kind: &'static str,
@@ -620,6 +622,7 @@ async fn build_flow(
     Ok(Flow {
         spec: DataflowSpec::from_config(df, &times),
         client: DeliveryClient::new(settings),
+        destination: crate::delivery::destination(&endpoint),
         endpoint,
         retry: RetryPolicy {
             max_attempts: df.max_attempts,
@@ -864,17 +867,13 @@ impl Flow {
         outcome: &str,
         sent: &Sent,
     ) -> AuditRecord {
-        let peer = sent.peer.as_deref();
+        let (resolved_ip, source_ip, peer_cert_sha256) = PeerInfo::audit_facts(sent.peer.as_deref());
         AuditRecord {
             at: now_ms(),
             dataflow: self.spec.name.clone(),
-            destination: format!(
-                "{}:{}",
-                self.endpoint.host_str().unwrap_or_default(),
-                self.endpoint.port_or_known_default().unwrap_or(443)
-            ),
-            resolved_ip: peer.map(|p| p.remote_addr.ip().to_string()),
-            source_ip: peer.map(|p| p.local_addr.ip().to_string()),
+            destination: self.destination.clone(),
+            resolved_ip,
+            source_ip,
             profile_id: profile_id.to_owned(),
             payload_sha256: payload_sha256(body),
             idempotency_key: key.to_owned(),
@@ -883,9 +882,7 @@ impl Flow {
             error_kind: sent.result.as_ref().err().map(|e| e.kind().as_str().to_owned()),
             http_status: sent.status,
             latency_ms: sent.latency_ms,
-            peer_cert_sha256: peer
-                .and_then(|p| p.server_certificate.as_ref())
-                .map(|c| c.sha256_fingerprint.clone()),
+            peer_cert_sha256,
             auth: self.auth_kind.to_owned(),
         }
     }

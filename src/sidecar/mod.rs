@@ -42,6 +42,8 @@ const HOP_BY_HOP: &[&str] = &[
 struct Route {
     prefix: String,
     upstream: url::Url,
+    /// `host:port` of `upstream`, as audit records name it.
+    destination: String,
     client: DeliveryClient,
     authenticates: bool,
     auth_kind: &'static str,
@@ -175,9 +177,11 @@ fn route(
     let df = r.as_dataflow(index);
     let identity = creds.get(df.identity.as_deref().unwrap_or(crate::tls::creds::DEFAULT));
     let settings = settings_for_dataflow_with(cfg, &df, None, identity).map_err(|e| format!("{key}: {e}"))?;
+    let upstream = url::Url::parse(&r.upstream).map_err(|e| format!("{key}.upstream: {e}"))?;
     Ok(Route {
         prefix: r.prefix.clone(),
-        upstream: url::Url::parse(&r.upstream).map_err(|e| format!("{key}.upstream: {e}"))?,
+        destination: crate::delivery::destination(&upstream),
+        upstream,
         client: DeliveryClient::new(settings),
         authenticates: !matches!(r.auth, crate::config::Auth::None),
         auth_kind: r.auth.kind(),
@@ -266,22 +270,25 @@ fn json_error(status: StatusCode, kind: &str, message: &str) -> Reply {
     r
 }
 
-/// Copy headers minus hop-by-hop ones (and any the `Connection` header names).
-fn end_to_end(headers: &HeaderMap) -> HeaderMap {
-    let named: Vec<String> = headers
+/// Remove hop-by-hop headers (and any the `Connection` header names), in place.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<&str> = headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .flat_map(|v| v.split(',').map(str::trim))
         .collect();
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (k, v) in headers {
-        let name = k.as_str();
-        if !HOP_BY_HOP.contains(&name) && !named.iter().any(|n| n == name) {
-            out.append(k.clone(), v.clone());
-        }
+    // Names are found among the keys present (usually none), then removed by key.
+    let doomed: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            HOP_BY_HOP.contains(&k.as_str()) || named.iter().any(|n| n.eq_ignore_ascii_case(k.as_str()))
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
     }
-    out
 }
 
 impl Sidecar {
@@ -324,13 +331,14 @@ impl Sidecar {
                 (route, url, false)
             }
         };
-        let destination = format!(
-            "{}:{}",
-            url.host_str().unwrap_or_default(),
-            url.port_or_known_default().unwrap_or(443)
-        );
+        let destination = if forwarded {
+            crate::delivery::destination(&url)
+        } else {
+            route.destination.clone()
+        };
         let (parts, body) = req.into_parts();
-        let mut headers = end_to_end(&parts.headers);
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
         headers.remove(http::header::HOST);
         if route.authenticates {
             headers.remove(http::header::AUTHORIZATION);
@@ -370,9 +378,15 @@ impl Sidecar {
                 (None, Some(b)) => b,
                 (None, None) => unreachable_body(),
             };
+            // The last attempt takes the headers; an earlier one sends a copy.
+            let hdrs = if attempt < attempts {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
             let result = route
                 .client
-                .send_streaming(parts.method.clone(), url.clone(), headers.clone(), body)
+                .send_streaming(parts.method.clone(), url.clone(), hdrs, body)
                 .await;
             let again = attempt < attempts
                 && match &result {
@@ -390,7 +404,7 @@ impl Sidecar {
         match result {
             Ok(res) => {
                 let (mut rparts, rbody) = res.into_parts();
-                rparts.headers = end_to_end(&rparts.headers);
+                strip_hop_by_hop(&mut rparts.headers);
                 let body: Body = rbody.map_err(|e| -> BoxError { Box::new(e) }).boxed();
                 Response::from_parts(rparts, body)
             }
@@ -412,16 +426,17 @@ impl Sidecar {
             Ok(res) => (
                 Some(res.status().as_u16()),
                 None,
-                res.extensions().get::<Arc<PeerInfo>>().cloned(),
+                res.extensions().get::<Arc<PeerInfo>>().map(|p| &**p),
             ),
             Err(e) => (None, Some(e.kind().as_str().to_owned()), None),
         };
+        let (resolved_ip, source_ip, peer_cert_sha256) = PeerInfo::audit_facts(peer_info);
         let record = AuditRecord {
             at: crate::store::now_ms(),
             dataflow: route.name.clone(),
             destination: destination.to_owned(),
-            resolved_ip: peer_info.as_ref().map(|p| p.remote_addr.ip().to_string()),
-            source_ip: peer_info.as_ref().map(|p| p.local_addr.ip().to_string()),
+            resolved_ip,
+            source_ip,
             profile_id: String::new(),
             // Bodies stream through unread; their hash is not taken.
             payload_sha256: String::new(),
@@ -435,10 +450,7 @@ impl Sidecar {
             error_kind: error,
             http_status: status,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-            peer_cert_sha256: peer_info
-                .as_ref()
-                .and_then(|p| p.server_certificate.as_ref())
-                .map(|c| c.sha256_fingerprint.clone()),
+            peer_cert_sha256,
             auth: route.auth_kind.to_owned(),
         };
         let record = match self.audit.try_send(record) {
