@@ -48,11 +48,14 @@ name = "bench"
 endpoint = "{url}"
 ca = "{ca}"
 include_segment_names = true
+timeout = "{timeout}"
 attributes = [{{ source = "person.name.firstName", target = "firstName" }},
               {{ source = "personalEmail.address", target = "person.email" }}]
 segments = {segs}
 "#,
-        segs = serde_json::to_string(segs).unwrap()
+        segs = serde_json::to_string(segs).unwrap(),
+        // Raised only to count instructions under valgrind, where everything is ~50x slower.
+        timeout = std::env::var("EXPORT_BENCH_TIMEOUT").unwrap_or_else(|_| "2s".into())
     );
     Config::from_toml(&text, std::path::Path::new("bench.toml"), dir).unwrap()
 }
@@ -107,7 +110,8 @@ async fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
 
-    // EXPORT_BENCH_PHASES=throughput,latency,backfill (the default) picks phases to run.
+    // EXPORT_BENCH_PHASES=throughput,latency,backfill (the default) picks phases to run;
+    // EXPORT_BENCH_TIMEOUT (default 2s) is the dataflow's request timeout.
     let phases =
         std::env::var("EXPORT_BENCH_PHASES").unwrap_or_else(|_| "throughput,latency,backfill".into());
     if phases.contains("throughput") {

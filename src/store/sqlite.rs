@@ -356,44 +356,43 @@ fn enqueue(
     t: &Trigger,
     now_ms: i64,
 ) -> Result<(), StoreError> {
-    let existing: Option<(String, u8)> = tx
-        .prepare_cached("SELECT segments, reasons FROM outbox WHERE dataflow = ?1 AND profile_id = ?2")?
-        .query_row([dataflow, profile_id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    match existing {
-        None => {
-            tx.prepare_cached(
-                "INSERT INTO outbox (dataflow, profile_id, segments, reasons, enqueued_at, next_attempt_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-            )?
-            .execute(params![
-                dataflow,
-                profile_id,
-                segments_json(&t.segments),
-                t.reasons.0,
-                now_ms
-            ])?;
-        }
-        Some((segs, reasons)) => {
-            let mut merged = Trigger {
-                reasons: Reasons(reasons),
-                segments: serde_json::from_str(&segs).unwrap_or_default(),
-            };
-            union(&mut merged, t);
-            // Keep the row's place in line and any retry backoff; bump the version so an
-            // in-flight send of the older state does not acknowledge this one.
-            tx.prepare_cached(
-                "UPDATE outbox SET version = version + 1, segments = ?3, reasons = ?4
-                 WHERE dataflow = ?1 AND profile_id = ?2",
-            )?
-            .execute(params![
-                dataflow,
-                profile_id,
-                segments_json(&merged.segments),
-                merged.reasons.0
-            ])?;
-        }
+    // Most profiles have no row waiting (new, or their last export was delivered): one
+    // statement inserts it. Only when one waits is it read and merged.
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO outbox (dataflow, profile_id, segments, reasons, enqueued_at, next_attempt_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (dataflow, profile_id) DO NOTHING",
+        )?
+        .execute(params![
+            dataflow,
+            profile_id,
+            segments_json(&t.segments),
+            t.reasons.0,
+            now_ms
+        ])?;
+    if inserted == 1 {
+        return Ok(());
     }
+    let (segs, reasons): (String, u8) = tx
+        .prepare_cached("SELECT segments, reasons FROM outbox WHERE dataflow = ?1 AND profile_id = ?2")?
+        .query_row([dataflow, profile_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let mut merged = Trigger {
+        reasons: Reasons(reasons),
+        segments: serde_json::from_str(&segs).unwrap_or_default(),
+    };
+    union(&mut merged, t);
+    // Keep the row's place in line and any retry backoff; bump the version so an in-flight
+    // send of the older state does not acknowledge this one.
+    tx.prepare_cached(
+        "UPDATE outbox SET version = version + 1, segments = ?3, reasons = ?4
+         WHERE dataflow = ?1 AND profile_id = ?2",
+    )?
+    .execute(params![
+        dataflow,
+        profile_id,
+        segments_json(&merged.segments),
+        merged.reasons.0
+    ])?;
     Ok(())
 }
 
