@@ -108,7 +108,7 @@ pub struct OutcomeTotals {
 }
 
 /// A snapshot of [`Engine::stats`].
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryStats {
     pub delivered: u64,

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The sidecar job counted in instructions, not seconds: each proxy runs under valgrind's
+# callgrind, is warmed up, then counts the user-space instructions it executes for a fixed
+# wrk run. Instructions per request do not depend on what else the shared machine is doing
+# (req/s does, by ±15% or more), so this is the figure to compare two builds with, and the
+# ratio to the peers is stable from run to run. Kernel work (sockets, loopback TCP) is not
+# counted: it is about the same for every proxy doing the same syscalls.
+#   wrk --(plain HTTP)--> proxy --(mTLS, client cert)--> nginx receiver (ssl_verify_client on)
+# Peers: HAProxy and nginx, one thread each, configured as ../shared/bench/peers/run-peers.sh
+# configures them. Sallyport runs with its audit log on, as in production.
+# Usage: bench/callgrind-sidecar.sh [get|post, default post] [seconds counted, default 10]
+# Output: a Markdown table. valgrind slows each proxy ~50x; the run takes about 2 minutes.
+set -euo pipefail
+MODE=${1:-post}
+DUR=${2:-10}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+PKI=$(mktemp -d /tmp/sallyport-cg.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$PKI"; }
+trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
+bench_tools
+command -v haproxy >/dev/null && command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy valgrind >/dev/null; }
+bench_pki
+bench_receiver
+(cd "$ROOT" && cargo build --release --quiet)
+cat "$PKI/client.pem" "$PKI/client.key" > "$PKI/client-combined.pem"
+head -c 1024 /dev/urandom | base64 -w0 | head -c 1024 > "$PKI/body-1k"
+printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nlocal f = io.open("%s/body-1k"); wrk.body = f:read("*a"); f:close()\n' "$PKI" > "$PKI/post.lua"
+
+cat > "$PKI/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:18182
+  default_backend be
+backend be
+  http-reuse always
+  server rx 127.0.0.1:9443 ssl crt $PKI/client-combined.pem ca-file $PKI/ca.pem verify required sni str(localhost) verifyhost localhost
+CONF
+mkdir -p "$PKI/px/logs"
+cat > "$PKI/px/nginx.conf" <<CONF
+worker_processes 1; master_process off; pid $PKI/px/nginx.pid; error_log $PKI/px/logs/error.log warn; daemon off;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; client_body_temp_path $PKI/px/body; proxy_temp_path $PKI/px/proxy;
+  upstream rx { server 127.0.0.1:9443; keepalive 64; }
+  server { listen 127.0.0.1:18181;
+    location / { proxy_pass https://rx; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_ssl_certificate $PKI/client.pem; proxy_ssl_certificate_key $PKI/client.key;
+      proxy_ssl_trusted_certificate $PKI/ca.pem; proxy_ssl_verify on; proxy_ssl_name localhost;
+      proxy_ssl_session_reuse on; } } }
+CONF
+printf '[identity]\ncert = "%s/client.pem"\nkey = "%s/client.key"\n[egress]\nallow = ["127.0.0.0/8"]\n[store]\nurl = "sqlite://%s/sidecar.db"\n[sidecar]\nlisten = "127.0.0.1:18190"\n[[sidecar.routes]]\nprefix = "/"\nupstream = "https://localhost:9443"\nca = "%s/ca.pem"\n' \
+  "$PKI" "$PKI" "$PKI" "$PKI" > "$PKI/sidecar.toml"
+
+wrk_args=(-t1 -c16)
+[ "$MODE" = post ] && wrk_args+=(-s "$PKI/post.lua")
+
+count() { # name port command... → prints a table row
+  local name=$1 port=$2; shift 2
+  local out="$PKI/cg.$port"
+  valgrind --tool=callgrind --callgrind-out-file="$out.%p" "$@" >/dev/null 2>&1 &
+  local vp=$!; PIDS+=("$vp")
+  for _ in $(seq 120); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.5; done
+  wrk "${wrk_args[@]}" -d3s "http://127.0.0.1:$port/" >/dev/null   # warm-up: connections, caches
+  sleep 1; callgrind_control -z "$vp" >/dev/null 2>&1
+  local res; res=$(wrk "${wrk_args[@]}" -d"${DUR}s" "http://127.0.0.1:$port/")
+  sleep 1.5; callgrind_control -d "$vp" >/dev/null 2>&1; sleep 1
+  local reqs ir
+  reqs=$(awk '/requests in/ {print $1}' <<<"$res")
+  ir=$(grep -h '^summary:\|^totals:' "$out".*.1 | head -1 | awk '{print $2}')
+  kill "$vp" 2>/dev/null; wait "$vp" 2>/dev/null || true
+  echo "$name|$reqs|$ir"
+}
+rows=()
+rows+=("$(count HAProxy 18182 haproxy -f "$PKI/haproxy.cfg" -db)")
+rows+=("$(count nginx 18181 nginx -c "$PKI/px/nginx.conf" -p "$PKI/px")")
+rows+=("$(count Sallyport 18190 "$ROOT/target/release/sallyport" sidecar --config "$PKI/sidecar.toml")")
+
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1); wrk -t1 -c16 -d${DUR}s, $MODE"
+echo
+echo "| proxy | requests counted | user-space instructions per request | vs HAProxy |"
+echo "| --- | --- | --- | --- |"
+base=""
+for r in "${rows[@]}"; do
+  IFS='|' read -r name reqs ir <<<"$r"
+  per=$((ir / reqs)); [ -z "$base" ] && base=$per
+  echo "| $name | $reqs | $per | $(python3 -c "print(f'{$per/$base:.2f}×')") |"
+done
