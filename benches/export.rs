@@ -99,6 +99,8 @@ async fn drain(engine: &Engine, want: u64, limit: Duration) -> bool {
 
 #[tokio::main]
 async fn main() {
+    // As the `sallyport` binary does (src/main.rs).
+    sallyport::disable_transparent_huge_pages();
     let a: Vec<String> = std::env::args().filter(|a| a != "--bench").collect();
     if a.len() < 5 {
         eprintln!("usage: export URL CA CLIENT_CERT CLIENT_KEY [N] [BACKFILL_N]");
