@@ -193,8 +193,10 @@ async fn newly_mapped_segment_backfills_every_qualified_profile_exactly_once() {
     {
         // SEG2 is not mapped yet: qualifying for it exports nothing.
         let engine = Engine::open(&config(&s, &[SEG], "c.db")).await.unwrap();
+        // Enough members for several claim batches, so the next batch is claimed while the
+        // last deliveries of the one before are still in flight.
         let mut batch = String::new();
-        for i in 0..50 {
+        for i in 0..1500 {
             let status = if i % 5 == 0 { "exited" } else { "realized" };
             batch += &line(
                 json!({"profileId": format!("p{i}"), "identityMap": {"ecid": [{"id": format!("{i}")}]},
@@ -208,11 +210,11 @@ async fn newly_mapped_segment_backfills_every_qualified_profile_exactly_once() {
     let engine = Engine::open(&config(&s, &[SEG, SEG2], "c.db")).await.unwrap();
     assert_eq!(
         engine.pending().await.unwrap(),
-        40,
-        "the 40 members, not the 10 that exited"
+        1200,
+        "the 1200 members, not the 300 that exited"
     );
     let workers = engine.spawn_workers();
-    wait_for("40 deliveries", || s.rx.received().len() >= 40).await;
+    wait_for("1200 deliveries", || s.rx.received().len() >= 1200).await;
     wait_for("an empty outbox", || engine.store().pending(None).unwrap() == 0).await;
     workers.iter().for_each(|w| w.abort());
     drop(engine);
@@ -226,7 +228,7 @@ async fn newly_mapped_segment_backfills_every_qualified_profile_exactly_once() {
     let n = ids.len();
     ids.sort();
     ids.dedup();
-    assert_eq!((n, ids.len()), (40, 40), "each profile exactly once");
+    assert_eq!((n, ids.len()), (1200, 1200), "each profile exactly once");
 }
 
 #[tokio::test]

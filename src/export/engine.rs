@@ -579,9 +579,6 @@ impl Engine {
 /// streams (HTTP/2), as a proxy's keep-alive pool would hold.
 const IN_FLIGHT: usize = 64;
 
-/// One dataflow's pipeline: a claimer leases due rows and starts a send for each as soon as
-/// one of the [`IN_FLIGHT`] slots frees up; a completer records outcomes in batches. A row
-/// stays leased from claim to completion, so a profile never has two deliveries in flight.
 /// Build one dataflow's runtime: record its mapped segments (backfilling the newly mapped
 /// ones), its delivery client with the right identity, retry policy and signer.
 async fn build_flow(
@@ -645,14 +642,26 @@ impl Inner {
     }
 }
 
+/// One dataflow's pipeline: a claimer leases due rows and starts a send for each as soon as
+/// one of the [`IN_FLIGHT`] slots frees up; a completer records outcomes in batches. A row
+/// stays leased from claim to completion, so a profile never has two deliveries in flight.
 async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord)>(store::WRITE_BATCH * 2);
     let completer = tokio::spawn(complete_loop(inner.clone(), flow.clone(), done_rx));
-    loop {
+    let lease_ms = i64::try_from(inner.cfg.store.lease().as_millis()).unwrap_or(30_000);
+    let claim = || {
         let (s, name) = (inner.store.clone(), flow.spec.name.clone());
-        let lease_ms = i64::try_from(inner.cfg.store.lease().as_millis()).unwrap_or(30_000);
-        let items = match blocking(move || s.claim(&name, BATCH, now_ms(), lease_ms)).await {
+        tokio::task::spawn_blocking(move || s.claim(&name, BATCH, now_ms(), lease_ms))
+    };
+    // The claim of the next batch, started while the current one's last deliveries go out.
+    let mut next = None;
+    loop {
+        let claimed = match next.take() {
+            Some(handle) => handle.await,
+            None => claim().await,
+        };
+        let items = match claimed.map_err(EngineError::from).and_then(|r| Ok(r?)) {
             Ok(items) => items,
             Err(e) => {
                 tracing::error!(dataflow = %flow.spec.name, error = %e, "claiming deliveries failed");
@@ -667,10 +676,23 @@ async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
             }
             continue;
         }
-        for item in items {
+        // A full batch means more are probably due. Claim them while the last IN_FLIGHT of
+        // this one go out, so the connections are not left idle during the claim (which
+        // takes about as long as a round of deliveries). Claimed rows stay leased, so the
+        // early claim never returns a row of this batch; it is at most IN_FLIGHT deliveries
+        // ahead, far inside the lease.
+        let prefetch_at = if items.len() == BATCH {
+            Some(items.len().saturating_sub(IN_FLIGHT))
+        } else {
+            None
+        };
+        for (i, item) in items.into_iter().enumerate() {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
+            if Some(i) == prefetch_at {
+                next = Some(claim());
+            }
             let (flow, inner, done) = (flow.clone(), inner.clone(), done_tx.clone());
             tokio::spawn(async move {
                 let enqueued_at = item.enqueued_at;
