@@ -84,7 +84,7 @@ fn update(v: Value) -> ProfileUpdate {
 fn worked_example() -> (Profile, sallyport::export::profile::Change) {
     let mut p = Profile::new("p-1");
     p.apply(
-        &update(json!({
+        update(json!({
             "profileId": "p-1",
             "identityMap": {
                 "ecid": [{"id": "14575006536349286404619648085736425115"}, {"id": "66478888669296734530114754794777368480"}],
@@ -100,7 +100,7 @@ fn worked_example() -> (Profile, sallyport::export::profile::Change) {
         "2022-01-01T00:00:00Z",
     );
     let change = p.apply(
-        &update(json!({"profileId": "p-1", "segments": [
+        update(json!({"profileId": "p-1", "segments": [
             {"id": DELOREAN, "status": "realized", "lastQualificationTime": "2022-01-11T21:24:39Z"}
         ]})),
         "2022-01-01T00:00:00Z",
@@ -171,7 +171,7 @@ fn only_mapped_attributes_at_their_target_paths() {
 fn member() -> Profile {
     let mut p = Profile::new("p");
     p.apply(
-        &update(json!({"profileId":"p","identityMap":{"ecid":[{"id":"1"}]},
+        update(json!({"profileId":"p","identityMap":{"ecid":[{"id":"1"}]},
             "attributes":{"person":{"name":{"firstName":"J"}},"loyalty":{"points":1}},
             "segments":[{"id": DELOREAN, "status":"realized"}]})),
         "2022-01-01T00:00:00Z",
@@ -180,7 +180,7 @@ fn member() -> Profile {
 }
 
 fn trigger_for(p: &mut Profile, v: Value) -> Option<Reasons> {
-    let change = p.apply(&update(v), "2022-01-02T00:00:00Z");
+    let change = p.apply(update(v), "2022-01-02T00:00:00Z");
     evaluate(&spec(false, false), p, &change).map(|t| t.reasons)
 }
 

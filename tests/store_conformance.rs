@@ -91,8 +91,7 @@ fn ingest(store: &dyn Store, lines: &[serde_json::Value]) {
         .map(|l| parse_line(l.to_string().as_bytes()).unwrap())
         .collect();
     store
-        .apply_updates(&updates, &mut |p, u| {
-            p.apply(u, "2026-11-25T00:00:00Z");
+        .apply_updates(updates, &mut |p, u| {
             let mut t = Trigger::default();
             for s in &u.segments {
                 t.reasons = t.reasons | Reasons::SEGMENT;
@@ -101,6 +100,7 @@ fn ingest(store: &dyn Store, lines: &[serde_json::Value]) {
             if u.attributes.is_some() {
                 t.reasons = t.reasons | Reasons::ATTRIBUTE;
             }
+            p.apply(u, "2026-11-25T00:00:00Z");
             if t.reasons.is_empty() {
                 vec![]
             } else {
@@ -311,7 +311,7 @@ fn newly_mapped_segments_are_backfilled_once(b: Backend) {
     let s = &*b.store;
     let members: Vec<_> = (0..50).map(|i| realized(&format!("p{i:02}"), "s1")).collect();
     s.apply_updates(
-        &members
+        members
             .iter()
             .map(|l| parse_line(l.to_string().as_bytes()).unwrap())
             .collect::<Vec<_>>(),

@@ -213,7 +213,7 @@ impl Engine {
             let now = time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default();
-            inner.store.apply_updates(&updates, &mut |p, u| {
+            inner.store.apply_updates(updates, &mut |p, u| {
                 let change = p.apply(u, &now);
                 inner
                     .flows()

@@ -44,27 +44,25 @@ impl Profile {
         }
     }
 
-    /// Apply an update; `now` is used for segment events without a qualification time.
-    pub fn apply(&mut self, u: &ProfileUpdate, now: &str) -> Change {
+    /// Apply an update; `now` is used for segment events without a qualification time. The
+    /// update's values move into the profile (ingest cloned them once, and dropped both).
+    pub fn apply(&mut self, u: ProfileUpdate, now: &str) -> Change {
         let mut change = Change::default();
-        if let Some(m) = &u.merge_policy_id {
-            self.merge_policy = m.clone();
+        if let Some(m) = u.merge_policy_id {
+            self.merge_policy = m;
         }
-        if let Some(map) = &u.identity_map {
-            if *map != self.identity_map {
+        if let Some(map) = u.identity_map {
+            if map != self.identity_map {
                 change.identity_changed = true;
-                self.identity_map = map.clone();
+                self.identity_map = map;
             }
         }
-        if let Some(attrs) = &u.attributes {
+        if let Some(attrs) = u.attributes {
             let mut path = Vec::new();
             merge(&mut self.attributes, attrs, &mut path, &mut change.written);
         }
-        for ev in &u.segments {
-            let t = ev
-                .last_qualification_time
-                .clone()
-                .unwrap_or_else(|| now.to_owned());
+        for ev in u.segments {
+            let t = ev.last_qualification_time.unwrap_or_else(|| now.to_owned());
             let old = self.segments.insert(
                 ev.id.clone(),
                 Membership {
@@ -73,7 +71,7 @@ impl Profile {
                 },
             );
             if old.map(|m| m.status) != Some(ev.status) {
-                change.segments_changed.push(ev.id.clone());
+                change.segments_changed.push(ev.id);
             }
         }
         change
@@ -98,7 +96,7 @@ impl Profile {
 /// Deep-merge `src` into `dst`, recording every leaf path written.
 fn merge(
     dst: &mut Map<String, Value>,
-    src: &Map<String, Value>,
+    src: Map<String, Value>,
     path: &mut Vec<String>,
     written: &mut Vec<Vec<String>>,
 ) {
@@ -106,11 +104,11 @@ fn merge(
         path.push(k.clone());
         match v {
             Value::Null => {
-                dst.remove(k);
+                dst.remove(&k);
                 written.push(path.clone());
             }
             Value::Object(sub) if !sub.is_empty() => {
-                let slot = dst.entry(k.clone()).or_insert_with(|| Value::Object(Map::new()));
+                let slot = dst.entry(k).or_insert_with(|| Value::Object(Map::new()));
                 if !slot.is_object() {
                     *slot = Value::Object(Map::new());
                 }
@@ -119,7 +117,7 @@ fn merge(
                 }
             }
             other => {
-                dst.insert(k.clone(), other.clone());
+                dst.insert(k, other);
                 written.push(path.clone());
             }
         }
@@ -145,13 +143,13 @@ mod tests {
     fn deep_merge_records_leaf_writes_including_same_value_and_deletes() {
         let mut p = Profile::new("p");
         p.apply(
-            &update(
+            update(
                 json!({"profileId":"p","attributes":{"person":{"name":{"firstName":"J","lastName":"K"}}}}),
             ),
             "t",
         );
         let c = p.apply(
-            &update(
+            update(
                 json!({"profileId":"p","attributes":{"person":{"name":{"firstName":"J","lastName":null}}}}),
             ),
             "t",
@@ -177,9 +175,9 @@ mod tests {
     fn segment_status_changes_are_detected_only_on_change() {
         let mut p = Profile::new("p");
         let ev = |s: &str| update(json!({"profileId":"p","segments":[{"id":"s1","status":s}]}));
-        assert_eq!(p.apply(&ev("realized"), "t").segments_changed, vec!["s1"]);
-        assert!(p.apply(&ev("realized"), "t").segments_changed.is_empty());
-        assert_eq!(p.apply(&ev("exiting"), "t").segments_changed, vec!["s1"]);
-        assert_eq!(p.apply(&ev("exited"), "t").segments_changed, vec!["s1"]);
+        assert_eq!(p.apply(ev("realized"), "t").segments_changed, vec!["s1"]);
+        assert!(p.apply(ev("realized"), "t").segments_changed.is_empty());
+        assert_eq!(p.apply(ev("exiting"), "t").segments_changed, vec!["s1"]);
+        assert_eq!(p.apply(ev("exited"), "t").segments_changed, vec!["s1"]);
     }
 }

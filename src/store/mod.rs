@@ -146,8 +146,8 @@ pub trait Store: Send + Sync + 'static {
     /// transaction is durable.
     fn apply_updates(
         &self,
-        updates: &[ProfileUpdate],
-        apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
+        updates: Vec<ProfileUpdate>,
+        apply: &mut dyn FnMut(&mut Profile, ProfileUpdate) -> Enqueues,
     ) -> Result<(), StoreError>;
 
     /// Record the dataflow's mapped segments. Returns each mapping's times and the segments
@@ -336,9 +336,9 @@ pub(crate) struct PlannedBatch {
 /// Apply `updates` in order to the profiles `load` returns (a fresh one when it returns
 /// `None`), coalescing the deliveries they trigger. Both stores write the result.
 pub(crate) fn plan_batch(
-    updates: &[ProfileUpdate],
+    updates: Vec<ProfileUpdate>,
     load: &mut dyn FnMut(&str) -> Result<Option<Profile>, StoreError>,
-    apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
+    apply: &mut dyn FnMut(&mut Profile, ProfileUpdate) -> Enqueues,
 ) -> Result<PlannedBatch, StoreError> {
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut profiles: Vec<(Profile, Vec<String>)> = Vec::new();
@@ -360,8 +360,9 @@ pub(crate) fn plan_batch(
                 touched.push(s.id.clone());
             }
         }
+        let profile_id = u.profile_id.clone();
         for (df, t) in apply(p, u) {
-            let key = (df, u.profile_id.clone());
+            let key = (df, profile_id.clone());
             match queued.get(&key) {
                 Some(j) => union(&mut enqueues[*j].1, &t),
                 None => {

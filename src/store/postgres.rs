@@ -555,8 +555,8 @@ fn dead_letter(r: &Row) -> Result<DeadLetter, StoreError> {
 impl Store for PgStore {
     fn apply_updates(
         &self,
-        updates: &[ProfileUpdate],
-        apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
+        updates: Vec<ProfileUpdate>,
+        apply: &mut dyn FnMut(&mut Profile, ProfileUpdate) -> Enqueues,
     ) -> Result<(), StoreError> {
         let now = super::now_ms();
         let mut ids: Vec<String> = updates.iter().map(|u| u.profile_id.clone()).collect();
@@ -577,7 +577,8 @@ impl Store for PgStore {
                 .collect();
             let existing: Vec<String> = ids.iter().filter(|i| !inserted.contains(*i)).cloned().collect();
             let mut loaded = load_profiles(tx, &existing, true)?;
-            let batch = super::plan_batch(updates, &mut |id| Ok(loaded.remove(id)), apply)?;
+            // A serialization failure runs this again: each attempt applies its own copy.
+            let batch = super::plan_batch(updates.clone(), &mut |id| Ok(loaded.remove(id)), apply)?;
             let (mut pid, mut mp, mut im, mut at) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let (mut m_pid, mut m_seg, mut m_status, mut m_time) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for (p, touched) in &batch.profiles {

@@ -437,8 +437,8 @@ fn segments_json(s: &[String]) -> String {
 impl Store for SqliteStore {
     fn apply_updates(
         &self,
-        updates: &[ProfileUpdate],
-        apply: &mut dyn FnMut(&mut Profile, &ProfileUpdate) -> Enqueues,
+        updates: Vec<ProfileUpdate>,
+        apply: &mut dyn FnMut(&mut Profile, ProfileUpdate) -> Enqueues,
     ) -> Result<(), StoreError> {
         let now = super::now_ms();
         let mut conn = self.lock();
@@ -447,10 +447,12 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         // Profiles touched by this batch, applied in order in memory, written once.
         // Every stored profile the batch names, in two statements.
-        let mut ids: Vec<&str> = updates.iter().map(|u| u.profile_id.as_str()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut loaded = load_profiles(&tx, &ids)?;
+        let mut loaded = {
+            let mut ids: Vec<&str> = updates.iter().map(|u| u.profile_id.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            load_profiles(&tx, &ids)?
+        };
         let batch = super::plan_batch(updates, &mut |id| Ok(loaded.remove(id)), apply)?;
         for (p, touched) in &batch.profiles {
             let touched: Vec<&String> = touched.iter().collect();
