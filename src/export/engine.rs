@@ -579,6 +579,13 @@ impl Engine {
 /// streams (HTTP/2), as a proxy's keep-alive pool would hold.
 const IN_FLIGHT: usize = 64;
 
+/// Outcomes recorded per store transaction, at most. An ingest holds the writer for a whole
+/// batch, so outcomes get the writer only between ingest batches: at 1,024 per transaction
+/// they fell behind the deliveries while ingest ran flat out, and the rows they kept leased
+/// (20,000 and more) made every claim step over them. Each outcome row is small; a large
+/// transaction costs less per row.
+const OUTCOME_BATCH: usize = 8192;
+
 /// Build one dataflow's runtime: record its mapped segments (backfilling the newly mapped
 /// ones), its delivery client with the right identity, retry policy and signer.
 async fn build_flow(
@@ -647,7 +654,7 @@ impl Inner {
 /// stays leased from claim to completion, so a profile never has two deliveries in flight.
 async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord)>(store::WRITE_BATCH * 2);
+    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord)>(OUTCOME_BATCH * 2);
     let completer = tokio::spawn(complete_loop(inner.clone(), flow.clone(), done_rx));
     let lease_ms = i64::try_from(inner.cfg.store.lease().as_millis()).unwrap_or(30_000);
     let claim = || {
@@ -715,9 +722,9 @@ async fn complete_loop(
     flow: Arc<Flow>,
     mut rx: tokio::sync::mpsc::Receiver<(Completion, AuditRecord)>,
 ) {
-    let mut buf = Vec::with_capacity(store::WRITE_BATCH);
+    let mut buf = Vec::with_capacity(OUTCOME_BATCH);
     // Rows stay leased while their outcomes gather.
-    while store::recv_batch(&mut rx, &mut buf).await > 0 {
+    while store::recv_batch(&mut rx, &mut buf, OUTCOME_BATCH).await > 0 {
         let mut results = Vec::with_capacity(buf.len());
         let mut audit = Vec::with_capacity(buf.len());
         for (c, a) in buf.drain(..) {

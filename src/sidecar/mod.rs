@@ -195,7 +195,7 @@ fn route(
 /// Audit records are appended in batches: one transaction per burst, not per request.
 async fn audit_writer(store: Arc<dyn crate::store::Store>, mut rx: mpsc::Receiver<AuditRecord>) {
     let mut buf = Vec::with_capacity(crate::store::WRITE_BATCH);
-    while crate::store::recv_batch(&mut rx, &mut buf).await > 0 {
+    while crate::store::recv_batch(&mut rx, &mut buf, crate::store::WRITE_BATCH).await > 0 {
         let batch = std::mem::take(&mut buf);
         let s = store.clone();
         match tokio::task::spawn_blocking(move || s.append_audit(&batch)).await {

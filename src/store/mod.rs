@@ -301,17 +301,21 @@ pub(crate) const WRITE_BATCH: usize = 1024;
 /// How long a batching writer waits for more items when only a few are ready.
 const WRITE_GATHER: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// Wait for the next items of a batching writer, up to [`WRITE_BATCH`] of them, into `buf`.
-/// A store transaction costs more than the few rows it would hold (each rewrites the same last
-/// pages), so when items trickle in, a couple of milliseconds' worth gather first. Returns 0
-/// once the channel is closed and empty.
-pub(crate) async fn recv_batch<T>(rx: &mut tokio::sync::mpsc::Receiver<T>, buf: &mut Vec<T>) -> usize {
-    if rx.recv_many(buf, WRITE_BATCH).await == 0 {
+/// Wait for the next items of a batching writer, up to `max` of them, into `buf`. A store
+/// transaction costs more than the few rows it would hold (each rewrites the same last pages),
+/// so when items trickle in, a couple of milliseconds' worth gather first. Returns 0 once the
+/// channel is closed and empty.
+pub(crate) async fn recv_batch<T>(
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+    buf: &mut Vec<T>,
+    max: usize,
+) -> usize {
+    if rx.recv_many(buf, max).await == 0 {
         return 0;
     }
     if buf.len() < WRITE_BATCH / 4 {
         tokio::time::sleep(WRITE_GATHER).await;
-        while buf.len() < WRITE_BATCH {
+        while buf.len() < max {
             match rx.try_recv() {
                 Ok(x) => buf.push(x),
                 Err(_) => break,

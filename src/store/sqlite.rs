@@ -572,22 +572,23 @@ impl Store for SqliteStore {
                 "SELECT id, profile_id, version, segments, reasons, attempts, enqueued_at FROM outbox
                  WHERE dataflow = ?1 AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3",
             )?;
-            let it = stmt.query_map(params![dataflow, now_ms, (limit + leased.len()) as i64], |r| {
-                Ok((
-                    r.get(0)?,
+            let mut it = stmt.query(params![dataflow, now_ms, (limit + leased.len()) as i64])?;
+            while let Some(r) = it.next()? {
+                // Leased rows (in flight, or their outcome not yet written) are stepped over
+                // by id alone, without reading the rest of the row.
+                let id: i64 = r.get(0)?;
+                if leased.contains(&id) {
+                    continue;
+                }
+                rows.push((
+                    id,
                     r.get(1)?,
                     r.get(2)?,
                     r.get(3)?,
                     r.get(4)?,
                     r.get(5)?,
                     r.get(6)?,
-                ))
-            })?;
-            for r in it {
-                let r = r?;
-                if !leased.contains(&r.0) {
-                    rows.push(r);
-                }
+                ));
                 if rows.len() == limit {
                     break;
                 }
