@@ -270,45 +270,70 @@ fn relaxed_tx<T>(
 
 /// Load many profiles in two statements (rows, then memberships), by id.
 fn load_profiles(conn: &Connection, ids: &[&str]) -> Result<HashMap<String, Profile>, StoreError> {
-    let list = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let mut out = HashMap::with_capacity(ids.len());
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, merge_policy, identity_map, attributes FROM profiles
-         WHERE id IN (SELECT value FROM json_each(?1))",
-    )?;
-    let mut rows = stmt.query([&list])?;
-    while let Some(r) = rows.next()? {
-        let id: String = r.get(0)?;
-        let profile = Profile {
-            id: id.clone(),
-            merge_policy: r.get(1)?,
-            identity_map: parse_object(r.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?)?,
-            attributes: parse_object(r.get_ref(3)?.as_str().map_err(rusqlite::Error::from)?)?,
-            segments: Default::default(),
-        };
-        out.insert(id, profile);
+    StoredProfiles::read(conn, ids)?.parse()
+}
+
+/// Profiles as stored: their JSON not parsed yet, so a caller can let go of the connection
+/// (and its lock) first.
+struct StoredProfiles {
+    /// id, merge policy, identity map JSON, attributes JSON.
+    profiles: Vec<(String, String, String, String)>,
+    /// profile id, segment id, status, last qualification time.
+    memberships: Vec<(String, String, String, String)>,
+}
+
+impl StoredProfiles {
+    /// Every stored profile of `ids`, in two statements.
+    fn read(conn: &Connection, ids: &[&str]) -> Result<Self, StoreError> {
+        let list = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let four = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
+        let profiles = conn
+            .prepare_cached(
+                "SELECT id, merge_policy, identity_map, attributes FROM profiles
+                 WHERE id IN (SELECT value FROM json_each(?1))",
+            )?
+            .query_map([&list], four)?
+            .collect::<Result<Vec<_>, _>>()?;
+        let memberships = conn
+            .prepare_cached(
+                "SELECT profile_id, segment_id, status, last_qualification_time FROM memberships
+                 WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            )?
+            .query_map([&list], four)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(StoredProfiles {
+            profiles,
+            memberships,
+        })
     }
-    let mut stmt = conn.prepare_cached(
-        "SELECT profile_id, segment_id, status, last_qualification_time FROM memberships
-         WHERE profile_id IN (SELECT value FROM json_each(?1))",
-    )?;
-    let mut rows = stmt.query([&list])?;
-    while let Some(r) = rows.next()? {
-        let pid: String = r.get(0)?;
-        let status: String = r.get(2)?;
-        let status =
-            SegmentStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?;
-        if let Some(p) = out.get_mut(&pid) {
-            p.segments.insert(
-                r.get(1)?,
-                Membership {
-                    status,
-                    last_qualification_time: r.get(3)?,
-                },
-            );
+
+    fn parse(self) -> Result<HashMap<String, Profile>, StoreError> {
+        let mut out = HashMap::with_capacity(self.profiles.len());
+        for (id, merge_policy, identity_map, attributes) in self.profiles {
+            let profile = Profile {
+                id: id.clone(),
+                merge_policy,
+                identity_map: parse_object(&identity_map)?,
+                attributes: parse_object(&attributes)?,
+                segments: Default::default(),
+            };
+            out.insert(id, profile);
         }
+        for (pid, segment, status, last_qualification_time) in self.memberships {
+            let status = SegmentStatus::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?;
+            if let Some(p) = out.get_mut(&pid) {
+                p.segments.insert(
+                    segment,
+                    Membership {
+                        status,
+                        last_qualification_time,
+                    },
+                );
+            }
+        }
+        Ok(out)
     }
-    Ok(out)
 }
 
 fn parse_object(s: &str) -> Result<Map<String, Value>, StoreError> {
@@ -462,6 +487,9 @@ impl Store for SqliteStore {
             enqueue(&tx, df, profile_id, t, now)?;
         }
         tx.commit()?;
+        // Let go of the writer before the batch's profiles are freed (thousands of maps).
+        drop(conn);
+        drop(batch);
         Ok(())
     }
 
@@ -559,43 +587,55 @@ impl Store for SqliteStore {
             l.retain(|_, until| *until > now_ms);
             l.keys().copied().collect()
         };
-        // The writer's page cache holds the rows it queued; the reader's is dropped whenever
-        // the database changed. Use the writer when no ingest holds it.
-        let mut conn = match self.writer.try_lock() {
-            Ok(w) => w,
-            Err(_) => self.reader.lock().unwrap_or_else(|p| p.into_inner()),
-        };
-        let tx = conn.transaction()?;
-        let mut rows: Vec<(i64, String, i64, String, u8, u32, i64)> = Vec::new();
-        {
-            let mut stmt = tx.prepare_cached(
-                "SELECT id, profile_id, version, segments, reasons, attempts, enqueued_at FROM outbox
-                 WHERE dataflow = ?1 AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3",
-            )?;
-            let mut it = stmt.query(params![dataflow, now_ms, (limit + leased.len()) as i64])?;
-            while let Some(r) = it.next()? {
-                // Leased rows (in flight, or their outcome not yet written) are stepped over
-                // by id alone, without reading the rest of the row.
-                let id: i64 = r.get(0)?;
-                if leased.contains(&id) {
-                    continue;
-                }
-                rows.push((
-                    id,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ));
-                if rows.len() == limit {
-                    break;
+        let (rows, stored) = {
+            // The writer's page cache holds the rows it queued; the reader's is dropped
+            // whenever the database changed. Use the writer when no ingest holds it.
+            let mut conn = match self.writer.try_lock() {
+                Ok(w) => w,
+                Err(_) => self.reader.lock().unwrap_or_else(|p| p.into_inner()),
+            };
+            let tx = conn.transaction()?;
+            let mut rows: Vec<(i64, String, i64, String, u8, u32, i64)> = Vec::new();
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT id, profile_id, version, segments, reasons, attempts, enqueued_at FROM outbox
+                     WHERE dataflow = ?1 AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3",
+                )?;
+                let mut it = stmt.query(params![dataflow, now_ms, (limit + leased.len()) as i64])?;
+                while let Some(r) = it.next()? {
+                    // Leased rows (in flight, or their outcome not yet written) are stepped
+                    // over by id alone, without reading the rest of the row.
+                    let id: i64 = r.get(0)?;
+                    if leased.contains(&id) {
+                        continue;
+                    }
+                    rows.push((
+                        id,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ));
+                    if rows.len() == limit {
+                        break;
+                    }
                 }
             }
-        }
-        let ids: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
-        let mut profiles = load_profiles(&tx, &ids)?;
+            let ids: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+            let stored = StoredProfiles::read(&tx, &ids)?;
+            tx.commit()?;
+            // Leased before the connection is let go. A row whose profile then fails to parse
+            // stays leased until its lease runs out, and is claimed again after.
+            let mut l = self.leases();
+            for r in &rows {
+                l.insert(r.0, now_ms + lease_ms);
+            }
+            (rows, stored)
+        };
+        // Parsed after the lock is released: ingest and outcomes need the writer meanwhile.
+        let mut profiles = stored.parse()?;
         let mut out = Vec::with_capacity(rows.len());
         for (id, profile_id, version, segments, reasons, attempts, enqueued_at) in rows {
             let profile = profiles
@@ -610,11 +650,6 @@ impl Store for SqliteStore {
                 attempts,
                 enqueued_at,
             });
-        }
-        tx.commit()?;
-        let mut l = self.leases();
-        for item in &out {
-            l.insert(item.id, now_ms + lease_ms);
         }
         Ok(out)
     }
