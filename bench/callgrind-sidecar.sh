@@ -15,12 +15,9 @@ MODE=${1:-post}
 DUR=${2:-10}
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-PKI=$(mktemp -d /tmp/sallyport-cg.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$PKI"; }
-trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
+bench_scratch sallyport-cg
 bench_tools
 command -v haproxy >/dev/null && command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy valgrind >/dev/null; }
 bench_pki
@@ -46,18 +43,7 @@ backend be
   http-reuse always
   server rx 127.0.0.1:9443 ssl crt $PKI/client-combined.pem ca-file $PKI/ca.pem verify required sni str(localhost) verifyhost localhost
 CONF
-mkdir -p "$PKI/px/logs"
-cat > "$PKI/px/nginx.conf" <<CONF
-worker_processes 1; master_process off; pid $PKI/px/nginx.pid; error_log $PKI/px/logs/error.log warn; daemon off;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $PKI/px/body; proxy_temp_path $PKI/px/proxy;
-  upstream rx { server 127.0.0.1:9443; keepalive 64; }
-  server { listen 127.0.0.1:18181;
-    location / { proxy_pass https://rx; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_ssl_certificate $PKI/client.pem; proxy_ssl_certificate_key $PKI/client.key;
-      proxy_ssl_trusted_certificate $PKI/ca.pem; proxy_ssl_verify on; proxy_ssl_name localhost;
-      proxy_ssl_session_reuse on; } } }
-CONF
+bench_proxy_conf 18181 "master_process off; "
 printf '[identity]\ncert = "%s/client.pem"\nkey = "%s/client.key"\n[egress]\nallow = ["127.0.0.0/8"]\n[store]\nurl = "sqlite://%s/sidecar.db"\n[sidecar]\nlisten = "127.0.0.1:18190"\n[[sidecar.routes]]\nprefix = "/"\nupstream = "https://localhost:9443"\nca = "%s/ca.pem"\n' \
   "$PKI" "$PKI" "$PKI" "$PKI" > "$PKI/sidecar.toml"
 

@@ -1,6 +1,21 @@
 # Shared by the bench scripts: a PKI made with the openssl CLI and an nginx receiver that
 # requires a client certificate (one worker, as ../shared/bench/peers/run-peers.sh runs it).
-# Source it after setting PKI (a scratch directory) and PIDS (an array of processes to stop).
+# Source it, then call bench_scratch first: it makes $PKI (a scratch directory) and $PIDS (the
+# processes to stop on exit).
+
+# A scratch directory in $PKI, named after $1, and an EXIT trap that stops every process in
+# $PIDS, runs `bench_extra_cleanup` when the script defines one, and removes the directory.
+bench_scratch() {
+  PKI=$(mktemp -d "/tmp/$1.XXXXXX")
+  PIDS=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; sleep 0.3
+  if declare -F bench_extra_cleanup >/dev/null; then bench_extra_cleanup; fi
+  rm -rf "$PKI"
+}
 
 bench_tools() {
   export PATH="$PATH:/usr/sbin"
@@ -32,4 +47,22 @@ http { access_log off; keepalive_requests 1000000; client_body_temp_path $PKI/rx
     location / { return 200 "ok"; } } }
 CONF
   nginx -c "$PKI/rx/nginx.conf" -p "$PKI/rx" & PIDS+=($!)
+}
+
+# nginx as the peer proxy on 127.0.0.1:$1: a keep-alive pool of 64 mTLS connections to the
+# receiver, our client certificate, the receiver's verified. Writes $PKI/px/nginx.conf; the
+# caller starts it. $2: extra main-context directives (e.g. "master_process off; ").
+bench_proxy_conf() {
+  mkdir -p "$PKI/px/logs"
+  cat > "$PKI/px/nginx.conf" <<CONF
+worker_processes 1; ${2:-}pid $PKI/px/nginx.pid; error_log $PKI/px/logs/error.log warn; daemon off;
+events { worker_connections 8192; }
+http { access_log off; keepalive_requests 1000000; client_body_temp_path $PKI/px/body; proxy_temp_path $PKI/px/proxy;
+  upstream rx { server 127.0.0.1:9443; keepalive 64; }
+  server { listen 127.0.0.1:$1;
+    location / { proxy_pass https://rx; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_ssl_certificate $PKI/client.pem; proxy_ssl_certificate_key $PKI/client.key;
+      proxy_ssl_trusted_certificate $PKI/ca.pem; proxy_ssl_verify on; proxy_ssl_name localhost;
+      proxy_ssl_session_reuse on; } } }
+CONF
 }

@@ -11,12 +11,9 @@ N=${1:-200000}
 BACKFILL=${2:-1000000}
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-PKI=$(mktemp -d /tmp/sallyport-bench.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$PKI"; }
-trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
+bench_scratch sallyport-bench
 bench_tools
 bench_pki
 cd "$PKI"
@@ -24,19 +21,8 @@ cd "$PKI"
 python3 -c "import json;print(json.dumps({'firstName':'First1','identityMap':{'ecid':[{'id':'0'*38}],'email_lc_sha256':[{'id':'0'*64}]},'person':{'email':'user1@example.com'},'segmentMembership':{'ups':{'5b998cb9-9488-4ec3-8d95-fa8338ced490':{'lastQualificationTime':'2026-11-25T10:00:00Z','name':'First name equals John','status':'realized'}}}}),end='')" > body.json
 printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nlocal f = io.open("%s/body.json"); wrk.body = f:read("*a"); f:close()\n' "$PKI" > post.lua
 
-mkdir -p px/logs
 bench_receiver
-cat > px/nginx.conf <<CONF
-worker_processes 1; pid $PKI/px/nginx.pid; error_log $PKI/px/logs/error.log warn; daemon off;
-events { worker_connections 8192; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $PKI/px/body; proxy_temp_path $PKI/px/proxy;
-  upstream rx { server 127.0.0.1:9443; keepalive 64; }
-  server { listen 127.0.0.1:18081;
-    location / { proxy_pass https://rx; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_ssl_certificate $PKI/client.pem; proxy_ssl_certificate_key $PKI/client.key;
-      proxy_ssl_trusted_certificate $PKI/ca.pem; proxy_ssl_verify on; proxy_ssl_name localhost;
-      proxy_ssl_session_reuse on; } } }
-CONF
+bench_proxy_conf 18081
 nginx -c "$PKI/px/nginx.conf" -p "$PKI/px" & PIDS+=($!)
 sleep 0.5
 

@@ -10,17 +10,11 @@ N=${1:-100000}
 PG=${2:-postgres://postgres@127.0.0.1:5432/test}
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-PKI=$(mktemp -d /tmp/sallyport-scaleout.XXXXXX)
-PIDS=()
 SCHEMA=bench_scaleout_$$
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; sleep 0.3
-  psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null 2>&1 || true
-  rm -rf "$PKI"
-}
-trap cleanup EXIT
+bench_extra_cleanup() { psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null 2>&1 || true; }
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
+bench_scratch sallyport-scaleout
 bench_tools
 bench_pki
 bench_receiver

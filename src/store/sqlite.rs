@@ -286,21 +286,20 @@ impl StoredProfiles {
     /// Every stored profile of `ids`, in two statements.
     fn read(conn: &Connection, ids: &[&str]) -> Result<Self, StoreError> {
         let list = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let four = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
-        let profiles = conn
-            .prepare_cached(
-                "SELECT id, merge_policy, identity_map, attributes FROM profiles
-                 WHERE id IN (SELECT value FROM json_each(?1))",
-            )?
-            .query_map([&list], four)?
-            .collect::<Result<Vec<_>, _>>()?;
-        let memberships = conn
-            .prepare_cached(
-                "SELECT profile_id, segment_id, status, last_qualification_time FROM memberships
-                 WHERE profile_id IN (SELECT value FROM json_each(?1))",
-            )?
-            .query_map([&list], four)?
-            .collect::<Result<Vec<_>, _>>()?;
+        // Four text columns of every row whose first column is one of `ids`.
+        let rows = |sql: &str| -> Result<Vec<(String, String, String, String)>, StoreError> {
+            let mut stmt = conn.prepare_cached(sql)?;
+            let rows = stmt.query_map([&list], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        };
+        let profiles = rows(
+            "SELECT id, merge_policy, identity_map, attributes FROM profiles
+             WHERE id IN (SELECT value FROM json_each(?1))",
+        )?;
+        let memberships = rows(
+            "SELECT profile_id, segment_id, status, last_qualification_time FROM memberships
+             WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        )?;
         Ok(StoredProfiles {
             profiles,
             memberships,
