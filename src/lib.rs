@@ -31,7 +31,7 @@ pub mod verify;
 /// purged allocator memory with a 2 MiB page that it zeroes on the spot. The export pipeline
 /// allocates and frees steadily on several threads, and that zeroing was ~9% of its CPU
 /// (perf). With 4 KiB pages only what is touched is zeroed: alternating runs of the export
-/// bench showed ~7% less CPU per profile (bench/RESULTS.md, session 17). The flag is the
+/// bench showed 6–12% less CPU per profile (bench/RESULTS.md, session 17). The flag is the
 /// process's own (`PR_SET_THP_DISABLE`), read by the kernel at every fault, so it takes effect
 /// for memory mapped before the call too; it does not touch the system-wide setting.
 pub fn disable_transparent_huge_pages() {

@@ -45,7 +45,7 @@ impl Profile {
     }
 
     /// Apply an update; `now` is used for segment events without a qualification time. The
-    /// update's values move into the profile (ingest cloned them once, and dropped both).
+    /// update's values move into the profile: nothing is copied.
     pub fn apply(&mut self, u: ProfileUpdate, now: &str) -> Change {
         let mut change = Change::default();
         if let Some(m) = u.merge_policy_id {
