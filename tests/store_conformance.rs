@@ -82,6 +82,7 @@ conformance!(
     newly_mapped_segments_are_backfilled_once,
     api_dataflows_are_stored_and_deleting_drops_their_queue,
     state_survives_reopening,
+    a_claimed_identity_map_is_sent_as_its_canonical_json,
 );
 
 /// Apply NDJSON lines; every update with a segment event or attributes enqueues for `DF`.
@@ -172,6 +173,34 @@ fn updates_merge_into_stored_profiles(b: Backend) {
     assert_eq!(p.identity_map["email"][0]["id"], "a@example.com");
     assert_eq!(p.segments["s1"].status, SegmentStatus::Exiting);
     assert!(s.profile("nobody").unwrap().is_none());
+}
+
+/// The identity map a delivery sends is the map's JSON with sorted keys, whether the store
+/// hands it over as stored text (SQLite) or as a parsed map (PostgreSQL).
+fn a_claimed_identity_map_is_sent_as_its_canonical_json(b: Backend) {
+    let s = &*b.store;
+    ingest(
+        s,
+        &[
+            json!({"profileId": "p1", "identityMap": {"zz": [{"id": "1", "primary": true}], "ecid": [{"id": "é\"2"}]},
+                 "segments": [{"id": "s1", "status": "realized"}]}),
+        ],
+    );
+    let item = s.claim(DF, 10, NOW + 1_000_000, LEASE).unwrap().remove(0);
+    let sent = match &item.identity_map_json {
+        Some(raw) => {
+            assert!(
+                item.profile.identity_map.is_empty(),
+                "one source of the identity map, not two"
+            );
+            raw.get().to_owned()
+        }
+        None => serde_json::to_string(&item.profile.identity_map).unwrap(),
+    };
+    assert_eq!(
+        sent,
+        r#"{"ecid":[{"id":"é\"2"}],"zz":[{"id":"1","primary":true}]}"#
+    );
 }
 
 fn a_second_change_coalesces_into_the_queued_row(b: Backend) {

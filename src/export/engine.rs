@@ -756,7 +756,14 @@ impl Stats {
 }
 
 async fn deliver(flow: &Flow, catalog: &Catalog, item: OutboxItem) -> (Completion, AuditRecord) {
-    let body: Bytes = payload::to_vec(&flow.spec, catalog, &item.profile, &item.segments).into();
+    let body: Bytes = payload::to_vec_with(
+        &flow.spec,
+        catalog,
+        &item.profile,
+        &item.segments,
+        item.identity_map_json.as_deref(),
+    )
+    .into();
     let key = idempotency_key(&flow.spec.name, item.id, item.version);
     let attempt = item.attempts + 1;
     let sent = flow.send(&key, body.clone()).await;

@@ -26,6 +26,8 @@ enum Node<'a> {
     Object(BTreeMap<&'a str, Node<'a>>),
     Ups(BTreeMap<&'a str, UpsEntry<'a>>),
     Identities(&'a serde_json::Map<String, Value>),
+    /// An identity map already serialized as canonical JSON (sorted keys).
+    Raw(&'a serde_json::value::RawValue),
 }
 
 /// One `segmentMembership.ups` entry; fields in sorted key order.
@@ -58,6 +60,17 @@ pub fn view<'a>(
     catalog: &'a Catalog,
     profile: &'a Profile,
     triggering: &[String],
+) -> Payload<'a> {
+    view_with(df, catalog, profile, triggering, None)
+}
+
+/// [`view`], with the identity map given as stored JSON instead of `profile.identity_map`.
+fn view_with<'a>(
+    df: &'a DataflowSpec,
+    catalog: &'a Catalog,
+    profile: &'a Profile,
+    triggering: &[String],
+    identity_map_json: Option<&'a serde_json::value::RawValue>,
 ) -> Payload<'a> {
     let mut root = BTreeMap::new();
     for a in &df.attributes {
@@ -110,7 +123,11 @@ pub fn view<'a>(
     let mut membership = BTreeMap::new();
     membership.insert("ups", Node::Ups(ups));
     root.insert("segmentMembership", Node::Object(membership));
-    root.insert("identityMap", Node::Identities(&profile.identity_map));
+    let identities = match identity_map_json {
+        Some(raw) => Node::Raw(raw),
+        None => Node::Identities(&profile.identity_map),
+    };
+    root.insert("identityMap", identities);
     Payload { root }
 }
 
@@ -121,9 +138,23 @@ pub fn build(df: &DataflowSpec, catalog: &Catalog, profile: &Profile, triggering
 
 /// The payload as the bytes sent.
 pub fn to_vec(df: &DataflowSpec, catalog: &Catalog, profile: &Profile, triggering: &[String]) -> Vec<u8> {
+    to_vec_with(df, catalog, profile, triggering, None)
+}
+
+/// [`to_vec`], with the identity map as stored JSON (see `OutboxItem::identity_map_json`).
+pub fn to_vec_with(
+    df: &DataflowSpec,
+    catalog: &Catalog,
+    profile: &Profile,
+    triggering: &[String],
+    identity_map_json: Option<&serde_json::value::RawValue>,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     // Writing to a Vec fails only if a map key is not a string, which cannot happen here.
-    let _ = serde_json::to_writer(&mut out, &view(df, catalog, profile, triggering));
+    let _ = serde_json::to_writer(
+        &mut out,
+        &view_with(df, catalog, profile, triggering, identity_map_json),
+    );
     out
 }
 
@@ -159,6 +190,7 @@ impl Serialize for Node<'_> {
             Node::Value(v) => v.serialize(s),
             Node::Object(m) => m.serialize(s),
             Node::Ups(m) => m.serialize(s),
+            Node::Raw(r) => r.serialize(s),
             Node::Identities(m) => {
                 let mut map = s.serialize_map(Some(m.len()))?;
                 for (k, v) in m.iter() {

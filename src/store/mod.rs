@@ -67,6 +67,10 @@ pub struct OutboxItem {
     pub id: i64,
     pub version: i64,
     pub profile: Profile,
+    /// The profile's identity map as the store keeps it, when that is the canonical JSON the
+    /// payload carries (sorted keys, as `serde_json` writes a map). The claim then does not
+    /// parse it and `profile.identity_map` is left empty: the payload embeds these bytes.
+    pub identity_map_json: Option<Box<serde_json::value::RawValue>>,
     /// Mapped segments whose status changes triggered this delivery (coalesced).
     pub segments: Vec<String>,
     pub reasons: Reasons,

@@ -726,6 +726,8 @@ impl Store for PgStore {
                     id,
                     version: r.get(2),
                     profile,
+                    // jsonb comes back re-spaced, not as the payload writes it: parsed above.
+                    identity_map_json: None,
                     segments: serde_json::from_str(r.get(3)).unwrap_or_default(),
                     reasons: Reasons(u8::try_from(reasons).unwrap_or(0)),
                     attempts: attempts.max(0) as u32,

@@ -307,21 +307,37 @@ impl StoredProfiles {
     }
 
     fn parse(self) -> Result<HashMap<String, Profile>, StoreError> {
+        Ok(self
+            .parse_with(false)?
+            .into_iter()
+            .map(|(id, (p, _))| (id, p))
+            .collect())
+    }
+
+    /// With `raw_identities`, each identity map stays the JSON text it is stored as (written
+    /// by `serde_json` from a map: sorted keys, as the payload writes it), checked to be an
+    /// object but not built into a map; `Profile::identity_map` is left empty.
+    fn parse_with(self, raw_identities: bool) -> Result<HashMap<String, ParsedProfile>, StoreError> {
         let mut out = HashMap::with_capacity(self.profiles.len());
         for (id, merge_policy, identity_map, attributes) in self.profiles {
+            let (identities, raw) = if raw_identities {
+                (Map::new(), Some(raw_object(identity_map)?))
+            } else {
+                (parse_object(&identity_map)?, None)
+            };
             let profile = Profile {
                 id: id.clone(),
                 merge_policy,
-                identity_map: parse_object(&identity_map)?,
+                identity_map: identities,
                 attributes: parse_object(&attributes)?,
                 segments: Default::default(),
             };
-            out.insert(id, profile);
+            out.insert(id, (profile, raw));
         }
         for (pid, segment, status, last_qualification_time) in self.memberships {
             let status = SegmentStatus::parse(&status)
                 .ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?;
-            if let Some(p) = out.get_mut(&pid) {
+            if let Some((p, _)) = out.get_mut(&pid) {
                 p.segments.insert(
                     segment,
                     Membership {
@@ -333,6 +349,18 @@ impl StoredProfiles {
         }
         Ok(out)
     }
+}
+
+/// A claimed profile: parsed, and its identity map's stored JSON when kept raw.
+type ParsedProfile = (Profile, Option<Box<serde_json::value::RawValue>>);
+
+/// Stored JSON that must be an object, kept as text (validated, not built into a map).
+fn raw_object(s: String) -> Result<Box<serde_json::value::RawValue>, StoreError> {
+    let corrupt = || StoreError::Corrupt("a stored JSON object does not parse".into());
+    if !s.trim_start().starts_with('{') {
+        return Err(corrupt());
+    }
+    serde_json::value::RawValue::from_string(s).map_err(|_| corrupt())
 }
 
 fn parse_object(s: &str) -> Result<Map<String, Value>, StoreError> {
@@ -634,16 +662,17 @@ impl Store for SqliteStore {
             (rows, stored)
         };
         // Parsed after the lock is released: ingest and outcomes need the writer meanwhile.
-        let mut profiles = stored.parse()?;
+        let mut profiles = stored.parse_with(true)?;
         let mut out = Vec::with_capacity(rows.len());
         for (id, profile_id, version, segments, reasons, attempts, enqueued_at) in rows {
-            let profile = profiles
+            let (profile, identity_map_json) = profiles
                 .remove(&profile_id)
                 .ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} names missing profile")))?;
             out.push(OutboxItem {
                 id,
                 version,
                 profile,
+                identity_map_json,
                 segments: serde_json::from_str(&segments).unwrap_or_default(),
                 reasons: Reasons(reasons),
                 attempts,
