@@ -269,8 +269,8 @@ fn relaxed_tx<T>(
 }
 
 /// Load many profiles in two statements (rows, then memberships), by id.
-fn load_profiles(conn: &Connection, ids: &[&str]) -> Result<HashMap<String, Profile>, StoreError> {
-    StoredProfiles::read(conn, ids)?.parse()
+fn load_profiles(conn: &Connection, ids: &[&str]) -> Result<HashMap<String, ParsedProfile>, StoreError> {
+    StoredProfiles::read(conn, ids)?.parse(false)
 }
 
 /// Profiles as stored: their JSON not parsed yet, so a caller can let go of the connection
@@ -306,18 +306,10 @@ impl StoredProfiles {
         })
     }
 
-    fn parse(self) -> Result<HashMap<String, Profile>, StoreError> {
-        Ok(self
-            .parse_with(false)?
-            .into_iter()
-            .map(|(id, (p, _))| (id, p))
-            .collect())
-    }
-
     /// With `raw_identities`, each identity map stays the JSON text it is stored as (written
     /// by `serde_json` from a map: sorted keys, as the payload writes it), checked to be an
     /// object but not built into a map; `Profile::identity_map` is left empty.
-    fn parse_with(self, raw_identities: bool) -> Result<HashMap<String, ParsedProfile>, StoreError> {
+    fn parse(self, raw_identities: bool) -> Result<HashMap<String, ParsedProfile>, StoreError> {
         let mut out = HashMap::with_capacity(self.profiles.len());
         for (id, merge_policy, identity_map, attributes) in self.profiles {
             let (identities, raw) = if raw_identities {
@@ -505,7 +497,7 @@ impl Store for SqliteStore {
             ids.dedup();
             load_profiles(&tx, &ids)?
         };
-        let batch = super::plan_batch(updates, &mut |id| Ok(loaded.remove(id)), apply)?;
+        let batch = super::plan_batch(updates, &mut |id| Ok(loaded.remove(id).map(|(p, _)| p)), apply)?;
         for (p, touched) in &batch.profiles {
             let touched: Vec<&String> = touched.iter().collect();
             save_profile(&tx, p, &touched, now)?;
@@ -662,7 +654,7 @@ impl Store for SqliteStore {
             (rows, stored)
         };
         // Parsed after the lock is released: ingest and outcomes need the writer meanwhile.
-        let mut profiles = stored.parse_with(true)?;
+        let mut profiles = stored.parse(true)?;
         let mut out = Vec::with_capacity(rows.len());
         for (id, profile_id, version, segments, reasons, attempts, enqueued_at) in rows {
             let (profile, identity_map_json) = profiles
@@ -706,7 +698,7 @@ impl Store for SqliteStore {
     }
 
     fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
-        Ok(load_profiles(&self.lock(), &[id])?.remove(id))
+        Ok(load_profiles(&self.lock(), &[id])?.remove(id).map(|(p, _)| p))
     }
 
     fn append_audit(&self, audit: &[AuditRecord]) -> Result<(), StoreError> {
