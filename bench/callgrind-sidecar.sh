@@ -9,6 +9,8 @@
 # Peers: HAProxy and nginx, one thread each, configured as ../shared/bench/peers/run-peers.sh
 # configures them. Sallyport runs with its audit log on, as in production.
 # Usage: bench/callgrind-sidecar.sh [get|post, default post] [seconds counted, default 10]
+# Env: SALLYPORT_BIN=path measures that build instead of target/release/sallyport (A/B two
+# builds); CALLGRIND_KEEP=dir keeps each proxy's callgrind output there for callgrind_annotate.
 # Output: a Markdown table. valgrind slows each proxy ~50x; the run takes about 2 minutes.
 set -euo pipefail
 MODE=${1:-post}
@@ -22,30 +24,13 @@ bench_tools
 command -v haproxy >/dev/null && command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy valgrind >/dev/null; }
 bench_pki
 bench_receiver
-(cd "$ROOT" && cargo build --release --quiet)
-cat "$PKI/client.pem" "$PKI/client.key" > "$PKI/client-combined.pem"
-head -c 1024 /dev/urandom | base64 -w0 | head -c 1024 > "$PKI/body-1k"
-printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nlocal f = io.open("%s/body-1k"); wrk.body = f:read("*a"); f:close()\n' "$PKI" > "$PKI/post.lua"
+BIN=${SALLYPORT_BIN:-$ROOT/target/release/sallyport}
+[ -n "${SALLYPORT_BIN:-}" ] || (cd "$ROOT" && cargo build --release --quiet)
+bench_post_lua
 
-cat > "$PKI/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-frontend fe
-  bind 127.0.0.1:18182
-  default_backend be
-backend be
-  http-reuse always
-  server rx 127.0.0.1:9443 ssl crt $PKI/client-combined.pem ca-file $PKI/ca.pem verify required sni str(localhost) verifyhost localhost
-CONF
+bench_haproxy_conf 18182
 bench_proxy_conf 18181 "master_process off; "
-printf '[identity]\ncert = "%s/client.pem"\nkey = "%s/client.key"\n[egress]\nallow = ["127.0.0.0/8"]\n[store]\nurl = "sqlite://%s/sidecar.db"\n[sidecar]\nlisten = "127.0.0.1:18190"\n[[sidecar.routes]]\nprefix = "/"\nupstream = "https://localhost:9443"\nca = "%s/ca.pem"\n' \
-  "$PKI" "$PKI" "$PKI" "$PKI" > "$PKI/sidecar.toml"
+bench_sidecar_conf 18190
 
 wrk_args=(-t1 -c16)
 [ "$MODE" = post ] && wrk_args+=(-s "$PKI/post.lua")
@@ -64,12 +49,13 @@ count() { # name port command... → prints a table row
   reqs=$(awk '/requests in/ {print $1}' <<<"$res")
   ir=$(grep -h '^summary:\|^totals:' "$out".*.1 | head -1 | awk '{print $2}')
   kill "$vp" 2>/dev/null; wait "$vp" 2>/dev/null || true
+  if [ -n "${CALLGRIND_KEEP:-}" ]; then mkdir -p "$CALLGRIND_KEEP"; cp "$out".*.1 "$CALLGRIND_KEEP/$name.callgrind"; fi
   echo "$name|$reqs|$ir"
 }
 rows=()
 rows+=("$(count HAProxy 18182 haproxy -f "$PKI/haproxy.cfg" -db)")
 rows+=("$(count nginx 18181 nginx -c "$PKI/px/nginx.conf" -p "$PKI/px")")
-rows+=("$(count Sallyport 18190 "$ROOT/target/release/sallyport" sidecar --config "$PKI/sidecar.toml")")
+rows+=("$(count Sallyport 18190 "$BIN" sidecar --config "$PKI/sidecar.toml")")
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1); wrk -t1 -c16 -d${DUR}s, $MODE"
 echo

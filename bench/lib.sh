@@ -66,3 +66,38 @@ http { access_log off; keepalive_requests 1000000; client_body_temp_path $PKI/px
       proxy_ssl_session_reuse on; } } }
 CONF
 }
+
+# HAProxy as the peer proxy on 127.0.0.1:$1 (one thread), configured as
+# ../shared/bench/peers/run-peers.sh configures it. Writes $PKI/haproxy.cfg.
+bench_haproxy_conf() {
+  cat "$PKI/client.pem" "$PKI/client.key" > "$PKI/client-combined.pem"
+  cat > "$PKI/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:$1
+  default_backend be
+backend be
+  http-reuse always
+  server rx 127.0.0.1:9443 ssl crt $PKI/client-combined.pem ca-file $PKI/ca.pem verify required sni str(localhost) verifyhost localhost
+CONF
+}
+
+# A Sallyport sidecar config on 127.0.0.1:$1, one route to the receiver, audit log in SQLite.
+# Writes $PKI/sidecar.toml.
+bench_sidecar_conf() {
+  printf '[identity]\ncert = "%s/client.pem"\nkey = "%s/client.key"\n[egress]\nallow = ["127.0.0.0/8"]\n[store]\nurl = "sqlite://%s/sidecar.db"\n[sidecar]\nlisten = "127.0.0.1:%s"\n[[sidecar.routes]]\nprefix = "/"\nupstream = "https://localhost:9443"\nca = "%s/ca.pem"\n' \
+    "$PKI" "$PKI" "$PKI" "$1" "$PKI" > "$PKI/sidecar.toml"
+}
+
+# $PKI/post.lua: a wrk script that POSTs a random 1 KB JSON-typed body, as the peer script does.
+bench_post_lua() {
+  head -c 1024 /dev/urandom | base64 -w0 | head -c 1024 > "$PKI/body-1k"
+  printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nlocal f = io.open("%s/body-1k"); wrk.body = f:read("*a"); f:close()\n' "$PKI" > "$PKI/post.lua"
+}

@@ -36,6 +36,7 @@ async fn rig() -> Rig {
              ssl_client_certificate {}; ssl_verify_client on; client_max_body_size 10m; access_log {}/sp.log sp;\n\
                           gzip on; gzip_min_length 1; gzip_types text/plain;\n\
              location /upload {{ proxy_pass http://127.0.0.1:{sink}/; }}\n\
+             location /short {{ keepalive_timeout 1s; return 200 \"short\"; }}\n\
              location / {{ return 200 \"received $ssl_client_s_dn\"; }} }}\n\
              server {{ listen 127.0.0.1:{sink}; access_log off; client_max_body_size 10m; location / {{ return 200 \"stored\"; }} }}",
             up.server.display(),
@@ -196,6 +197,59 @@ async fn get_post_5mb_chunked_and_keep_alive_through_to_nginx() {
         "{} connections for {} requests",
         connections.len(),
         log.len()
+    );
+}
+
+/// Upstream connections are not tied to the app's: an app that opens a connection per
+/// request still has its requests carried over kept mTLS connections. And a kept connection
+/// the receiver closed while idle is replaced, not answered with a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_outlive_app_connections_and_the_receivers_idle_close() {
+    let r = rig().await;
+    for _ in 0..6 {
+        let mut tx = app(r.port).await;
+        assert_eq!(
+            call(&mut tx, "GET", "/nginx/fresh", &[], Bytes::new()).await.0,
+            200
+        );
+        drop(tx);
+        // The sidecar sees the app hang up before the next app connects.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // POST: not retried by the route, so the first attempt must find a working connection.
+    let mut tx = app(r.port).await;
+    let (s, _, body) = call(&mut tx, "POST", "/nginx/short", &[], Bytes::new()).await;
+    assert_eq!((s, &body[..]), (200, &b"short"[..]));
+    // nginx closes that connection after 1 s idle; the app's connection stays open.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (s, _, body) = call(&mut tx, "POST", "/nginx/short", &[], Bytes::new()).await;
+    assert_eq!(
+        (s, &body[..]),
+        (200, &b"short"[..]),
+        "the closed connection was replaced"
+    );
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = nginx_log(&r);
+    let on = |path: &str| -> Vec<String> {
+        log.iter()
+            .filter(|l| l.get(4).is_some_and(|p| p == path))
+            .map(|l| l[0].clone())
+            .collect()
+    };
+    let fresh = on("/fresh");
+    assert_eq!(fresh.len(), 6);
+    let distinct: std::collections::BTreeSet<_> = fresh.iter().collect();
+    assert!(
+        distinct.len() <= 2,
+        "six app connections, one request each, took {} upstream connections",
+        distinct.len()
+    );
+    let short = on("/short");
+    assert_eq!(short.len(), 2);
+    assert_ne!(
+        short[0], short[1],
+        "the second request went over a new connection"
     );
 }
 

@@ -349,6 +349,16 @@ impl TlsConn {
     pub fn peer(&self) -> &PeerInfo {
         &self.peer
     }
+
+    /// The facts of this connection, to attach to each response it carries.
+    pub fn peer_shared(&self) -> Arc<PeerInfo> {
+        self.peer.clone()
+    }
+
+    /// ALPN chose HTTP/2.
+    pub fn is_h2(&self) -> bool {
+        self.h2
+    }
 }
 
 impl Connection for TlsConn {

@@ -306,6 +306,24 @@ impl DeliveryClient {
         headers: HeaderMap,
         body: Body,
     ) -> Result<http::Response<hyper::body::Incoming>, DeliveryError> {
+        let request = self.prepare_streaming(method, url, headers, body).await?;
+        let timeout = self.settings.timeout;
+        tokio::time::timeout(timeout, self.pool().request(request))
+            .await
+            .map_err(|_| Self::head_timeout(timeout))?
+            .map_err(|e| self.send_error(Box::new(e)))
+    }
+
+    /// The request [`send_streaming`](Self::send_streaming) sends: this destination's
+    /// headers, query and credentials applied. For callers that carry it over a connection of
+    /// their own from [`connector`](Self::connector).
+    pub async fn prepare_streaming(
+        &self,
+        method: Method,
+        url: url::Url,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<Request<Body>, DeliveryError> {
         let credential = self.settings.auth.credential().await?;
         let mut request = self.build_with(method, url, headers, body)?;
         if let Some(c) = &credential {
@@ -313,11 +331,30 @@ impl DeliveryClient {
                 .headers_mut()
                 .insert(http::header::AUTHORIZATION, auth::bearer_header(c)?);
         }
-        let timeout = self.settings.timeout;
-        tokio::time::timeout(timeout, self.pool().request(request))
-            .await
-            .map_err(|_| DeliveryError::new(ErrorKind::Timeout, format!("no answer within {timeout:?}")))?
-            .map_err(|e| self.explain(DeliveryError::classify(Box::new(e), "sending the request")))
+        Ok(request)
+    }
+
+    /// The connector this destination's connections are made with: the same egress policy,
+    /// source address, trust, identity and mTLS-only check as the pool's.
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    /// Changes when the client identity is reloaded or rotated: a connection made under an
+    /// earlier generation must not carry another request.
+    pub fn identity_generation(&self) -> u64 {
+        self.settings.tls.identity_generation()
+    }
+
+    /// A failed exchange as the delivery error it stands for (a TLS alert that explains it
+    /// included).
+    pub fn send_error(&self, e: BoxError) -> DeliveryError {
+        self.explain(DeliveryError::classify(e, "sending the request"))
+    }
+
+    /// No response head within the destination's timeout.
+    pub fn head_timeout(timeout: Duration) -> DeliveryError {
+        DeliveryError::new(ErrorKind::Timeout, format!("no answer within {timeout:?}"))
     }
 
     fn build_with(

@@ -6,6 +6,8 @@
 //! Must never: listen beyond loopback unless configured to, pass the app's `Authorization`
 //! on when the route authenticates itself, forward hop-by-hop headers, or buffer a body.
 
+mod lane;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,6 +53,8 @@ struct Route {
     retries: u32,
     retry_non_idempotent: bool,
     retry_buffer: usize,
+    /// Idle upstream connections left by app connections that closed.
+    parked: Arc<lane::Parked>,
 }
 
 /// Methods a retry cannot make happen twice in effect (RFC 9110 §9.2.2).
@@ -189,6 +193,7 @@ fn route(
         retries: r.retries,
         retry_non_idempotent: r.retry_non_idempotent,
         retry_buffer: r.retry_buffer_bytes,
+        parked: Arc::default(),
     })
 }
 
@@ -246,13 +251,18 @@ async fn serve_connection<S>(sc: Arc<Sidecar>, stream: S, peer: Option<std::net:
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let (lanes, drivers) = lane::Lanes::new();
+    let svc_lanes = lanes.clone();
     let svc = service_fn(move |req| {
-        let sc = sc.clone();
-        async move { Ok::<_, Infallible>(sc.handle(req, peer).await) }
+        let (sc, lanes) = (sc.clone(), svc_lanes.clone());
+        async move { Ok::<_, Infallible>(sc.handle(req, peer, &lanes).await) }
     });
-    let _ = auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), svc)
-        .await;
+    let builder = auto::Builder::new(TokioExecutor::new());
+    // Boxed as `dyn Future + Send`: passed generically, rustc cannot prove the connection
+    // future `Send` (its body-error bounds are higher-ranked).
+    let server: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+        Box::pin(builder.serve_connection(TokioIo::new(stream), svc));
+    let _ = lane::drive(server, &lanes, drivers).await;
 }
 
 fn json_error(status: StatusCode, kind: &str, message: &str) -> Reply {
@@ -292,7 +302,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 impl Sidecar {
-    async fn handle(&self, req: Request<Incoming>, peer: Option<std::net::IpAddr>) -> Reply {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: Option<std::net::IpAddr>,
+        lanes: &lane::Lanes,
+    ) -> Reply {
         let started = Instant::now();
         let path = req.uri().path().to_owned();
         // Absolute-form (`GET http://host/path`): forward-proxy mode, sent as https.
@@ -331,6 +346,11 @@ impl Sidecar {
                 (route, url, false)
             }
         };
+        // A lane (this app connection's own upstream connection) for one-at-a-time HTTP/1
+        // requests to a route; forward-proxy requests name their host each time, and HTTP/2
+        // streams run side by side, so those use the route's pool.
+        let on_lane =
+            !forwarded && req.version() <= http::Version::HTTP_11 && req.method() != http::Method::CONNECT;
         let destination = if forwarded {
             crate::delivery::destination(&url)
         } else {
@@ -384,10 +404,14 @@ impl Sidecar {
             } else {
                 std::mem::take(&mut headers)
             };
-            let result = route
-                .client
-                .send_streaming(parts.method.clone(), url.clone(), hdrs, body)
-                .await;
+            let result = if on_lane {
+                Self::send_on_lane(lanes, route, parts.method.clone(), url.clone(), hdrs, body).await
+            } else {
+                route
+                    .client
+                    .send_streaming(parts.method.clone(), url.clone(), hdrs, body)
+                    .await
+            };
             let again = attempt < attempts
                 && match &result {
                     Ok(res) => retry_status(res.status()),
@@ -410,6 +434,23 @@ impl Sidecar {
             }
             Err(e) => self.error_reply(&e, forwarded),
         }
+    }
+
+    /// [`DeliveryClient::send_streaming`], on this app connection's lane for the route.
+    async fn send_on_lane(
+        lanes: &lane::Lanes,
+        route: &Route,
+        method: http::Method,
+        url: url::Url,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<Response<Incoming>, DeliveryError> {
+        let client = &route.client;
+        let request = client.prepare_streaming(method, url, headers, body).await?;
+        let timeout = client.settings().timeout;
+        tokio::time::timeout(timeout, lanes.send(&route.parked, client, request))
+            .await
+            .map_err(|_| DeliveryClient::head_timeout(timeout))?
     }
 
     /// One audit record per attempt, as exports write them. When the writer falls behind, the

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The sidecar job's native CPU cost per request, user and kernel apart, Sallyport beside
+# HAProxy (one thread, configured as ../shared/bench/peers/run-peers.sh does):
+#   wrk --(plain HTTP)--> proxy --(mTLS, client cert)--> nginx receiver (ssl_verify_client on)
+# Each proxy gets the same wrk load in turn (2 s warm-up, then the counted run); its CPU time
+# is read from /proc/PID/stat before and after. Unlike callgrind-sidecar.sh this runs at full
+# speed with the CPU's own crypto instructions and counts the kernel's work (sockets,
+# wake-ups, context switches); unlike req/s it does not depend on how the 2 cores are shared.
+# Usage: bench/cpu-sidecar.sh [get|post, default post] [seconds counted, default 5] [rounds, default 2]
+# Env: SALLYPORT_BIN=path measures that build. Output: a Markdown table.
+set -euo pipefail
+MODE=${1:-post}
+DUR=${2:-5}
+ROUNDS=${3:-2}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
+bench_scratch sallyport-cpu
+bench_tools
+command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy >/dev/null; }
+bench_pki
+bench_receiver
+BIN=${SALLYPORT_BIN:-$ROOT/target/release/sallyport}
+[ -n "${SALLYPORT_BIN:-}" ] || (cd "$ROOT" && cargo build --release --quiet)
+bench_post_lua
+bench_haproxy_conf 18182
+bench_sidecar_conf 18190
+haproxy -f "$PKI/haproxy.cfg" -db >/dev/null 2>&1 & HP=$!; PIDS+=("$HP")
+"$BIN" sidecar --config "$PKI/sidecar.toml" 2>/dev/null & SP=$!; PIDS+=("$SP")
+for _ in $(seq 40); do curl -s -o /dev/null http://127.0.0.1:18190/ && break; sleep 0.25; done
+
+wrk_args=(-t1 -c64)
+[ "$MODE" = post ] && wrk_args+=(-s "$PKI/post.lua")
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }   # utime, stime in clock ticks
+hz=$(getconf CLK_TCK)
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(haproxy -v | head -1 | cut -d' ' -f1-3); wrk -t1 -c64 -d${DUR}s, $MODE, $ROUNDS rounds"
+echo
+echo "| round | proxy | req/s | user µs per request | kernel µs per request | total | vs HAProxy |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+for round in $(seq "$ROUNDS"); do
+  base=""
+  for p in "HAProxy $HP 18182" "Sallyport $SP 18190"; do
+    read -r name pid port <<<"$p"
+    wrk "${wrk_args[@]}" -d2s "http://127.0.0.1:$port/" >/dev/null
+    a=$(ticks "$pid"); out=$(wrk "${wrk_args[@]}" -d"${DUR}s" "http://127.0.0.1:$port/"); b=$(ticks "$pid")
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+    row=$(python3 - "$a" "$b" "$n" "$DUR" "$hz" "${base:-0}" <<'PY'
+import sys
+a, b = map(int, sys.argv[1].split()), map(int, sys.argv[2].split())
+(ua, sa), (ub, sb) = list(a), list(b)
+n, dur, hz, base = int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+u, s = (ub - ua) * 1e6 / hz / n, (sb - sa) * 1e6 / hz / n
+print(f"{n / dur:,.0f} | {u:.1f} | {s:.1f} | {u + s:.1f} | {(u + s) / base if base else 1:.2f}× |\t{u + s}")
+PY
+)
+    total=${row##*$'\t'}; row=${row%$'\t'*}
+    [ -z "$base" ] && base=$total
+    echo "| $round | $name | $row"
+  done
+done

@@ -1,0 +1,313 @@
+//! Lanes: each app connection gets its own upstream connection per route, driven in the app
+//! connection's task.
+//!
+//! An HTTP/1.1 app sends one request at a time per connection, so a connection of its own
+//! upstream is always free when the next request comes. Carrying it there skips what a
+//! shared pool costs each request: a checkout and return under a lock, a task per upstream
+//! connection woken from the app's task (often on the other worker thread) and back, and a
+//! task spawned to return each connection whose response body is still streaming. The
+//! upstream connection is made by the route's own connector, so it passes the same egress
+//! policy, source-address binding, trust and mTLS-only check as a pooled one; it closes with
+//! the app connection.
+//!
+//! When the app connection closes, its idle lanes are parked with their route for the next
+//! app connection to take (each then driven by a task of its own), so an app that opens a
+//! connection per request still reuses upstream connections, as with a pool.
+//!
+//! Requests that cannot use a lane (HTTP/2 from the app, whose streams run concurrently, or
+//! CONNECT) go through the route's pool as before.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::HOST;
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::mpsc;
+
+use crate::delivery::{Body, BoxError, DeliveryClient, DeliveryError, PeerInfo};
+
+/// A connection's driver: polled by the app connection's task until the connection ends.
+type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    /// Free for a request now (an HTTP/1 connection is not while an exchange is under way).
+    fn is_ready(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(s) => s.is_ready(),
+        }
+    }
+}
+
+/// One upstream connection, with the identity generation it was made under.
+struct Lane {
+    sender: Sender,
+    peer: Arc<PeerInfo>,
+    generation: u64,
+}
+
+/// How many idle lanes a route keeps for app connections to come, and for how long (as the
+/// delivery pool keeps idle connections).
+const PARKED_MAX: usize = 256;
+const PARKED_FOR: Duration = Duration::from_secs(60);
+
+/// A route's lanes left by app connections that closed.
+#[derive(Default)]
+pub(super) struct Parked(Mutex<Vec<(Instant, Lane)>>);
+
+impl Parked {
+    /// The most recently parked lane that is free, unexpired, and of `generation`. Closed,
+    /// expired and outdated lanes are let go; busy ones (an exchange cut off by its app still
+    /// finishing) stay for later.
+    fn take(&self, generation: u64) -> Option<Lane> {
+        let mut parked = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        parked.retain(|(at, lane)| {
+            at.elapsed() < PARKED_FOR && lane.generation == generation && !lane.sender.is_closed()
+        });
+        let free = parked.iter().rposition(|(_, lane)| lane.sender.is_ready())?;
+        Some(parked.remove(free).1)
+    }
+
+    fn put(&self, lane: Lane) {
+        let mut parked = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if parked.len() < PARKED_MAX {
+            parked.push((Instant::now(), lane));
+        }
+    }
+}
+
+/// The lanes of one app connection, each with the parking of its route.
+pub(super) struct Lanes {
+    idle: Mutex<Vec<(Arc<Parked>, Lane)>>,
+    drivers: mpsc::UnboundedSender<Driver>,
+}
+
+impl Lanes {
+    /// Lanes, and the receiver of their drivers for [`drive`] to poll.
+    pub(super) fn new() -> (Arc<Lanes>, mpsc::UnboundedReceiver<Driver>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let lanes = Lanes {
+            idle: Mutex::new(Vec::new()),
+            drivers: tx,
+        };
+        (Arc::new(lanes), rx)
+    }
+
+    /// Send `req` on route `route`'s lane (opened now if there is none, or it closed, or the
+    /// identity changed since it was made). The caller applies the timeout.
+    pub(super) async fn send(
+        &self,
+        route: &Arc<Parked>,
+        client: &DeliveryClient,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, DeliveryError> {
+        let generation = client.identity_generation();
+        let reused = self
+            .take(route)
+            .filter(|l| l.generation == generation)
+            .or_else(|| route.take(generation));
+        let mut fresh = reused.is_none();
+        let lane = match reused {
+            Some(l) => l,
+            // Boxed: the handshake futures are large, and this one is rare.
+            None => Box::pin(self.open(client, req.uri(), generation)).await?,
+        };
+        // If this future is dropped mid-exchange (the app hung up, or the timeout), the lane
+        // is parked: its connection finishes the exchange and serves another app connection.
+        let mut lane = InUse(Some(lane), route);
+        let uri = req.uri().clone();
+        loop {
+            let Some(current) = lane.0.as_mut() else {
+                return Err(client.send_error(boxed_str("the upstream connection was lost")));
+            };
+            match current.send(req).await {
+                Ok(mut res) => {
+                    res.extensions_mut().insert(current.peer.clone());
+                    if let Some(l) = lane.0.take() {
+                        self.put(route, l);
+                    }
+                    return Ok(res);
+                }
+                // A kept connection the receiver closed before the request went out (idle
+                // timeout, keep-alive limit): nothing was sent, so once more on a new one.
+                Err(Unsent(Some(back), _)) if !fresh => {
+                    req = back;
+                    *req.uri_mut() = uri.clone();
+                    lane.0 = Some(Box::pin(self.open(client, &uri, generation)).await?);
+                    fresh = true;
+                }
+                Err(Unsent(_, e)) => {
+                    // Failed mid-exchange: the connection is not worth keeping.
+                    lane.0 = None;
+                    return Err(client.send_error(e));
+                }
+            }
+        }
+    }
+
+    fn take(&self, route: &Arc<Parked>) -> Option<Lane> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let at = idle.iter().position(|(r, _)| Arc::ptr_eq(r, route))?;
+        Some(idle.swap_remove(at).1)
+    }
+
+    fn put(&self, route: &Arc<Parked>, lane: Lane) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((route.clone(), lane));
+    }
+
+    /// The app connection ended: its idle lanes go to their routes for others to take.
+    fn park(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        for (route, lane) in idle {
+            route.put(lane);
+        }
+    }
+
+    async fn open(&self, client: &DeliveryClient, uri: &Uri, generation: u64) -> Result<Lane, DeliveryError> {
+        tracing::debug!(destination = %uri.authority().map_or("", |a| a.as_str()), "sidecar: opening an upstream connection");
+        let conn = client.connector().connect(uri).await?;
+        let peer = conn.peer_shared();
+        let sender = if conn.is_h2() {
+            let (sender, driver) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(conn)
+                .await
+                .map_err(|e| client.send_error(boxed(e)))?;
+            self.start(async move {
+                let _ = driver.await;
+            });
+            Sender::H2(sender)
+        } else {
+            let (sender, driver) = http1::handshake(conn)
+                .await
+                .map_err(|e| client.send_error(boxed(e)))?;
+            self.start(async move {
+                let _ = driver.await;
+            });
+            Sender::H1(sender)
+        };
+        Ok(Lane {
+            sender,
+            peer,
+            generation,
+        })
+    }
+
+    fn start(&self, driver: impl Future<Output = ()> + Send + 'static) {
+        // The receiver lives as long as the app connection's task, which owns `self` too.
+        let _ = self.drivers.send(Box::pin(driver));
+    }
+}
+
+/// A lane taken for one exchange; parked with its route if the exchange is cut off.
+struct InUse<'a>(Option<Lane>, &'a Arc<Parked>);
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        if let Some(lane) = self.0.take() {
+            self.1.put(lane);
+        }
+    }
+}
+
+fn boxed_str(s: &'static str) -> BoxError {
+    s.into()
+}
+
+/// A failed send: the request back when it was never written, and why.
+struct Unsent(Option<Request<Body>>, BoxError);
+
+impl Lane {
+    async fn send(&mut self, mut req: Request<Body>) -> Result<Response<Incoming>, Unsent> {
+        match &mut self.sender {
+            Sender::H1(s) => {
+                // As hyper-util's client does for HTTP/1: origin-form target, Host header.
+                let uri = req.uri().clone();
+                if let Some(host) = uri.host() {
+                    let value = match uri.port_u16().filter(|p| *p != 443) {
+                        Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
+                        None => HeaderValue::from_str(host),
+                    };
+                    if let Ok(v) = value {
+                        req.headers_mut().entry(HOST).or_insert(v);
+                    }
+                }
+                if let Some(pq) = uri.path_and_query() {
+                    if let Ok(origin) = Uri::builder().path_and_query(pq.clone()).build() {
+                        *req.uri_mut() = origin;
+                    }
+                }
+                if let Err(e) = s.ready().await {
+                    return Err(Unsent(Some(req), boxed(e)));
+                }
+                s.try_send_request(req).await.map_err(unsent)
+            }
+            Sender::H2(s) => {
+                if let Err(e) = s.ready().await {
+                    return Err(Unsent(Some(req), boxed(e)));
+                }
+                s.try_send_request(req).await.map_err(unsent)
+            }
+        }
+    }
+}
+
+fn unsent(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> Unsent {
+    let req = e.take_message();
+    Unsent(req, boxed(e.into_error()))
+}
+
+fn boxed(e: hyper::Error) -> BoxError {
+    Box::new(e)
+}
+
+/// Run `server` (the app connection) and every lane it opens in this one task, until the
+/// app connection ends. Then its idle lanes are parked with their routes, and each of its
+/// connections still open goes on in a task of its own.
+pub(super) async fn drive<F: Future>(
+    server: F,
+    lanes: &Lanes,
+    mut drivers: mpsc::UnboundedReceiver<Driver>,
+) -> F::Output {
+    let mut server = std::pin::pin!(server);
+    let mut running: Vec<Driver> = Vec::new();
+    let out = std::future::poll_fn(|cx: &mut Context<'_>| {
+        while let Poll::Ready(Some(d)) = drivers.poll_recv(cx) {
+            running.push(d);
+        }
+        running.retain_mut(|d| d.as_mut().poll(cx).is_pending());
+        server.as_mut().poll(cx)
+    })
+    .await;
+    while let Ok(d) = drivers.try_recv() {
+        running.push(d);
+    }
+    // A connection whose lane is not parked (its request was cut off) ends by itself once
+    // its sender is gone.
+    for d in running {
+        tokio::spawn(d);
+    }
+    lanes.park();
+    out
+}
