@@ -19,6 +19,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -62,23 +63,41 @@ struct Lane {
     sender: Sender,
     peer: Arc<PeerInfo>,
     generation: u64,
+    _open: Open,
 }
 
 /// How many idle lanes a route keeps for app connections to come, and for how long (as the
 /// delivery pool keeps idle connections).
 const PARKED_MAX: usize = 256;
 const PARKED_FOR: Duration = Duration::from_secs(60);
+/// How many lanes a route opens, about (checked before a request, not locked through it).
+/// An app that holds more connections than this (a large idle client pool, say) has the rest
+/// of its requests carried by the route's shared pool, so upstream connections do not grow
+/// with the app's.
+const OPEN_MAX: usize = 256;
 
-/// A route's lanes left by app connections that closed.
+/// Counts a route's open lanes while it lives.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A route's lanes left by app connections that closed, and the count of its open lanes.
 #[derive(Default)]
-pub(super) struct Parked(Mutex<Vec<(Instant, Lane)>>);
+pub(super) struct Parked {
+    idle: Mutex<Vec<(Instant, Lane)>>,
+    open: Arc<AtomicUsize>,
+}
 
 impl Parked {
     /// The most recently parked lane that is free, unexpired, and of `generation`. Closed,
     /// expired and outdated lanes are let go; busy ones (an exchange cut off by its app still
     /// finishing) stay for later.
     fn take(&self, generation: u64) -> Option<Lane> {
-        let mut parked = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut parked = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         parked.retain(|(at, lane)| {
             at.elapsed() < PARKED_FOR && lane.generation == generation && !lane.sender.is_closed()
         });
@@ -87,7 +106,7 @@ impl Parked {
     }
 
     fn put(&self, lane: Lane) {
-        let mut parked = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut parked = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if parked.len() < PARKED_MAX {
             parked.push((Instant::now(), lane));
         }
@@ -111,6 +130,19 @@ impl Lanes {
         (Arc::new(lanes), rx)
     }
 
+    /// Whether a request to `route` can go on a lane now: this app connection has one, or
+    /// the route has one parked, or fewer than [`OPEN_MAX`] are open.
+    pub(super) fn available(&self, route: &Arc<Parked>) -> bool {
+        let own = self
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(r, _)| Arc::ptr_eq(r, route));
+        own || route.open.load(Ordering::Relaxed) < OPEN_MAX
+            || !route.idle.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
     /// Send `req` on route `route`'s lane (opened now if there is none, or it closed, or the
     /// identity changed since it was made). The caller applies the timeout.
     pub(super) async fn send(
@@ -128,7 +160,7 @@ impl Lanes {
         let lane = match reused {
             Some(l) => l,
             // Boxed: the handshake futures are large, and this one is rare.
-            None => Box::pin(self.open(client, req.uri(), generation)).await?,
+            None => Box::pin(self.open(route, client, req.uri(), generation)).await?,
         };
         // If this future is dropped mid-exchange (the app hung up, or the timeout), the lane
         // is parked: its connection finishes the exchange and serves another app connection.
@@ -151,7 +183,7 @@ impl Lanes {
                 Err(Unsent(Some(back), _)) if !fresh => {
                     req = back;
                     *req.uri_mut() = uri.clone();
-                    lane.0 = Some(Box::pin(self.open(client, &uri, generation)).await?);
+                    lane.0 = Some(Box::pin(self.open(route, client, &uri, generation)).await?);
                     fresh = true;
                 }
                 Err(Unsent(_, e)) => {
@@ -184,7 +216,13 @@ impl Lanes {
         }
     }
 
-    async fn open(&self, client: &DeliveryClient, uri: &Uri, generation: u64) -> Result<Lane, DeliveryError> {
+    async fn open(
+        &self,
+        route: &Parked,
+        client: &DeliveryClient,
+        uri: &Uri,
+        generation: u64,
+    ) -> Result<Lane, DeliveryError> {
         tracing::debug!(destination = %uri.authority().map_or("", |a| a.as_str()), "sidecar: opening an upstream connection");
         let conn = client.connector().connect(uri).await?;
         let peer = conn.peer_shared();
@@ -207,10 +245,12 @@ impl Lanes {
             });
             Sender::H1(sender)
         };
+        route.open.fetch_add(1, Ordering::Relaxed);
         Ok(Lane {
             sender,
             peer,
             generation,
+            _open: Open(route.open.clone()),
         })
     }
 

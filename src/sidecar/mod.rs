@@ -404,7 +404,7 @@ impl Sidecar {
             } else {
                 std::mem::take(&mut headers)
             };
-            let result = if on_lane {
+            let result = if on_lane && lanes.available(&route.parked) {
                 Self::send_on_lane(lanes, route, parts.method.clone(), url.clone(), hdrs, body).await
             } else {
                 route
