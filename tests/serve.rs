@@ -353,8 +353,10 @@ async fn dataflows_managed_over_the_admin_api_backfill_persist_and_delete() {
     // New updates go to both; after DELETE, only to the configured one.
     let (s, _) = http("POST", &url("/v1/profiles"), Some(TOKEN), &ndjson(6)).await;
     assert_eq!(s, 200);
+    // All six (five re-exports: `n` is mapped, and each line writes it) to the API-managed
+    // one before it is deleted, so none is still in flight after.
     wait_until("profile 5 to both", Duration::from_secs(10), || {
-        profiles_seen(&rx2).contains(&5) && profiles_seen(&rx).contains(&5)
+        rx2.received().len() >= 5 + 6 && profiles_seen(&rx).contains(&5)
     })
     .await;
     let (s, _) = http("DELETE", &url("/v1/dataflows/second"), Some(TOKEN), b"").await;

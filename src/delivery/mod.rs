@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod connector;
 pub mod error;
+pub(crate) mod lane;
 pub mod retry;
 pub mod signing;
 
@@ -133,6 +134,15 @@ fn refusal_hint(status: StatusCode, body: &Bytes) -> Option<&'static str> {
     }
 }
 
+/// Which connection a request goes over.
+#[derive(Clone, Copy)]
+pub(crate) enum Via<'a> {
+    /// The destination's shared pool.
+    Pool,
+    /// The sending task's own lane to the destination, when it can have one (see [`lane`]).
+    Lane(&'a lane::Lanes, &'a Arc<lane::Parked>),
+}
+
 /// A pooled client for one destination profile.
 #[derive(Clone)]
 pub struct DeliveryClient {
@@ -175,16 +185,29 @@ impl DeliveryClient {
     /// Send one request and read the answer, all within the destination's timeout.
     /// Any HTTP answer is `Ok`; see [`Delivered::error`] for the delivery verdict.
     pub async fn send(&self, req: OutboundRequest) -> Result<Delivered, DeliveryError> {
+        self.send_via(Via::Pool, req).await
+    }
+
+    /// [`send`](Self::send), over the connection `via` names.
+    pub(crate) async fn send_via(
+        &self,
+        via: Via<'_>,
+        req: OutboundRequest,
+    ) -> Result<Delivered, DeliveryError> {
+        let via = match via {
+            Via::Lane(lanes, parked) if !lanes.available(parked) => Via::Pool,
+            v => v,
+        };
         let auth = &self.settings.auth;
         let credential = auth.credential().await?;
-        let first = self.send_once(req.clone(), credential.as_ref()).await?;
+        let first = self.send_once(via, req.clone(), credential.as_ref()).await?;
         // A 401 with an OAuth2 token: the token was revoked or expired early. Once, with a
         // fresh one.
         if first.status == http::StatusCode::UNAUTHORIZED {
             if let Some(used) = &credential {
                 if auth.refused(used).await {
                     let fresh = auth.credential().await?;
-                    return self.send_once(req, fresh.as_ref()).await;
+                    return self.send_once(via, req, fresh.as_ref()).await;
                 }
             }
         }
@@ -193,11 +216,12 @@ impl DeliveryClient {
 
     /// Send without this destination's auth (the token endpoint's own requests).
     pub async fn send_unauthenticated(&self, req: OutboundRequest) -> Result<Delivered, DeliveryError> {
-        self.send_once(req, None).await
+        self.send_once(Via::Pool, req, None).await
     }
 
     async fn send_once(
         &self,
+        via: Via<'_>,
         req: OutboundRequest,
         credential: Option<&crate::config::Secret>,
     ) -> Result<Delivered, DeliveryError> {
@@ -210,11 +234,14 @@ impl DeliveryClient {
                 .insert(http::header::AUTHORIZATION, auth::bearer_header(c)?);
         }
         let fut = async {
-            let res = self
-                .pool()
-                .request(request)
-                .await
-                .map_err(|e| self.explain(DeliveryError::classify(Box::new(e), "sending the request")))?;
+            let res = match via {
+                Via::Pool => self
+                    .pool()
+                    .request(request)
+                    .await
+                    .map_err(|e| self.send_error(Box::new(e)))?,
+                Via::Lane(lanes, parked) => lanes.send(parked, self, request).await?,
+            };
             let (parts, body) = res.into_parts();
             let peer = parts.extensions.get::<Arc<PeerInfo>>().cloned();
             let body = Limited::new(body, MAX_RESPONSE_BODY)

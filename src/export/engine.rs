@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::delivery::retry::{RetryPolicy, Verdict};
 use crate::delivery::signing::WebhookSigner;
 use crate::delivery::{
-    settings_for_dataflow_with, DeliveryClient, DeliveryError, ErrorKind, OutboundRequest, PeerInfo,
+    settings_for_dataflow_with, DeliveryClient, DeliveryError, ErrorKind, OutboundRequest, PeerInfo, Via,
 };
 use crate::store::{self, now_ms, AttemptError, Completion, OutboxItem, Store, StoreError};
 
@@ -60,6 +60,8 @@ struct Flow {
     auth_kind: &'static str,
     counters: crate::metrics::FlowCounters,
     wake: Notify,
+    /// Connections of couriers that stopped, for the next ones (see `delivery::lane`).
+    parked: Arc<crate::delivery::lane::Parked>,
 }
 
 struct Inner {
@@ -272,7 +274,7 @@ impl Engine {
             })?;
         let s = self.inner.store.clone();
         let body = Bytes::from(dl.payload);
-        let sent = flow.send(&dl.idempotency_key, body.clone()).await;
+        let sent = flow.send(Via::Pool, &dl.idempotency_key, body.clone()).await;
         let outcome = if sent.result.is_ok() {
             "replay_delivered"
         } else {
@@ -575,8 +577,8 @@ impl Engine {
     }
 }
 
-/// Deliveries in flight per dataflow: a stable set of pooled connections (HTTP/1.1) or
-/// streams (HTTP/2), as a proxy's keep-alive pool would hold.
+/// Deliveries in flight per dataflow: that many couriers, each sending one at a time over a
+/// connection of its own, as a proxy's keep-alive pool would hold them.
 const IN_FLIGHT: usize = 64;
 
 /// Outcomes recorded per store transaction, at most. An ingest holds the writer for a whole
@@ -637,6 +639,7 @@ async fn build_flow(
         auth_kind: df.auth.kind(),
         counters: Default::default(),
         wake: Notify::new(),
+        parked: Arc::default(),
     })
 }
 
@@ -649,13 +652,21 @@ impl Inner {
     }
 }
 
-/// One dataflow's pipeline: a claimer leases due rows and starts a send for each as soon as
-/// one of the [`IN_FLIGHT`] slots frees up; a completer records outcomes in batches. A row
-/// stays leased from claim to completion, so a profile never has two deliveries in flight.
+/// One dataflow's pipeline: a claimer leases due rows and hands each to a courier, which
+/// delivers it; a completer records outcomes in batches. A row stays leased from claim to
+/// completion, so a profile never has two deliveries in flight. The couriers stop when the
+/// claimer does, after the delivery each holds.
 async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord)>(OUTCOME_BATCH * 2);
     let completer = tokio::spawn(complete_loop(inner.clone(), flow.clone(), done_rx));
+    let mut couriers = Couriers {
+        queues: Vec::new(),
+        idle: Arc::default(),
+        freed: Arc::default(),
+        inner: inner.clone(),
+        flow: flow.clone(),
+        done: done_tx,
+    };
     let lease_ms = i64::try_from(inner.cfg.store.lease().as_millis()).unwrap_or(30_000);
     let claim = || {
         let (s, name) = (inner.store.clone(), flow.spec.name.clone());
@@ -694,27 +705,108 @@ async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
             None
         };
         for (i, item) in items.into_iter().enumerate() {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
             if Some(i) == prefetch_at {
                 next = Some(claim());
             }
-            let (flow, inner, done) = (flow.clone(), inner.clone(), done_tx.clone());
-            tokio::spawn(async move {
-                let enqueued_at = item.enqueued_at;
-                let (c, audit) = deliver(&flow, &inner.catalog, item).await;
-                drop(permit);
-                // Latency ends when the receiver answered, not when the outcome is committed.
-                inner.stats.record(&c, enqueued_at);
-                let _ = done.send((c, audit)).await;
-            });
+            if !couriers.dispatch(item).await {
+                return;
+            }
         }
         if completer.is_finished() {
             tracing::error!(dataflow = %flow.spec.name, "completion writer stopped");
             return;
         }
     }
+}
+
+/// A dataflow's couriers: up to [`IN_FLIGHT`] tasks, each delivering one item at a time over
+/// a connection of its own (a lane, driven in the courier's task). They start as the load
+/// needs them, and the one idle most recently gets the next item, so a light load keeps
+/// using the same few connections.
+struct Couriers {
+    /// Each courier's queue (one item at most).
+    queues: Vec<tokio::sync::mpsc::Sender<OutboxItem>>,
+    /// Idle couriers, the most recently idle last.
+    idle: Arc<Mutex<Vec<usize>>>,
+    /// A courier became idle.
+    freed: Arc<Notify>,
+    inner: Arc<Inner>,
+    flow: Arc<Flow>,
+    done: tokio::sync::mpsc::Sender<(Completion, AuditRecord)>,
+}
+
+impl Couriers {
+    /// Hand `item` to an idle courier, starting one when none is idle and fewer than
+    /// [`IN_FLIGHT`] run, or else waiting for one. `false` when the couriers have stopped
+    /// (the completer is gone).
+    async fn dispatch(&mut self, mut item: OutboxItem) -> bool {
+        loop {
+            let notify = self.freed.clone();
+            let freed = notify.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let courier = match idle {
+                Some(i) => i,
+                None if self.queues.len() < IN_FLIGHT => self.start(),
+                None => {
+                    freed.await;
+                    continue;
+                }
+            };
+            // An idle courier's queue is empty; a closed one has stopped for good.
+            match self.queues[courier].try_send(item) {
+                Ok(()) => return true,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(back)) => item = back,
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+    }
+
+    fn start(&mut self) -> usize {
+        let index = self.queues.len();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        self.queues.push(tx);
+        tokio::spawn(courier(
+            index,
+            rx,
+            self.idle.clone(),
+            self.freed.clone(),
+            self.inner.clone(),
+            self.flow.clone(),
+            self.done.clone(),
+        ));
+        index
+    }
+}
+
+/// Deliver the items handed to courier `index`, one at a time, over its own connection
+/// (driven in this task); after each, report idle. Stops when its queue closes.
+async fn courier(
+    index: usize,
+    mut work: tokio::sync::mpsc::Receiver<OutboxItem>,
+    idle: Arc<Mutex<Vec<usize>>>,
+    freed: Arc<Notify>,
+    inner: Arc<Inner>,
+    flow: Arc<Flow>,
+    done: tokio::sync::mpsc::Sender<(Completion, AuditRecord)>,
+) {
+    let (lanes, drivers) = crate::delivery::lane::Lanes::new();
+    let run = async {
+        while let Some(item) = work.recv().await {
+            let enqueued_at = item.enqueued_at;
+            let via = Via::Lane(&lanes, &flow.parked);
+            let (c, audit) = deliver(&flow, &inner.catalog, item, via).await;
+            // Latency ends when the receiver answered, not when the outcome is committed.
+            inner.stats.record(&c, enqueued_at);
+            if done.send((c, audit)).await.is_err() {
+                return;
+            }
+            idle.lock().unwrap_or_else(|p| p.into_inner()).push(index);
+            freed.notify_one();
+        }
+    };
+    crate::delivery::lane::drive(run, &lanes, drivers).await;
 }
 
 async fn complete_loop(
@@ -755,7 +847,12 @@ impl Stats {
     }
 }
 
-async fn deliver(flow: &Flow, catalog: &Catalog, item: OutboxItem) -> (Completion, AuditRecord) {
+async fn deliver(
+    flow: &Flow,
+    catalog: &Catalog,
+    item: OutboxItem,
+    via: Via<'_>,
+) -> (Completion, AuditRecord) {
     let body: Bytes = payload::to_vec_with(
         &flow.spec,
         catalog,
@@ -766,7 +863,7 @@ async fn deliver(flow: &Flow, catalog: &Catalog, item: OutboxItem) -> (Completio
     .into();
     let key = idempotency_key(&flow.spec.name, item.id, item.version);
     let attempt = item.attempts + 1;
-    let sent = flow.send(&key, body.clone()).await;
+    let sent = flow.send(via, &key, body.clone()).await;
     let completion = match &sent.result {
         Ok(()) => Completion::Delivered {
             id: item.id,
@@ -840,7 +937,7 @@ fn jitter() -> f64 {
 
 impl Flow {
     /// One signed POST of `body` under `key`; `Err` for anything but a 2xx.
-    async fn send(&self, key: &str, body: Bytes) -> Sent {
+    async fn send(&self, via: Via<'_>, key: &str, body: Bytes) -> Sent {
         let started = std::time::Instant::now();
         let req = match self.request(key, body) {
             Ok(r) => r,
@@ -853,7 +950,7 @@ impl Flow {
                 }
             }
         };
-        let (result, status, peer) = match self.client.send(req).await {
+        let (result, status, peer) = match self.client.send_via(via, req).await {
             Ok(d) => (d.error().map_or(Ok(()), Err), Some(d.status.as_u16()), d.peer),
             Err(e) => (Err(e), None, None),
         };

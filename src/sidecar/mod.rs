@@ -6,8 +6,6 @@
 //! Must never: listen beyond loopback unless configured to, pass the app's `Authorization`
 //! on when the route authenticates itself, forward hop-by-hop headers, or buffer a body.
 
-mod lane;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,7 +52,7 @@ struct Route {
     retry_non_idempotent: bool,
     retry_buffer: usize,
     /// Idle upstream connections left by app connections that closed.
-    parked: Arc<lane::Parked>,
+    parked: Arc<crate::delivery::lane::Parked>,
 }
 
 /// Methods a retry cannot make happen twice in effect (RFC 9110 §9.2.2).
@@ -251,7 +249,7 @@ async fn serve_connection<S>(sc: Arc<Sidecar>, stream: S, peer: Option<std::net:
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (lanes, drivers) = lane::Lanes::new();
+    let (lanes, drivers) = crate::delivery::lane::Lanes::new();
     let svc_lanes = lanes.clone();
     let svc = service_fn(move |req| {
         let (sc, lanes) = (sc.clone(), svc_lanes.clone());
@@ -262,7 +260,7 @@ where
     // future `Send` (its body-error bounds are higher-ranked).
     let server: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
         Box::pin(builder.serve_connection(TokioIo::new(stream), svc));
-    let _ = lane::drive(server, &lanes, drivers).await;
+    let _ = crate::delivery::lane::drive(server, &lanes, drivers).await;
 }
 
 fn json_error(status: StatusCode, kind: &str, message: &str) -> Reply {
@@ -306,7 +304,7 @@ impl Sidecar {
         &self,
         req: Request<Incoming>,
         peer: Option<std::net::IpAddr>,
-        lanes: &lane::Lanes,
+        lanes: &crate::delivery::lane::Lanes,
     ) -> Reply {
         let started = Instant::now();
         let path = req.uri().path().to_owned();
@@ -438,7 +436,7 @@ impl Sidecar {
 
     /// [`DeliveryClient::send_streaming`], on this app connection's lane for the route.
     async fn send_on_lane(
-        lanes: &lane::Lanes,
+        lanes: &crate::delivery::lane::Lanes,
         route: &Route,
         method: http::Method,
         url: url::Url,

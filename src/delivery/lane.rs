@@ -1,21 +1,19 @@
-//! Lanes: each app connection gets its own upstream connection per route, driven in the app
-//! connection's task.
+//! Lanes: a task that sends one request at a time (a sidecar app connection, an export
+//! courier) gets a connection of its own per destination, driven in that same task.
 //!
-//! An HTTP/1.1 app sends one request at a time per connection, so a connection of its own
-//! upstream is always free when the next request comes. Carrying it there skips what a
-//! shared pool costs each request: a checkout and return under a lock, a task per upstream
-//! connection woken from the app's task (often on the other worker thread) and back, and a
-//! task spawned to return each connection whose response body is still streaming. The
-//! upstream connection is made by the route's own connector, so it passes the same egress
-//! policy, source-address binding, trust and mTLS-only check as a pooled one; it closes with
-//! the app connection.
+//! Such a task's own connection is always free when its next request comes. Carrying the
+//! request there skips what the shared pool costs each request: a checkout and return under a
+//! lock, a task per connection woken from the sender's task (often on the other worker
+//! thread) and back, and a task spawned to return each connection whose response body is
+//! still streaming. The connection is made by the destination's own connector, so it passes
+//! the same egress policy, source-address binding, trust and mTLS-only check as a pooled one.
 //!
-//! When the app connection closes, its idle lanes are parked with their route for the next
-//! app connection to take (each then driven by a task of its own), so an app that opens a
-//! connection per request still reuses upstream connections, as with a pool.
+//! When the task ends, its idle lanes are parked with their destination (a [`Parked`]) for
+//! the next task to take (each then driven by a task of its own), so a sidecar app that opens
+//! a connection per request still reuses upstream connections, as with a pool.
 //!
-//! Requests that cannot use a lane (HTTP/2 from the app, whose streams run concurrently, or
-//! CONNECT) go through the route's pool as before.
+//! Requests that cannot use a lane (HTTP/2 from a sidecar app, whose streams run
+//! concurrently, or CONNECT) go through the destination's pool.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,7 +29,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::mpsc;
 
-use crate::delivery::{Body, BoxError, DeliveryClient, DeliveryError, PeerInfo};
+use super::{Body, BoxError, DeliveryClient, DeliveryError, PeerInfo};
 
 /// A connection's driver: polled by the app connection's task until the connection ends.
 type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -87,7 +85,7 @@ impl Drop for Open {
 
 /// A route's lanes left by app connections that closed, and the count of its open lanes.
 #[derive(Default)]
-pub(super) struct Parked {
+pub(crate) struct Parked {
     idle: Mutex<Vec<(Instant, Lane)>>,
     open: Arc<AtomicUsize>,
 }
@@ -114,14 +112,14 @@ impl Parked {
 }
 
 /// The lanes of one app connection, each with the parking of its route.
-pub(super) struct Lanes {
+pub(crate) struct Lanes {
     idle: Mutex<Vec<(Arc<Parked>, Lane)>>,
     drivers: mpsc::UnboundedSender<Driver>,
 }
 
 impl Lanes {
     /// Lanes, and the receiver of their drivers for [`drive`] to poll.
-    pub(super) fn new() -> (Arc<Lanes>, mpsc::UnboundedReceiver<Driver>) {
+    pub(crate) fn new() -> (Arc<Lanes>, mpsc::UnboundedReceiver<Driver>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let lanes = Lanes {
             idle: Mutex::new(Vec::new()),
@@ -132,7 +130,7 @@ impl Lanes {
 
     /// Whether a request to `route` can go on a lane now: this app connection has one, or
     /// the route has one parked, or fewer than [`OPEN_MAX`] are open.
-    pub(super) fn available(&self, route: &Arc<Parked>) -> bool {
+    pub(crate) fn available(&self, route: &Arc<Parked>) -> bool {
         let own = self
             .idle
             .lock()
@@ -145,7 +143,7 @@ impl Lanes {
 
     /// Send `req` on route `route`'s lane (opened now if there is none, or it closed, or the
     /// identity changed since it was made). The caller applies the timeout.
-    pub(super) async fn send(
+    pub(crate) async fn send(
         &self,
         route: &Arc<Parked>,
         client: &DeliveryClient,
@@ -325,7 +323,7 @@ fn boxed(e: hyper::Error) -> BoxError {
 /// Run `server` (the app connection) and every lane it opens in this one task, until the
 /// app connection ends. Then its idle lanes are parked with their routes, and each of its
 /// connections still open goes on in a task of its own.
-pub(super) async fn drive<F: Future>(
+pub(crate) async fn drive<F: Future>(
     server: F,
     lanes: &Lanes,
     mut drivers: mpsc::UnboundedReceiver<Driver>,
