@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 use super::{Body, BoxError, DeliveryClient, DeliveryError, PeerInfo};
 
-/// A connection's driver: polled by the app connection's task until the connection ends.
+/// A connection's driver: polled by the task that opened it until the connection ends.
 type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 enum Sender {
@@ -181,6 +181,8 @@ impl Lanes {
                 Err(Unsent(Some(back), _)) if !fresh => {
                     req = back;
                     *req.uri_mut() = uri.clone();
+                    // The closed one is let go, not parked, even if opening fails.
+                    lane.0 = None;
                     lane.0 = Some(Box::pin(self.open(route, client, &uri, generation)).await?);
                     fresh = true;
                 }
@@ -221,7 +223,7 @@ impl Lanes {
         uri: &Uri,
         generation: u64,
     ) -> Result<Lane, DeliveryError> {
-        tracing::debug!(destination = %uri.authority().map_or("", |a| a.as_str()), "sidecar: opening an upstream connection");
+        tracing::debug!(destination = %uri.authority().map_or("", |a| a.as_str()), "opening a lane");
         let conn = client.connector().connect(uri).await?;
         let peer = conn.peer_shared();
         let sender = if conn.is_h2() {

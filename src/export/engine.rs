@@ -748,11 +748,16 @@ impl Couriers {
             let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let courier = match idle {
                 Some(i) => i,
-                None if self.queues.len() < IN_FLIGHT => self.start(),
-                None => {
-                    freed.await;
-                    continue;
-                }
+                None if self.queues.len() < IN_FLIGHT => self.start(None),
+                // A courier that ended early (it cannot, short of a panic) is replaced, so
+                // the dataflow never runs out of couriers and waits forever.
+                None => match self.queues.iter().position(|q| q.is_closed()) {
+                    Some(dead) => self.start(Some(dead)),
+                    None => {
+                        freed.await;
+                        continue;
+                    }
+                },
             };
             // An idle courier's queue is empty; a closed one has stopped for good.
             match self.queues[courier].try_send(item) {
@@ -763,10 +768,19 @@ impl Couriers {
         }
     }
 
-    fn start(&mut self) -> usize {
-        let index = self.queues.len();
+    /// Start a courier, new or in place of the one at `replace`.
+    fn start(&mut self, replace: Option<usize>) -> usize {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        self.queues.push(tx);
+        let index = match replace {
+            Some(i) => {
+                self.queues[i] = tx;
+                i
+            }
+            None => {
+                self.queues.push(tx);
+                self.queues.len() - 1
+            }
+        };
         tokio::spawn(courier(
             index,
             rx,
