@@ -194,10 +194,6 @@ impl DeliveryClient {
         via: Via<'_>,
         req: OutboundRequest,
     ) -> Result<Delivered, DeliveryError> {
-        let via = match via {
-            Via::Lane(lanes, parked) if !lanes.available(parked) => Via::Pool,
-            v => v,
-        };
         let auth = &self.settings.auth;
         let credential = auth.credential().await?;
         let first = self.send_once(via, req.clone(), credential.as_ref()).await?;
@@ -234,14 +230,7 @@ impl DeliveryClient {
                 .insert(http::header::AUTHORIZATION, auth::bearer_header(c)?);
         }
         let fut = async {
-            let res = match via {
-                Via::Pool => self
-                    .pool()
-                    .request(request)
-                    .await
-                    .map_err(|e| self.send_error(Box::new(e)))?,
-                Via::Lane(lanes, parked) => lanes.send(parked, self, request).await?,
-            };
+            let res = self.request(via, request).await?;
             let (parts, body) = res.into_parts();
             let peer = parts.extensions.get::<Arc<PeerInfo>>().cloned();
             let body = Limited::new(body, MAX_RESPONSE_BODY)
@@ -323,34 +312,36 @@ impl DeliveryClient {
         self.build_with(req.method, req.url, req.headers, body)
     }
 
-    /// Send a request whose body streams, and return the answer with its body still
-    /// streaming (the sidecar). The timeout covers connecting and the response head; the body
-    /// then flows at the pace of both ends. No 401 retry: a stream cannot be sent twice.
-    pub async fn send_streaming(
+    /// Exchange `request` over the connection `via` names, up to the response head. A lane
+    /// that cannot be had now (the destination has its most open already) gives way to the
+    /// pool.
+    async fn request(
         &self,
+        via: Via<'_>,
+        request: Request<Body>,
+    ) -> Result<http::Response<hyper::body::Incoming>, DeliveryError> {
+        match via {
+            Via::Lane(lanes, parked) if lanes.available(parked) => lanes.send(parked, self, request).await,
+            _ => self
+                .pool()
+                .request(request)
+                .await
+                .map_err(|e| self.send_error(Box::new(e))),
+        }
+    }
+
+    /// Send a request whose body streams, and return the answer with its body still
+    /// streaming (the sidecar), over the connection `via` names. The timeout covers
+    /// connecting and the response head; the body then flows at the pace of both ends. No 401
+    /// retry: a stream cannot be sent twice.
+    pub(crate) async fn send_streaming(
+        &self,
+        via: Via<'_>,
         method: Method,
         url: url::Url,
         headers: HeaderMap,
         body: Body,
     ) -> Result<http::Response<hyper::body::Incoming>, DeliveryError> {
-        let request = self.prepare_streaming(method, url, headers, body).await?;
-        let timeout = self.settings.timeout;
-        tokio::time::timeout(timeout, self.pool().request(request))
-            .await
-            .map_err(|_| Self::head_timeout(timeout))?
-            .map_err(|e| self.send_error(Box::new(e)))
-    }
-
-    /// The request [`send_streaming`](Self::send_streaming) sends: this destination's
-    /// headers, query and credentials applied. For callers that carry it over a connection of
-    /// their own from [`connector`](Self::connector).
-    pub async fn prepare_streaming(
-        &self,
-        method: Method,
-        url: url::Url,
-        headers: HeaderMap,
-        body: Body,
-    ) -> Result<Request<Body>, DeliveryError> {
         let credential = self.settings.auth.credential().await?;
         let mut request = self.build_with(method, url, headers, body)?;
         if let Some(c) = &credential {
@@ -358,30 +349,28 @@ impl DeliveryClient {
                 .headers_mut()
                 .insert(http::header::AUTHORIZATION, auth::bearer_header(c)?);
         }
-        Ok(request)
+        let timeout = self.settings.timeout;
+        tokio::time::timeout(timeout, self.request(via, request))
+            .await
+            .map_err(|_| DeliveryError::new(ErrorKind::Timeout, format!("no answer within {timeout:?}")))?
     }
 
     /// The connector this destination's connections are made with: the same egress policy,
     /// source address, trust, identity and mTLS-only check as the pool's.
-    pub fn connector(&self) -> &Connector {
+    pub(crate) fn connector(&self) -> &Connector {
         &self.connector
     }
 
     /// Changes when the client identity is reloaded or rotated: a connection made under an
     /// earlier generation must not carry another request.
-    pub fn identity_generation(&self) -> u64 {
+    pub(crate) fn identity_generation(&self) -> u64 {
         self.settings.tls.identity_generation()
     }
 
     /// A failed exchange as the delivery error it stands for (a TLS alert that explains it
     /// included).
-    pub fn send_error(&self, e: BoxError) -> DeliveryError {
+    pub(crate) fn send_error(&self, e: BoxError) -> DeliveryError {
         self.explain(DeliveryError::classify(e, "sending the request"))
-    }
-
-    /// No response head within the destination's timeout.
-    pub fn head_timeout(timeout: Duration) -> DeliveryError {
-        DeliveryError::new(ErrorKind::Timeout, format!("no answer within {timeout:?}"))
     }
 
     fn build_with(

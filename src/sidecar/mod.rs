@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::audit::AuditRecord;
 use crate::config::Config;
 use crate::delivery::{
-    settings_for_dataflow_with, Body, BoxError, DeliveryClient, DeliveryError, ErrorKind, PeerInfo,
+    settings_for_dataflow_with, Body, BoxError, DeliveryClient, DeliveryError, ErrorKind, PeerInfo, Via,
 };
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
@@ -402,14 +402,15 @@ impl Sidecar {
             } else {
                 std::mem::take(&mut headers)
             };
-            let result = if on_lane && lanes.available(&route.parked) {
-                Self::send_on_lane(lanes, route, parts.method.clone(), url.clone(), hdrs, body).await
+            let via = if on_lane {
+                Via::Lane(lanes, &route.parked)
             } else {
-                route
-                    .client
-                    .send_streaming(parts.method.clone(), url.clone(), hdrs, body)
-                    .await
+                Via::Pool
             };
+            let result = route
+                .client
+                .send_streaming(via, parts.method.clone(), url.clone(), hdrs, body)
+                .await;
             let again = attempt < attempts
                 && match &result {
                     Ok(res) => retry_status(res.status()),
@@ -432,23 +433,6 @@ impl Sidecar {
             }
             Err(e) => self.error_reply(&e, forwarded),
         }
-    }
-
-    /// [`DeliveryClient::send_streaming`], on this app connection's lane for the route.
-    async fn send_on_lane(
-        lanes: &crate::delivery::lane::Lanes,
-        route: &Route,
-        method: http::Method,
-        url: url::Url,
-        headers: HeaderMap,
-        body: Body,
-    ) -> Result<Response<Incoming>, DeliveryError> {
-        let client = &route.client;
-        let request = client.prepare_streaming(method, url, headers, body).await?;
-        let timeout = client.settings().timeout;
-        tokio::time::timeout(timeout, lanes.send(&route.parked, client, request))
-            .await
-            .map_err(|_| DeliveryClient::head_timeout(timeout))?
     }
 
     /// One audit record per attempt, as exports write them. When the writer falls behind, the
