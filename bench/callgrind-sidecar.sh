@@ -24,8 +24,7 @@ bench_tools
 command -v haproxy >/dev/null && command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy valgrind >/dev/null; }
 bench_pki
 bench_receiver
-BIN=${SALLYPORT_BIN:-$ROOT/target/release/sallyport}
-[ -n "${SALLYPORT_BIN:-}" ] || (cd "$ROOT" && cargo build --release --quiet)
+bench_sallyport_bin
 bench_post_lua
 
 bench_haproxy_conf 18182

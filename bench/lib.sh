@@ -101,3 +101,10 @@ bench_post_lua() {
   head -c 1024 /dev/urandom | base64 -w0 | head -c 1024 > "$PKI/body-1k"
   printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nlocal f = io.open("%s/body-1k"); wrk.body = f:read("*a"); f:close()\n' "$PKI" > "$PKI/post.lua"
 }
+
+# $BIN: the sallyport binary to measure — $SALLYPORT_BIN when set (A/B of two builds), else
+# this checkout's release build, built now. Needs $ROOT.
+bench_sallyport_bin() {
+  BIN=${SALLYPORT_BIN:-$ROOT/target/release/sallyport}
+  [ -n "${SALLYPORT_BIN:-}" ] || (cd "$ROOT" && cargo build --release --quiet)
+}
