@@ -8,13 +8,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     sallyport::disable_transparent_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("SALLYPORT_LOG").unwrap_or_else(|_| EnvFilter::new("warn")))
         .with_writer(std::io::stderr)
         .init();
     let cli = sallyport::cli::Cli::parse();
-    sallyport::cli::run(cli).await
+    sallyport::cli::main(cli)
 }

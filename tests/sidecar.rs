@@ -591,3 +591,64 @@ async fn each_listener_has_its_own_routes() {
     );
     assert!(err.contains("sidecar.listeners[1].listen: 0.0.0.0"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_command_runs_on_one_thread_or_as_many_as_configured() {
+    let pki = RcgenPki::new();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let f = &pki.files;
+    let config = |threads: &str, port: u16| {
+        let path = pki.dir.path().join(format!("sc-{port}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[identity]\ncert = \"{}\"\nkey = \"{}\"\n[egress]\nallow = [\"127.0.0.0/8\"]\n\
+                 [store]\nurl = \"sqlite://sc-{port}.db\"\n[sidecar]\nlisten = \"127.0.0.1:{port}\"\n{threads}\n\
+                 [[sidecar.routes]]\nprefix = \"/\"\nupstream = \"{}\"\nca = \"{}\"\n",
+                f.client_cert.display(),
+                f.client_key.display(),
+                rx.url(""),
+                f.ca_cert.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    // The default (one thread) and a multi-thread runtime both carry requests out.
+    for (threads, path) in [("", "/one"), ("threads = 3", "/three")] {
+        let port = free_port();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+            .args(["sidecar", "--config"])
+            .arg(config(threads, port))
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        tokio::task::spawn_blocking(move || wait_for_port(port))
+            .await
+            .unwrap();
+        let mut tx = app(port).await;
+        for _ in 0..3 {
+            assert_eq!(
+                call(&mut tx, "POST", path, &[], Bytes::from_static(b"{}"))
+                    .await
+                    .0,
+                200
+            );
+        }
+        child.kill().await.unwrap();
+    }
+    let paths: Vec<String> = rx.received().iter().map(|r| r.path_and_query.clone()).collect();
+    assert_eq!(paths, ["/one", "/one", "/one", "/three", "/three", "/three"]);
+
+    // Out of range: refused before anything starts, with the key named.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+        .args(["sidecar", "--config"])
+        .arg(config("threads = 0", free_port()))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sidecar.threads: must be between 1 and 64"), "{err}");
+}

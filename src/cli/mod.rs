@@ -280,7 +280,41 @@ pub struct DemoArgs {
     pub profiles: usize,
 }
 
-/// Run a parsed command line.
+/// Run a parsed command line on the runtime its command needs: `sidecar` on as many threads
+/// as `[sidecar] threads` says (one by default: a current-thread runtime), everything else
+/// on tokio's default multi-thread runtime.
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Sidecar(a) => match Config::load(&a.config) {
+            Ok(cfg) => {
+                let threads = cfg.sidecar.as_ref().map_or(1, |s| s.threads);
+                on_runtime(threads, async move {
+                    exit(crate::sidecar::run(cfg).await.map_err(Failure::failed))
+                })
+            }
+            Err(e) => exit(Err(Failure::usage(e))),
+        },
+        command => on_runtime(0, run(Cli { command })),
+    }
+}
+
+/// Run `work` to completion on a runtime with `threads` workers: 1 is a current-thread
+/// runtime, 0 tokio's default (one worker per core).
+fn on_runtime(threads: usize, work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let mut b = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        b.worker_threads(threads);
+    }
+    match b.enable_all().build() {
+        Ok(rt) => rt.block_on(work),
+        Err(e) => exit(Err(Failure::failed(format!("could not start the runtime: {e}")))),
+    }
+}
+
+/// Run a parsed command line (`sidecar` included, on the caller's runtime).
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => match Config::load(&a.config) {
@@ -322,6 +356,11 @@ pub async fn run(cli: Cli) -> ExitCode {
         }) => pki_install(&config, &identity, &signed, as_next),
         Command::Demo(args) => return crate::demo::run(args.profiles).await,
     };
+    exit(result)
+}
+
+/// The exit code of a command's result; a failure is said on stderr first.
+fn exit(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, message }) => {

@@ -283,6 +283,12 @@ pub struct SidecarConfig {
     /// Add `X-Forwarded-For` and `X-Forwarded-Proto`. Default `false`.
     #[serde(default)]
     pub x_forwarded: bool,
+    /// Threads that run `sallyport sidecar` (1 to 64): with 1, everything runs on one
+    /// thread, as a one-worker nginx or HAProxy sidecar does; the audit log's writes keep a
+    /// thread of their own either way. Under `serve` the sidecar shares the export engine's
+    /// runtime and this is not used. Default 1.
+    #[serde(default = "default_sidecar_threads")]
+    pub threads: usize,
     /// Listen on this Unix socket (created mode 0600; an existing socket file is replaced)
     /// instead of `listen`. Default: none.
     pub unix_socket: Option<PathBuf>,
@@ -404,6 +410,9 @@ impl SidecarRoute {
 
 fn default_sidecar_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 18090))
+}
+fn default_sidecar_threads() -> usize {
+    1
 }
 fn default_sidecar_max_body() -> usize {
     16 * 1024 * 1024
@@ -692,6 +701,9 @@ impl Config {
             _ => out.push("public", "set both tls_cert and tls_key, or neither"),
         }
         if let Some(sc) = &self.sidecar {
+            if !(1..=64).contains(&sc.threads) {
+                out.push("sidecar.threads", "must be between 1 and 64");
+            }
             for (n, (lkey, l)) in sc.all_listeners().into_iter().enumerate() {
                 self.validate_sidecar_listener(&mut out, &lkey, n, &l);
             }
