@@ -75,7 +75,7 @@ async fn rig() -> Rig {
         up.ca.display(),
     );
     let cfg = Config::from_toml(&text, std::path::Path::new("sc.toml"), d).unwrap();
-    let (sidecar, listen, _writer) = sallyport::sidecar::build(&cfg).await.unwrap();
+    let (sidecar, listen) = sallyport::sidecar::build(&cfg).await.unwrap();
     let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
     tokio::spawn(sallyport::sidecar::serve(sidecar, listener));
     std::mem::forget(pki);
@@ -338,7 +338,7 @@ async fn forward_proxy_mode_sends_absolute_form_requests_over_mtls_and_refuses_d
          [sidecar.forward_proxy]\nprefix = \"/\"\nupstream = \"https://forward.invalid/\"\nca = \"ca.pem\"\n"
     );
     let cfg = Config::from_toml(&text, std::path::Path::new("fwd.toml"), pki.dir.path()).unwrap();
-    let (sidecar, listen, _w) = sallyport::sidecar::build(&cfg).await.unwrap();
+    let (sidecar, listen) = sallyport::sidecar::build(&cfg).await.unwrap();
     let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
     tokio::spawn(sallyport::sidecar::serve(sidecar, listener));
     let mut tx = app(port).await;
@@ -636,6 +636,20 @@ async fn the_sidecar_command_runs_on_one_thread_or_as_many_as_configured() {
                 200
             );
         }
+        // The audit log is appended by a thread of its own at nice 10, below the proxying.
+        let pid = child.id().unwrap();
+        let audit: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| {
+                let t = t.unwrap().path();
+                let comm = std::fs::read_to_string(t.join("comm")).unwrap();
+                (comm.trim() == "sallyport-audit").then(|| std::fs::read_to_string(t.join("stat")).unwrap())
+            })
+            .collect();
+        assert_eq!(audit.len(), 1, "one audit writer thread");
+        // The nice value is field 19 of /proc/PID/task/TID/stat: the 17th after the name.
+        let after_name = audit[0].rsplit_once(')').unwrap().1;
+        assert_eq!(after_name.split_whitespace().nth(16), Some("10"), "{after_name}");
         child.kill().await.unwrap();
     }
     let paths: Vec<String> = rx.received().iter().map(|r| r.path_and_query.clone()).collect();

@@ -90,25 +90,17 @@ pub struct Sidecar {
 type Reply = Response<Body>;
 
 /// Build the sidecar from `[sidecar]`, with audit records written to the config's store.
-/// Returns the main listener's sidecar and address, and the audit writer task.
-pub async fn build(cfg: &Config) -> Result<(Arc<Sidecar>, SocketAddr, tokio::task::JoinHandle<()>), String> {
-    let (mut all, writer) = build_all(cfg).await?;
+/// Returns the main listener's sidecar and address.
+pub async fn build(cfg: &Config) -> Result<(Arc<Sidecar>, SocketAddr), String> {
+    let mut all = build_all(cfg).await?;
     let (listener, sidecar) = all.remove(0);
     let listen = listener.listen.ok_or("the sidecar has no listen address")?;
-    Ok((sidecar, listen, writer))
+    Ok((sidecar, listen))
 }
 
 /// Every listener's sidecar (`[sidecar]` first, then `[[sidecar.listeners]]`), sharing one
-/// audit writer.
-async fn build_all(
-    cfg: &Config,
-) -> Result<
-    (
-        Vec<(crate::config::SidecarListener, Arc<Sidecar>)>,
-        tokio::task::JoinHandle<()>,
-    ),
-    String,
-> {
+/// audit writer thread.
+async fn build_all(cfg: &Config) -> Result<Vec<(crate::config::SidecarListener, Arc<Sidecar>)>, String> {
     let sc = cfg
         .sidecar
         .as_ref()
@@ -163,8 +155,8 @@ async fn build_all(
         });
         out.push((l, sidecar));
     }
-    let writer = tokio::spawn(audit_writer(store, rx));
-    Ok((out, writer))
+    start_audit_writer(store, rx)?;
+    Ok(out)
 }
 
 /// One route's runtime: connected exactly like a dataflow with the same settings.
@@ -195,17 +187,37 @@ fn route(
     })
 }
 
-/// Audit records are appended in batches: one transaction per burst, not per request.
-async fn audit_writer(store: Arc<dyn crate::store::Store>, mut rx: mpsc::Receiver<AuditRecord>) {
-    let mut buf = Vec::with_capacity(crate::store::WRITE_BATCH);
-    while crate::store::recv_batch(&mut rx, &mut buf, crate::store::WRITE_BATCH).await > 0 {
-        let batch = std::mem::take(&mut buf);
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.append_audit(&batch)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "sidecar audit records could not be written"),
-            Err(e) => tracing::error!(error = %e, "sidecar audit writer failed"),
-        }
+/// Start the thread that appends the sidecar's audit records, in batches (one transaction
+/// per burst, not per request). It runs at a lower priority than the proxying (nice 10): on
+/// a busy host the appends fill the gaps instead of preempting requests in flight. A record is
+/// never dropped for it: when the writer falls behind, its queue fills and requests wait for
+/// room (see `audit_attempt`). The thread ends once every sender is gone and the queue drained.
+fn start_audit_writer(
+    store: Arc<dyn crate::store::Store>,
+    mut rx: mpsc::Receiver<AuditRecord>,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("sallyport-audit".into())
+        .spawn(move || {
+            lower_priority();
+            let mut batch = Vec::with_capacity(crate::store::WRITE_BATCH);
+            while crate::store::recv_batch_blocking(&mut rx, &mut batch, crate::store::WRITE_BATCH) > 0 {
+                if let Err(e) = store.append_audit(&batch) {
+                    tracing::error!(error = %e, "sidecar audit records could not be written");
+                }
+                batch.clear();
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("could not start the audit writer: {e}"))
+}
+
+/// Nice 10 for the calling thread (Linux keeps a nice value per thread). Raising one's own
+/// nice value needs no privilege; if it fails, the thread runs at the usual priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
+        tracing::debug!(error = %e, "the audit writer runs at the usual priority");
     }
 }
 
@@ -511,10 +523,10 @@ fn unreachable_body() -> Body {
 }
 
 /// Build the sidecar and start serving on every listener (TCP or Unix socket). Returns the
-/// server tasks and the audit writer's.
+/// server tasks.
 pub async fn start(cfg: &Config) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
-    let (all, writer) = build_all(cfg).await?;
-    let mut tasks = vec![writer];
+    let all = build_all(cfg).await?;
+    let mut tasks = Vec::new();
     for (l, sidecar) in all {
         let routes = sidecar.routes.len() + usize::from(sidecar.forward.is_some());
         if routes == 0 {

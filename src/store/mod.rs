@@ -319,14 +319,35 @@ pub(crate) async fn recv_batch<T>(
     }
     if buf.len() < WRITE_BATCH / 4 {
         tokio::time::sleep(WRITE_GATHER).await;
-        while buf.len() < max {
-            match rx.try_recv() {
-                Ok(x) => buf.push(x),
-                Err(_) => break,
-            }
-        }
+        gather(rx, buf, max);
     }
     buf.len()
+}
+
+/// [`recv_batch`] for a writer on a thread of its own.
+pub(crate) fn recv_batch_blocking<T>(
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+    buf: &mut Vec<T>,
+    max: usize,
+) -> usize {
+    if rx.blocking_recv_many(buf, max) == 0 {
+        return 0;
+    }
+    if buf.len() < WRITE_BATCH / 4 {
+        std::thread::sleep(WRITE_GATHER);
+        gather(rx, buf, max);
+    }
+    buf.len()
+}
+
+/// Take what is ready now, up to `max` in `buf`.
+fn gather<T>(rx: &mut tokio::sync::mpsc::Receiver<T>, buf: &mut Vec<T>, max: usize) {
+    while buf.len() < max {
+        match rx.try_recv() {
+            Ok(x) => buf.push(x),
+            Err(_) => break,
+        }
+    }
 }
 
 /// Milliseconds since the UNIX epoch, now.
