@@ -61,6 +61,9 @@ struct Lane {
     sender: Sender,
     peer: Arc<PeerInfo>,
     generation: u64,
+    /// The `Host` header of the last HTTP/1 request, by the authority it was made from
+    /// (a lane's requests go to one destination, so it is made once).
+    host: Option<(http::uri::Authority, HeaderValue)>,
     _open: Open,
 }
 
@@ -250,6 +253,7 @@ impl Lanes {
             sender,
             peer,
             generation,
+            host: None,
             _open: Open(route.open.clone()),
         })
     }
@@ -284,14 +288,8 @@ impl Lane {
             Sender::H1(s) => {
                 // As hyper-util's client does for HTTP/1: origin-form target, Host header.
                 let uri = req.uri().clone();
-                if let Some(host) = uri.host() {
-                    let value = match uri.port_u16().filter(|p| *p != 443) {
-                        Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
-                        None => HeaderValue::from_str(host),
-                    };
-                    if let Ok(v) = value {
-                        req.headers_mut().entry(HOST).or_insert(v);
-                    }
+                if let Some(v) = host_header(&mut self.host, &uri) {
+                    req.headers_mut().entry(HOST).or_insert(v);
                 }
                 if let Some(pq) = uri.path_and_query() {
                     if let Ok(origin) = Uri::builder().path_and_query(pq.clone()).build() {
@@ -311,6 +309,23 @@ impl Lane {
             }
         }
     }
+}
+
+/// The `Host` header for `uri` (its port left out when it is 443), from `cache` when it was
+/// made for the same authority.
+fn host_header(cache: &mut Option<(http::uri::Authority, HeaderValue)>, uri: &Uri) -> Option<HeaderValue> {
+    let authority = uri.authority()?;
+    if let Some((_, v)) = cache.as_ref().filter(|(a, _)| a == authority) {
+        return Some(v.clone());
+    }
+    let host = authority.host();
+    let value = match authority.port_u16().filter(|p| *p != 443) {
+        Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
+        None => HeaderValue::from_str(host),
+    }
+    .ok()?;
+    *cache = Some((authority.clone(), value.clone()));
+    Some(value)
 }
 
 fn unsent(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> Unsent {
@@ -350,4 +365,26 @@ pub(crate) async fn drive<F: Future>(
     }
     lanes.park();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_header_names_the_port_unless_443_and_follows_the_authority() {
+        let mut cache = None;
+        let host = |cache: &mut _, u: &str| {
+            host_header(cache, &u.parse().expect("a valid URI")).expect("a URI with an authority")
+        };
+        assert_eq!(host(&mut cache, "https://rx.example:9443/a"), "rx.example:9443");
+        assert_eq!(
+            host(&mut cache, "https://rx.example:9443/b?q=1"),
+            "rx.example:9443"
+        );
+        assert_eq!(host(&mut cache, "https://other.example/c"), "other.example");
+        assert_eq!(host(&mut cache, "https://[::1]:443/"), "[::1]");
+        assert_eq!(host(&mut cache, "https://[::1]:8443/"), "[::1]:8443");
+        assert_eq!(host_header(&mut cache, &Uri::from_static("/origin-form")), None);
+    }
 }

@@ -42,6 +42,8 @@ const HOP_BY_HOP: &[&str] = &[
 struct Route {
     prefix: String,
     upstream: url::Url,
+    /// `upstream`'s path without its trailing `/`: what the rest of a request's path joins.
+    base_path: String,
     /// `host:port` of `upstream`, as audit records name it.
     destination: String,
     client: DeliveryClient,
@@ -175,6 +177,7 @@ fn route(
     Ok(Route {
         prefix: r.prefix.clone(),
         destination: crate::delivery::destination(&upstream),
+        base_path: upstream.path().trim_end_matches('/').to_owned(),
         upstream,
         client: DeliveryClient::new(settings),
         authenticates: !matches!(r.auth, crate::config::Auth::None),
@@ -349,9 +352,12 @@ impl Sidecar {
                     );
                 };
                 let mut url = route.upstream.clone();
-                let rest = &path[route.prefix.len()..];
-                let base = url.path().trim_end_matches('/').to_owned();
-                url.set_path(&format!("{base}/{}", rest.trim_start_matches('/')));
+                let rest = path[route.prefix.len()..].trim_start_matches('/');
+                let mut joined = String::with_capacity(route.base_path.len() + 1 + rest.len());
+                joined.push_str(&route.base_path);
+                joined.push('/');
+                joined.push_str(rest);
+                url.set_path(&joined);
                 url.set_query(req.uri().query());
                 (route, url, false)
             }
