@@ -230,6 +230,10 @@ pub async fn serve(sidecar: Arc<Sidecar>, listener: tokio::net::TcpListener) {
         let Ok((tcp, peer)) = listener.accept().await else {
             continue;
         };
+        // A response can leave in two writes (its head, then a body chunk that came later from
+        // upstream). With Nagle's algorithm the second waits for the app's ACK of the first,
+        // which the app's kernel delays (40 ms on Linux) while the response is incomplete.
+        let _ = tcp.set_nodelay(true);
         tokio::spawn(serve_connection(sidecar.clone(), tcp, Some(peer.ip())));
     }
 }
