@@ -371,6 +371,11 @@ impl Sidecar {
         // streams run side by side, so those use the route's pool.
         let on_lane =
             !forwarded && req.version() <= http::Version::HTTP_11 && req.method() != http::Method::CONNECT;
+        let via = if on_lane {
+            Via::Lane(lanes, &route.parked)
+        } else {
+            Via::Pool
+        };
         let destination = if forwarded {
             crate::delivery::destination(&url)
         } else {
@@ -423,11 +428,6 @@ impl Sidecar {
                 headers.clone()
             } else {
                 std::mem::take(&mut headers)
-            };
-            let via = if on_lane {
-                Via::Lane(lanes, &route.parked)
-            } else {
-                Via::Pool
             };
             let result = route
                 .client
