@@ -12,7 +12,10 @@ PEERS=${PEERS:-$ROOT/../shared/bench/peers/run-peers.sh}
 (cd "$ROOT" && cargo build --release --quiet)
 export SALLYPORT_BIN="$ROOT/target/release/sallyport"
 # Written into the peer script's PKI directory at start, so it uses the same certificates.
+# The audit log goes to an audit file; SALLYPORT_AUDIT=store puts it in the SQLite store.
+export SALLYPORT_AUDIT=${SALLYPORT_AUDIT:-file}
 export SIDECAR_START='cfg="$PKI/sallyport-sidecar.toml"
-printf "[identity]\ncert = \"%s/client.pem\"\nkey = \"%s/client.key\"\n[egress]\nallow = [\"127.0.0.0/8\"]\n[store]\nurl = \"sqlite://%s/sallyport-sidecar.db\"\n[sidecar]\nlisten = \"127.0.0.1:%s\"\n[[sidecar.routes]]\nprefix = \"/\"\nupstream = \"https://localhost:9443\"\nca = \"%s/ca.pem\"\n" "$PKI" "$PKI" "$PKI" "$SIDECAR_PORT" "$PKI" > "$cfg"
+audit=""; [ "$SALLYPORT_AUDIT" = store ] || audit="audit_file = \"$PKI/sallyport-audit.jsonl\"\n"
+printf "[identity]\ncert = \"%s/client.pem\"\nkey = \"%s/client.key\"\n[egress]\nallow = [\"127.0.0.0/8\"]\n[store]\nurl = \"sqlite://%s/sallyport-sidecar.db\"\n[sidecar]\nlisten = \"127.0.0.1:%s\"\n$audit[[sidecar.routes]]\nprefix = \"/\"\nupstream = \"https://localhost:9443\"\nca = \"%s/ca.pem\"\n" "$PKI" "$PKI" "$PKI" "$SIDECAR_PORT" "$PKI" > "$cfg"
 exec "$SALLYPORT_BIN" sidecar --config "$cfg"'
 sed 's/SIDECAR_START → mTLS receiver/Sallyport sidecar → mTLS receiver/' < <(bash "$PEERS" "${1:-8}")

@@ -666,3 +666,132 @@ async fn the_sidecar_command_runs_on_one_thread_or_as_many_as_configured() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("sidecar.threads: must be between 1 and 64"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_file_holds_the_chain_audit_verify_checks_it_and_one_writer_at_a_time() {
+    let pki = RcgenPki::new();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let f = &pki.files;
+    let dir = pki.dir.path();
+    let config = |port: u16| {
+        let path = dir.join(format!("sc-{port}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[identity]\ncert = \"{}\"\nkey = \"{}\"\n[egress]\nallow = [\"127.0.0.0/8\"]\n\
+                 [store]\nurl = \"sqlite://sc.db\"\n[audit]\nkey_env = \"SP_TEST_AUDIT_KEY\"\n\
+                 [sidecar]\nlisten = \"127.0.0.1:{port}\"\naudit_file = \"logs/sidecar-audit.jsonl\"\n\
+                 [[sidecar.routes]]\nprefix = \"/rx\"\nupstream = \"{}\"\nca = \"{}\"\n\
+                 [[sidecar.routes]]\nprefix = \"/denied\"\nupstream = \"https://10.0.0.5/\"\nca = \"{}\"\n",
+                f.client_cert.display(),
+                f.client_key.display(),
+                rx.url(""),
+                f.ca_cert.display(),
+                f.ca_cert.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let key = "audit-key-for-the-sidecar-test-0123456789";
+    let sallyport = |args: &[&str], cfg: &std::path::Path| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_sallyport"));
+        c.args(args)
+            .arg("--config")
+            .arg(cfg)
+            .env("SP_TEST_AUDIT_KEY", key);
+        c
+    };
+    let port = free_port();
+    let cfg = config(port);
+    let mut child = sallyport(&["sidecar"], &cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::task::spawn_blocking(move || wait_for_port(port))
+        .await
+        .unwrap();
+    let mut tx = app(port).await;
+    for _ in 0..5 {
+        assert_eq!(
+            call(&mut tx, "POST", "/rx/in", &[], Bytes::from_static(b"{}"))
+                .await
+                .0,
+            200
+        );
+    }
+    assert_eq!(call(&mut tx, "GET", "/denied/x", &[], Bytes::new()).await.0, 502);
+
+    // A second sidecar on the same file is refused while the first one writes it.
+    let second = sallyport(&["sidecar"], &config(free_port())).output().unwrap();
+    assert_ne!(second.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("another process is writing it"), "{err}");
+
+    // A clean stop writes every record still queued before the process ends.
+    drop(tx);
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(child.wait().unwrap().success());
+    let path = dir.join("logs/sidecar-audit.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 6, "{text}");
+    assert_eq!(lines[0]["record"]["dataflow"], "sidecar:/rx");
+    assert_eq!(lines[0]["record"]["httpStatus"], 200);
+    assert_eq!(lines[5]["record"]["errorKind"], "egress_denied");
+    assert!(lines[0]["mac"].is_string(), "keyed: each line carries its HMAC");
+
+    let verify = sallyport(&["audit", "verify"], &cfg).output().unwrap();
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(
+        said.contains("6 record(s) verified in 2 chain(s) (hash chain and HMAC)"),
+        "{said}"
+    );
+    let export = sallyport(&["audit", "export"], &cfg).output().unwrap();
+    let exported: Vec<serde_json::Value> = String::from_utf8_lossy(&export.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(exported.len(), 6);
+    assert!(
+        exported[0]["chain"]
+            .as_str()
+            .unwrap()
+            .ends_with("logs/sidecar-audit.jsonl"),
+        "{}",
+        exported[0]
+    );
+    assert_eq!(exported[3]["hash"], lines[3]["hash"]);
+
+    // Record 4 edited in place: verify fails and names it.
+    let edited: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == 3 {
+                l.replace("\"attempt\":1", "\"attempt\":2")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    assert_ne!(edited[3], text.lines().nth(3).unwrap());
+    std::fs::write(&path, edited.join("\n") + "\n").unwrap();
+    let verify = sallyport(&["audit", "verify"], &cfg).output().unwrap();
+    assert_eq!(verify.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&verify.stderr);
+    assert!(
+        err.contains("audit log broken at record 4 of chain 'file:"),
+        "{err}"
+    );
+    assert!(err.contains("record edited"), "{err}");
+}

@@ -7,6 +7,8 @@
 //!
 //! Must never: hold a secret, a token or a payload body — only the payload's SHA-256.
 
+pub mod file;
+
 use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
 
@@ -128,20 +130,45 @@ pub fn verify<'a>(
     records: impl IntoIterator<Item = &'a ChainedRecord>,
     chain: &Chain,
 ) -> Result<u64, Broken> {
-    let (mut prev_seq, mut prev_hash) = (0i64, GENESIS.to_owned());
-    let mut n = 0;
+    let mut v = Verifier::new(chain);
     for r in records {
-        if r.seq != prev_seq + 1 {
+        v.push(r)?;
+    }
+    Ok(v.verified())
+}
+
+/// Verifies a chain one record at a time, from its genesis: for logs read as a stream (an
+/// audit file), so memory stays bounded however long the chain is.
+pub struct Verifier<'c> {
+    chain: &'c Chain,
+    prev_seq: i64,
+    prev_hash: String,
+}
+
+impl<'c> Verifier<'c> {
+    pub fn new(chain: &'c Chain) -> Self {
+        Verifier {
+            chain,
+            prev_seq: 0,
+            prev_hash: GENESIS.to_owned(),
+        }
+    }
+
+    /// How many records verified so far.
+    pub fn verified(&self) -> u64 {
+        self.prev_seq.unsigned_abs()
+    }
+
+    /// Check the next record of the chain.
+    pub fn push(&mut self, r: &ChainedRecord) -> Result<(), Broken> {
+        let expected = self.prev_seq + 1;
+        if r.seq != expected {
             return Err(Broken {
-                seq: prev_seq + 1,
-                reason: format!(
-                    "record {} is missing (next stored record is {})",
-                    prev_seq + 1,
-                    r.seq
-                ),
+                seq: expected,
+                reason: format!("record {expected} is missing (next stored record is {})", r.seq),
             });
         }
-        if r.prev != prev_hash {
+        if r.prev != self.prev_hash {
             return Err(Broken {
                 seq: r.seq,
                 reason: "its link to the previous record does not match (records removed or reordered)"
@@ -154,7 +181,7 @@ pub fn verify<'a>(
                 reason: "its content does not match its hash (record edited)".into(),
             });
         }
-        if chain.key.is_some() && chain.mac(&r.hash) != r.mac {
+        if self.chain.key.is_some() && self.chain.mac(&r.hash) != r.mac {
             return Err(Broken {
                 seq: r.seq,
                 reason: "its HMAC does not verify with the audit key (chain rewritten without the key)"
@@ -167,11 +194,10 @@ pub fn verify<'a>(
                 reason: "its content is not an audit record".into(),
             });
         }
-        prev_seq = r.seq;
-        prev_hash = r.hash.clone();
-        n += 1;
+        self.prev_seq = r.seq;
+        self.prev_hash.clone_from(&r.hash);
+        Ok(())
     }
-    Ok(n)
 }
 
 /// SHA-256 of a payload, hex.

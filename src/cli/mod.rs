@@ -284,7 +284,7 @@ pub struct DemoArgs {
 /// as `[sidecar] threads` says (one by default: a current-thread runtime), everything else
 /// on tokio's default multi-thread runtime.
 pub fn main(cli: Cli) -> ExitCode {
-    match cli.command {
+    let code = match cli.command {
         Command::Sidecar(a) => match Config::load(&a.config) {
             Ok(cfg) => {
                 let threads = cfg.sidecar.as_ref().map_or(1, |s| s.threads);
@@ -295,7 +295,11 @@ pub fn main(cli: Cli) -> ExitCode {
             Err(e) => exit(Err(Failure::usage(e))),
         },
         command => on_runtime(0, run(Cli { command })),
-    }
+    };
+    // The runtime is gone, and with it every sender of a sidecar's audit queue (`sidecar`, or
+    // `serve` with a `[sidecar]`): let the writers write what is left before the process ends.
+    crate::sidecar::finish_audit(std::time::Duration::from_secs(10));
+    code
 }
 
 /// Run `work` to completion on a runtime with `threads` workers: 1 is a current-thread
@@ -517,12 +521,13 @@ fn audit(cmd: AuditCommand) -> Result<(), Failure> {
     let store = crate::store::open(&cfg).map_err(Failure::failed)?;
     let chain = crate::store::audit_chain(&cfg).map_err(Failure::failed)?;
     let keyed = cfg.audit.key_env.is_some() || cfg.audit.key_file.is_some();
-    let chains = store.audit_chains().map_err(Failure::failed)?;
+    let export = matches!(cmd, AuditCommand::Export { .. });
     let mut out = std::io::stdout().lock();
     let mut total = 0;
+    let chains = store.audit_chains().map_err(Failure::failed)?;
     for name in &chains {
-        // One chain at a time, page by page: memory stays bounded by the longest chain.
-        let mut records = Vec::new();
+        // One chain at a time, page by page: memory stays bounded by a page.
+        let mut pass = AuditPass::new(name, &chain, export, since_ms);
         let mut after = 0;
         loop {
             let page = store
@@ -530,35 +535,30 @@ fn audit(cmd: AuditCommand) -> Result<(), Failure> {
                 .map_err(Failure::failed)?;
             let Some(last) = page.last() else { break };
             after = last.seq;
-            records.extend(page);
-        }
-        match cmd {
-            AuditCommand::Verify { .. } => match crate::audit::verify(&records, &chain) {
-                Ok(n) => total += n,
-                Err(b) => {
-                    return Err(Failure::failed(format!(
-                        "audit log broken at record {} of chain '{name}': {}",
-                        b.seq, b.reason
-                    )))
-                }
-            },
-            AuditCommand::Export { .. } => {
-                use std::io::Write;
-                for r in &records {
-                    let rec: serde_json::Value = serde_json::from_str(&r.record).map_err(Failure::failed)?;
-                    if since_ms.is_some_and(|s| rec["at"].as_i64().unwrap_or(0) < s) {
-                        continue;
-                    }
-                    let line = serde_json::json!({"chain": name, "seq": r.seq, "hash": r.hash, "prev": r.prev, "record": rec});
-                    writeln!(out, "{line}").map_err(Failure::failed)?;
-                }
+            for r in page {
+                pass.record(r, &mut out)?;
             }
         }
+        total += pass.verifier.verified();
     }
-    if let AuditCommand::Verify { .. } = cmd {
+    // The sidecar's audit file, when it has one, is one more chain.
+    let file = cfg
+        .sidecar
+        .as_ref()
+        .and_then(|s| s.audit_file.as_ref())
+        .map(|p| cfg.path(p));
+    if let Some(path) = &file {
+        let name = format!("file:{}", path.display());
+        let mut pass = AuditPass::new(&name, &chain, export, since_ms);
+        if path.exists() {
+            crate::audit::file::read(path, |r| pass.record(r, &mut out))?;
+        }
+        total += pass.verifier.verified();
+    }
+    if !export {
         println!(
             "audit log intact: {total} record(s) verified in {} chain(s){}",
-            chains.len(),
+            chains.len() + usize::from(file.is_some()),
             if keyed {
                 " (hash chain and HMAC)"
             } else {
@@ -567,6 +567,52 @@ fn audit(cmd: AuditCommand) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// One chain's walk for `audit verify` (each record checked in order) or `audit export` (each
+/// record printed as a JSON line, from `since` on).
+struct AuditPass<'a> {
+    name: &'a str,
+    verifier: crate::audit::Verifier<'a>,
+    /// `Some(since)` when exporting.
+    export: Option<Option<i64>>,
+}
+
+impl<'a> AuditPass<'a> {
+    fn new(name: &'a str, chain: &'a crate::audit::Chain, export: bool, since_ms: Option<i64>) -> Self {
+        AuditPass {
+            name,
+            verifier: crate::audit::Verifier::new(chain),
+            export: export.then_some(since_ms),
+        }
+    }
+
+    fn record(
+        &mut self,
+        r: crate::audit::ChainedRecord,
+        out: &mut impl std::io::Write,
+    ) -> Result<(), Failure> {
+        let Some(since_ms) = self.export else {
+            return self.verifier.push(&r).map_err(|b| {
+                Failure::failed(format!(
+                    "audit log broken at record {} of chain '{}': {}",
+                    b.seq, self.name, b.reason
+                ))
+            });
+        };
+        let rec: serde_json::Value = serde_json::from_str(&r.record).map_err(Failure::failed)?;
+        if since_ms.is_some_and(|s| rec["at"].as_i64().unwrap_or(0) < s) {
+            return Ok(());
+        }
+        let line = serde_json::json!({"chain": self.name, "seq": r.seq, "hash": r.hash, "prev": r.prev, "record": rec});
+        writeln!(out, "{line}").map_err(Failure::failed)
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::failed(message)
+    }
 }
 
 async fn ingest(args: IngestArgs) -> Result<(), Failure> {

@@ -292,6 +292,11 @@ pub struct SidecarConfig {
     /// Listen on this Unix socket (created mode 0600; an existing socket file is replaced)
     /// instead of `listen`. Default: none.
     pub unix_socket: Option<PathBuf>,
+    /// Write the sidecar's audit records to this append-only file (JSON lines, hash-chained
+    /// like the store's audit log, created mode 0600) instead of the store: each batch is one
+    /// write, much cheaper than the store's inserts. `audit verify` and `audit export` read
+    /// it too. Default: none (the store).
+    pub audit_file: Option<PathBuf>,
     /// Longest matching prefix wins.
     #[serde(default)]
     pub routes: Vec<SidecarRoute>,

@@ -108,12 +108,11 @@ async fn build_all(cfg: &Config) -> Result<Vec<(crate::config::SidecarListener, 
         .as_ref()
         .ok_or("the config has no [sidecar] section")?;
     let creds = crate::tls::creds::IdentityStore::all_from_config(cfg)?;
-    let store = {
+    let sink = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || crate::store::open(&cfg))
+        tokio::task::spawn_blocking(move || AuditSink::open(&cfg))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())??
     };
     let (tx, rx) = mpsc::channel(4096);
     let mut out = Vec::new();
@@ -157,7 +156,7 @@ async fn build_all(cfg: &Config) -> Result<Vec<(crate::config::SidecarListener, 
         });
         out.push((l, sidecar));
     }
-    start_audit_writer(store, rx)?;
+    start_audit_writer(sink, rx)?;
     Ok(out)
 }
 
@@ -190,29 +189,83 @@ fn route(
     })
 }
 
+/// Where the sidecar's audit records go: the store's chain, or an audit file of its own.
+enum AuditSink {
+    Store(Arc<dyn crate::store::Store>),
+    File(Box<crate::audit::file::AuditFile>),
+}
+
+impl AuditSink {
+    fn open(cfg: &Config) -> Result<Self, String> {
+        match cfg.sidecar.as_ref().and_then(|s| s.audit_file.as_ref()) {
+            Some(path) => {
+                let chain = crate::store::audit_chain(cfg).map_err(|e| e.to_string())?;
+                crate::audit::file::AuditFile::open(&cfg.path(path), chain)
+                    .map(|f| AuditSink::File(Box::new(f)))
+            }
+            None => crate::store::open(cfg)
+                .map(AuditSink::Store)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn append(&mut self, batch: &[AuditRecord]) -> Result<(), String> {
+        match self {
+            AuditSink::Store(store) => store.append_audit(batch).map_err(|e| e.to_string()),
+            AuditSink::File(file) => file.append(batch).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// Start the thread that appends the sidecar's audit records, in batches (one transaction
-/// per burst, not per request). It runs at a lower priority than the proxying (nice 10): on
-/// a busy host the appends fill the gaps instead of preempting requests in flight. A record is
-/// never dropped for it: when the writer falls behind, its queue fills and requests wait for
-/// room (see `audit_attempt`). The thread ends once every sender is gone and the queue drained.
-fn start_audit_writer(
-    store: Arc<dyn crate::store::Store>,
-    mut rx: mpsc::Receiver<AuditRecord>,
-) -> Result<(), String> {
-    std::thread::Builder::new()
+/// or one write per burst, not per request). It runs at a lower priority than the proxying
+/// (nice 10): on a busy host the appends fill the gaps instead of preempting requests in
+/// flight. A record is never dropped for it: when the writer falls behind, its queue fills and
+/// requests wait for room (see `audit_attempt`). The thread ends once every sender is gone and
+/// the queue drained.
+fn start_audit_writer(mut sink: AuditSink, mut rx: mpsc::Receiver<AuditRecord>) -> Result<(), String> {
+    let writer = std::thread::Builder::new()
         .name("sallyport-audit".into())
         .spawn(move || {
             lower_priority();
             let mut batch = Vec::with_capacity(crate::store::WRITE_BATCH);
             while crate::store::recv_batch_blocking(&mut rx, &mut batch, crate::store::WRITE_BATCH) > 0 {
-                if let Err(e) = store.append_audit(&batch) {
-                    tracing::error!(error = %e, "sidecar audit records could not be written");
+                if let Err(error) = sink.append(&batch) {
+                    tracing::error!(%error, "sidecar audit records could not be written");
                 }
                 batch.clear();
             }
         })
-        .map(drop)
-        .map_err(|e| format!("could not start the audit writer: {e}"))
+        .map_err(|e| format!("could not start the audit writer: {e}"))?;
+    AUDIT_WRITERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(writer);
+    Ok(())
+}
+
+/// The audit writer threads started in this process, for `finish_audit`.
+static AUDIT_WRITERS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(Vec::new());
+
+/// Wait (at most `limit`) for every audit writer to write what is still queued and stop. Call
+/// once the runtime that served the sidecar is gone: its tasks held the queues' senders, and
+/// a writer stops when the last one is dropped. Without this a clean shutdown would lose the
+/// records of the last moments (those not yet written when the process exits).
+pub fn finish_audit(limit: std::time::Duration) {
+    let writers = std::mem::take(&mut *AUDIT_WRITERS.lock().unwrap_or_else(|p| p.into_inner()));
+    let deadline = Instant::now() + limit;
+    for w in writers {
+        while !w.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if w.is_finished() {
+            let _ = w.join();
+        } else {
+            tracing::error!(
+                "the sidecar audit writer did not finish in time; records still queued were not written"
+            );
+        }
+    }
 }
 
 /// Nice 10 for the calling thread (Linux keeps a nice value per thread). Raising one's own

@@ -1,0 +1,404 @@
+//! An audit chain in an append-only file: one JSON line per record,
+//! `{"seq":N,"prev":"…","hash":"…","mac":…,"record":{…}}`, linked and verified exactly as the
+//! store's chains are (the hash covers the record's text as it stands in the line). The
+//! sidecar writes here when `[sidecar] audit_file` is set: a batch is one `write`, where a
+//! store append is a B-tree insert per record, a WAL write and a checkpoint that writes the
+//! same bytes again. The lines are what `sallyport audit export` prints, so a log shipper can
+//! forward the file as it grows.
+//!
+//! One writer at a time: the file is locked (`flock`) while open for appending. A crash can
+//! leave a torn last line (never a torn record in the middle); opening the file again removes
+//! it, and readers skip it meanwhile. Durability matches the store's relaxed commits: each
+//! batch survives a process crash once written; the data reaches the disk within a second
+//! (`fdatasync`), so a power loss may forget the last second.
+//!
+//! Must never: hold a secret, a token or a payload body (records are `AuditRecord`s).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{AuditRecord, Chain, ChainedRecord, GENESIS};
+
+/// Every line starts so; a torn tail that does not is not ours to cut.
+const LINE_START: &[u8] = b"{\"seq\":";
+/// How far from the end the last complete line is looked for (lines are well under 4 KiB).
+const TAIL: u64 = 64 * 1024;
+/// Longest a written batch waits for `fdatasync`.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Deserialize)]
+struct Line<'a> {
+    seq: i64,
+    prev: &'a str,
+    hash: &'a str,
+    mac: Option<&'a str>,
+    #[serde(borrow)]
+    record: &'a RawValue,
+}
+
+impl Line<'_> {
+    fn chained(&self) -> ChainedRecord {
+        ChainedRecord {
+            seq: self.seq,
+            record: self.record.get().to_owned(),
+            prev: self.prev.to_owned(),
+            hash: self.hash.to_owned(),
+            mac: self.mac.map(str::to_owned),
+        }
+    }
+}
+
+/// The writer's end of an audit file.
+pub struct AuditFile {
+    path: PathBuf,
+    file: File,
+    /// Bytes in the file that end a complete line (where a failed write is cut back to).
+    len: u64,
+    seq: i64,
+    hash: String,
+    chain: Chain,
+    buf: Vec<u8>,
+    synced: Instant,
+    unsynced: bool,
+}
+
+impl std::fmt::Debug for AuditFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditFile")
+            .field("path", &self.path)
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+impl AuditFile {
+    /// Open `path` for appending (created mode 0600 when missing) and continue its chain.
+    /// Fails when another process holds it, or when its last line is not an audit line.
+    pub fn open(path: &Path, chain: Chain) -> Result<Self, String> {
+        let err = |e: &dyn std::fmt::Display| format!("audit file {}: {e}", path.display());
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        }
+        let mut opts = OpenOptions::new();
+        opts.read(true).append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut file = opts.open(path).map_err(|e| err(&e))?;
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => {
+                err(&"another process is writing it (each sidecar needs a file of its own)")
+            }
+            std::fs::TryLockError::Error(e) => err(&e),
+        })?;
+        let (len, seq, hash, torn) = tail(&mut file).map_err(|e| err(&e))?;
+        if torn > 0 {
+            file.set_len(len).map_err(|e| err(&e))?;
+            tracing::warn!(path = %path.display(), bytes = torn, "removed a torn last line from the audit file (a write cut short by a crash)");
+        }
+        Ok(AuditFile {
+            path: path.to_owned(),
+            file,
+            len,
+            seq,
+            hash,
+            chain,
+            buf: Vec::with_capacity(64 * 1024),
+            synced: Instant::now(),
+            unsynced: false,
+        })
+    }
+
+    /// The last record's sequence number (0 when empty).
+    pub fn seq(&self) -> i64 {
+        self.seq
+    }
+
+    /// Link `records` after the last one and write them in one go. On failure nothing of the
+    /// batch stays in the file and the chain's head does not move.
+    pub fn append(&mut self, records: &[AuditRecord]) -> std::io::Result<()> {
+        self.buf.clear();
+        let (mut seq, mut hash) = (self.seq, self.hash.clone());
+        for r in records {
+            let c = self.chain.link(seq, &hash, r);
+            write_line(&mut self.buf, &c);
+            seq = c.seq;
+            hash = c.hash;
+        }
+        if let Err(e) = self.file.write_all(&self.buf) {
+            // A short write leaves part of the batch: cut it off so the file ends on a line.
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.len += self.buf.len() as u64;
+        (self.seq, self.hash) = (seq, hash);
+        self.unsynced = true;
+        if self.synced.elapsed() >= SYNC_EVERY {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Flush written lines to the disk.
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
+        self.synced = Instant::now();
+        Ok(())
+    }
+}
+
+impl Drop for AuditFile {
+    fn drop(&mut self) {
+        if let Err(e) = self.sync() {
+            tracing::error!(path = %self.path.display(), error = %e, "the audit file could not be flushed to disk");
+        }
+    }
+}
+
+/// One line, as `audit export` prints a record (plus its MAC).
+fn write_line(out: &mut Vec<u8>, c: &ChainedRecord) {
+    out.extend_from_slice(LINE_START);
+    out.extend_from_slice(c.seq.to_string().as_bytes());
+    out.extend_from_slice(b",\"prev\":\"");
+    out.extend_from_slice(c.prev.as_bytes());
+    out.extend_from_slice(b"\",\"hash\":\"");
+    out.extend_from_slice(c.hash.as_bytes());
+    out.extend_from_slice(b"\",\"mac\":");
+    match &c.mac {
+        Some(m) => {
+            out.push(b'"');
+            out.extend_from_slice(m.as_bytes());
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"record\":");
+    out.extend_from_slice(c.record.as_bytes());
+    out.extend_from_slice(b"}\n");
+}
+
+/// The end of the last complete line, its sequence number and hash, and how many bytes
+/// follow it (a torn line).
+fn tail(file: &mut File) -> Result<(u64, i64, String, u64), String> {
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    if size == 0 {
+        return Ok((0, 0, GENESIS.to_owned(), 0));
+    }
+    let from = size.saturating_sub(TAIL);
+    file.seek(SeekFrom::Start(from)).map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity((size - from) as usize);
+    file.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let end = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let torn = &buf[end..];
+    if !torn.is_empty() && !torn.starts_with(LINE_START) && !LINE_START.starts_with(torn) {
+        return Err("it does not end with an audit line (is this the right file?)".into());
+    }
+    if end == 0 {
+        if from > 0 {
+            return Err(format!(
+                "no line ends in its last {TAIL} bytes: not an audit file"
+            ));
+        }
+        return Ok((0, 0, GENESIS.to_owned(), torn.len() as u64));
+    }
+    let body = &buf[..end - 1];
+    let start = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if start == 0 && from > 0 {
+        return Err(format!(
+            "its last line is longer than {TAIL} bytes: not an audit file"
+        ));
+    }
+    let line: Line<'_> = serde_json::from_slice(&body[start..])
+        .map_err(|e| format!("its last line is not an audit record ({e})"))?;
+    Ok((
+        from + end as u64,
+        line.seq,
+        line.hash.to_owned(),
+        torn.len() as u64,
+    ))
+}
+
+/// Read the chain in `path`, record by record, handing each to `each`. A torn last line (one a
+/// writer has not finished) is not read. Stops at the first error `each` returns; any line
+/// that is not an audit record is an error naming its line number.
+pub fn read<E: From<String>>(
+    path: &Path,
+    mut each: impl FnMut(ChainedRecord) -> Result<(), E>,
+) -> Result<(), E> {
+    let err = |e: &dyn std::fmt::Display| E::from(format!("audit file {}: {e}", path.display()));
+    let file = File::open(path).map_err(|e| err(&e))?;
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
+    let mut line = Vec::new();
+    let mut n = 0u64;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).map_err(|e| err(&e))? == 0 {
+            return Ok(());
+        }
+        n += 1;
+        if line.last() != Some(&b'\n') {
+            return Ok(());
+        }
+        let parsed: Line<'_> = serde_json::from_slice(&line[..line.len() - 1])
+            .map_err(|e| err(&format_args!("line {n} is not an audit record ({e})")))?;
+        each(parsed.chained())?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{verify, Verifier};
+
+    fn rec(i: u32) -> AuditRecord {
+        AuditRecord {
+            at: 1_764_662_400_000 + i64::from(i),
+            dataflow: "sidecar:/".into(),
+            destination: "rx.example:443".into(),
+            resolved_ip: Some("127.0.0.1".into()),
+            source_ip: None,
+            profile_id: String::new(),
+            payload_sha256: String::new(),
+            idempotency_key: String::new(),
+            attempt: 1,
+            outcome: "proxied".into(),
+            error_kind: None,
+            http_status: Some(200),
+            latency_ms: 0.5,
+            peer_cert_sha256: None,
+            auth: "none".into(),
+        }
+    }
+
+    fn all(path: &Path) -> Vec<ChainedRecord> {
+        let mut out = Vec::new();
+        read::<String>(path, |r| {
+            out.push(r);
+            Ok(())
+        })
+        .expect("readable");
+        out
+    }
+
+    fn key() -> Chain {
+        Chain::new(Some(b"audit-key-0123456789abcdef"))
+    }
+
+    #[test]
+    fn batches_append_one_chain_that_continues_after_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("logs/sidecar-audit.jsonl");
+        let mut f = AuditFile::open(&path, key()).expect("open");
+        f.append(&[rec(1), rec(2)]).expect("append");
+        f.append(&[rec(3)]).expect("append");
+        drop(f);
+        let mut f = AuditFile::open(&path, key()).expect("reopen");
+        assert_eq!(f.seq(), 3);
+        f.append(&[rec(4)]).expect("append");
+        drop(f);
+        let records = all(&path);
+        assert_eq!(records.len(), 4);
+        assert_eq!(verify(&records, &key()), Ok(4));
+        // Each line is plain JSON with the record as an object, as `audit export` prints it.
+        let text = std::fs::read_to_string(&path).expect("read");
+        let first: serde_json::Value =
+            serde_json::from_str(text.lines().next().expect("a line")).expect("json");
+        assert_eq!(first["seq"], 1);
+        assert_eq!(first["record"]["dataflow"], "sidecar:/");
+        assert_eq!(first["prev"], GENESIS);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn an_edited_or_removed_line_breaks_the_chain_at_that_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.jsonl");
+        let mut f = AuditFile::open(&path, key()).expect("open");
+        f.append(&[rec(1), rec(2), rec(3), rec(4)]).expect("append");
+        drop(f);
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        let check = |body: String| {
+            std::fs::write(&path, body).expect("write");
+            let keyed = key();
+            let mut v = Verifier::new(&keyed);
+            let mut broken = None;
+            read::<String>(&path, |r| {
+                if broken.is_none() {
+                    broken = v.push(&r).err().map(|b| b.seq);
+                }
+                Ok(())
+            })
+            .expect("readable");
+            broken
+        };
+        let second = lines[1].replace("\"httpStatus\":200", "\"httpStatus\":500");
+        assert_ne!(second, lines[1]);
+        let edited = format!("{}\n{second}\n{}\n{}\n", lines[0], lines[2], lines[3]);
+        assert_eq!(check(edited), Some(2));
+        let removed = format!("{}\n{}\n{}\n", lines[0], lines[2], lines[3]);
+        assert_eq!(check(removed), Some(2));
+        assert_eq!(check(text.clone()), None);
+        // Rewritten consistently, but without the key: the first MAC fails.
+        let _ = std::fs::remove_file(&path);
+        let mut forged = AuditFile::open(&path, Chain::new(None)).expect("open");
+        forged.append(&[rec(1)]).expect("append");
+        drop(forged);
+        let forged = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(check(forged), Some(1));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_skipped_by_readers_and_cut_by_the_next_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.jsonl");
+        let mut f = AuditFile::open(&path, key()).expect("open");
+        f.append(&[rec(1), rec(2)]).expect("append");
+        drop(f);
+        let whole = std::fs::read_to_string(&path).expect("read");
+        let second = whole.lines().nth(1).expect("line 2").to_owned();
+        // The crash came halfway through writing record 3.
+        let torn = format!("{whole}{}", &second[..second.len() / 2]);
+        std::fs::write(&path, &torn).expect("write");
+        assert_eq!(all(&path).len(), 2);
+        let mut f = AuditFile::open(&path, key()).expect("reopen");
+        assert_eq!(f.seq(), 2);
+        f.append(&[rec(3)]).expect("append");
+        drop(f);
+        let records = all(&path);
+        assert_eq!(verify(&records, &key()), Ok(3));
+    }
+
+    #[test]
+    fn a_second_writer_and_a_file_that_is_not_an_audit_log_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.jsonl");
+        let _first = AuditFile::open(&path, key()).expect("open");
+        let second = AuditFile::open(&path, key()).expect_err("locked");
+        assert!(second.contains("another process is writing it"), "{second}");
+        let other = dir.path().join("notes.txt");
+        std::fs::write(&other, "shopping list\nmilk\n").expect("write");
+        let e = AuditFile::open(&other, key()).expect_err("not ours");
+        assert!(e.contains("not an audit record"), "{e}");
+        std::fs::write(&other, "no newline at all").expect("write");
+        let e = AuditFile::open(&other, key()).expect_err("not ours");
+        assert!(e.contains("right file"), "{e}");
+        // Nothing was cut from either.
+        assert_eq!(
+            std::fs::read_to_string(&other).expect("read"),
+            "no newline at all"
+        );
+    }
+}
