@@ -93,13 +93,13 @@ CONF
 # an audit file ($PKI/sidecar-audit.jsonl), or to the SQLite store with SALLYPORT_AUDIT=store.
 # Writes $PKI/sidecar.toml.
 bench_sidecar_conf() {
-  printf '[identity]\ncert = "%s/client.pem"\nkey = "%s/client.key"\n[egress]\nallow = ["127.0.0.0/8"]\n[store]\nurl = "sqlite://%s/sidecar.db"\n[sidecar]\nlisten = "127.0.0.1:%s"\n%s[[sidecar.routes]]\nprefix = "/"\nupstream = "https://localhost:9443"\nca = "%s/ca.pem"\n' \
+  printf '[identity]\ncert = "%s/client.pem"\nkey = "%s/client.key"\n[egress]\nallow = ["127.0.0.0/8"]\n[store]\nurl = "sqlite://%s/sidecar.db"\n[sidecar]\nlisten = "127.0.0.1:%s"\n%s\n[[sidecar.routes]]\nprefix = "/"\nupstream = "https://localhost:9443"\nca = "%s/ca.pem"\n' \
     "$PKI" "$PKI" "$PKI" "$1" "$(bench_audit_line "$PKI")" "$PKI" > "$PKI/sidecar.toml"
 }
 
-# The sidecar's `audit_file` line for a config in directory $1 (empty with SALLYPORT_AUDIT=store).
+# The sidecar's `audit_file` setting for a config in directory $1 (none with SALLYPORT_AUDIT=store).
 bench_audit_line() {
-  [ "${SALLYPORT_AUDIT:-file}" = store ] || printf 'audit_file = "%s/sidecar-audit.jsonl"\n' "$1"
+  [ "${SALLYPORT_AUDIT:-file}" = store ] || printf 'audit_file = "%s/sidecar-audit.jsonl"' "$1"
 }
 
 # $PKI/post.lua: a wrk script that POSTs a random 1 KB JSON-typed body, as the peer script does.
