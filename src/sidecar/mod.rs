@@ -45,11 +45,12 @@ struct Route {
     /// `upstream`'s path without its trailing `/`: what the rest of a request's path joins.
     base_path: String,
     /// `host:port` of `upstream`, as audit records name it.
-    destination: String,
+    destination: Arc<str>,
     client: DeliveryClient,
     authenticates: bool,
     auth_kind: &'static str,
-    name: String,
+    /// The route's name in audit records.
+    name: Arc<str>,
     retries: u32,
     retry_non_idempotent: bool,
     retry_buffer: usize,
@@ -86,7 +87,7 @@ pub struct Sidecar {
     forward: Option<Route>,
     max_body: usize,
     x_forwarded: bool,
-    audit: mpsc::Sender<AuditRecord>,
+    audit: mpsc::Sender<Attempt>,
 }
 
 type Reply = Response<Body>;
@@ -175,18 +176,57 @@ fn route(
     let upstream = url::Url::parse(&r.upstream).map_err(|e| format!("{key}.upstream: {e}"))?;
     Ok(Route {
         prefix: r.prefix.clone(),
-        destination: crate::delivery::destination(&upstream),
+        destination: crate::delivery::destination(&upstream).into(),
         base_path: upstream.path().trim_end_matches('/').to_owned(),
         upstream,
         client: DeliveryClient::new(settings),
         authenticates: !matches!(r.auth, crate::config::Auth::None),
         auth_kind: r.auth.kind(),
-        name,
+        name: name.into(),
         retries: r.retries,
         retry_non_idempotent: r.retry_non_idempotent,
         retry_buffer: r.retry_buffer_bytes,
         parked: Arc::default(),
     })
+}
+
+/// What the proxy hands the audit writer for one attempt: facts it already holds, shared
+/// rather than copied. The writer thread (below the proxy's priority) makes the
+/// `AuditRecord` of it, so the proxying thread allocates nothing for the audit log.
+struct Attempt {
+    at: i64,
+    route: Arc<str>,
+    destination: Arc<str>,
+    peer: Option<Arc<PeerInfo>>,
+    attempt: u32,
+    error: Option<ErrorKind>,
+    status: Option<u16>,
+    latency_ms: f64,
+    auth: &'static str,
+}
+
+impl Attempt {
+    fn record(self) -> AuditRecord {
+        let (resolved_ip, source_ip, peer_cert_sha256) = PeerInfo::audit_facts(self.peer.as_deref());
+        AuditRecord {
+            at: self.at,
+            dataflow: self.route.to_string(),
+            destination: self.destination.to_string(),
+            resolved_ip,
+            source_ip,
+            profile_id: String::new(),
+            // Bodies stream through unread; their hash is not taken.
+            payload_sha256: String::new(),
+            idempotency_key: String::new(),
+            attempt: self.attempt,
+            outcome: if self.error.is_none() { "proxied" } else { "failed" }.into(),
+            error_kind: self.error.map(|e| e.as_str().to_owned()),
+            http_status: self.status,
+            latency_ms: self.latency_ms,
+            peer_cert_sha256,
+            auth: self.auth.to_owned(),
+        }
+    }
 }
 
 /// Where the sidecar's audit records go: the store's chain, or an audit file of its own.
@@ -223,17 +263,19 @@ impl AuditSink {
 /// flight. A record is never dropped for it: when the writer falls behind, its queue fills and
 /// requests wait for room (see `audit_attempt`). The thread ends once every sender is gone and
 /// the queue drained.
-fn start_audit_writer(mut sink: AuditSink, mut rx: mpsc::Receiver<AuditRecord>) -> Result<(), String> {
+fn start_audit_writer(mut sink: AuditSink, mut rx: mpsc::Receiver<Attempt>) -> Result<(), String> {
     let writer = std::thread::Builder::new()
         .name("sallyport-audit".into())
         .spawn(move || {
             lower_priority();
             let mut batch = Vec::with_capacity(crate::store::WRITE_BATCH);
+            let mut records = Vec::with_capacity(crate::store::WRITE_BATCH);
             while crate::store::recv_batch_blocking(&mut rx, &mut batch, crate::store::WRITE_BATCH) > 0 {
-                if let Err(error) = sink.append(&batch) {
+                records.extend(batch.drain(..).map(Attempt::record));
+                if let Err(error) = sink.append(&records) {
                     tracing::error!(%error, "sidecar audit records could not be written");
                 }
-                batch.clear();
+                records.clear();
             }
         })
         .map_err(|e| format!("could not start the audit writer: {e}"))?;
@@ -429,8 +471,8 @@ impl Sidecar {
         } else {
             Via::Pool
         };
-        let destination = if forwarded {
-            crate::delivery::destination(&url)
+        let destination: Arc<str> = if forwarded {
+            crate::delivery::destination(&url).into()
         } else {
             route.destination.clone()
         };
@@ -515,41 +557,29 @@ impl Sidecar {
     async fn audit_attempt(
         &self,
         route: &Route,
-        destination: &str,
+        destination: &Arc<str>,
         attempt: u32,
         result: &Result<http::Response<Incoming>, DeliveryError>,
         started: Instant,
     ) {
-        let (status, error, peer_info) = match result {
+        let (status, error, peer) = match result {
             Ok(res) => (
                 Some(res.status().as_u16()),
                 None,
-                res.extensions().get::<Arc<PeerInfo>>().map(|p| &**p),
+                res.extensions().get::<Arc<PeerInfo>>().cloned(),
             ),
-            Err(e) => (None, Some(e.kind().as_str().to_owned()), None),
+            Err(e) => (None, Some(e.kind()), None),
         };
-        let (resolved_ip, source_ip, peer_cert_sha256) = PeerInfo::audit_facts(peer_info);
-        let record = AuditRecord {
+        let record = Attempt {
             at: crate::store::now_ms(),
-            dataflow: route.name.clone(),
-            destination: destination.to_owned(),
-            resolved_ip,
-            source_ip,
-            profile_id: String::new(),
-            // Bodies stream through unread; their hash is not taken.
-            payload_sha256: String::new(),
-            idempotency_key: String::new(),
+            route: route.name.clone(),
+            destination: destination.clone(),
+            peer,
             attempt,
-            outcome: if error.is_none() {
-                "proxied".into()
-            } else {
-                "failed".into()
-            },
-            error_kind: error,
-            http_status: status,
+            error,
+            status,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-            peer_cert_sha256,
-            auth: route.auth_kind.to_owned(),
+            auth: route.auth_kind,
         };
         let record = match self.audit.try_send(record) {
             Ok(()) => return,
