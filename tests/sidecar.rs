@@ -123,6 +123,24 @@ async fn call(
     )
 }
 
+/// Once a sidecar listens on `port`: an app connection that has POSTed `{}` to `path` `n`
+/// times, each answered 200.
+async fn posted(port: u16, path: &str, n: usize) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    tokio::task::spawn_blocking(move || wait_for_port(port))
+        .await
+        .unwrap();
+    let mut tx = app(port).await;
+    for _ in 0..n {
+        assert_eq!(
+            call(&mut tx, "POST", path, &[], Bytes::from_static(b"{}"))
+                .await
+                .0,
+            200
+        );
+    }
+    tx
+}
+
 fn nginx_log(r: &Rig) -> Vec<Vec<String>> {
     std::fs::read_to_string(r.nginx.dir.parent().unwrap().join("sp.log"))
         .unwrap_or_default()
@@ -624,18 +642,7 @@ async fn the_sidecar_command_runs_on_one_thread_or_as_many_as_configured() {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        tokio::task::spawn_blocking(move || wait_for_port(port))
-            .await
-            .unwrap();
-        let mut tx = app(port).await;
-        for _ in 0..3 {
-            assert_eq!(
-                call(&mut tx, "POST", path, &[], Bytes::from_static(b"{}"))
-                    .await
-                    .0,
-                200
-            );
-        }
+        let _tx = posted(port, path, 3).await;
         // The audit log is appended by a thread of its own at nice 10, below the proxying.
         let pid = child.id().unwrap();
         let audit: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -708,18 +715,7 @@ async fn an_audit_file_holds_the_chain_audit_verify_checks_it_and_one_writer_at_
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    tokio::task::spawn_blocking(move || wait_for_port(port))
-        .await
-        .unwrap();
-    let mut tx = app(port).await;
-    for _ in 0..5 {
-        assert_eq!(
-            call(&mut tx, "POST", "/rx/in", &[], Bytes::from_static(b"{}"))
-                .await
-                .0,
-            200
-        );
-    }
+    let mut tx = posted(port, "/rx/in", 5).await;
     assert_eq!(call(&mut tx, "GET", "/denied/x", &[], Bytes::new()).await.0, 502);
 
     // A second sidecar on the same file is refused while the first one writes it.
