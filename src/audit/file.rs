@@ -17,7 +17,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -30,6 +32,43 @@ const LINE_START: &[u8] = b"{\"seq\":";
 const TAIL: u64 = 64 * 1024;
 /// Longest a written batch waits for `fdatasync`.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// What the syncer thread shares with the writer: a handle on the file and whether lines were
+/// written since the last `fdatasync`.
+struct Dirty {
+    file: File,
+    dirty: AtomicBool,
+}
+
+impl Dirty {
+    fn sync(&self) -> std::io::Result<()> {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.file.sync_data() {
+                self.dirty.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Flush `dirty`'s file to disk once a second while it has unsynced lines, from a thread of
+/// its own: the writer never waits for the disk, and the last batch before traffic stops is
+/// flushed too. The thread ends within a second of the `AuditFile` being dropped.
+fn start_syncer(path: &Path, dirty: Weak<Dirty>) -> Result<(), String> {
+    let shown = path.display().to_string();
+    std::thread::Builder::new()
+        .name("sallyport-fsync".into())
+        .spawn(move || loop {
+            std::thread::sleep(SYNC_EVERY);
+            let Some(d) = dirty.upgrade() else { return };
+            if let Err(e) = d.sync() {
+                tracing::error!(path = %shown, error = %e, "the audit file could not be flushed to disk");
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("audit file {}: could not start its syncer: {e}", path.display()))
+}
 
 #[derive(Deserialize)]
 struct Line<'a> {
@@ -63,8 +102,7 @@ pub struct AuditFile {
     hash: String,
     chain: Chain,
     buf: Vec<u8>,
-    synced: Instant,
-    unsynced: bool,
+    dirty: Arc<Dirty>,
 }
 
 impl std::fmt::Debug for AuditFile {
@@ -100,6 +138,11 @@ impl AuditFile {
             file.set_len(len).map_err(|e| err(&e))?;
             tracing::warn!(path = %path.display(), bytes = torn, "removed a torn last line from the audit file (a write cut short by a crash)");
         }
+        let dirty = Arc::new(Dirty {
+            file: file.try_clone().map_err(|e| err(&e))?,
+            dirty: AtomicBool::new(false),
+        });
+        start_syncer(path, Arc::downgrade(&dirty))?;
         Ok(AuditFile {
             path: path.to_owned(),
             file,
@@ -108,8 +151,7 @@ impl AuditFile {
             hash,
             chain,
             buf: Vec::with_capacity(64 * 1024),
-            synced: Instant::now(),
-            unsynced: false,
+            dirty,
         })
     }
 
@@ -136,21 +178,13 @@ impl AuditFile {
         }
         self.len += self.buf.len() as u64;
         (self.seq, self.hash) = (seq, hash);
-        self.unsynced = true;
-        if self.synced.elapsed() >= SYNC_EVERY {
-            self.sync()?;
-        }
+        self.dirty.dirty.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// Flush written lines to the disk.
-    pub fn sync(&mut self) -> std::io::Result<()> {
-        if self.unsynced {
-            self.file.sync_data()?;
-            self.unsynced = false;
-        }
-        self.synced = Instant::now();
-        Ok(())
+    /// Flush written lines to the disk now (the syncer thread does it within a second anyway).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.dirty.sync()
     }
 }
 
