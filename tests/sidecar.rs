@@ -688,6 +688,7 @@ async fn an_audit_file_holds_the_chain_audit_verify_checks_it_and_one_writer_at_
                 "[identity]\ncert = \"{}\"\nkey = \"{}\"\n[egress]\nallow = [\"127.0.0.0/8\"]\n\
                  [store]\nurl = \"sqlite://sc.db\"\n[audit]\nkey_env = \"SP_TEST_AUDIT_KEY\"\n\
                  [sidecar]\nlisten = \"127.0.0.1:{port}\"\naudit_file = \"logs/sidecar-audit.jsonl\"\n\
+                 audit_file_rotate_bytes = 1500\n\
                  [[sidecar.routes]]\nprefix = \"/rx\"\nupstream = \"{}\"\nca = \"{}\"\n\
                  [[sidecar.routes]]\nprefix = \"/denied\"\nupstream = \"https://10.0.0.5/\"\nca = \"{}\"\n",
                 f.client_cert.display(),
@@ -732,10 +733,21 @@ async fn an_audit_file_holds_the_chain_audit_verify_checks_it_and_one_writer_at_
         .unwrap();
     assert!(term.success());
     assert!(child.wait().unwrap().success());
+    // Rotated about every three records: segments beside the file, one chain through them.
     let path = dir.join("logs/sidecar-audit.jsonl");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 6, "{text}");
+    let segments = sallyport::audit::file::segments(&path).unwrap();
+    assert!(!segments.is_empty(), "rotated at least once");
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    for file in segments.iter().chain([&path]) {
+        let text = std::fs::read_to_string(file).unwrap();
+        lines.extend(
+            text.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()),
+        );
+    }
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    let seqs: Vec<i64> = lines.iter().map(|l| l["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
     assert_eq!(lines[0]["record"]["dataflow"], "sidecar:/rx");
     assert_eq!(lines[0]["record"]["httpStatus"], 200);
     assert_eq!(lines[5]["record"]["errorKind"], "egress_denied");
@@ -768,25 +780,35 @@ async fn an_audit_file_holds_the_chain_audit_verify_checks_it_and_one_writer_at_
     );
     assert_eq!(exported[3]["hash"], lines[3]["hash"]);
 
-    // Record 4 edited in place: verify fails and names it.
-    let edited: Vec<String> = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| {
-            if i == 3 {
-                l.replace("\"attempt\":1", "\"attempt\":2")
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect();
-    assert_ne!(edited[3], text.lines().nth(3).unwrap());
-    std::fs::write(&path, edited.join("\n") + "\n").unwrap();
+    // The oldest segment archived away: the rest still verifies, and verify says where the
+    // chain now starts.
+    let first_kept = std::fs::read_to_string(&segments[0]).unwrap().lines().count() + 1;
+    std::fs::remove_file(&segments[0]).unwrap();
+    let verify = sallyport(&["audit", "verify"], &cfg).output().unwrap();
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("starts at record {first_kept} here")),
+        "{said}"
+    );
+
+    // The newest record edited in place (in the live file, or the newest segment when the
+    // last write rotated it): verify fails and names it.
+    let newest = [path.clone()]
+        .into_iter()
+        .chain(sallyport::audit::file::segments(&path).unwrap().into_iter().rev())
+        .find(|f| std::fs::metadata(f).unwrap().len() > 0)
+        .unwrap();
+    let text = std::fs::read_to_string(&newest).unwrap();
+    let last = text.lines().last().unwrap();
+    let edited = text.replace(last, &last.replace("\"attempt\":1", "\"attempt\":2"));
+    assert_ne!(edited, text);
+    std::fs::write(&newest, edited).unwrap();
     let verify = sallyport(&["audit", "verify"], &cfg).output().unwrap();
     assert_eq!(verify.status.code(), Some(1));
     let err = String::from_utf8_lossy(&verify.stderr);
     assert!(
-        err.contains("audit log broken at record 4 of chain 'file:"),
+        err.contains("audit log broken at record 6 of chain 'file:"),
         "{err}"
     );
     assert!(err.contains("record edited"), "{err}");

@@ -6,9 +6,10 @@
 //! same bytes again. The lines are what `sallyport audit export` prints, so a log shipper can
 //! forward the file as it grows.
 //!
-//! One writer at a time: the file is locked (`flock`) while open for appending. A crash can
-//! leave a torn last line (never a torn record in the middle); opening the file again removes
-//! it, and readers skip it meanwhile. Durability matches the store's relaxed commits: each
+//! One writer at a time: `<file>.lock` is locked (`flock`) while a writer lives. At a size
+//! limit the file is rotated: renamed `<file>.<last seq, 12 digits>`, and a new file continues
+//! the chain. A crash can leave a torn last line (never a torn record in the middle); opening
+//! the file again removes it, and readers skip it meanwhile. Durability matches the store's relaxed commits: each
 //! batch survives a process crash once written; the data reaches the disk within a second
 //! (`fdatasync`), so a power loss may forget the last second.
 //!
@@ -52,10 +53,22 @@ impl Dirty {
     }
 }
 
+impl Dirty {
+    /// The shared state for `file`, with its syncer running.
+    fn start(path: &Path, file: &File) -> std::io::Result<Arc<Dirty>> {
+        let dirty = Arc::new(Dirty {
+            file: file.try_clone()?,
+            dirty: AtomicBool::new(false),
+        });
+        start_syncer(path, Arc::downgrade(&dirty))?;
+        Ok(dirty)
+    }
+}
+
 /// Flush `dirty`'s file to disk once a second while it has unsynced lines, from a thread of
 /// its own: the writer never waits for the disk, and the last batch before traffic stops is
-/// flushed too. The thread ends within a second of the `AuditFile` being dropped.
-fn start_syncer(path: &Path, dirty: Weak<Dirty>) -> Result<(), String> {
+/// flushed too. The thread ends within a second of its file being dropped (closed or rotated).
+fn start_syncer(path: &Path, dirty: Weak<Dirty>) -> std::io::Result<()> {
     let shown = path.display().to_string();
     std::thread::Builder::new()
         .name("sallyport-fsync".into())
@@ -67,7 +80,6 @@ fn start_syncer(path: &Path, dirty: Weak<Dirty>) -> Result<(), String> {
             }
         })
         .map(drop)
-        .map_err(|e| format!("audit file {}: could not start its syncer: {e}", path.display()))
 }
 
 #[derive(Deserialize)]
@@ -95,9 +107,14 @@ impl Line<'_> {
 /// The writer's end of an audit file.
 pub struct AuditFile {
     path: PathBuf,
+    /// `<path>.lock`, held (`flock`) while this writer lives: one writer per chain, across
+    /// rotations.
+    _lock: File,
     file: File,
     /// Bytes in the file that end a complete line (where a failed write is cut back to).
     len: u64,
+    /// Rotate once the file holds this many bytes (0: never).
+    rotate_at: u64,
     seq: i64,
     hash: String,
     chain: Chain,
@@ -114,39 +131,54 @@ impl std::fmt::Debug for AuditFile {
     }
 }
 
+/// Open (creating, mode 0600) `path` for appending.
+fn open_append(path: &Path) -> std::io::Result<File> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).append(true).create(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path)
+}
+
 impl AuditFile {
-    /// Open `path` for appending (created mode 0600 when missing) and continue its chain.
-    /// Fails when another process holds it, or when its last line is not an audit line.
-    pub fn open(path: &Path, chain: Chain) -> Result<Self, String> {
+    /// Open `path` for appending (created mode 0600 when missing) and continue its chain —
+    /// from the last rotated segment when the file itself is new. `rotate_at`: bytes after
+    /// which the file is renamed to a segment and a new one continues the chain (0: never).
+    /// Fails when another process writes the chain, or when the last line is not an audit line.
+    pub fn open(path: &Path, chain: Chain, rotate_at: u64) -> Result<Self, String> {
         let err = |e: &dyn std::fmt::Display| format!("audit file {}: {e}", path.display());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
         }
-        let mut opts = OpenOptions::new();
-        opts.read(true).append(true).create(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut file = opts.open(path).map_err(|e| err(&e))?;
-        file.try_lock().map_err(|e| match e {
+        let lock = open_append(&sibling(path, "lock")).map_err(|e| err(&e))?;
+        lock.try_lock().map_err(|e| match e {
             std::fs::TryLockError::WouldBlock => {
                 err(&"another process is writing it (each sidecar needs a file of its own)")
             }
             std::fs::TryLockError::Error(e) => err(&e),
         })?;
-        let (len, seq, hash, torn) = tail(&mut file).map_err(|e| err(&e))?;
+        let mut file = open_append(path).map_err(|e| err(&e))?;
+        let (len, mut seq, mut hash, torn) = tail(&mut file).map_err(|e| err(&e))?;
         if torn > 0 {
             file.set_len(len).map_err(|e| err(&e))?;
             tracing::warn!(path = %path.display(), bytes = torn, "removed a torn last line from the audit file (a write cut short by a crash)");
         }
-        let dirty = Arc::new(Dirty {
-            file: file.try_clone().map_err(|e| err(&e))?,
-            dirty: AtomicBool::new(false),
-        });
-        start_syncer(path, Arc::downgrade(&dirty))?;
+        if len == 0 {
+            // A new file after a rotation (or a crash between the rename and the first write):
+            // the chain goes on from the newest segment.
+            if let Some(last) = segments(path).map_err(|e| err(&e))?.pop() {
+                let mut f = File::open(&last).map_err(|e| err(&e))?;
+                (_, seq, hash, _) =
+                    tail(&mut f).map_err(|e| format!("audit file {}: {e}", last.display()))?;
+            }
+        }
+        let dirty = Dirty::start(path, &file).map_err(|e| err(&e))?;
         Ok(AuditFile {
             path: path.to_owned(),
+            _lock: lock,
             file,
             len,
+            rotate_at,
             seq,
             hash,
             chain,
@@ -179,12 +211,32 @@ impl AuditFile {
         self.len += self.buf.len() as u64;
         (self.seq, self.hash) = (seq, hash);
         self.dirty.dirty.store(true, Ordering::Release);
+        if self.rotate_at > 0 && self.len >= self.rotate_at {
+            if let Err(e) = self.rotate() {
+                // The batch is written; the chain goes on in the file as it is.
+                tracing::error!(path = %self.path.display(), error = %e, "the audit file could not be rotated");
+            }
+        }
         Ok(())
     }
 
     /// Flush written lines to the disk now (the syncer thread does it within a second anyway).
     pub fn sync(&self) -> std::io::Result<()> {
         self.dirty.sync()
+    }
+
+    /// Close the file as the segment `<path>.<last seq>` and continue the chain in a new file
+    /// at `path`. The segment is on disk before it is renamed.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.dirty.sync()?;
+        std::fs::rename(&self.path, segment_path(&self.path, self.seq))?;
+        // From here a crash leaves no file at `path`; `open` then continues from the segment.
+        let file = open_append(&self.path)?;
+        self.dirty = Dirty::start(&self.path, &file)?;
+        self.file = file;
+        self.len = 0;
+        tracing::info!(path = %self.path.display(), last_seq = self.seq, "rotated the audit file");
+        Ok(())
     }
 }
 
@@ -194,6 +246,55 @@ impl Drop for AuditFile {
             tracing::error!(path = %self.path.display(), error = %e, "the audit file could not be flushed to disk");
         }
     }
+}
+
+/// `<path>.<suffix>`.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".");
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// Where a segment whose last record is `seq` goes: `<path>.<seq, 12 digits>` (names sort in
+/// chain order).
+fn segment_path(path: &Path, seq: i64) -> PathBuf {
+    sibling(path, &format!("{seq:012}"))
+}
+
+/// The rotated segments of `path`, oldest first.
+pub fn segments(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(Vec::new());
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let file_name = entry.file_name();
+        let Some(rest) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(name))
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            continue;
+        };
+        if rest.len() >= 12 && rest.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(seq) = rest.parse() {
+                found.push((seq, entry.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 
 /// One line, as `audit export` prints a record (plus its MAC).
@@ -259,7 +360,23 @@ fn tail(file: &mut File) -> Result<(u64, i64, String, u64), String> {
     ))
 }
 
-/// Read the chain in `path`, record by record, handing each to `each`. A torn last line (one a
+/// Read the chain of the audit file `path` — its rotated segments, oldest first, then the file
+/// itself — record by record, handing each to `each`. See [`read`].
+pub fn read_chain<E: From<String>>(
+    path: &Path,
+    mut each: impl FnMut(ChainedRecord) -> Result<(), E>,
+) -> Result<(), E> {
+    let segments = segments(path).map_err(|e| E::from(format!("audit file {}: {e}", path.display())))?;
+    for segment in &segments {
+        read(segment, &mut each)?;
+    }
+    if path.exists() {
+        read(path, &mut each)?;
+    }
+    Ok(())
+}
+
+/// Read the records in the file `path`, handing each to `each`. A torn last line (one a
 /// writer has not finished) is not read. Stops at the first error `each` returns; any line
 /// that is not an audit record is an error naming its line number.
 pub fn read<E: From<String>>(
@@ -329,11 +446,11 @@ mod tests {
     fn batches_append_one_chain_that_continues_after_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("logs/sidecar-audit.jsonl");
-        let mut f = AuditFile::open(&path, key()).expect("open");
+        let mut f = AuditFile::open(&path, key(), 0).expect("open");
         f.append(&[rec(1), rec(2)]).expect("append");
         f.append(&[rec(3)]).expect("append");
         drop(f);
-        let mut f = AuditFile::open(&path, key()).expect("reopen");
+        let mut f = AuditFile::open(&path, key(), 0).expect("reopen");
         assert_eq!(f.seq(), 3);
         f.append(&[rec(4)]).expect("append");
         drop(f);
@@ -359,7 +476,7 @@ mod tests {
     fn an_edited_or_removed_line_breaks_the_chain_at_that_record() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("a.jsonl");
-        let mut f = AuditFile::open(&path, key()).expect("open");
+        let mut f = AuditFile::open(&path, key(), 0).expect("open");
         f.append(&[rec(1), rec(2), rec(3), rec(4)]).expect("append");
         drop(f);
         let text = std::fs::read_to_string(&path).expect("read");
@@ -387,7 +504,7 @@ mod tests {
         assert_eq!(check(text.clone()), None);
         // Rewritten consistently, but without the key: the first MAC fails.
         let _ = std::fs::remove_file(&path);
-        let mut forged = AuditFile::open(&path, Chain::new(None)).expect("open");
+        let mut forged = AuditFile::open(&path, Chain::new(None), 0).expect("open");
         forged.append(&[rec(1)]).expect("append");
         drop(forged);
         let forged = std::fs::read_to_string(&path).expect("read");
@@ -398,7 +515,7 @@ mod tests {
     fn a_torn_last_line_is_skipped_by_readers_and_cut_by_the_next_writer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("a.jsonl");
-        let mut f = AuditFile::open(&path, key()).expect("open");
+        let mut f = AuditFile::open(&path, key(), 0).expect("open");
         f.append(&[rec(1), rec(2)]).expect("append");
         drop(f);
         let whole = std::fs::read_to_string(&path).expect("read");
@@ -407,7 +524,7 @@ mod tests {
         let torn = format!("{whole}{}", &second[..second.len() / 2]);
         std::fs::write(&path, &torn).expect("write");
         assert_eq!(all(&path).len(), 2);
-        let mut f = AuditFile::open(&path, key()).expect("reopen");
+        let mut f = AuditFile::open(&path, key(), 0).expect("reopen");
         assert_eq!(f.seq(), 2);
         f.append(&[rec(3)]).expect("append");
         drop(f);
@@ -415,19 +532,84 @@ mod tests {
         assert_eq!(verify(&records, &key()), Ok(3));
     }
 
+    fn chain_of(path: &Path) -> Vec<ChainedRecord> {
+        let mut out = Vec::new();
+        read_chain::<String>(path, |r| {
+            out.push(r);
+            Ok(())
+        })
+        .expect("readable");
+        out
+    }
+
+    #[test]
+    fn rotation_continues_one_chain_across_segments_and_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sidecar-audit.jsonl");
+        // About three lines per file.
+        let mut f = AuditFile::open(&path, key(), 1200).expect("open");
+        for i in 1..=10 {
+            f.append(&[rec(i)]).expect("append");
+        }
+        drop(f);
+        let segs = segments(&path).expect("segments");
+        assert!(segs.len() >= 2, "{segs:?}");
+        let names: Vec<String> = segs
+            .iter()
+            .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names[0].starts_with("sidecar-audit.jsonl.0000000000"),
+            "{names:?}"
+        );
+        let records = chain_of(&path);
+        assert_eq!(records.len(), 10);
+        assert_eq!(verify(&records, &key()), Ok(10));
+
+        // A crash between the rename and the first write leaves no live file: the chain goes
+        // on from the newest segment.
+        std::fs::rename(&path, segment_path(&path, 10)).expect("rename");
+        let mut f = AuditFile::open(&path, key(), 1200).expect("reopen");
+        assert_eq!(f.seq(), 10);
+        f.append(&[rec(11)]).expect("append");
+        drop(f);
+        assert_eq!(verify(&chain_of(&path), &key()), Ok(11));
+
+        // The oldest segment archived: what is left verifies from its first record on.
+        std::fs::remove_file(&segs[0]).expect("remove");
+        let kept = chain_of(&path);
+        let first = &kept[0];
+        assert!(first.seq > 1);
+        let keyed = key();
+        let mut v = Verifier::resume(&keyed, first.seq - 1, &first.prev);
+        for r in &kept {
+            v.push(r).expect("verifies");
+        }
+        assert_eq!(v.verified() as usize, kept.len());
+
+        // A segment missing in the middle is a gap the chain names.
+        let segs = segments(&path).expect("segments");
+        std::fs::remove_file(&segs[0]).expect("remove");
+        let mut gap = vec![kept[0].clone()];
+        gap.extend(chain_of(&path));
+        let mut v = Verifier::resume(&keyed, kept[0].seq - 1, &kept[0].prev);
+        let broken = gap.iter().try_for_each(|r| v.push(r)).expect_err("gap");
+        assert!(broken.reason.contains("missing"), "{broken:?}");
+    }
+
     #[test]
     fn a_second_writer_and_a_file_that_is_not_an_audit_log_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("a.jsonl");
-        let _first = AuditFile::open(&path, key()).expect("open");
-        let second = AuditFile::open(&path, key()).expect_err("locked");
+        let _first = AuditFile::open(&path, key(), 0).expect("open");
+        let second = AuditFile::open(&path, key(), 0).expect_err("locked");
         assert!(second.contains("another process is writing it"), "{second}");
         let other = dir.path().join("notes.txt");
         std::fs::write(&other, "shopping list\nmilk\n").expect("write");
-        let e = AuditFile::open(&other, key()).expect_err("not ours");
+        let e = AuditFile::open(&other, key(), 0).expect_err("not ours");
         assert!(e.contains("not an audit record"), "{e}");
         std::fs::write(&other, "no newline at all").expect("write");
-        let e = AuditFile::open(&other, key()).expect_err("not ours");
+        let e = AuditFile::open(&other, key(), 0).expect_err("not ours");
         assert!(e.contains("right file"), "{e}");
         // Nothing was cut from either.
         assert_eq!(

@@ -143,20 +143,29 @@ pub struct Verifier<'c> {
     chain: &'c Chain,
     prev_seq: i64,
     prev_hash: String,
+    verified: u64,
 }
 
 impl<'c> Verifier<'c> {
     pub fn new(chain: &'c Chain) -> Self {
+        Self::resume(chain, 0, GENESIS)
+    }
+
+    /// Verify from the record after (`prev_seq`, `prev_hash`): for a chain whose earlier
+    /// records were archived (rotated audit-file segments), taking the first kept record's
+    /// link on trust.
+    pub fn resume(chain: &'c Chain, prev_seq: i64, prev_hash: &str) -> Self {
         Verifier {
             chain,
-            prev_seq: 0,
-            prev_hash: GENESIS.to_owned(),
+            prev_seq,
+            prev_hash: prev_hash.to_owned(),
+            verified: 0,
         }
     }
 
     /// How many records verified so far.
     pub fn verified(&self) -> u64 {
-        self.prev_seq.unsigned_abs()
+        self.verified
     }
 
     /// Check the next record of the chain.
@@ -196,6 +205,7 @@ impl<'c> Verifier<'c> {
         }
         self.prev_seq = r.seq;
         self.prev_hash.clone_from(&r.hash);
+        self.verified += 1;
         Ok(())
     }
 }

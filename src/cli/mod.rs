@@ -550,9 +550,20 @@ fn audit(cmd: AuditCommand) -> Result<(), Failure> {
     if let Some(path) = &file {
         let name = format!("file:{}", path.display());
         let mut pass = AuditPass::new(&name, &chain, export, since_ms);
-        if path.exists() {
-            crate::audit::file::read(path, |r| pass.record(r, &mut out))?;
-        }
+        let mut first = true;
+        crate::audit::file::read_chain(path, |r| {
+            if std::mem::take(&mut first) && r.seq > 1 {
+                // Earlier segments were archived: the chain is checked from the first one kept.
+                if !export {
+                    println!(
+                        "chain '{name}' starts at record {} here (earlier segments archived or removed)",
+                        r.seq
+                    );
+                }
+                pass.verifier = crate::audit::Verifier::resume(&chain, r.seq - 1, &r.prev);
+            }
+            pass.record(r, &mut out)
+        })?;
         total += pass.verifier.verified();
     }
     if !export {

@@ -262,6 +262,10 @@ fn default_window() -> String {
 fn default_cert_days() -> Vec<i64> {
     vec![30, 7]
 }
+fn default_audit_rotate() -> u64 {
+    256 * 1024 * 1024
+}
+
 fn default_interval() -> String {
     "30s".into()
 }
@@ -297,6 +301,12 @@ pub struct SidecarConfig {
     /// write, much cheaper than the store's inserts. `audit verify` and `audit export` read
     /// it too. Default: none (the store).
     pub audit_file: Option<PathBuf>,
+    /// Rotate the audit file when it reaches this many bytes: it is renamed
+    /// `<audit_file>.<last record's seq, 12 digits>` and a new file continues the chain (its
+    /// first record links to the segment's last). Ship or archive segments as you like;
+    /// `audit verify` checks the segments still there. 0: never. Default 256 MiB.
+    #[serde(default = "default_audit_rotate")]
+    pub audit_file_rotate_bytes: u64,
     /// Longest matching prefix wins.
     #[serde(default)]
     pub routes: Vec<SidecarRoute>,

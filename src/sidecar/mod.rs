@@ -237,10 +237,11 @@ enum AuditSink {
 
 impl AuditSink {
     fn open(cfg: &Config) -> Result<Self, String> {
-        match cfg.sidecar.as_ref().and_then(|s| s.audit_file.as_ref()) {
-            Some(path) => {
+        let sidecar = cfg.sidecar.as_ref();
+        match sidecar.and_then(|s| s.audit_file.as_ref().map(|f| (f, s.audit_file_rotate_bytes))) {
+            Some((path, rotate_at)) => {
                 let chain = crate::store::audit_chain(cfg).map_err(|e| e.to_string())?;
-                crate::audit::file::AuditFile::open(&cfg.path(path), chain)
+                crate::audit::file::AuditFile::open(&cfg.path(path), chain, rotate_at)
                     .map(|f| AuditSink::File(Box::new(f)))
             }
             None => crate::store::open(cfg)
