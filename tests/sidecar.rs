@@ -716,7 +716,33 @@ async fn an_audit_file_holds_the_chain_audit_verify_checks_it_and_one_writer_at_
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut tx = posted(port, "/rx/in", 5).await;
+    // Each record written before the next request, so that batches (and so rotations) fall
+    // the same way however busy the machine is.
+    let path = dir.join("logs/sidecar-audit.jsonl");
+    let on_disk = || {
+        let mut n = 0;
+        let _ = sallyport::audit::file::read_chain::<String>(&path, |_| {
+            n += 1;
+            Ok(())
+        });
+        n
+    };
+    let mut tx = posted(port, "/rx/in", 0).await;
+    for i in 1..=5 {
+        assert_eq!(
+            call(&mut tx, "POST", "/rx/in", &[], Bytes::from_static(b"{}"))
+                .await
+                .0,
+            200
+        );
+        for _ in 0..500 {
+            if on_disk() == i {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(on_disk(), i);
+    }
     assert_eq!(call(&mut tx, "GET", "/denied/x", &[], Bytes::new()).await.0, 502);
 
     // A second sidecar on the same file is refused while the first one writes it.
@@ -734,7 +760,6 @@ async fn an_audit_file_holds_the_chain_audit_verify_checks_it_and_one_writer_at_
     assert!(term.success());
     assert!(child.wait().unwrap().success());
     // Rotated about every three records: segments beside the file, one chain through them.
-    let path = dir.join("logs/sidecar-audit.jsonl");
     let segments = sallyport::audit::file::segments(&path).unwrap();
     assert!(!segments.is_empty(), "rotated at least once");
     let mut lines: Vec<serde_json::Value> = Vec::new();
