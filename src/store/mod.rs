@@ -352,7 +352,10 @@ fn gather<T>(rx: &mut tokio::sync::mpsc::Receiver<T>, buf: &mut Vec<T>, max: usi
 
 /// Milliseconds since the UNIX epoch, now.
 pub fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+    // A clock set before 1970 reads as the epoch.
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A batch of updates merged in memory, ready to write: each touched profile once (with the
