@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{AuditRecord, Chain, ChainedRecord, GENESIS};
+use super::{Chain, ChainedRecord, GENESIS};
 
 /// Every line starts so; a torn tail that does not is not ours to cut.
 const LINE_START: &[u8] = b"{\"seq\":";
@@ -118,7 +118,10 @@ pub struct AuditFile {
     seq: i64,
     hash: String,
     chain: Chain,
+    /// The batch's lines.
     buf: Vec<u8>,
+    /// One record's JSON, as hashed.
+    text: Vec<u8>,
     dirty: Arc<Dirty>,
 }
 
@@ -183,6 +186,7 @@ impl AuditFile {
             hash,
             chain,
             buf: Vec::with_capacity(64 * 1024),
+            text: Vec::with_capacity(1024),
             dirty,
         })
     }
@@ -194,14 +198,18 @@ impl AuditFile {
 
     /// Link `records` after the last one and write them in one go. On failure nothing of the
     /// batch stays in the file and the chain's head does not move.
-    pub fn append(&mut self, records: &[AuditRecord]) -> std::io::Result<()> {
+    /// `records` are `AuditRecord`s or anything that serialises as one (`AuditRecordRef`).
+    pub fn append<T: serde::Serialize>(&mut self, records: &[T]) -> std::io::Result<()> {
         self.buf.clear();
         let (mut seq, mut hash) = (self.seq, self.hash.clone());
         for r in records {
-            let c = self.chain.link(seq, &hash, r);
-            write_line(&mut self.buf, &c);
-            seq = c.seq;
-            hash = c.hash;
+            self.text.clear();
+            serde_json::to_writer(&mut self.text, r).map_err(std::io::Error::other)?;
+            seq += 1;
+            let next = Chain::hash_bytes(seq, &hash, &self.text);
+            let mac = self.chain.mac(&next);
+            write_line(&mut self.buf, seq, &hash, &next, mac.as_deref(), &self.text);
+            hash = next;
         }
         if let Err(e) = self.file.write_all(&self.buf) {
             // A short write leaves part of the batch: cut it off so the file ends on a line.
@@ -298,15 +306,17 @@ pub fn segments(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// One line, as `audit export` prints a record (plus its MAC).
-fn write_line(out: &mut Vec<u8>, c: &ChainedRecord) {
+fn write_line(out: &mut Vec<u8>, seq: i64, prev: &str, hash: &str, mac: Option<&str>, record: &[u8]) {
+    use std::io::Write as _;
     out.extend_from_slice(LINE_START);
-    out.extend_from_slice(c.seq.to_string().as_bytes());
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{seq}");
     out.extend_from_slice(b",\"prev\":\"");
-    out.extend_from_slice(c.prev.as_bytes());
+    out.extend_from_slice(prev.as_bytes());
     out.extend_from_slice(b"\",\"hash\":\"");
-    out.extend_from_slice(c.hash.as_bytes());
+    out.extend_from_slice(hash.as_bytes());
     out.extend_from_slice(b"\",\"mac\":");
-    match &c.mac {
+    match mac {
         Some(m) => {
             out.push(b'"');
             out.extend_from_slice(m.as_bytes());
@@ -315,7 +325,7 @@ fn write_line(out: &mut Vec<u8>, c: &ChainedRecord) {
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"record\":");
-    out.extend_from_slice(c.record.as_bytes());
+    out.extend_from_slice(record);
     out.extend_from_slice(b"}\n");
 }
 
@@ -406,7 +416,7 @@ pub fn read<E: From<String>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{verify, Verifier};
+    use crate::audit::{verify, AuditRecord, Verifier};
 
     fn rec(i: u32) -> AuditRecord {
         AuditRecord {

@@ -40,6 +40,50 @@ pub struct AuditRecord {
     pub auth: String,
 }
 
+/// An [`AuditRecord`] of borrowed text: serialised to the same JSON (same names, same order),
+/// for writers that hold the facts elsewhere and need no owned copy.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditRecordRef<'a> {
+    pub at: i64,
+    pub dataflow: &'a str,
+    pub destination: &'a str,
+    pub resolved_ip: Option<&'a str>,
+    pub source_ip: Option<&'a str>,
+    pub profile_id: &'a str,
+    pub payload_sha256: &'a str,
+    pub idempotency_key: &'a str,
+    pub attempt: u32,
+    pub outcome: &'a str,
+    pub error_kind: Option<&'a str>,
+    pub http_status: Option<u16>,
+    pub latency_ms: f64,
+    pub peer_cert_sha256: Option<&'a str>,
+    pub auth: &'a str,
+}
+
+impl From<AuditRecordRef<'_>> for AuditRecord {
+    fn from(r: AuditRecordRef<'_>) -> Self {
+        AuditRecord {
+            at: r.at,
+            dataflow: r.dataflow.to_owned(),
+            destination: r.destination.to_owned(),
+            resolved_ip: r.resolved_ip.map(str::to_owned),
+            source_ip: r.source_ip.map(str::to_owned),
+            profile_id: r.profile_id.to_owned(),
+            payload_sha256: r.payload_sha256.to_owned(),
+            idempotency_key: r.idempotency_key.to_owned(),
+            attempt: r.attempt,
+            outcome: r.outcome.to_owned(),
+            error_kind: r.error_kind.map(str::to_owned),
+            http_status: r.http_status,
+            latency_ms: r.latency_ms,
+            peer_cert_sha256: r.peer_cert_sha256.map(str::to_owned),
+            auth: r.auth.to_owned(),
+        }
+    }
+}
+
 /// A record as stored: its place in the chain.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -87,11 +131,16 @@ impl Chain {
 
     /// The hash of a record that follows `prev`: SHA-256(seq, prev, record).
     pub fn hash(seq: i64, prev: &str, record: &str) -> String {
+        Self::hash_bytes(seq, prev, record.as_bytes())
+    }
+
+    /// [`Chain::hash`] of a record's text as bytes.
+    pub fn hash_bytes(seq: i64, prev: &str, record: &[u8]) -> String {
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(&seq.to_be_bytes());
         ctx.update(prev.as_bytes());
         ctx.update(b"\n");
-        ctx.update(record.as_bytes());
+        ctx.update(record);
         hex(ctx.finish().as_ref())
     }
 
@@ -274,6 +323,36 @@ mod tests {
         let mut reordered = good.clone();
         reordered.swap(3, 4);
         assert_eq!(verify(&reordered, &c).map_err(|b| b.seq), Err(4));
+    }
+
+    #[test]
+    fn a_borrowed_record_writes_the_same_json_as_an_owned_one() {
+        let owned = AuditRecord {
+            resolved_ip: Some("127.0.0.1".into()),
+            error_kind: Some("timeout".into()),
+            peer_cert_sha256: Some("AB:CD".into()),
+            ..rec(7)
+        };
+        let borrowed = AuditRecordRef {
+            at: owned.at,
+            dataflow: &owned.dataflow,
+            destination: &owned.destination,
+            resolved_ip: owned.resolved_ip.as_deref(),
+            source_ip: owned.source_ip.as_deref(),
+            profile_id: &owned.profile_id,
+            payload_sha256: &owned.payload_sha256,
+            idempotency_key: &owned.idempotency_key,
+            attempt: owned.attempt,
+            outcome: &owned.outcome,
+            error_kind: owned.error_kind.as_deref(),
+            http_status: owned.http_status,
+            latency_ms: owned.latency_ms,
+            peer_cert_sha256: owned.peer_cert_sha256.as_deref(),
+            auth: &owned.auth,
+        };
+        let text = serde_json::to_string(&borrowed).expect("json");
+        assert_eq!(text, serde_json::to_string(&owned).expect("json"));
+        assert_eq!(AuditRecord::from(borrowed), owned);
     }
 
     #[test]

@@ -57,13 +57,23 @@ impl PeerInfo {
     /// our source IP and the SHA-256 of the receiver's certificate. `None`s when no connection
     /// was made.
     pub fn audit_facts(peer: Option<&PeerInfo>) -> (Option<String>, Option<String>, Option<String>) {
+        let (remote, local, cert) = Self::audit_facts_ref(peer);
+        (
+            remote.map(str::to_owned),
+            local.map(str::to_owned),
+            cert.map(str::to_owned),
+        )
+    }
+
+    /// [`PeerInfo::audit_facts`], borrowed.
+    pub fn audit_facts_ref(peer: Option<&PeerInfo>) -> (Option<&str>, Option<&str>, Option<&str>) {
         match peer {
             Some(p) => (
-                Some(p.remote_ip.clone()),
-                Some(p.local_ip.clone()),
+                Some(p.remote_ip.as_str()),
+                Some(p.local_ip.as_str()),
                 p.server_certificate
                     .as_ref()
-                    .map(|c| c.sha256_fingerprint.clone()),
+                    .map(|c| c.sha256_fingerprint.as_str()),
             ),
             None => (None, None, None),
         }

@@ -191,8 +191,8 @@ fn route(
 }
 
 /// What the proxy hands the audit writer for one attempt: facts it already holds, shared
-/// rather than copied. The writer thread (below the proxy's priority) makes the
-/// `AuditRecord` of it, so the proxying thread allocates nothing for the audit log.
+/// rather than copied. The writer thread (below the proxy's priority) writes the audit record
+/// from it, so the proxying thread allocates nothing for the audit log.
 struct Attempt {
     at: i64,
     route: Arc<str>,
@@ -206,25 +206,26 @@ struct Attempt {
 }
 
 impl Attempt {
-    fn record(self) -> AuditRecord {
-        let (resolved_ip, source_ip, peer_cert_sha256) = PeerInfo::audit_facts(self.peer.as_deref());
-        AuditRecord {
+    /// The audit record this attempt makes, borrowing what it holds.
+    fn as_record(&self) -> crate::audit::AuditRecordRef<'_> {
+        let (resolved_ip, source_ip, peer_cert_sha256) = PeerInfo::audit_facts_ref(self.peer.as_deref());
+        crate::audit::AuditRecordRef {
             at: self.at,
-            dataflow: self.route.to_string(),
-            destination: self.destination.to_string(),
+            dataflow: &self.route,
+            destination: &self.destination,
             resolved_ip,
             source_ip,
-            profile_id: String::new(),
+            profile_id: "",
             // Bodies stream through unread; their hash is not taken.
-            payload_sha256: String::new(),
-            idempotency_key: String::new(),
+            payload_sha256: "",
+            idempotency_key: "",
             attempt: self.attempt,
-            outcome: if self.error.is_none() { "proxied" } else { "failed" }.into(),
-            error_kind: self.error.map(|e| e.as_str().to_owned()),
+            outcome: if self.error.is_none() { "proxied" } else { "failed" },
+            error_kind: self.error.map(ErrorKind::as_str),
             http_status: self.status,
             latency_ms: self.latency_ms,
             peer_cert_sha256,
-            auth: self.auth.to_owned(),
+            auth: self.auth,
         }
     }
 }
@@ -250,10 +251,17 @@ impl AuditSink {
         }
     }
 
-    fn append(&mut self, batch: &[AuditRecord]) -> Result<(), String> {
+    fn append(&mut self, batch: &[Attempt]) -> Result<(), String> {
         match self {
-            AuditSink::Store(store) => store.append_audit(batch).map_err(|e| e.to_string()),
-            AuditSink::File(file) => file.append(batch).map_err(|e| e.to_string()),
+            AuditSink::Store(store) => {
+                let records: Vec<AuditRecord> = batch.iter().map(|a| a.as_record().into()).collect();
+                store.append_audit(&records).map_err(|e| e.to_string())
+            }
+            AuditSink::File(file) => {
+                // Serialised straight from what the proxy queued: no owned copy of the record.
+                let records: Vec<_> = batch.iter().map(Attempt::as_record).collect();
+                file.append(&records).map_err(|e| e.to_string())
+            }
         }
     }
 }
@@ -270,13 +278,11 @@ fn start_audit_writer(mut sink: AuditSink, mut rx: mpsc::Receiver<Attempt>) -> R
         .spawn(move || {
             lower_priority();
             let mut batch = Vec::with_capacity(crate::store::WRITE_BATCH);
-            let mut records = Vec::with_capacity(crate::store::WRITE_BATCH);
             while crate::store::recv_batch_blocking(&mut rx, &mut batch, crate::store::WRITE_BATCH) > 0 {
-                records.extend(batch.drain(..).map(Attempt::record));
-                if let Err(error) = sink.append(&records) {
+                if let Err(error) = sink.append(&batch) {
                     tracing::error!(%error, "sidecar audit records could not be written");
                 }
-                records.clear();
+                batch.clear();
             }
         })
         .map_err(|e| format!("could not start the audit writer: {e}"))?;
