@@ -438,9 +438,10 @@ mod tests {
         }
     }
 
-    fn all(path: &Path) -> Vec<ChainedRecord> {
+    /// Every record of the chain at `path` (its segments, then the file).
+    fn chain_of(path: &Path) -> Vec<ChainedRecord> {
         let mut out = Vec::new();
-        read::<String>(path, |r| {
+        read_chain::<String>(path, |r| {
             out.push(r);
             Ok(())
         })
@@ -464,7 +465,7 @@ mod tests {
         assert_eq!(f.seq(), 3);
         f.append(&[rec(4)]).expect("append");
         drop(f);
-        let records = all(&path);
+        let records = chain_of(&path);
         assert_eq!(records.len(), 4);
         assert_eq!(verify(&records, &key()), Ok(4));
         // Each line is plain JSON with the record as an object, as `audit export` prints it.
@@ -533,23 +534,13 @@ mod tests {
         // The crash came halfway through writing record 3.
         let torn = format!("{whole}{}", &second[..second.len() / 2]);
         std::fs::write(&path, &torn).expect("write");
-        assert_eq!(all(&path).len(), 2);
+        assert_eq!(chain_of(&path).len(), 2);
         let mut f = AuditFile::open(&path, key(), 0).expect("reopen");
         assert_eq!(f.seq(), 2);
         f.append(&[rec(3)]).expect("append");
         drop(f);
-        let records = all(&path);
+        let records = chain_of(&path);
         assert_eq!(verify(&records, &key()), Ok(3));
-    }
-
-    fn chain_of(path: &Path) -> Vec<ChainedRecord> {
-        let mut out = Vec::new();
-        read_chain::<String>(path, |r| {
-            out.push(r);
-            Ok(())
-        })
-        .expect("readable");
-        out
     }
 
     #[test]
