@@ -206,8 +206,7 @@ impl AuditFile {
             self.text.clear();
             serde_json::to_writer(&mut self.text, r).map_err(std::io::Error::other)?;
             seq += 1;
-            let next = Chain::hash_bytes(seq, &hash, &self.text);
-            let mac = self.chain.mac(&next);
+            let (next, mac) = self.chain.seal(seq, &hash, &self.text);
             write_line(&mut self.buf, seq, &hash, &next, mac.as_deref(), &self.text);
             hash = next;
         }

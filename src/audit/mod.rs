@@ -151,14 +151,22 @@ impl Chain {
             .map(|k| hex(hmac::sign(k, hash.as_bytes()).as_ref()))
     }
 
+    /// The hash and MAC of the record text `record` at `seq`, after `prev`: what every
+    /// writer of a chain (store or file) stores beside the record.
+    pub fn seal(&self, seq: i64, prev: &str, record: &[u8]) -> (String, Option<String>) {
+        let hash = Self::hash_bytes(seq, prev, record);
+        let mac = self.mac(&hash);
+        (hash, mac)
+    }
+
     /// Link `record` after (`prev_seq`, `prev_hash`).
     pub fn link(&self, prev_seq: i64, prev_hash: &str, record: &AuditRecord) -> ChainedRecord {
         let seq = prev_seq + 1;
         let record = serde_json::to_string(record).unwrap_or_default();
-        let hash = Self::hash(seq, prev_hash, &record);
+        let (hash, mac) = self.seal(seq, prev_hash, record.as_bytes());
         ChainedRecord {
             seq,
-            mac: self.mac(&hash),
+            mac,
             record,
             prev: prev_hash.to_owned(),
             hash,
