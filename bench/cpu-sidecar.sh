@@ -18,19 +18,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
 bench_scratch sallyport-cpu
-bench_tools
-command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy >/dev/null; }
-bench_pki
-bench_receiver
-bench_sallyport_bin
-bench_post_lua
-bench_haproxy_conf 18182
-bench_sidecar_conf 18190
-haproxy -f "$PKI/haproxy.cfg" -db >/dev/null 2>&1 & HP=$!; PIDS+=("$HP")
-"$BIN" sidecar --config "$PKI/sidecar.toml" 2>/dev/null & SP=$!; PIDS+=("$SP")
-for port in 18182 18190; do
-  for _ in $(seq 40); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.25; done
-done
+bench_start_pair
 
 wrk_args=(-t1 -c64)
 [ "$MODE" = post ] && wrk_args+=(-s "$PKI/post.lua")

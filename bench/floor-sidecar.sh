@@ -18,24 +18,13 @@ ROOT=$(cd "$HERE/.." && pwd)
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
 bench_scratch sallyport-floor
-bench_tools
-command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy >/dev/null; }
-bench_pki
-bench_receiver
-bench_sallyport_bin
-bench_post_lua
-bench_haproxy_conf 18182
-bench_sidecar_conf 18190
 (cd "$HERE/floor" && CARGO_TARGET_DIR="$ROOT/bench/floor/target" cargo build --release --quiet)
 FLOOR=$ROOT/bench/floor/target/release/sidecar-floor
-haproxy -f "$PKI/haproxy.cfg" -db >/dev/null 2>&1 & HP=$!; PIDS+=("$HP")
-"$BIN" sidecar --config "$PKI/sidecar.toml" 2>/dev/null & SP=$!; PIDS+=("$SP")
+bench_start_pair
 floor() { exec "$FLOOR" "$1" "127.0.0.1:$2" 127.0.0.1:9443 localhost "$PKI/ca.pem" "$PKI/client.pem" "$PKI/client.key"; }
 floor hyper 18191 & FH=$!; PIDS+=("$FH")
 floor raw 18192 & FR=$!; PIDS+=("$FR")
-for port in 18182 18190 18191 18192; do
-  for _ in $(seq 40); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.25; done
-done
+bench_wait_ports 18191 18192
 RX=$(pgrep -P "$(cat "$PKI/rx/nginx.pid")" | head -1)
 
 wrk_args=(-t1 -c64)

@@ -114,3 +114,28 @@ bench_sallyport_bin() {
   BIN=${SALLYPORT_BIN:-$ROOT/target/release/sallyport}
   [ -n "${SALLYPORT_BIN:-}" ] || (cd "$ROOT" && cargo build --release --quiet)
 }
+
+# The pair most sidecar scripts measure, started and answering: the receiver, HAProxy on
+# 127.0.0.1:18182 ($HP) and Sallyport on 127.0.0.1:18190 ($SP), with $PKI/post.lua written.
+# Needs $ROOT; call after bench_scratch.
+bench_start_pair() {
+  bench_tools
+  command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy >/dev/null; }
+  bench_pki
+  bench_receiver
+  bench_sallyport_bin
+  bench_post_lua
+  bench_haproxy_conf 18182
+  bench_sidecar_conf 18190
+  haproxy -f "$PKI/haproxy.cfg" -db >/dev/null 2>&1 & HP=$!; PIDS+=("$HP")
+  "$BIN" sidecar --config "$PKI/sidecar.toml" 2>/dev/null & SP=$!; PIDS+=("$SP")
+  bench_wait_ports 18182 18190
+}
+
+# Wait (up to 10 s each) until every port given answers HTTP on 127.0.0.1.
+bench_wait_ports() {
+  local port
+  for port in "$@"; do
+    for _ in $(seq 40); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.25; done
+  done
+}

@@ -77,12 +77,7 @@ fn load(args: &[String]) -> Result<(String, Upstream), String> {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| e.to_string())?;
-    let addr = tokio::net::lookup_host(upstream.as_str());
-    let addr = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?
-        .block_on(addr)
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(upstream.as_str())
         .map_err(|e| format!("{upstream}: {e}"))?
         .next()
         .ok_or(format!("{upstream}: no address"))?;
