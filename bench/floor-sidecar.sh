@@ -18,6 +18,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
 bench_scratch sallyport-floor
+[ -x /usr/bin/time ] || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
 (cd "$HERE/floor" && CARGO_TARGET_DIR="$ROOT/bench/floor/target" cargo build --release --quiet)
 FLOOR=$ROOT/bench/floor/target/release/sidecar-floor
 bench_start_pair

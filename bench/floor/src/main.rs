@@ -6,8 +6,9 @@
 //! - `hyper`: hyper's HTTP/1 server, and per app connection one upstream connection driven by
 //!   hyper's HTTP/1 client (Sallyport's lane design without Sallyport).
 //! - `raw`: httparse over tokio-rustls, one buffer each way, each request and each response
-//!   forwarded in one write. Content-Length bodies only (what the benchmark sends); anything
-//!   else closes the connection. Not a proxy anyone should deploy: a floor.
+//!   forwarded in one write. GET and POST with Content-Length bodies up to 1 MiB only (what
+//!   the benchmark sends); a chunked body closes the connection, and HEAD or bodiless 1xx/204/
+//!   304 answers are not special-cased. Not a proxy anyone should deploy: a floor.
 //!
 //! Usage: sidecar-floor hyper|raw LISTEN UPSTREAM(host:port) SNI CA CERT KEY
 
@@ -22,6 +23,9 @@ use tokio_rustls::TlsConnector;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The raw floor holds a whole body in memory: larger ones are refused.
+const MAX_BODY: usize = 1 << 20;
 
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -135,7 +139,8 @@ fn content_length(headers: &[httparse::Header<'_>]) -> io::Result<usize> {
             len = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
-                .ok_or_else(|| fail("bad content-length"))?;
+                .filter(|n| *n <= MAX_BODY)
+                .ok_or_else(|| fail("bad or too large content-length"))?;
         }
     }
     Ok(len)
