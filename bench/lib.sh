@@ -115,7 +115,7 @@ bench_sallyport_bin() {
   [ -n "${SALLYPORT_BIN:-}" ] || (cd "$ROOT" && cargo build --release --quiet)
 }
 
-# The pair most sidecar scripts measure, started and answering: the receiver, HAProxy on
+# The pair cpu-sidecar.sh and floor-sidecar.sh measure, started and answering: the receiver, HAProxy on
 # 127.0.0.1:18182 ($HP) and Sallyport on 127.0.0.1:18190 ($SP), with $PKI/post.lua written.
 # Needs $ROOT; call after bench_scratch.
 bench_start_pair() {
