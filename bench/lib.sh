@@ -115,9 +115,9 @@ bench_sallyport_bin() {
   [ -n "${SALLYPORT_BIN:-}" ] || (cd "$ROOT" && cargo build --release --quiet)
 }
 
-# The pair cpu-sidecar.sh and floor-sidecar.sh measure, started and answering: the receiver, HAProxy on
-# 127.0.0.1:18182 ($HP) and Sallyport on 127.0.0.1:18190 ($SP), with $PKI/post.lua written.
-# Needs $ROOT; call after bench_scratch.
+# What cpu-sidecar.sh and floor-sidecar.sh measure, started and answering: the receiver,
+# HAProxy on 127.0.0.1:18182 ($HP) and Sallyport on 127.0.0.1:18190 ($SP), with $PKI/post.lua
+# written. Needs $ROOT; call after bench_scratch.
 bench_start_pair() {
   bench_tools
   command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy >/dev/null; }
