@@ -493,17 +493,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         let check = |body: String| {
             std::fs::write(&path, body).expect("write");
-            let keyed = key();
-            let mut v = Verifier::new(&keyed);
-            let mut broken = None;
-            read::<String>(&path, |r| {
-                if broken.is_none() {
-                    broken = v.push(&r).err().map(|b| b.seq);
-                }
-                Ok(())
-            })
-            .expect("readable");
-            broken
+            verify(&chain_of(&path), &key()).err().map(|b| b.seq)
         };
         let second = lines[1].replace("\"httpStatus\":200", "\"httpStatus\":500");
         assert_ne!(second, lines[1]);
