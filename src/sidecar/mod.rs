@@ -428,7 +428,7 @@ impl Sidecar {
         lanes: &crate::delivery::lane::Lanes,
     ) -> Reply {
         let started = Instant::now();
-        let path = req.uri().path().to_owned();
+        let path = req.uri().path();
         // Absolute-form (`GET http://host/path`): forward-proxy mode, sent as https.
         let forward = req.uri().authority().map(|a| a.to_string());
         let (route, url, forwarded) = match (forward, &self.forward) {
@@ -667,4 +667,38 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     crate::serve::shutdown_signal().await;
     tasks.iter().for_each(|t| t.abort());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_hop_by_hop_header_and_those_connection_names_are_stripped_and_no_other() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "close, X-Named"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic eA=="),
+            ("x-named", "1"),
+            ("authorization", "Bearer kept"),
+            ("content-type", "application/json"),
+            ("x-keep", "1"),
+            ("te-not", "1"),
+        ] {
+            h.append(
+                http::HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "content-type", "te-not", "x-keep"]);
+    }
 }
