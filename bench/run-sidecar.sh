@@ -4,13 +4,18 @@
 # Uses the shared peer script (../shared/bench/peers/run-peers.sh), which builds the PKI with
 # the openssl CLI and starts every peer; Sallyport is started through its SIDECAR_START hook.
 # Usage: bench/run-sidecar.sh [seconds per run, default 8]   Output: a Markdown table.
+# Env: SALLYPORT_BIN=path measures that build (e.g. the PGO one scripts/build-pgo.sh prints)
+# instead of this checkout's release build.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 PEERS=${PEERS:-$ROOT/../shared/bench/peers/run-peers.sh}
 [ -x "$PEERS" ] || [ -f "$PEERS" ] || { echo "peer script not found: $PEERS" >&2; exit 1; }
-(cd "$ROOT" && cargo build --release --quiet)
-export SALLYPORT_BIN="$ROOT/target/release/sallyport"
+if [ -z "${SALLYPORT_BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release --quiet)
+  SALLYPORT_BIN="$ROOT/target/release/sallyport"
+fi
+export SALLYPORT_BIN
 # Written into the peer script's PKI directory at start, so it uses the same certificates.
 # The audit log goes to an audit file; SALLYPORT_AUDIT=store puts it in the SQLite store.
 export SALLYPORT_AUDIT=${SALLYPORT_AUDIT:-file}
