@@ -15,6 +15,7 @@ if [ -z "${SALLYPORT_BIN:-}" ]; then
   (cd "$ROOT" && cargo build --release --quiet)
   SALLYPORT_BIN="$ROOT/target/release/sallyport"
 fi
+[ -x "$SALLYPORT_BIN" ] || { echo "SALLYPORT_BIN is not an executable: $SALLYPORT_BIN" >&2; exit 1; }
 export SALLYPORT_BIN
 # Written into the peer script's PKI directory at start, so it uses the same certificates.
 # The audit log goes to an audit file; SALLYPORT_AUDIT=store puts it in the SQLite store.
