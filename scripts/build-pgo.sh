@@ -26,7 +26,8 @@ fi
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
 bench_scratch sallyport-pgo
-DATA=$PKI/profiles
+# A fixed path: it is built into the instrumented binary, so a new one would rebuild it all.
+DATA=$ROOT/target/pgo-gen/profiles
 
 say "1/4 instrumented build (target/pgo-gen)"
 (cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/pgo-gen" RUSTFLAGS="-Cprofile-generate=$DATA" \
@@ -46,6 +47,9 @@ bench_post_lua
 bench_sidecar_conf 18195
 "$GEN" sidecar --config "$PKI/sidecar.toml" 2>/dev/null & SP=$!; PIDS+=("$SP")
 bench_wait_ports 18195
+# Through the sidecar to the receiver, or stop: a training run of error paths would build a
+# binary optimised for failing.
+curl -fsS http://127.0.0.1:18195/ | grep -q '^ok$' || { say "the instrumented sidecar does not reach the receiver"; exit 1; }
 wrk -t1 -c64 -d8s http://127.0.0.1:18195/ >/dev/null
 wrk -t1 -c64 -d8s -s "$PKI/post.lua" http://127.0.0.1:18195/ >/dev/null
 # A clean stop writes the counts (at exit).
