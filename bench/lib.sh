@@ -113,6 +113,9 @@ bench_post_lua() {
 bench_sallyport_bin() {
   BIN=${SALLYPORT_BIN:-$ROOT/target/release/sallyport}
   [ -n "${SALLYPORT_BIN:-}" ] || (cd "$ROOT" && cargo build --release --quiet)
+  [ -x "$BIN" ] || { echo "SALLYPORT_BIN is not an executable: $BIN" >&2; exit 1; }
+  # Absolute: some scripts start it from another directory (the peer script, from its PKI's).
+  BIN=$(realpath "$BIN")
 }
 
 # What cpu-sidecar.sh and floor-sidecar.sh measure, started and answering: the receiver,

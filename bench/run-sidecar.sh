@@ -11,12 +11,10 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 PEERS=${PEERS:-$ROOT/../shared/bench/peers/run-peers.sh}
 [ -x "$PEERS" ] || [ -f "$PEERS" ] || { echo "peer script not found: $PEERS" >&2; exit 1; }
-if [ -z "${SALLYPORT_BIN:-}" ]; then
-  (cd "$ROOT" && cargo build --release --quiet)
-  SALLYPORT_BIN="$ROOT/target/release/sallyport"
-fi
-[ -x "$SALLYPORT_BIN" ] || { echo "SALLYPORT_BIN is not an executable: $SALLYPORT_BIN" >&2; exit 1; }
-export SALLYPORT_BIN
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
+bench_sallyport_bin
+export SALLYPORT_BIN=$BIN
 # Written into the peer script's PKI directory at start, so it uses the same certificates.
 # The audit log goes to an audit file; SALLYPORT_AUDIT=store puts it in the SQLite store.
 export SALLYPORT_AUDIT=${SALLYPORT_AUDIT:-file}
