@@ -838,3 +838,49 @@ async fn an_audit_file_holds_the_chain_audit_verify_checks_it_and_one_writer_at_
     );
     assert!(err.contains("record edited"), "{err}");
 }
+
+/// One app connection's requests share one timer (see `Lanes::within`): a request never
+/// waits past its route's timeout (504), and the timer left from an earlier request, sooner
+/// or later than its own deadline, neither cuts it off early nor lets it run late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_is_a_504_and_each_request_gets_its_own_full_timeout() {
+    use sallyport::receiver::Action;
+    let pki = RcgenPki::new();
+    let ok = || Action::Respond(StatusCode::OK, vec![]);
+    let slow = |ms| Action::Delay(Duration::from_millis(ms), StatusCode::OK);
+    let rx = scripted(&pki, vec![ok(), slow(1200), slow(1500), slow(4000), ok()]).await;
+    let port = free_port();
+    let cfg = sidecar_config(
+        &pki,
+        &rx.url(""),
+        &format!("listen = \"127.0.0.1:{port}\""),
+        "[[sidecar.routes]]\nprefix = \"/t\"\nupstream = \"UPSTREAM\"\nca = \"CA\"\ntimeout = \"2s\"\nretries = 0\n\
+         [[sidecar.routes]]\nprefix = \"/long\"\nupstream = \"UPSTREAM\"\nca = \"CA\"\ntimeout = \"10s\"\nretries = 0\n",
+    );
+    let tasks = sallyport::sidecar::start(&cfg).await.unwrap();
+    wait_for_port(port);
+    let mut tx = app(port).await;
+    let mut get = async |path: &str| {
+        let started = std::time::Instant::now();
+        let (s, _, body) = call(&mut tx, "GET", path, &[], Bytes::new()).await;
+        (s, body, started.elapsed())
+    };
+
+    assert_eq!(get("/t/a").await.0, 200);
+    // B starts 1.2 s after A and takes 1.2 s: A's deadline passes while B is under way, 1.2 s
+    // before B's own.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(get("/t/b").await.0, 200, "B was cut off at A's deadline");
+    // L (10 s allowed) is under way when B's deadline passes: the timer moves to L's.
+    assert_eq!(get("/long/l").await.0, 200);
+    // C (2 s allowed) starts with the timer at L's deadline, 10 s on.
+    let (s, body, waited) = get("/t/c").await;
+    assert_eq!(s, 504, "C ran past its timeout");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["kind"], "timeout", "{v}");
+    assert!(waited >= Duration::from_secs(2), "C was cut off after {waited:?}");
+    // The app connection goes on (on a new upstream connection: C's is still busy).
+    assert_eq!(get("/t/d").await.0, 200);
+    assert_eq!(rx.received().len(), 5);
+    tasks.iter().for_each(|t| t.abort());
+}

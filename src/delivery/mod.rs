@@ -256,7 +256,7 @@ impl DeliveryClient {
                 peer,
             })
         };
-        tokio::time::timeout(timeout, fut).await.map_err(|_| {
+        within(via, timeout, fut).await.ok_or_else(|| {
             DeliveryError::new(
                 ErrorKind::Timeout,
                 format!("no complete answer within {timeout:?}"),
@@ -350,9 +350,9 @@ impl DeliveryClient {
                 .insert(http::header::AUTHORIZATION, auth::bearer_header(c)?);
         }
         let timeout = self.settings.timeout;
-        tokio::time::timeout(timeout, self.request(via, request))
+        within(via, timeout, self.request(via, request))
             .await
-            .map_err(|_| DeliveryError::new(ErrorKind::Timeout, format!("no answer within {timeout:?}")))?
+            .ok_or_else(|| DeliveryError::new(ErrorKind::Timeout, format!("no answer within {timeout:?}")))?
     }
 
     /// The connector this destination's connections are made with: the same egress policy,
@@ -416,6 +416,15 @@ impl DeliveryClient {
         builder
             .body(body)
             .map_err(|e| DeliveryError::new(ErrorKind::InvalidRequest, e.to_string()))
+    }
+}
+
+/// `exchange`, or `None` once `limit` has passed: on the timer the lane's task shares among
+/// its exchanges (see [`lane::Lanes::within`]), or on one of its own.
+async fn within<F: std::future::Future>(via: Via<'_>, limit: Duration, exchange: F) -> Option<F::Output> {
+    match via {
+        Via::Lane(lanes, _) => lanes.within(limit, exchange).await,
+        Via::Pool => tokio::time::timeout(limit, exchange).await.ok(),
     }
 }
 
