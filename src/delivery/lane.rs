@@ -144,9 +144,16 @@ impl Lanes {
     /// still runs from the previous exchange's deadline, which comes sooner; when it fires
     /// (once per `limit` at most) it is moved to the current exchange's deadline. An
     /// exchange is never cut off before its own `limit`, nor let run past it.
-    pub(crate) async fn within<F: Future>(&self, limit: Duration, exchange: F) -> Option<F::Output> {
+    ///
+    /// `exchange` comes pinned by the caller: moved in by value, it would be stored twice in
+    /// this future (rustc keeps an async fn's argument and the pinned local apart), and hyper
+    /// moves the whole request future once per request.
+    pub(crate) async fn within<F: Future>(
+        &self,
+        limit: Duration,
+        mut exchange: Pin<&mut F>,
+    ) -> Option<F::Output> {
         let deadline = tokio::time::Instant::now() + limit;
-        let mut exchange = std::pin::pin!(exchange);
         std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = exchange.as_mut().poll(cx) {
                 return Poll::Ready(Some(out));

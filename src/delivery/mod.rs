@@ -256,6 +256,7 @@ impl DeliveryClient {
                 peer,
             })
         };
+        let fut = std::pin::pin!(fut);
         within(via, timeout, fut).await.ok_or_else(|| {
             DeliveryError::new(
                 ErrorKind::Timeout,
@@ -350,7 +351,7 @@ impl DeliveryClient {
                 .insert(http::header::AUTHORIZATION, auth::bearer_header(c)?);
         }
         let timeout = self.settings.timeout;
-        within(via, timeout, self.request(via, request))
+        within(via, timeout, std::pin::pin!(self.request(via, request)))
             .await
             .ok_or_else(|| DeliveryError::new(ErrorKind::Timeout, format!("no answer within {timeout:?}")))?
     }
@@ -421,7 +422,11 @@ impl DeliveryClient {
 
 /// `exchange`, or `None` once `limit` has passed: on the timer the lane's task shares among
 /// its exchanges (see [`lane::Lanes::within`]), or on one of its own.
-async fn within<F: std::future::Future>(via: Via<'_>, limit: Duration, exchange: F) -> Option<F::Output> {
+async fn within<F: std::future::Future>(
+    via: Via<'_>,
+    limit: Duration,
+    exchange: std::pin::Pin<&mut F>,
+) -> Option<F::Output> {
     match via {
         Via::Lane(lanes, _) => lanes.within(limit, exchange).await,
         Via::Pool => tokio::time::timeout(limit, exchange).await.ok(),

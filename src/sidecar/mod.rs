@@ -376,7 +376,12 @@ where
         let (sc, lanes) = (sc.clone(), svc_lanes.clone());
         async move { Ok::<_, Infallible>(sc.handle(req, peer, &lanes).await) }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A response head and its first body chunk are copied into one buffer and go with one
+    // `send`, not a `writev` of both: `writev` goes through the VFS layer, ~0.3 µs more kernel
+    // time per write on loopback (bench/RESULTS.md, session 23). Later chunks of a large body
+    // are copied once each, far cheaper than the TLS work on them.
+    builder.http1().writev(false);
     // Boxed as `dyn Future + Send`: passed generically, rustc cannot prove the connection
     // future `Send` (its body-error bounds are higher-ranked).
     let server: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
