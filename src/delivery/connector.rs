@@ -350,7 +350,7 @@ impl tower_service::Service<Uri> for Connector {
 /// The TCP stream under a delivery connection's TLS. rustls hands its records over with
 /// `write_vectored`, which is a `writev` syscall; when it has one chunk (a request's records
 /// usually are one), it goes with `send` instead, which does not go through the VFS layer:
-/// ~0.3 µs less kernel time per write on loopback (bench/RESULTS.md, session 23).
+/// 0.2–0.4 µs less CPU per write on loopback (bench/socket-writes.sh).
 struct Socket(TcpStream);
 
 impl tokio::io::AsyncRead for Socket {

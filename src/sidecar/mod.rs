@@ -378,8 +378,8 @@ where
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A response head and its first body chunk are copied into one buffer and go with one
-    // `send`, not a `writev` of both: `writev` goes through the VFS layer, ~0.3 µs more kernel
-    // time per write on loopback (bench/RESULTS.md, session 23). Later chunks of a large body
+    // `send`, not a `writev` of both: `writev` goes through the VFS layer, 0.1–0.3 µs more CPU
+    // per write on loopback (bench/socket-writes.sh). Later chunks of a large body
     // are copied once each, far cheaper than the TLS work on them.
     builder.http1().writev(false);
     // Boxed as `dyn Future + Send`: passed generically, rustc cannot prove the connection
