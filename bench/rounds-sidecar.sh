@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #9's target, judged round by round: Sallyport's req/s ≥ 1.1× the better of nginx and
+# The sidecar target, judged round by round: Sallyport's req/s ≥ 1.1× the better of nginx and
 # HAProxy, with a p99 no higher than that peer's. One run of the peer script
 # (bench/run-sidecar.sh) measures each proxy once, one after another; on a shared 2-core
 # machine the rate drifts by ±20% within a minute, so one run can pass or fail the target on

@@ -10,10 +10,9 @@ use http::{HeaderMap, HeaderValue, Method};
 use serde::Serialize;
 
 use crate::config::{parse_duration, AlertsConfig, Config};
-use crate::delivery::{DeliveryClient, DestinationSettings, OutboundRequest};
+use crate::delivery::{Core, DeliveryClient, OutboundRequest};
 use crate::export::engine::OutcomeTotals;
 use crate::export::Engine;
-use crate::tls::{client::ALPN_H2_H1, ClientTlsConfig, Identity, Trust};
 
 /// Outcome totals at one moment.
 type Sample = (Instant, Vec<OutcomeTotals>);
@@ -43,33 +42,18 @@ pub struct Alerts {
 }
 
 impl Alerts {
-    /// From a validated config.
-    pub fn from_config(cfg: &Config) -> Result<Self, String> {
+    /// From a validated config; the webhook is a destination of `core`, so it presents the
+    /// identity in force (rotation, renewal) like every other.
+    pub fn from_config(cfg: &Config, core: &Core) -> Result<Self, String> {
         let rules = cfg.alerts.clone();
         let window = parse_duration(&rules.window)?;
         let interval = parse_duration(&rules.interval)?;
-        let webhook = match &rules.webhook {
+        let webhook = match cfg.alerts_destination() {
             None => None,
-            Some(w) => {
-                let identity = match &cfg.identity {
-                    Some(id) => Some(
-                        Identity::load(&cfg.path(&id.cert), &cfg.path(&id.key)).map_err(|e| e.to_string())?,
-                    ),
-                    None => None,
-                };
-                let trust = Trust::from_optional_file(rules.ca.as_ref().map(|c| cfg.path(c)).as_deref())
-                    .map_err(|e| e.to_string())?;
-                let tls =
-                    ClientTlsConfig::new(trust, identity.as_ref(), ALPN_H2_H1).map_err(|e| e.to_string())?;
-                let settings = DestinationSettings {
-                    mtls: rules.mtls,
-                    egress: std::sync::Arc::new(crate::egress::Egress::from_config(&cfg.egress)?),
-                    ..DestinationSettings::new("alerts", tls)
-                };
-                Some((
-                    DeliveryClient::new(settings),
-                    url::Url::parse(w).map_err(|e| e.to_string())?,
-                ))
+            Some(d) => {
+                let d = d?;
+                let url = d.endpoint.clone().ok_or("alerts: no webhook URL")?;
+                Some((core.destination(&d)?, url))
             }
         };
         Ok(Alerts {

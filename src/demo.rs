@@ -12,11 +12,12 @@ use http::{HeaderMap, Method, StatusCode};
 use serde_json::json;
 
 use crate::config::Config;
-use crate::delivery::{DeliveryClient, DestinationSettings, ErrorKind, OutboundRequest};
+use crate::config::DestinationConfig;
+use crate::delivery::{Core, ErrorKind, OutboundRequest};
 use crate::export::Engine;
 use crate::pki::{self, InitOptions};
 use crate::receiver::{ClientAuth, Receiver};
-use crate::tls::{client::ALPN_H2_H1, ClientTlsConfig, Identity, Trust};
+use crate::tls::creds::{Identities, IdentityStore};
 
 const MAPPED: &str = "5b998cb9-9488-4ec3-8d95-fa8338ced490";
 const UNMAPPED_SAME_POLICY: &str = "a1b2c3d4-0000-4000-8000-000000000001";
@@ -206,27 +207,33 @@ segments = ["{MAPPED}"]
         "6. a plain-TLS receiver on {} that does not ask for a client certificate:",
         plain.addr
     );
-    let identity = Identity::load(&files.client_cert, &files.client_key)?;
-    let tls = ClientTlsConfig::new(Trust::from_pem_file(&files.ca_cert)?, Some(&identity), ALPN_H2_H1)?;
-    let refused = DeliveryClient::new(DestinationSettings {
-        egress: std::sync::Arc::new(
-            crate::egress::Egress::allowing(&["127.0.0.0/8"]).map_err(anyhow::Error::msg)?,
-        ),
-        ..DestinationSettings::new("demo-plain", tls)
-    })
-    .send(OutboundRequest {
-        method: Method::POST,
-        url: url::Url::parse(&plain.url("/profiles"))?,
-        headers: HeaderMap::new(),
-        body: ndjson
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .as_bytes()
-            .to_vec()
-            .into(),
-    })
-    .await;
+    let core = Core::new(
+        std::sync::Arc::new(Identities::one(
+            IdentityStore::from_files(&files.client_cert, &files.client_key).map_err(anyhow::Error::msg)?,
+        )),
+        std::sync::Arc::new(crate::egress::Egress::allowing(&["127.0.0.0/8"]).map_err(anyhow::Error::msg)?),
+    );
+    let url = url::Url::parse(&plain.url("/profiles"))?;
+    let plain_destination = DestinationConfig {
+        ca: Some(files.ca_cert.clone()),
+        ..DestinationConfig::new("demo-plain", Some(url.clone()))
+    };
+    let refused = core
+        .destination(&plain_destination)
+        .map_err(anyhow::Error::msg)?
+        .send(OutboundRequest {
+            method: Method::POST,
+            url,
+            headers: HeaderMap::new(),
+            body: ndjson
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec()
+                .into(),
+        })
+        .await;
     match refused {
         Err(e) if e.kind() == ErrorKind::MtlsNotRequested => {
             println!("   refused as it must be: {e}");

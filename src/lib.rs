@@ -2,9 +2,21 @@
 //! through one delivery core that proves who sends (mTLS client certificate), to whom
 //! (verified server, mTLS-only receivers) and records it.
 //!
-//! Modules read as the architecture: [`config`] (the TOML model), [`tls`] (material, facts,
-//! client configs), [`delivery`] (the one client), [`pki`] (dev certificates), [`receiver`]
-//! (an in-process mTLS receiver for demos and tests), [`cli`] and [`demo`].
+//! Modules read as the architecture:
+//! - [`config`]: the TOML model, its validation, and each receiver as a `DestinationConfig`;
+//! - [`tls`]: PEM, certificate facts, the identity registry (rotation, reload), client configs;
+//! - [`egress`]: the destination policy and source-address pins;
+//! - [`delivery`]: the one core every outbound connection goes through (connector, pools,
+//!   sessions, auth, retry, signing, errors);
+//! - [`export`]: profile updates, triggers, payloads and the export engine;
+//! - [`store`]: SQLite and PostgreSQL (outbox, leases, dead letters, audit chain);
+//! - [`audit`]: the hash-chained audit log and its file form;
+//! - [`api`]: the public and admin listeners; [`serve`]: the composition root of `serve`;
+//! - [`sidecar`]: plain HTTP in on loopback, out through the core;
+//! - [`verify`]: receiver readiness checks; [`alerts`]: alert rules and the webhook;
+//! - [`metrics`]: Prometheus text; [`signals`]: SIGINT/SIGTERM/SIGHUP;
+//! - [`pki`]: dev certificates; [`receiver`]: an in-process mTLS receiver for demos and tests;
+//! - [`cli`] and [`demo`]: the command line.
 
 pub mod alerts;
 pub mod api;
@@ -20,6 +32,7 @@ pub mod pki;
 pub mod receiver;
 pub mod serve;
 pub mod sidecar;
+pub mod signals;
 pub mod store;
 pub mod tls;
 pub mod verify;
@@ -31,7 +44,7 @@ pub mod verify;
 /// purged allocator memory with a 2 MiB page that it zeroes on the spot. The export pipeline
 /// allocates and frees steadily on several threads, and that zeroing was ~9% of its CPU
 /// (perf). With 4 KiB pages only what is touched is zeroed: alternating runs of the export
-/// bench showed 6–12% less CPU per profile (bench/RESULTS.md, session 17). The flag is the
+/// bench showed 6–12% less CPU per profile (bench/RESULTS.md, "Export pipeline changes, measured"). The flag is the
 /// process's own (`PR_SET_THP_DISABLE`), read by the kernel at every fault, so it takes effect
 /// for memory mapped before the call too; it does not touch the system-wide setting.
 pub fn disable_transparent_huge_pages() {

@@ -1,5 +1,5 @@
 // glibc malloc showed as ~25% of the export pipeline's profile (allocation-heavy JSON and
-// TLS buffers across tokio worker threads); mimalloc cuts that (see bench/RESULTS.md).
+// TLS buffers across tokio worker threads); mimalloc cuts that (bench/RESULTS.md, "Export throughput").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, admin::TokenCheck};
 use crate::config::Config;
+use crate::delivery::Core;
 use crate::export::Engine;
 
 /// Run the gateway until a shutdown signal. Errors are start-up errors, for the operator.
@@ -26,7 +27,12 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     };
     let tokens = Arc::new(TokenCheck::new(token.as_ref())?);
     crate::egress::check_source_ips(&cfg.egress.source_ips)?;
-    let engine = Engine::open(&cfg).await.map_err(|e| e.to_string())?;
+    // One delivery core for the whole process: exports, sidecar and alerts present the same
+    // identities, rotated by one watcher.
+    let core = Core::from_config(&cfg)?;
+    let engine = Engine::open_with(&cfg, core.clone())
+        .await
+        .map_err(|e| e.to_string())?;
     let public = api::bind("public", cfg.public.listen).await?;
     let public_tls = match (&cfg.public.tls_cert, &cfg.public.tls_key) {
         (Some(c), Some(k)) => {
@@ -35,14 +41,12 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         _ => None,
     };
     let admin = api::bind("admin", cfg.admin.listen).await?;
-    let alerts = crate::alerts::Alerts::from_config(&cfg)?;
+    let alerts = crate::alerts::Alerts::from_config(&cfg, &core)?;
     let mut workers = engine.spawn_workers();
-    for (_, store) in engine.identities() {
-        workers.push(tokio::spawn(store.watch(std::time::Duration::from_secs(2))));
-    }
+    workers.push(tokio::spawn(core.clone().watch(crate::sidecar::IDENTITY_POLL)));
     workers.push(tokio::spawn(alerts.run(engine.clone())));
     if cfg.sidecar.is_some() {
-        workers.extend(crate::sidecar::start(&cfg).await?);
+        workers.extend(crate::sidecar::start(&cfg, &core).await?);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let servers = [
@@ -65,7 +69,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         cfg.admin.listen,
         cfg.dataflows.len()
     );
-    shutdown_signal().await;
+    crate::signals::shutdown().await;
     eprintln!("sallyport: shutting down");
     let _ = stop_tx.send(true);
     for w in workers {
@@ -75,26 +79,4 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         let _ = s.await;
     }
     Ok(())
-}
-
-/// Wait for SIGINT or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -57,7 +57,11 @@ async fn failing_dataflow_and_expiring_certificate_raise_alerts_once() {
     let cfg = Config::from_toml(&text, std::path::Path::new("alerts.toml"), tmp.path()).unwrap();
     let engine = Engine::open(&cfg).await.unwrap();
     let workers = engine.spawn_workers();
-    let alerts = tokio::spawn(Alerts::from_config(&cfg).unwrap().run(engine.clone()));
+    let alerts = tokio::spawn(
+        Alerts::from_config(&cfg, engine.core())
+            .unwrap()
+            .run(engine.clone()),
+    );
     let mut batch = String::new();
     for i in 0..4 {
         batch += &(json!({"profileId": format!("p{i}"), "segments": [{"id": "s1", "status": "realized"}]})

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, Method, StatusCode};
 use sallyport::config::Config;
-use sallyport::delivery::{settings_for_dataflow, DeliveryClient, OutboundRequest};
+use sallyport::delivery::{Core, DeliveryClient, OutboundRequest};
 use sallyport::receiver::{Action, ClientAuth, Receiver};
 use support::oauth::OAuthServer;
 use support::*;
@@ -31,7 +31,8 @@ fn client(pki: &RcgenPki, rx: &Receiver, auth: &str) -> DeliveryClient {
         f.ca_cert.display()
     );
     let cfg = Config::from_toml(&text, Path::new("auth.toml"), dir).unwrap();
-    DeliveryClient::new(settings_for_dataflow(&cfg, &cfg.dataflows[0], None).unwrap())
+    let d = cfg.dataflow_destination(&cfg.dataflows[0]).unwrap();
+    Core::from_config(&cfg).unwrap().destination(&d).unwrap()
 }
 
 async fn receiver(pki: &RcgenPki, responder: sallyport::receiver::Responder) -> Receiver {

@@ -31,9 +31,11 @@ fn the_documented_example_config_is_valid() {
     let df = cfg.dataflow("local-receiver").unwrap();
     assert!(df.mtls);
     assert_eq!(df.timeout(), std::time::Duration::from_secs(2));
-    assert_eq!(df.parsed_headers().unwrap().len(), 2);
+    let d = cfg.dataflow_destination(df).unwrap();
+    assert_eq!(d.timeout, std::time::Duration::from_secs(2));
+    assert_eq!(d.headers.len(), 2);
     assert_eq!(
-        df.parsed_query().unwrap(),
+        d.query,
         vec![("source".into(), "sallyport".into()), ("v".into(), "1".into())]
     );
 }

@@ -4,20 +4,24 @@
 mod support;
 
 use http::{HeaderMap, Method, StatusCode};
-use sallyport::delivery::{DeliveryClient, DestinationSettings, ErrorKind, OutboundRequest};
+use sallyport::config::DestinationConfig;
+use sallyport::delivery::{Core, DeliveryClient, ErrorKind, OutboundRequest};
 use sallyport::receiver::{ClientAuth, Receiver};
-use sallyport::tls::{client::ALPN_H2_H1, ClientTlsConfig, Identity, Trust};
+use sallyport::tls::creds::{Identities, IdentityStore};
 use std::path::Path;
 use support::*;
 
 fn client(ca: &Path, cert: &Path, key: &Path, mtls: bool) -> DeliveryClient {
-    let id = Identity::load(cert, key).unwrap();
-    let tls = ClientTlsConfig::new(Trust::from_pem_file(ca).unwrap(), Some(&id), ALPN_H2_H1).unwrap();
-    DeliveryClient::new(DestinationSettings {
+    let core = Core::new(
+        std::sync::Arc::new(Identities::one(IdentityStore::from_files(cert, key).unwrap())),
+        std::sync::Arc::new(sallyport::egress::Egress::allowing(&["127.0.0.0/8"]).unwrap()),
+    );
+    core.destination(&DestinationConfig {
         mtls,
-        egress: std::sync::Arc::new(sallyport::egress::Egress::allowing(&["127.0.0.0/8"]).unwrap()),
-        ..DestinationSettings::new("test", tls)
+        ca: Some(ca.to_owned()),
+        ..DestinationConfig::new("test", None)
     })
+    .unwrap()
 }
 
 fn get(url: &str) -> OutboundRequest {

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, Method, StatusCode};
+use sallyport::config::DestinationConfig;
 use sallyport::config::{Config, EgressConfig};
-use sallyport::delivery::{DeliveryClient, DestinationSettings, ErrorKind, OutboundRequest};
+use sallyport::delivery::{Core, DeliveryClient, ErrorKind, OutboundRequest};
 use sallyport::egress::{check_source_ips, Egress};
 use sallyport::export::Engine;
 use sallyport::receiver::{ClientAuth, Receiver};
-use sallyport::tls::{client::ALPN_H2_H1, ClientTlsConfig, Identity, Trust};
+use sallyport::tls::creds::{Identities, IdentityStore};
 use support::*;
 
 fn client(pki: &RcgenPki, egress: Egress) -> DeliveryClient {
@@ -25,12 +26,13 @@ fn client(pki: &RcgenPki, egress: Egress) -> DeliveryClient {
 
 fn client_shared(pki: &RcgenPki, egress: Arc<Egress>) -> DeliveryClient {
     let f = &pki.files;
-    let id = Identity::load(&f.client_cert, &f.client_key).unwrap();
-    let tls = ClientTlsConfig::new(Trust::from_pem_file(&f.ca_cert).unwrap(), Some(&id), ALPN_H2_H1).unwrap();
-    DeliveryClient::new(DestinationSettings {
-        egress,
-        ..DestinationSettings::new("egress-test", tls)
+    let id = IdentityStore::from_files(&f.client_cert, &f.client_key).unwrap();
+    let core = Core::new(Arc::new(Identities::one(id)), egress);
+    core.destination(&DestinationConfig {
+        ca: Some(f.ca_cert.clone()),
+        ..DestinationConfig::new("egress-test", None)
     })
+    .unwrap()
 }
 
 fn post(url: &str) -> OutboundRequest {

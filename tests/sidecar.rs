@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use sallyport::config::Config;
+use sallyport::delivery::Core;
 use sallyport::receiver::ClientAuth;
 use support::*;
 
@@ -75,7 +76,9 @@ async fn rig() -> Rig {
         up.ca.display(),
     );
     let cfg = Config::from_toml(&text, std::path::Path::new("sc.toml"), d).unwrap();
-    let (sidecar, listen) = sallyport::sidecar::build(&cfg).await.unwrap();
+    let (sidecar, listen) = sallyport::sidecar::build(&cfg, &Core::from_config(&cfg).unwrap())
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
     tokio::spawn(sallyport::sidecar::serve(sidecar, listener));
     std::mem::forget(pki);
@@ -356,7 +359,9 @@ async fn forward_proxy_mode_sends_absolute_form_requests_over_mtls_and_refuses_d
          [sidecar.forward_proxy]\nprefix = \"/\"\nupstream = \"https://forward.invalid/\"\nca = \"ca.pem\"\n"
     );
     let cfg = Config::from_toml(&text, std::path::Path::new("fwd.toml"), pki.dir.path()).unwrap();
-    let (sidecar, listen) = sallyport::sidecar::build(&cfg).await.unwrap();
+    let (sidecar, listen) = sallyport::sidecar::build(&cfg, &Core::from_config(&cfg).unwrap())
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
     tokio::spawn(sallyport::sidecar::serve(sidecar, listener));
     let mut tx = app(port).await;
@@ -441,7 +446,9 @@ async fn idempotent_requests_are_retried_others_only_when_the_route_says_so() {
         "[[sidecar.routes]]\nprefix = \"/up\"\nupstream = \"UPSTREAM\"\nca = \"CA\"\nretry_buffer_bytes = 1024\n\
          [[sidecar.routes]]\nprefix = \"/all\"\nupstream = \"UPSTREAM\"\nca = \"CA\"\nretry_non_idempotent = true\n",
     );
-    let tasks = sallyport::sidecar::start(&cfg).await.unwrap();
+    let tasks = sallyport::sidecar::start(&cfg, &Core::from_config(&cfg).unwrap())
+        .await
+        .unwrap();
     wait_for_port(port);
     let mut tx = app(port).await;
 
@@ -517,7 +524,9 @@ async fn a_unix_socket_listener_owner_only_and_oauth2_route_auth() {
             oauth.port
         ),
     );
-    let tasks = sallyport::sidecar::start(&cfg).await.unwrap();
+    let tasks = sallyport::sidecar::start(&cfg, &Core::from_config(&cfg).unwrap())
+        .await
+        .unwrap();
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "only the owner may use the socket");
 
@@ -578,7 +587,9 @@ async fn each_listener_has_its_own_routes() {
             rx2.url("")
         ),
     );
-    let tasks = sallyport::sidecar::start(&cfg).await.unwrap();
+    let tasks = sallyport::sidecar::start(&cfg, &Core::from_config(&cfg).unwrap())
+        .await
+        .unwrap();
     for (port, path) in [(p1, "/x/one"), (p2, "/x/two"), (p2, "/x/three")] {
         wait_for_port(port);
         let mut tx = app(port).await;
@@ -857,7 +868,9 @@ async fn a_timeout_is_a_504_and_each_request_gets_its_own_full_timeout() {
         "[[sidecar.routes]]\nprefix = \"/t\"\nupstream = \"UPSTREAM\"\nca = \"CA\"\ntimeout = \"2s\"\nretries = 0\n\
          [[sidecar.routes]]\nprefix = \"/long\"\nupstream = \"UPSTREAM\"\nca = \"CA\"\ntimeout = \"10s\"\nretries = 0\n",
     );
-    let tasks = sallyport::sidecar::start(&cfg).await.unwrap();
+    let tasks = sallyport::sidecar::start(&cfg, &Core::from_config(&cfg).unwrap())
+        .await
+        .unwrap();
     wait_for_port(port);
     let mut tx = app(port).await;
     let mut get = async |path: &str| {

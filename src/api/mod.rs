@@ -43,10 +43,23 @@ pub fn json_reply(status: StatusCode, body: &serde_json::Value) -> Reply {
 
 /// A JSON error: `{"error": {"status": …, "message": …}}`.
 pub fn error_reply(status: StatusCode, message: impl std::fmt::Display) -> Reply {
-    json_reply(
-        status,
-        &json!({"error": {"status": status.as_u16(), "message": message.to_string()}}),
-    )
+    let mut r = Response::new(Full::new(error_body(status, None, &message.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The body of every error Sallyport answers with, the admin API's and the sidecar's alike:
+/// `{"error": {"status": …, "kind": …, "message": …}}` (`kind` when the error has one).
+pub fn error_body(status: StatusCode, kind: Option<&str>, message: &str) -> Bytes {
+    let mut error = json!({"status": status.as_u16(), "message": message});
+    if let Some(kind) = kind {
+        error["kind"] = json!(kind);
+    }
+    Bytes::from(json!({ "error": error }).to_string())
 }
 
 /// Read a body up to `limit` bytes; more is a 413.

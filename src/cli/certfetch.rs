@@ -20,12 +20,13 @@ pub(super) async fn run(
     out: Option<PathBuf>,
     json: bool,
     ca: Option<PathBuf>,
+    config: Option<PathBuf>,
 ) -> Result<(), Failure> {
     let base = url::Url::parse(base).map_err(|e| Failure::usage(format!("{base}: not a URL: {e}")))?;
     if !matches!(base.scheme(), "http" | "https") {
         return Err(Failure::usage("the gateway URL must be http:// or https://"));
     }
-    let client = Fetcher::new(&base, ca)?;
+    let client = Fetcher::new(&base, ca, config.as_deref())?;
     let mut next = Some(format!("{ADOBE_PATH}?page=0&limit=100"));
     let mut certs: Vec<(String, CertFacts)> = Vec::new();
     let mut pages = 0;
@@ -120,28 +121,38 @@ fn check(r: &Value) -> Result<(String, CertFacts), String> {
     Ok((pem_text.to_owned(), facts))
 }
 
+/// How the gateway's documents are fetched: through the delivery core's connector either
+/// way (its `deny` rules and source pins, with `--config`).
 enum Fetcher {
-    Plain,
+    Plain(std::sync::Arc<crate::egress::Egress>),
     Tls(crate::delivery::DeliveryClient),
 }
 
 impl Fetcher {
-    fn new(base: &url::Url, ca: Option<PathBuf>) -> Result<Self, Failure> {
-        if base.scheme() == "http" {
-            return Ok(Fetcher::Plain);
+    fn new(base: &url::Url, ca: Option<PathBuf>, config: Option<&std::path::Path>) -> Result<Self, Failure> {
+        // An operator fetching a public document from the gateway they name: any address,
+        // but from the pinned source addresses and never a denied one when a config says so.
+        let mut rules = crate::config::EgressConfig {
+            allow: vec!["0.0.0.0/0".into(), "::/0".into()],
+            ..Default::default()
+        };
+        if let Some(path) = config {
+            let cfg = crate::config::Config::load(path).map_err(Failure::usage)?;
+            rules.source_ips = cfg.egress.source_ips.clone();
+            rules.deny = cfg.egress.deny.clone();
         }
-        let trust = crate::tls::Trust::from_optional_file(ca.as_deref()).map_err(Failure::usage)?;
-        let tls = crate::tls::ClientTlsConfig::new(trust, None, crate::tls::client::ALPN_H2_H1)
-            .map_err(Failure::usage)?;
-        // An operator fetching a public document from the gateway they name: any address.
-        let egress = crate::egress::Egress::allowing(&["0.0.0.0/0", "::/0"]).map_err(Failure::usage)?;
-        Ok(Fetcher::Tls(crate::delivery::DeliveryClient::new(
-            crate::delivery::DestinationSettings {
-                mtls: false,
-                egress: std::sync::Arc::new(egress),
-                ..crate::delivery::DestinationSettings::new("cert-fetch", tls)
-            },
-        )))
+        let egress = std::sync::Arc::new(crate::egress::Egress::from_config(&rules).map_err(Failure::usage)?);
+        if base.scheme() == "http" {
+            return Ok(Fetcher::Plain(egress));
+        }
+        let core =
+            crate::delivery::Core::new(std::sync::Arc::new(crate::tls::creds::Identities::none()), egress);
+        let d = crate::config::DestinationConfig {
+            mtls: false,
+            ca,
+            ..crate::config::DestinationConfig::new("cert-fetch", Some(base.clone()))
+        };
+        Ok(Fetcher::Tls(core.destination(&d).map_err(Failure::usage)?))
     }
 
     async fn get_json(&self, url: &url::Url) -> Result<Value, Failure> {
@@ -158,7 +169,7 @@ impl Fetcher {
                     .map_err(|e| Failure::failed(format!("{url}: {e}")))?;
                 (d.status.as_u16(), d.body)
             }
-            Fetcher::Plain => plain_get(url)
+            Fetcher::Plain(egress) => plain_get(egress, url)
                 .await
                 .map_err(|e| Failure::failed(format!("{url}: {e}")))?,
         };
@@ -169,7 +180,7 @@ impl Fetcher {
     }
 }
 
-async fn plain_get(url: &url::Url) -> Result<(u16, bytes::Bytes), String> {
+async fn plain_get(egress: &crate::egress::Egress, url: &url::Url) -> Result<(u16, bytes::Bytes), String> {
     let host = url
         .host_str()
         .ok_or("no host")?
@@ -179,7 +190,7 @@ async fn plain_get(url: &url::Url) -> Result<(u16, bytes::Bytes), String> {
     let port = url.port_or_known_default().unwrap_or(80);
     let tcp = tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect((host.as_str(), port)),
+        crate::delivery::connect_tcp(egress, &host, port),
     )
     .await
     .map_err(|_| "connect timed out".to_owned())?

@@ -208,6 +208,10 @@ pub enum CertCommand {
         /// CA bundle for an https:// public listener.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// Connect as this config's gateway does: from its `egress.source_ips`, never to an
+        /// `egress.deny` destination.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -329,7 +333,13 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(cfg) => crate::sidecar::run(cfg).await.map_err(Failure::failed),
             Err(e) => Err(Failure::usage(e)),
         },
-        Command::Cert(CertCommand::Fetch { url, out, json, ca }) => certfetch::run(&url, out, json, ca).await,
+        Command::Cert(CertCommand::Fetch {
+            url,
+            out,
+            json,
+            ca,
+            config,
+        }) => certfetch::run(&url, out, json, ca, config).await,
         Command::Cert(CertCommand::Show { file, json }) => cert_show(&file, json),
         Command::Verify(args) => return verify(args).await,
         Command::Audit(cmd) => audit(cmd),
@@ -427,31 +437,16 @@ fn verify_options(args: VerifyArgs) -> Result<crate::verify::Options, Failure> {
     }
     let timeout = crate::config::parse_duration(&args.timeout)
         .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
-    match (&args.target.config, &args.target.dataflow) {
-        (Some(path), Some(name)) => {
-            let cfg = Config::load(path).map_err(Failure::usage)?;
-            let df = cfg
-                .dataflow(name)
-                .ok_or_else(|| Failure::usage(format!("{}: no dataflow named '{name}'", path.display())))?;
-            let identity = match &cfg.identity {
-                Some(id) => Some(
-                    crate::tls::Identity::load(&cfg.path(&id.cert), &cfg.path(&id.key))
-                        .map_err(Failure::usage)?,
-                ),
-                None => None,
-            };
-            let ca = args
-                .target
-                .ca
-                .clone()
-                .or_else(|| df.ca.as_ref().map(|c| cfg.path(c)));
-            let trust = crate::tls::Trust::from_optional_file(ca.as_deref()).map_err(Failure::usage)?;
-            let egress = Arc::new(crate::egress::Egress::from_config(&cfg.egress).map_err(Failure::usage)?);
+    match configured_destination(&args.target)? {
+        Some((_, core, d)) => {
+            // The dataflow's own identity, as its deliveries present it.
+            let identity = core
+                .identities()
+                .get(d.identity.as_deref())
+                .map(|s| s.presented());
+            let trust = crate::tls::Trust::from_optional_file(d.ca.as_deref()).map_err(Failure::usage)?;
             let send_test = if args.send_test {
-                Some(crate::delivery::DeliveryClient::new(
-                    crate::delivery::settings_for_dataflow(&cfg, df, args.target.ca.as_deref())
-                        .map_err(Failure::usage)?,
-                ))
+                Some(core.destination(&d).map_err(Failure::usage)?)
             } else {
                 None
             };
@@ -460,11 +455,12 @@ fn verify_options(args: VerifyArgs) -> Result<crate::verify::Options, Failure> {
                 identity,
                 trust,
                 timeout,
-                egress: Some(egress),
+                egress: core.egress().clone(),
+                policy: true,
                 send_test,
             })
         }
-        _ => {
+        None => {
             let identity = match (&args.target.client_cert, &args.target.client_key) {
                 (Some(c), Some(k)) => Some(crate::tls::Identity::load(c, k).map_err(Failure::usage)?),
                 _ => None,
@@ -472,37 +468,76 @@ fn verify_options(args: VerifyArgs) -> Result<crate::verify::Options, Failure> {
             let trust =
                 crate::tls::Trust::from_optional_file(args.target.ca.as_deref()).map_err(Failure::usage)?;
             let send_test = if args.send_test {
-                let mut rules = args.allow.clone();
-                if let Some(url::Host::Domain(d)) = url.host() {
-                    rules.push(d.to_owned());
-                }
-                let refs: Vec<&str> = rules.iter().map(String::as_str).collect();
-                let tls = crate::tls::ClientTlsConfig::new(
-                    trust.clone(),
-                    identity.as_ref(),
-                    crate::tls::client::ALPN_H2_H1,
-                )
-                .map_err(Failure::usage)?;
-                Some(crate::delivery::DeliveryClient::new(
-                    crate::delivery::DestinationSettings {
-                        timeout,
-                        egress: Arc::new(crate::egress::Egress::allowing(&refs).map_err(Failure::usage)?),
-                        ..crate::delivery::DestinationSettings::new("verify", tls)
-                    },
-                ))
+                let core = operator_core(&args.target, allowing_host(&url, &args.allow)?)?;
+                let d = crate::config::DestinationConfig {
+                    ca: args.target.ca.clone(),
+                    timeout,
+                    ..crate::config::DestinationConfig::new("verify", Some(url.clone()))
+                };
+                Some(core.destination(&d).map_err(Failure::usage)?)
             } else {
                 None
             };
+            // Without a config there is no policy to judge by: the probes go where the
+            // operator pointed, through the same connector, from no pinned address.
+            let anywhere = crate::egress::Egress::allowing(&["0.0.0.0/0", "::/0"]).map_err(Failure::usage)?;
             Ok(crate::verify::Options {
                 url,
                 identity,
                 trust,
                 timeout,
-                egress: None,
+                egress: Arc::new(anywhere),
+                policy: false,
                 send_test,
             })
         }
     }
+}
+
+/// With `--config` and `--dataflow`: the config, its delivery core and that dataflow as a
+/// destination (trust overridden by `--ca`).
+fn configured_destination(
+    target: &TargetArgs,
+) -> Result<Option<(Config, crate::delivery::Core, crate::config::DestinationConfig)>, Failure> {
+    let (Some(path), Some(name)) = (&target.config, &target.dataflow) else {
+        return Ok(None);
+    };
+    let cfg = Config::load(path).map_err(Failure::usage)?;
+    let df = cfg
+        .dataflow(name)
+        .ok_or_else(|| Failure::usage(format!("{}: no dataflow named '{name}'", path.display())))?;
+    let mut d = cfg.dataflow_destination(df).map_err(Failure::usage)?;
+    if let Some(ca) = &target.ca {
+        d.ca = Some(ca.clone());
+    }
+    let core = crate::delivery::Core::from_config(&cfg).map_err(Failure::usage)?;
+    Ok(Some((cfg, core, d)))
+}
+
+/// Without `--config`: a delivery core presenting `--client-cert` (when given) under `egress`.
+fn operator_core(
+    target: &TargetArgs,
+    egress: crate::egress::Egress,
+) -> Result<crate::delivery::Core, Failure> {
+    use crate::tls::creds::{Identities, IdentityStore};
+    let identities = match (&target.client_cert, &target.client_key) {
+        (Some(c), Some(k)) => Identities::one(IdentityStore::from_files(c, k).map_err(Failure::usage)?),
+        _ => Identities::none(),
+    };
+    Ok(crate::delivery::Core::new(
+        std::sync::Arc::new(identities),
+        std::sync::Arc::new(egress),
+    ))
+}
+
+/// An egress policy allowing the URL's own host name (what the operator typed) and the
+/// `--allow` rules; the special ranges a name resolves to still need an address rule.
+fn allowing_host(url: &url::Url, allow: &[String]) -> Result<crate::egress::Egress, Failure> {
+    let mut rules: Vec<&str> = allow.iter().map(String::as_str).collect();
+    if let Some(url::Host::Domain(d)) = url.host() {
+        rules.push(d);
+    }
+    crate::egress::Egress::allowing(&rules).map_err(Failure::usage)
 }
 
 fn audit(cmd: AuditCommand) -> Result<(), Failure> {

@@ -10,9 +10,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::json;
 
 use super::{Failure, EXIT_USAGE};
-use crate::config::Config;
-use crate::delivery::{DeliveryClient, DeliveryError, DestinationSettings, OutboundRequest};
-use crate::tls::{ClientTlsConfig, Identity, Trust};
+use crate::config::DestinationConfig;
+use crate::delivery::{DeliveryClient, DeliveryError, OutboundRequest};
 
 /// Most bytes `--data @file` or `--data -` reads.
 const MAX_SEND_BODY: u64 = 64 * 1024 * 1024;
@@ -131,52 +130,35 @@ fn prepare(args: SendArgs) -> Result<(DeliveryClient, OutboundRequest), Failure>
     if url.scheme() != "https" {
         return Err(Failure::usage(format!("{}: scheme must be https", args.url)));
     }
-    let mut settings = match (&args.target.config, &args.target.dataflow) {
-        (Some(path), Some(name)) => {
-            let cfg = Config::load(path).map_err(Failure::usage)?;
-            let df = cfg
-                .dataflow(name)
-                .ok_or_else(|| Failure::usage(format!("{}: no dataflow named '{name}'", path.display())))?;
-            crate::delivery::settings_for_dataflow(&cfg, df, args.target.ca.as_deref())
-                .map_err(Failure::usage)?
-        }
-        _ => {
-            let identity = match (&args.target.client_cert, &args.target.client_key) {
-                (Some(c), Some(k)) => Some(Identity::load(c, k).map_err(Failure::usage)?),
-                _ => None,
-            };
-            if identity.is_none() && !args.allow_no_client_auth {
-                return Err(Failure::usage(
-                    "mTLS needs a client identity: pass --client-cert and --client-key, or --config and --dataflow \
-                     (or --allow-no-client-auth to send without one)",
-                ));
-            }
-            let trust = Trust::from_optional_file(args.target.ca.as_deref()).map_err(Failure::usage)?;
-            let tls = ClientTlsConfig::new(trust, identity.as_ref(), crate::tls::client::ALPN_H2_H1)
-                .map_err(Failure::usage)?;
-            // The URL the operator typed is explicit intent for its host name (not for the
-            // special ranges it may resolve to: those need --allow with an address).
-            let mut rules: Vec<String> = args.allow.clone();
-            if let Some(url::Host::Domain(d)) = url.host() {
-                rules.push(d.to_owned());
-            }
-            let refs: Vec<&str> = rules.iter().map(String::as_str).collect();
-            DestinationSettings {
-                egress: std::sync::Arc::new(crate::egress::Egress::allowing(&refs).map_err(Failure::usage)?),
-                ..DestinationSettings::new("send", tls)
-            }
-        }
-    };
     if args.target.config.is_some() && !args.allow.is_empty() {
         return Err(Failure::usage(
             "--allow applies without --config; with --config, [egress] decides",
         ));
     }
+    let (core, mut destination) = match super::configured_destination(&args.target)? {
+        Some((_, core, d)) => (core, d),
+        None => {
+            if args.target.client_cert.is_none() && !args.allow_no_client_auth {
+                return Err(Failure::usage(
+                    "mTLS needs a client identity: pass --client-cert and --client-key, or --config and --dataflow \
+                     (or --allow-no-client-auth to send without one)",
+                ));
+            }
+            // The URL the operator typed is explicit intent for its host name (not for the
+            // special ranges it may resolve to: those need --allow with an address).
+            let core = super::operator_core(&args.target, super::allowing_host(&url, &args.allow)?)?;
+            let d = DestinationConfig {
+                ca: args.target.ca.clone(),
+                ..DestinationConfig::new("send", Some(url.clone()))
+            };
+            (core, d)
+        }
+    };
     if args.allow_no_client_auth {
-        settings.mtls = false;
+        destination.mtls = false;
     }
     if let Some(t) = &args.timeout {
-        settings.timeout =
+        destination.timeout =
             crate::config::parse_duration(t).map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
     }
     let body = match args.data.as_deref() {
@@ -213,7 +195,7 @@ fn prepare(args: SendArgs) -> Result<(DeliveryClient, OutboundRequest), Failure>
         );
     }
     Ok((
-        DeliveryClient::new(settings),
+        core.destination(&destination).map_err(Failure::usage)?,
         OutboundRequest {
             method,
             url,

@@ -4,6 +4,7 @@
 //! Must never: hold a secret inline (secrets come from `*_env` or `*_file`), print a secret
 //! (see [`Secret`]), or let a bad config start anything.
 
+mod destination;
 mod model;
 mod parse;
 mod secret;
@@ -11,6 +12,7 @@ mod secret;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use destination::DestinationConfig;
 pub use model::*;
 pub use parse::{parse_duration, parse_headers, parse_query, HeaderSpec, QuerySpec};
 pub use secret::{Secret, SecretSource};

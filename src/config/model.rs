@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::parse::{parse_duration, parse_headers, parse_query, HeaderSpec, QuerySpec};
+use super::parse::{parse_duration, HeaderSpec, QuerySpec};
 use super::secret::SecretSource;
 use super::Issue;
 
@@ -398,31 +398,6 @@ fn default_retry_buffer() -> usize {
     65_536
 }
 
-impl SidecarRoute {
-    /// The route as a dataflow, so it is validated and connected exactly like one.
-    pub fn as_dataflow(&self, index: usize) -> Dataflow {
-        Dataflow {
-            name: format!("sidecar-{index}"),
-            endpoint: self.upstream.clone(),
-            mtls: self.mtls,
-            ca: self.ca.clone(),
-            timeout: self.timeout.clone(),
-            headers: self.headers.clone(),
-            query: self.query.clone(),
-            include_segment_names: false,
-            include_segment_timestamps: false,
-            auth: self.auth.clone(),
-            attributes: vec![],
-            segments: vec![],
-            identity: self.identity.clone(),
-            max_attempts: 1,
-            no_retry_on_4xx: false,
-            signing_secret_env: None,
-            signing_secret_file: None,
-        }
-    }
-}
-
 fn default_sidecar_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 18090))
 }
@@ -636,35 +611,14 @@ impl Dataflow {
     pub fn timeout(&self) -> Duration {
         parse_duration(&self.timeout).unwrap_or(crate::delivery::DEFAULT_TIMEOUT)
     }
-
-    /// Headers this dataflow may not set: the gateway's own, plus Authorization when auth is on.
-    pub fn reserved_headers(&self) -> Vec<&'static str> {
-        let mut reserved = RESERVED_HEADERS.to_vec();
-        if !matches!(self.auth, Auth::None) {
-            reserved.push("authorization");
-        }
-        reserved
-    }
-
-    /// The configured headers, parsed and checked.
-    pub fn parsed_headers(&self) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, String> {
-        self.headers
-            .as_ref()
-            .map_or(Ok(vec![]), |h| parse_headers(h, &self.reserved_headers()))
-    }
-
-    /// The configured query parameters, parsed and decoded.
-    pub fn parsed_query(&self) -> Result<Vec<(String, String)>, String> {
-        self.query.as_ref().map_or(Ok(vec![]), parse_query)
-    }
 }
 
 // === validation ===
 
-struct Issues(Vec<Issue>);
+pub(super) struct Issues(pub(super) Vec<Issue>);
 
 impl Issues {
-    fn push(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+    pub(super) fn push(&mut self, key: impl Into<String>, reason: impl Into<String>) {
         self.0.push(Issue {
             key: key.into(),
             reason: reason.into(),
@@ -724,14 +678,16 @@ impl Config {
             }
         }
         let a = &self.alerts;
-        if let Some(w) = &a.webhook {
-            match check_url(w) {
-                Err(e) => out.push("alerts.webhook", e),
-                Ok(u) if u.scheme() != "https" => out.push("alerts.webhook", "scheme must be https"),
-                Ok(_) => {}
+        if let Some(Err(issues)) = self.alerts_destination_issues() {
+            for i in issues {
+                let key = if i.key == "endpoint" {
+                    "webhook"
+                } else {
+                    i.key.as_str()
+                };
+                out.push(format!("alerts.{key}"), i.reason);
             }
-        }
-        if let Some(ca) = &a.ca {
+        } else if let (None, Some(ca)) = (&a.webhook, &a.ca) {
             self.check_file(&mut out, "alerts.ca", ca);
         }
         if !(a.failure_ratio > 0.0 && a.failure_ratio <= 1.0) {
@@ -905,70 +861,7 @@ impl Config {
     }
 
     fn validate_dataflow(&self, out: &mut Issues, key: &str, df: &Dataflow) {
-        match check_url(&df.endpoint) {
-            Err(reason) => out.push(format!("{key}.endpoint"), reason),
-            Ok(url) if url.scheme() != "https" => out.push(
-                format!("{key}.endpoint"),
-                if df.mtls {
-                    "scheme must be https when mtls = true".to_owned()
-                } else {
-                    "scheme must be https: Sallyport never sends profile data in clear text".to_owned()
-                },
-            ),
-            Ok(_) => {}
-        }
-        if let Some(name) = &df.identity {
-            if !self.identities.contains_key(name) {
-                out.push(
-                    format!("{key}.identity"),
-                    format!("'{name}' is not in [identities]"),
-                );
-            }
-        } else if df.mtls && self.identity.is_none() {
-            out.push(
-                format!("{key}.mtls"),
-                "mtls = true needs an [identity] with cert and key",
-            );
-        }
-        if let Some(ca) = &df.ca {
-            self.check_file(out, &format!("{key}.ca"), ca);
-        }
-        match parse_duration(&df.timeout) {
-            Err(e) => out.push(format!("{key}.timeout"), e),
-            Ok(d) if d < TIMEOUT_BOUNDS.0 || d > TIMEOUT_BOUNDS.1 => out.push(
-                format!("{key}.timeout"),
-                format!(
-                    "{:?} is outside {:?}..={:?}",
-                    d, TIMEOUT_BOUNDS.0, TIMEOUT_BOUNDS.1
-                ),
-            ),
-            Ok(_) => {}
-        }
-        if let Err(e) = df.parsed_headers() {
-            out.push(format!("{key}.headers"), e);
-        }
-        if let Err(e) = df.parsed_query() {
-            out.push(format!("{key}.query"), e);
-        }
-        self.validate_auth(out, &format!("{key}.auth"), &df.auth);
-        if !(1..=10).contains(&df.max_attempts) {
-            out.push(
-                format!("{key}.max_attempts"),
-                format!("{} is outside 1..=10", df.max_attempts),
-            );
-        }
-        if df.signing_secret_env.is_some() || df.signing_secret_file.is_some() {
-            let file = df.signing_secret_file.as_ref().map(|f| self.path(f));
-            let checked =
-                SecretSource::from_pair(df.signing_secret_env.as_ref(), file.as_ref(), "signing_secret")
-                    .and_then(|s| s.read())
-                    .and_then(|s| {
-                        crate::delivery::signing::WebhookSigner::from_secret(s.expose()).map(|_| ())
-                    });
-            if let Err(e) = checked {
-                out.push(format!("{key}.signing_secret"), e);
-            }
-        }
+        self.validate_destination(out, key, &super::destination::Written::dataflow(df));
         for (j, a) in df.attributes.iter().enumerate() {
             for (field, path) in [("source", &a.source), ("target", &a.target)] {
                 if path.is_empty() || path.split('.').any(str::is_empty) {
@@ -989,7 +882,7 @@ impl Config {
         }
     }
 
-    fn validate_auth(&self, out: &mut Issues, key: &str, auth: &Auth) {
+    pub(super) fn validate_auth(&self, out: &mut Issues, key: &str, auth: &Auth) {
         match auth {
             Auth::None => {}
             Auth::Bearer {
@@ -1052,6 +945,15 @@ impl Config {
         }
     }
 
+    /// A destination's problems, under `key`.
+    fn validate_destination(&self, out: &mut Issues, key: &str, w: &super::destination::Written<'_>) {
+        if let Err(issues) = self.destination(key, w) {
+            for i in issues {
+                out.push(format!("{key}.{}", i.key), i.reason);
+            }
+        }
+    }
+
     /// A secret must come from exactly one source, and that source must be readable now.
     fn check_secret(
         &self,
@@ -1100,35 +1002,30 @@ impl Config {
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| (format!("{lkey}.routes[{i}]"), r, Some(i)))
+            .map(|(i, r)| (format!("{lkey}.routes[{i}]"), r, true))
             .chain(
                 l.forward_proxy
                     .iter()
-                    .map(|r| (format!("{lkey}.forward_proxy"), r, None)),
+                    .map(|r| (format!("{lkey}.forward_proxy"), r, false)),
             );
-        for (key, r, i) in labelled {
+        for (key, r, routed) in labelled {
             if r.retries > 5 {
                 out.push(format!("{key}.retries"), "at most 5");
             }
             if r.retry_buffer_bytes > 16 * 1024 * 1024 {
                 out.push(format!("{key}.retry_buffer_bytes"), "at most 16 MiB");
             }
-            match i {
-                Some(i) => {
-                    if !r.prefix.starts_with('/') {
-                        out.push(
-                            format!("{key}.prefix"),
-                            format!("'{}' must start with /", r.prefix),
-                        );
-                    }
-                    self.validate_dataflow(out, &key, &r.as_dataflow(n * 1000 + i));
-                }
-                None => self.validate_dataflow(out, &key, &r.as_dataflow(usize::MAX - n)),
+            if routed && !r.prefix.starts_with('/') {
+                out.push(
+                    format!("{key}.prefix"),
+                    format!("'{}' must start with /", r.prefix),
+                );
             }
+            self.validate_destination(out, &key, &super::destination::Written::route(r));
         }
     }
 
-    fn check_file(&self, out: &mut Issues, key: &str, p: &Path) {
+    pub(super) fn check_file(&self, out: &mut Issues, key: &str, p: &Path) {
         let full = self.path(p);
         if !full.is_file() {
             out.push(key, format!("{} does not exist or is not a file", full.display()));
@@ -1163,7 +1060,7 @@ pub fn check_url(s: &str) -> Result<url::Url, String> {
     Ok(url)
 }
 
-fn check_token_url(out: &mut Issues, key: &str, s: &str) {
+pub(super) fn check_token_url(out: &mut Issues, key: &str, s: &str) {
     match check_url(s) {
         Err(e) => out.push(format!("{key}.token_url"), e),
         Ok(u) if u.scheme() != "https" => out.push(format!("{key}.token_url"), "scheme must be https"),

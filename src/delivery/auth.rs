@@ -40,14 +40,14 @@ pub enum Grant {
 /// An OAuth2 client for one dataflow.
 #[derive(Debug)]
 pub struct OAuth2 {
-    pub token_url: url::Url,
-    pub client_id: String,
-    pub client_secret: Secret,
-    pub scope: Option<String>,
-    pub credentials_in: CredentialsIn,
-    pub grant: Grant,
+    token_url: url::Url,
+    client_id: String,
+    client_secret: Secret,
+    scope: Option<String>,
+    credentials_in: CredentialsIn,
+    grant: Grant,
     /// The client for the token endpoint (trust and egress of the dataflow, no mTLS-only rule).
-    pub http: DeliveryClient,
+    http: DeliveryClient,
     state: Mutex<TokenState>,
     requests: AtomicU64,
 }
@@ -86,7 +86,7 @@ struct TokenError {
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 
 impl OAuth2 {
-    pub fn new(
+    pub(crate) fn new(
         token_url: url::Url,
         client_id: String,
         client_secret: Secret,
@@ -257,6 +257,82 @@ impl OAuth2 {
 }
 
 impl Authenticator {
+    /// A destination's authenticator, with its secrets read now. Its token requests go out
+    /// through a destination of their own made from `base`: the same trust, identity (when
+    /// the token endpoint asks for one) and egress, without the mTLS-only rule or the
+    /// destination's headers and query.
+    pub(crate) fn from_config(
+        d: &crate::config::DestinationConfig,
+        base: &super::DestinationSettings,
+    ) -> Result<Self, String> {
+        use crate::config::{Auth, SecretSource};
+        let secret = |env: &Option<String>, file: &Option<std::path::PathBuf>, what: &str| {
+            SecretSource::from_pair(env.as_ref(), file.as_ref(), what)
+                .and_then(|s| s.read())
+                .map_err(|e| format!("{}: auth.{what}: {e}", d.name))
+        };
+        let token_client = || {
+            DeliveryClient::new(
+                super::DestinationSettings {
+                    name: format!("{}-token", d.name),
+                    mtls: false,
+                    headers: vec![],
+                    query: vec![],
+                    auth: Arc::default(),
+                    ..base.clone()
+                },
+                super::retry::RetryPolicy::default(),
+                None,
+            )
+        };
+        let url = |u: &str| url::Url::parse(u).map_err(|e| format!("{}: auth.token_url: {e}", d.name));
+        Ok(match &d.auth {
+            Auth::None => Authenticator::None,
+            Auth::Bearer {
+                token_env,
+                token_file,
+            } => Authenticator::Bearer(secret(token_env, token_file, "token")?),
+            Auth::OAuth2ClientCredentials {
+                token_url,
+                client_id,
+                client_secret_env,
+                client_secret_file,
+                scope,
+                credentials_in,
+            } => Authenticator::OAuth2(Box::new(OAuth2::new(
+                url(token_url)?,
+                client_id.clone(),
+                secret(client_secret_env, client_secret_file, "client_secret")?,
+                scope.clone(),
+                *credentials_in,
+                Grant::ClientCredentials,
+                token_client(),
+            ))),
+            Auth::OAuth2Password {
+                token_url,
+                client_id,
+                client_secret_env,
+                client_secret_file,
+                username,
+                password_env,
+                password_file,
+                scope,
+                credentials_in,
+            } => Authenticator::OAuth2(Box::new(OAuth2::new(
+                url(token_url)?,
+                client_id.clone(),
+                secret(client_secret_env, client_secret_file, "client_secret")?,
+                scope.clone(),
+                *credentials_in,
+                Grant::Password {
+                    username: username.clone(),
+                    password: secret(password_env, password_file, "password")?,
+                },
+                token_client(),
+            ))),
+        })
+    }
+
     /// The auth kind as audit records and metrics name it.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -1,9 +1,8 @@
-//! The one connector every outbound request uses: resolve → connect by address → TLS with a
-//! per-connection client-auth probe → mTLS-only check. Nothing is written to a receiver that
-//! failed the check: the connection is dropped before hyper sees it.
-//!
-//! The egress issue adds source-IP binding and the destination policy here, between
-//! resolution and connect, so no caller can bypass them.
+//! The one connector every outbound connection uses: resolve → egress policy on every
+//! resolved address → bind the pinned source address → connect to a checked address
+//! ([`connect_tcp`], also used by `verify` and `cert fetch`) → TLS with a per-connection
+//! client-auth probe → mTLS-only check. Nothing is written to a receiver that failed the
+//! check: the connection is dropped before hyper sees it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -82,7 +81,7 @@ impl PeerInfo {
 
 /// Connector settings for one destination profile (trust, identity, mTLS rule).
 #[derive(Clone, Debug)]
-pub struct Connector {
+pub(crate) struct Connector {
     tls: ClientTlsConfig,
     require_client_auth: bool,
     connect_timeout: Duration,
@@ -116,7 +115,7 @@ impl AlertLog {
 }
 
 impl Connector {
-    pub fn new(
+    pub(crate) fn new(
         tls: ClientTlsConfig,
         require_client_auth: bool,
         connect_timeout: Duration,
@@ -136,7 +135,7 @@ impl Connector {
     }
 
     /// Open one TLS connection to the authority of `uri`.
-    pub async fn connect(&self, uri: &Uri) -> Result<TlsConn, DeliveryError> {
+    pub(crate) async fn connect(&self, uri: &Uri) -> Result<TlsConn, DeliveryError> {
         let target = Target::from_uri(uri)?;
         tokio::time::timeout(self.connect_timeout, self.connect_target(&target))
             .await
@@ -152,65 +151,7 @@ impl Connector {
     }
 
     async fn connect_target(&self, target: &Target) -> Result<TlsConn, DeliveryError> {
-        let addrs = self
-            .egress
-            .resolve(&target.host, target.port)
-            .await
-            .map_err(|e| {
-                DeliveryError::new(ErrorKind::Dns, format!("resolving {}: {e}", target.host)).with_source(e)
-            })?;
-        if addrs.is_empty() {
-            return Err(DeliveryError::new(
-                ErrorKind::Dns,
-                format!("{} resolved to no address", target.host),
-            ));
-        }
-        // Check every resolved address; connect only to checked ones, by address.
-        let mut allowed = Vec::with_capacity(addrs.len());
-        let mut first_denial = None;
-        for addr in addrs {
-            match self.egress.check(&target.host, addr.ip()) {
-                Ok(()) => allowed.push(addr),
-                Err(d) => {
-                    tracing::warn!(host = %target.host, addr = %addr.ip(), "{d}");
-                    first_denial.get_or_insert(d);
-                }
-            }
-        }
-        if allowed.is_empty() {
-            let d = first_denial.map_or_else(|| "no address".to_owned(), |d| d.to_string());
-            return Err(DeliveryError::new(ErrorKind::EgressDenied, d));
-        }
-        let mut last_err = None;
-        let mut tcp = None;
-        for addr in allowed {
-            let source = self
-                .egress
-                .source_for(&addr)
-                .map_err(|e| DeliveryError::new(ErrorKind::NoSourceAddress, e))?;
-            match connect_from(source, addr).await {
-                Ok(s) => {
-                    tcp = Some(s);
-                    break;
-                }
-                Err(e) => last_err = Some((addr, e)),
-            }
-        }
-        let tcp = match (tcp, last_err) {
-            (Some(s), _) => s,
-            (None, Some((addr, e))) => {
-                return Err(
-                    DeliveryError::new(ErrorKind::Connect, format!("connecting to {addr}: {e}"))
-                        .with_source(e),
-                )
-            }
-            (None, None) => {
-                return Err(DeliveryError::new(
-                    ErrorKind::Dns,
-                    format!("{} resolved to no address", target.host),
-                ))
-            }
-        };
+        let tcp = connect_tcp(&self.egress, &target.host, target.port).await?;
         let _ = tcp.set_nodelay(true);
         let remote_addr = tcp
             .peer_addr()
@@ -296,6 +237,57 @@ impl Target {
             port,
             server_name,
         })
+    }
+}
+
+/// A TCP connection to `host:port` as the egress policy allows it: every resolved address is
+/// checked, only allowed ones are tried (in the resolver's order), each from the pinned source
+/// address of its family when `egress.source_ips` is set. No caller connects any other way.
+pub async fn connect_tcp(egress: &Egress, host: &str, port: u16) -> Result<TcpStream, DeliveryError> {
+    let addrs = egress
+        .resolve(host, port)
+        .await
+        .map_err(|e| DeliveryError::new(ErrorKind::Dns, format!("resolving {host}: {e}")).with_source(e))?;
+    if addrs.is_empty() {
+        return Err(DeliveryError::new(
+            ErrorKind::Dns,
+            format!("{host} resolved to no address"),
+        ));
+    }
+    // Check every resolved address; connect only to checked ones, by address.
+    let mut allowed = Vec::with_capacity(addrs.len());
+    let mut first_denial = None;
+    for addr in addrs {
+        match egress.check(host, addr.ip()) {
+            Ok(()) => allowed.push(addr),
+            Err(d) => {
+                tracing::warn!(host = %host, addr = %addr.ip(), "{d}");
+                first_denial.get_or_insert(d);
+            }
+        }
+    }
+    if allowed.is_empty() {
+        let d = first_denial.map_or_else(|| "no address".to_owned(), |d| d.to_string());
+        return Err(DeliveryError::new(ErrorKind::EgressDenied, d));
+    }
+    let mut last_err = None;
+    for addr in allowed {
+        let source = egress
+            .source_for(&addr)
+            .map_err(|e| DeliveryError::new(ErrorKind::NoSourceAddress, e))?;
+        match connect_from(source, addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last_err = Some((addr, e)),
+        }
+    }
+    match last_err {
+        Some((addr, e)) => {
+            Err(DeliveryError::new(ErrorKind::Connect, format!("connecting to {addr}: {e}")).with_source(e))
+        }
+        None => Err(DeliveryError::new(
+            ErrorKind::Dns,
+            format!("{host} resolved to no address"),
+        )),
     }
 }
 

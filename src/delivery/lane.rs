@@ -17,7 +17,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -118,20 +118,31 @@ impl Parked {
 pub(crate) struct Lanes {
     idle: Mutex<Vec<(Arc<Parked>, Lane)>>,
     drivers: mpsc::UnboundedSender<Driver>,
+    /// The receiving end of `drivers`, until [`drive`] takes it: lanes are only opened while
+    /// something polls their drivers.
+    driven: Mutex<Option<mpsc::UnboundedReceiver<Driver>>>,
+    /// [`drive`] is running (read on every request, so not behind the mutex).
+    running: AtomicBool,
     /// The timer of the task's exchanges (see [`Lanes::within`]); made at the first.
     timer: Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
 }
 
 impl Lanes {
-    /// Lanes, and the receiver of their drivers for [`drive`] to poll.
-    pub(crate) fn new() -> (Arc<Lanes>, mpsc::UnboundedReceiver<Driver>) {
+    /// Lanes, not yet driven (see [`drive`]).
+    pub(crate) fn new() -> Arc<Lanes> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let lanes = Lanes {
+        Arc::new(Lanes {
             idle: Mutex::new(Vec::new()),
             drivers: tx,
+            driven: Mutex::new(Some(rx)),
+            running: AtomicBool::new(false),
             timer: Mutex::new(None),
-        };
-        (Arc::new(lanes), rx)
+        })
+    }
+
+    /// Whether [`drive`] is polling these lanes' connections.
+    pub(crate) fn running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
     }
 
     /// `exchange`, or `None` once `limit` has passed. For the exchanges of this task, which
@@ -384,11 +395,13 @@ fn boxed(e: hyper::Error) -> BoxError {
 /// Run `server` (the app connection) and every lane it opens in this one task, until the
 /// app connection ends. Then its idle lanes are parked with their routes, and each of its
 /// connections still open goes on in a task of its own.
-pub(crate) async fn drive<F: Future>(
-    server: F,
-    lanes: &Lanes,
-    mut drivers: mpsc::UnboundedReceiver<Driver>,
-) -> F::Output {
+pub(crate) async fn drive<F: Future>(server: F, lanes: &Lanes) -> F::Output {
+    let taken = lanes.driven.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let Some(mut drivers) = taken else {
+        // Already driven elsewhere: its requests went through the pools meanwhile.
+        return server.await;
+    };
+    lanes.running.store(true, Ordering::Relaxed);
     let mut server = std::pin::pin!(server);
     let mut running: Vec<Driver> = Vec::new();
     let out = std::future::poll_fn(|cx: &mut Context<'_>| {
@@ -407,6 +420,9 @@ pub(crate) async fn drive<F: Future>(
     for d in running {
         tokio::spawn(d);
     }
+    // Nothing drives new lanes any more: later requests (there should be none) use the pool.
+    lanes.running.store(false, Ordering::Relaxed);
+    *lanes.driven.lock().unwrap_or_else(|p| p.into_inner()) = Some(drivers);
     lanes.park();
     out
 }

@@ -1,7 +1,13 @@
 //! The delivery core: one pooled hyper client per destination profile (trust, client
 //! identity, mTLS rule), so a connection made with one identity is never reused for another.
-//! Every outbound request of Sallyport — exports, sidecar, `send`, OAuth2 token fetches — goes
-//! through [`DeliveryClient::send`].
+//!
+//! Built in one place: a [`Core`] (the process's identities and egress policy) turns each
+//! [`DestinationConfig`] — a dataflow, a sidecar route, the forward proxy, the alert webhook,
+//! `send`, `verify` — into a [`DeliveryClient`]. Senders that go one request at a time (an
+//! export courier, a sidecar app connection) hold a [`Session`] and send through it; every
+//! other request goes through the destination's pool. Every outbound TCP connection of the
+//! program is made by [`connector::connect_tcp`]: policy checked on every resolved address,
+//! source address pinned, connect to the checked address only.
 //!
 //! Must never: send to a receiver that failed the mTLS-only check, follow a redirect, read an
 //! unbounded response body, or log a request body.
@@ -23,10 +29,17 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-pub use connector::{Connector, PeerInfo};
+use retry::RetryPolicy;
+
+pub use connector::{connect_tcp, PeerInfo};
 pub use error::{Blame, DeliveryError, ErrorKind};
 
-use crate::tls::ClientTlsConfig;
+use connector::Connector;
+
+use crate::config::DestinationConfig;
+use crate::egress::Egress;
+use crate::tls::creds::Identities;
+use crate::tls::{ClientTlsConfig, Trust};
 
 /// Boxed error used by bodies and hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -38,40 +51,102 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much of a receiver's response body is read; more is an error.
 pub const MAX_RESPONSE_BODY: usize = 1024 * 1024;
 
-/// How to reach one destination.
-#[derive(Debug, Clone)]
-pub struct DestinationSettings {
-    /// Name for logs and audit (the dataflow name, or `send`).
-    pub name: String,
-    pub tls: ClientTlsConfig,
-    /// Refuse receivers that do not request a client certificate.
-    pub mtls: bool,
-    /// Connect + request + response body, all within this.
-    pub timeout: Duration,
-    /// Custom headers added to every request (validated by config).
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// Query parameters appended to every request URL.
-    pub query: Vec<(String, String)>,
-    /// How requests authenticate (none by default).
-    pub auth: auth::SharedAuth,
-    /// Where connections may go and come from (deny-all by default).
-    pub egress: Arc<crate::egress::Egress>,
+/// The delivery core of one process: its client identities (watched for renewal) and its
+/// egress policy. Every destination is made from it by [`Core::destination`].
+#[derive(Clone, Debug)]
+pub struct Core {
+    identities: Arc<Identities>,
+    egress: Arc<Egress>,
 }
 
-impl DestinationSettings {
-    /// Settings with the defaults: mTLS-only, 2 s timeout, no extra headers or query.
-    pub fn new(name: impl Into<String>, tls: ClientTlsConfig) -> Self {
-        DestinationSettings {
-            name: name.into(),
-            tls,
-            mtls: true,
-            timeout: DEFAULT_TIMEOUT,
-            headers: vec![],
-            query: vec![],
-            auth: Arc::default(),
-            egress: Arc::new(crate::egress::Egress::deny_all()),
-        }
+impl Core {
+    /// The identities and egress policy of a validated config.
+    pub fn from_config(cfg: &crate::config::Config) -> Result<Core, String> {
+        Ok(Core::new(
+            Arc::new(Identities::from_config(cfg)?),
+            Arc::new(Egress::from_config(&cfg.egress)?),
+        ))
     }
+
+    pub fn new(identities: Arc<Identities>, egress: Arc<Egress>) -> Core {
+        Core { identities, egress }
+    }
+
+    pub fn identities(&self) -> &Arc<Identities> {
+        &self.identities
+    }
+
+    pub fn egress(&self) -> &Arc<Egress> {
+        &self.egress
+    }
+
+    /// The one constructor of a destination: its trust, the identity it presents (the one in
+    /// force when each connection starts), mTLS rule, timeout, headers, query, auth (secrets
+    /// read now), signing and retry policy.
+    pub fn destination(&self, d: &DestinationConfig) -> Result<DeliveryClient, String> {
+        let trust = Trust::from_optional_file(d.ca.as_deref()).map_err(|e| format!("{}: {e}", d.name))?;
+        let mut tls =
+            ClientTlsConfig::new(trust, None, crate::tls::client::ALPN_H2_H1).map_err(|e| e.to_string())?;
+        if let Some(store) = self.identities.get(d.identity.as_deref()) {
+            tls = tls.with_identity_store(store.clone());
+        } else if let Some(name) = &d.identity {
+            return Err(format!("{}: identity '{name}' is not configured", d.name));
+        }
+        let base = DestinationSettings {
+            name: d.name.clone(),
+            tls,
+            mtls: d.mtls,
+            timeout: d.timeout,
+            headers: d.headers.clone(),
+            query: d.query.clone(),
+            auth: Arc::default(),
+            egress: self.egress.clone(),
+        };
+        let auth = Arc::new(auth::Authenticator::from_config(d, &base)?);
+        let signer = match &d.signing {
+            Some(source) => Some(
+                signing::WebhookSigner::from_secret(
+                    source
+                        .read()
+                        .map_err(|e| format!("{}: signing_secret: {e}", d.name))?
+                        .expose(),
+                )
+                .map_err(|e| format!("{}: signing_secret: {e}", d.name))?,
+            ),
+            None => None,
+        };
+        Ok(DeliveryClient::new(
+            DestinationSettings { auth, ..base },
+            d.retry,
+            signer,
+        ))
+    }
+
+    /// Reload every identity when its files change (polled each `every`) or on SIGHUP, until
+    /// aborted. One watcher per process: every destination presents what it loads.
+    pub async fn watch(self, every: Duration) {
+        self.identities.watch(every).await
+    }
+}
+
+/// How to reach one destination, as the core made it.
+#[derive(Debug, Clone)]
+pub(crate) struct DestinationSettings {
+    /// Name for logs and audit (the dataflow name, or `send`).
+    pub(crate) name: String,
+    pub(crate) tls: ClientTlsConfig,
+    /// Refuse receivers that do not request a client certificate.
+    pub(crate) mtls: bool,
+    /// Connect + request + response body, all within this.
+    pub(crate) timeout: Duration,
+    /// Custom headers added to every request (validated by config).
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    /// Query parameters appended to every request URL.
+    pub(crate) query: Vec<(String, String)>,
+    /// How requests authenticate (none by default).
+    pub(crate) auth: auth::SharedAuth,
+    /// Where connections may go and come from (deny-all by default).
+    pub(crate) egress: Arc<Egress>,
 }
 
 /// One request to deliver.
@@ -100,27 +175,32 @@ impl Delivered {
         if self.status.is_success() {
             return None;
         }
-        let mut msg = format!("the receiver answered {}", self.status);
-        if let Some(hint) = refusal_hint(self.status, &self.body) {
+        Some(DeliveryError::for_status(self.status, &self.headers, &self.body))
+    }
+}
+
+impl DeliveryError {
+    /// A receiver's non-2xx answer as a failed delivery: its status, its `Retry-After`, and a
+    /// hint when the body says our client certificate was refused.
+    pub fn for_status(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> DeliveryError {
+        let mut msg = format!("the receiver answered {status}");
+        if let Some(hint) = refusal_hint(status, body) {
             msg.push_str(&format!(" ({hint})"));
         }
-        let retry_after = self
-            .headers
+        let retry_after = headers
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now()));
-        Some(
-            DeliveryError::new(ErrorKind::HttpStatus, msg)
-                .with_status(self.status.as_u16())
-                .with_retry_after(retry_after),
-        )
+        DeliveryError::new(ErrorKind::HttpStatus, msg)
+            .with_status(status.as_u16())
+            .with_retry_after(retry_after)
     }
 }
 
 /// nginx (and proxies in front of it) refuse a missing or foreign client certificate with an
 /// HTTP 400 after a completed handshake, not a TLS alert. Name that, since it otherwise looks
 /// like an ordinary bad request.
-fn refusal_hint(status: StatusCode, body: &Bytes) -> Option<&'static str> {
+fn refusal_hint(status: StatusCode, body: &[u8]) -> Option<&'static str> {
     if status != StatusCode::BAD_REQUEST {
         return None;
     }
@@ -136,11 +216,67 @@ fn refusal_hint(status: StatusCode, body: &Bytes) -> Option<&'static str> {
 
 /// Which connection a request goes over.
 #[derive(Clone, Copy)]
-pub(crate) enum Via<'a> {
+enum Via<'a> {
     /// The destination's shared pool.
     Pool,
     /// The sending task's own lane to the destination, when it can have one (see [`lane`]).
-    Lane(&'a lane::Lanes, &'a Arc<lane::Parked>),
+    Lane(&'a lane::Lanes),
+}
+
+/// The connections of one sender that sends one request at a time — an export courier, a
+/// sidecar app connection: a connection of its own per destination (a lane), driven in the
+/// sender's own task by [`Session::run`]. Cheap to clone; clones share the connections.
+#[derive(Clone)]
+pub struct Session {
+    lanes: Arc<lane::Lanes>,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Session::new()
+    }
+}
+
+impl Session {
+    pub fn new() -> Session {
+        Session {
+            lanes: lane::Lanes::new(),
+        }
+    }
+
+    /// Run `work` — which sends through this session — and every connection it opens, in
+    /// this task, until `work` ends. Then the session's idle connections are parked with
+    /// their destinations for other sessions to take. Until it runs, a session's requests go
+    /// through the destinations' pools.
+    pub async fn run<F: std::future::Future>(&self, work: F) -> F::Output {
+        lane::drive(work, &self.lanes).await
+    }
+
+    fn via(&self) -> Via<'_> {
+        if self.lanes.running() {
+            Via::Lane(&self.lanes)
+        } else {
+            Via::Pool
+        }
+    }
+
+    /// [`DeliveryClient::send`], over this session's connection to `to`.
+    pub async fn send(&self, to: &DeliveryClient, req: OutboundRequest) -> Result<Delivered, DeliveryError> {
+        to.send_via(self.via(), req).await
+    }
+
+    /// [`DeliveryClient::send_streaming`], over this session's connection to `to`.
+    pub async fn send_streaming(
+        &self,
+        to: &DeliveryClient,
+        method: Method,
+        url: url::Url,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<http::Response<hyper::body::Incoming>, DeliveryError> {
+        to.send_streaming_via(self.via(), method, url, headers, body)
+            .await
+    }
 }
 
 /// A pooled client for one destination profile.
@@ -151,6 +287,10 @@ pub struct DeliveryClient {
     http: Arc<std::sync::RwLock<(u64, Client<Connector, Body>)>>,
     connector: Connector,
     settings: Arc<DestinationSettings>,
+    /// Idle connections of sessions that ended, for the next ones (see [`lane`]).
+    parked: Arc<lane::Parked>,
+    retry: RetryPolicy,
+    signer: Option<Arc<signing::WebhookSigner>>,
 }
 
 impl std::fmt::Debug for DeliveryClient {
@@ -162,7 +302,11 @@ impl std::fmt::Debug for DeliveryClient {
 }
 
 impl DeliveryClient {
-    pub fn new(settings: DestinationSettings) -> Self {
+    fn new(
+        settings: DestinationSettings,
+        retry: RetryPolicy,
+        signer: Option<signing::WebhookSigner>,
+    ) -> Self {
         let connector = Connector::new(
             settings.tls.clone(),
             settings.mtls,
@@ -175,11 +319,48 @@ impl DeliveryClient {
             http: Arc::new(std::sync::RwLock::new((generation, http))),
             connector,
             settings: Arc::new(settings),
+            parked: Arc::default(),
+            retry,
+            signer: signer.map(Arc::new),
         }
     }
 
-    pub fn settings(&self) -> &DestinationSettings {
-        &self.settings
+    /// The destination's name in logs and audit records.
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// The kind of authentication its requests carry (`none`, `bearer`, …), for audit records.
+    pub fn auth_kind(&self) -> &'static str {
+        self.settings.auth.kind()
+    }
+
+    /// Whether requests carry credentials of the gateway's own (the app's must not pass).
+    pub fn authenticates(&self) -> bool {
+        !matches!(*self.settings.auth, auth::Authenticator::None)
+    }
+
+    /// OAuth2 token requests made so far, when the destination uses OAuth2.
+    pub fn token_requests(&self) -> Option<u64> {
+        match &*self.settings.auth {
+            auth::Authenticator::OAuth2(o) => Some(o.token_requests()),
+            _ => None,
+        }
+    }
+
+    /// Connect + request + response (the response head, when the body streams).
+    pub fn timeout(&self) -> Duration {
+        self.settings.timeout
+    }
+
+    /// When a failed request is tried again.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// The Standard Webhooks signer, when requests are signed.
+    pub fn signer(&self) -> Option<&signing::WebhookSigner> {
+        self.signer.as_deref()
     }
 
     /// Send one request and read the answer, all within the destination's timeout.
@@ -189,11 +370,7 @@ impl DeliveryClient {
     }
 
     /// [`send`](Self::send), over the connection `via` names.
-    pub(crate) async fn send_via(
-        &self,
-        via: Via<'_>,
-        req: OutboundRequest,
-    ) -> Result<Delivered, DeliveryError> {
+    async fn send_via(&self, via: Via<'_>, req: OutboundRequest) -> Result<Delivered, DeliveryError> {
         let auth = &self.settings.auth;
         let credential = auth.credential().await?;
         let first = self.send_once(via, req.clone(), credential.as_ref()).await?;
@@ -211,7 +388,10 @@ impl DeliveryClient {
     }
 
     /// Send without this destination's auth (the token endpoint's own requests).
-    pub async fn send_unauthenticated(&self, req: OutboundRequest) -> Result<Delivered, DeliveryError> {
+    pub(crate) async fn send_unauthenticated(
+        &self,
+        req: OutboundRequest,
+    ) -> Result<Delivered, DeliveryError> {
         self.send_once(Via::Pool, req, None).await
     }
 
@@ -322,7 +502,9 @@ impl DeliveryClient {
         request: Request<Body>,
     ) -> Result<http::Response<hyper::body::Incoming>, DeliveryError> {
         match via {
-            Via::Lane(lanes, parked) if lanes.available(parked) => lanes.send(parked, self, request).await,
+            Via::Lane(lanes) if lanes.available(&self.parked) => {
+                lanes.send(&self.parked, self, request).await
+            }
             _ => self
                 .pool()
                 .request(request)
@@ -332,10 +514,21 @@ impl DeliveryClient {
     }
 
     /// Send a request whose body streams, and return the answer with its body still
-    /// streaming (the sidecar), over the connection `via` names. The timeout covers
-    /// connecting and the response head; the body then flows at the pace of both ends. No 401
-    /// retry: a stream cannot be sent twice.
-    pub(crate) async fn send_streaming(
+    /// streaming (the sidecar), over the destination's pool. The timeout covers connecting
+    /// and the response head; the body then flows at the pace of both ends. No 401 retry: a
+    /// stream cannot be sent twice.
+    pub async fn send_streaming(
+        &self,
+        method: Method,
+        url: url::Url,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<http::Response<hyper::body::Incoming>, DeliveryError> {
+        self.send_streaming_via(Via::Pool, method, url, headers, body)
+            .await
+    }
+
+    async fn send_streaming_via(
         &self,
         via: Via<'_>,
         method: Method,
@@ -428,7 +621,7 @@ async fn within<F: std::future::Future>(
     exchange: std::pin::Pin<&mut F>,
 ) -> Option<F::Output> {
     match via {
-        Via::Lane(lanes, _) => lanes.within(limit, exchange).await,
+        Via::Lane(lanes) => lanes.within(limit, exchange).await,
         Via::Pool => tokio::time::timeout(limit, exchange).await.ok(),
     }
 }
@@ -440,128 +633,4 @@ pub fn destination(url: &url::Url) -> String {
         url.host_str().unwrap_or_default(),
         url.port_or_known_default().unwrap_or(443)
     )
-}
-
-/// Build the destination settings of a configured dataflow: its trust (or `ca_override`),
-/// the gateway identity, mTLS rule, timeout, headers and query.
-pub fn settings_for_dataflow(
-    cfg: &crate::config::Config,
-    df: &crate::config::Dataflow,
-    ca_override: Option<&std::path::Path>,
-) -> Result<DestinationSettings, String> {
-    settings_for_dataflow_with(cfg, df, ca_override, None)
-}
-
-/// As [`settings_for_dataflow`], presenting the identity `creds` has in force (rotation and
-/// hot reload) instead of the files as they are now.
-pub fn settings_for_dataflow_with(
-    cfg: &crate::config::Config,
-    df: &crate::config::Dataflow,
-    ca_override: Option<&std::path::Path>,
-    creds: Option<&Arc<crate::tls::creds::IdentityStore>>,
-) -> Result<DestinationSettings, String> {
-    let identity = match (creds, cfg.identity_for(df)) {
-        (Some(c), _) => Some(c.presented()),
-        (None, Some(id)) => Some(
-            crate::tls::Identity::load(&cfg.path(&id.cert), &cfg.path(&id.key))
-                .map_err(|e| format!("identity: {e}"))?,
-        ),
-        (None, None) => None,
-    };
-    let ca = ca_override
-        .map(ToOwned::to_owned)
-        .or_else(|| df.ca.as_ref().map(|c| cfg.path(c)));
-    let trust = crate::tls::Trust::from_optional_file(ca.as_deref()).map_err(|e| e.to_string())?;
-    let mut tls = ClientTlsConfig::new(trust, identity.as_ref(), crate::tls::client::ALPN_H2_H1)
-        .map_err(|e| e.to_string())?;
-    if let Some(c) = creds {
-        tls = tls.with_identity_store(c.clone());
-    }
-    let headers = df
-        .parsed_headers()
-        .map_err(|e| format!("dataflow {}: headers: {e}", df.name))?;
-    let query = df
-        .parsed_query()
-        .map_err(|e| format!("dataflow {}: query: {e}", df.name))?;
-    let egress = Arc::new(crate::egress::Egress::from_config(&cfg.egress)?);
-    let auth = Arc::new(authenticator(cfg, df, &tls, &egress)?);
-    Ok(DestinationSettings {
-        mtls: df.mtls,
-        timeout: df.timeout(),
-        headers,
-        query,
-        auth,
-        egress,
-        ..DestinationSettings::new(df.name.clone(), tls)
-    })
-}
-
-/// The dataflow's authenticator, with its secrets read now.
-fn authenticator(
-    cfg: &crate::config::Config,
-    df: &crate::config::Dataflow,
-    tls: &ClientTlsConfig,
-    egress: &Arc<crate::egress::Egress>,
-) -> Result<auth::Authenticator, String> {
-    use crate::config::Auth;
-    let secret = |env: &Option<String>, file: &Option<std::path::PathBuf>, what: &str| {
-        cfg.secret_source(env.as_ref(), file.as_ref(), what)
-            .and_then(|s| s.read())
-            .map_err(|e| format!("dataflow {}: auth.{what}: {e}", df.name))
-    };
-    let token_client = || {
-        // The token endpoint: same trust and egress, our certificate if it asks, no mTLS-only rule.
-        DeliveryClient::new(DestinationSettings {
-            mtls: false,
-            timeout: df.timeout(),
-            egress: egress.clone(),
-            ..DestinationSettings::new(format!("{}-token", df.name), tls.clone())
-        })
-    };
-    let url = |u: &str| url::Url::parse(u).map_err(|e| format!("dataflow {}: auth.token_url: {e}", df.name));
-    Ok(match &df.auth {
-        Auth::None => auth::Authenticator::None,
-        Auth::Bearer {
-            token_env,
-            token_file,
-        } => auth::Authenticator::Bearer(secret(token_env, token_file, "token")?),
-        Auth::OAuth2ClientCredentials {
-            token_url,
-            client_id,
-            client_secret_env,
-            client_secret_file,
-            scope,
-            credentials_in,
-        } => auth::Authenticator::OAuth2(Box::new(auth::OAuth2::new(
-            url(token_url)?,
-            client_id.clone(),
-            secret(client_secret_env, client_secret_file, "client_secret")?,
-            scope.clone(),
-            *credentials_in,
-            auth::Grant::ClientCredentials,
-            token_client(),
-        ))),
-        Auth::OAuth2Password {
-            token_url,
-            client_id,
-            client_secret_env,
-            client_secret_file,
-            username,
-            password_env,
-            password_file,
-            scope,
-            credentials_in,
-        } => auth::Authenticator::OAuth2(Box::new(auth::OAuth2::new(
-            url(token_url)?,
-            client_id.clone(),
-            secret(client_secret_env, client_secret_file, "client_secret")?,
-            scope.clone(),
-            *credentials_in,
-            auth::Grant::Password {
-                username: username.clone(),
-                password: secret(password_env, password_file, "password")?,
-            },
-            token_client(),
-        ))),
-    })
 }

@@ -19,11 +19,8 @@ use super::trigger::evaluate;
 use super::update::{parse_ndjson, LineError};
 use crate::audit::{payload_sha256, AuditRecord};
 use crate::config::Config;
-use crate::delivery::retry::{RetryPolicy, Verdict};
-use crate::delivery::signing::WebhookSigner;
-use crate::delivery::{
-    settings_for_dataflow_with, DeliveryClient, DeliveryError, ErrorKind, OutboundRequest, PeerInfo, Via,
-};
+use crate::delivery::retry::Verdict;
+use crate::delivery::{Core, DeliveryClient, DeliveryError, ErrorKind, OutboundRequest, PeerInfo, Session};
 use crate::store::{self, now_ms, AttemptError, Completion, OutboxItem, Store, StoreError};
 
 /// How often an instance on a shared store looks for dataflow changes made elsewhere.
@@ -55,13 +52,8 @@ struct Flow {
     endpoint: url::Url,
     /// `host:port` of the endpoint, as audit records name it.
     destination: String,
-    retry: RetryPolicy,
-    signer: Option<WebhookSigner>,
-    auth_kind: &'static str,
     counters: crate::metrics::FlowCounters,
     wake: Notify,
-    /// Connections of couriers that stopped, for the next ones (see `delivery::lane`).
-    parked: Arc<crate::delivery::lane::Parked>,
 }
 
 struct Inner {
@@ -74,8 +66,8 @@ struct Inner {
     /// Running workers by dataflow, once `spawn_workers` was called.
     workers: Mutex<Option<std::collections::HashMap<String, tokio::task::AbortHandle>>>,
     stats: Stats,
-    /// The client identities by name (`default` and `[identities]`): rotation, hot reload.
-    creds: std::collections::BTreeMap<String, Arc<crate::tls::creds::IdentityStore>>,
+    /// The delivery core: identities (rotation, hot reload) and egress policy.
+    core: Core,
     /// API-managed dataflows running here, as stored (name → JSON); on a shared store this
     /// is compared with the database to pick up other instances' changes.
     api_known: Mutex<std::collections::HashMap<String, String>>,
@@ -148,15 +140,21 @@ impl Engine {
     /// Open the store, record each dataflow's mapped segments, and backfill the newly mapped
     /// ones (every profile already in such a segment is exported once).
     pub async fn open(cfg: &Config) -> Result<Engine, EngineError> {
+        let core = Core::from_config(cfg).map_err(EngineError::Setup)?;
+        Self::open_with(cfg, core).await
+    }
+
+    /// [`Engine::open`], delivering through `core` (shared with the sidecar and alerts of
+    /// the same process, so one watcher rotates every identity).
+    pub async fn open_with(cfg: &Config, core: Core) -> Result<Engine, EngineError> {
         let store = {
             let cfg = cfg.clone();
             blocking(move || store::open(&cfg)).await?
         };
         let catalog = Catalog::from_config(cfg);
-        let creds = crate::tls::creds::IdentityStore::all_from_config(cfg).map_err(EngineError::Setup)?;
         let mut flows = Vec::new();
         for df in &cfg.dataflows {
-            flows.push(Arc::new(build_flow(&store, cfg, &creds, df).await?));
+            flows.push(Arc::new(build_flow(&store, cfg, &core, df).await?));
         }
         let saved = {
             let s = store.clone();
@@ -166,7 +164,7 @@ impl Engine {
         for (name, json) in saved {
             match serde_json::from_str::<crate::config::Dataflow>(&json) {
                 Ok(df) if cfg.dataflow(&df.name).is_none() => {
-                    flows.push(Arc::new(build_flow(&store, cfg, &creds, &df).await?));
+                    flows.push(Arc::new(build_flow(&store, cfg, &core, &df).await?));
                     api_known.insert(name, json);
                 }
                 Ok(_) => {
@@ -187,7 +185,7 @@ impl Engine {
                 flows: std::sync::RwLock::new(flows),
                 cfg: cfg.clone(),
                 workers: Mutex::new(None),
-                creds,
+                core,
                 stats: Stats {
                     latency_us: Mutex::new(histogram),
                 },
@@ -274,7 +272,7 @@ impl Engine {
             })?;
         let s = self.inner.store.clone();
         let body = Bytes::from(dl.payload);
-        let sent = flow.send(Via::Pool, &dl.idempotency_key, body.clone()).await;
+        let sent = flow.send(None, &dl.idempotency_key, body.clone()).await;
         let outcome = if sent.result.is_ok() {
             "replay_delivered"
         } else {
@@ -311,16 +309,22 @@ impl Engine {
 
     /// A named identity (`default` is the gateway's own).
     pub fn identity_named(&self, name: &str) -> Option<Arc<crate::tls::creds::IdentityStore>> {
-        self.inner.creds.get(name).cloned()
+        self.inner.core.identities().get(Some(name)).cloned()
     }
 
     /// Every identity by name.
     pub fn identities(&self) -> Vec<(String, Arc<crate::tls::creds::IdentityStore>)> {
         self.inner
-            .creds
+            .core
+            .identities()
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+
+    /// The delivery core the engine sends through.
+    pub fn core(&self) -> &Core {
+        &self.inner.core
     }
 
     /// Prometheus text for `/metrics`.
@@ -338,10 +342,7 @@ impl Engine {
                 name: &f.spec.name,
                 counters: &f.counters,
                 pending,
-                token_requests: match &*f.client.settings().auth {
-                    crate::delivery::auth::Authenticator::OAuth2(o) => Some(o.token_requests()),
-                    _ => None,
-                },
+                token_requests: f.client.token_requests(),
             })
             .collect();
         let s = self.stats();
@@ -356,7 +357,8 @@ impl Engine {
     /// Per identity: seconds until its presented certificate expires (negative once expired).
     pub fn cert_expiry_seconds(&self) -> Vec<(String, i64)> {
         self.inner
-            .creds
+            .core
+            .identities()
             .iter()
             .map(|(k, c)| (k.clone(), c.expiry_seconds()))
             .collect()
@@ -454,7 +456,7 @@ impl Engine {
             return Err(DataflowChange::Invalid(issues));
         }
         let flow = Arc::new(
-            build_flow(&self.inner.store, &candidate, &self.inner.creds, &df)
+            build_flow(&self.inner.store, &candidate, &self.inner.core, &df)
                 .await
                 .map_err(|e| DataflowChange::Invalid(vec![e.to_string()]))?,
         );
@@ -523,7 +525,7 @@ impl Engine {
             };
             let mut candidate = self.inner.cfg.clone();
             candidate.dataflows.push(df.clone());
-            match build_flow(&self.inner.store, &candidate, &self.inner.creds, &df).await {
+            match build_flow(&self.inner.store, &candidate, &self.inner.core, &df).await {
                 Ok(flow) => {
                     self.inner
                         .api_rejected
@@ -593,7 +595,7 @@ const OUTCOME_BATCH: usize = 8192;
 async fn build_flow(
     store: &Arc<dyn Store>,
     cfg: &Config,
-    creds: &std::collections::BTreeMap<String, Arc<crate::tls::creds::IdentityStore>>,
+    core: &Core,
     df: &crate::config::Dataflow,
 ) -> Result<Flow, EngineError> {
     let (name, segs, now) = (df.name.clone(), df.segments.clone(), now_ms());
@@ -606,40 +608,18 @@ async fn build_flow(
             tracing::info!(dataflow = %df.name, segment = %seg, profiles = n, "backfill queued");
         }
     }
-    let identity = creds.get(df.identity.as_deref().unwrap_or(crate::tls::creds::DEFAULT));
-    let settings = settings_for_dataflow_with(cfg, df, None, identity).map_err(EngineError::Setup)?;
-    let endpoint = url::Url::parse(&df.endpoint).map_err(|e| EngineError::Setup(e.to_string()))?;
-    let signer = if df.signing_secret_env.is_some() || df.signing_secret_file.is_some() {
-        let secret = cfg
-            .secret_source(
-                df.signing_secret_env.as_ref(),
-                df.signing_secret_file.as_ref(),
-                "signing_secret",
-            )
-            .and_then(|s| s.read())
-            .map_err(|e| EngineError::Setup(format!("dataflow {}: {e}", df.name)))?;
-        Some(
-            WebhookSigner::from_secret(secret.expose())
-                .map_err(|e| EngineError::Setup(format!("dataflow {}: {e}", df.name)))?,
-        )
-    } else {
-        None
-    };
+    let destination = cfg.dataflow_destination(df).map_err(EngineError::Setup)?;
+    let client = core.destination(&destination).map_err(EngineError::Setup)?;
+    let endpoint = destination
+        .endpoint
+        .ok_or_else(|| EngineError::Setup(format!("dataflow {}: no endpoint", df.name)))?;
     Ok(Flow {
         spec: DataflowSpec::from_config(df, &times),
-        client: DeliveryClient::new(settings),
+        client,
         destination: crate::delivery::destination(&endpoint),
         endpoint,
-        retry: RetryPolicy {
-            max_attempts: df.max_attempts,
-            no_retry_on_4xx: df.no_retry_on_4xx,
-            ..RetryPolicy::default()
-        },
-        signer,
-        auth_kind: df.auth.kind(),
         counters: Default::default(),
         wake: Notify::new(),
-        parked: Arc::default(),
     })
 }
 
@@ -805,12 +785,11 @@ async fn courier(
     flow: Arc<Flow>,
     done: tokio::sync::mpsc::Sender<(Completion, AuditRecord)>,
 ) {
-    let (lanes, drivers) = crate::delivery::lane::Lanes::new();
+    let session = Session::new();
     let run = async {
         while let Some(item) = work.recv().await {
             let enqueued_at = item.enqueued_at;
-            let via = Via::Lane(&lanes, &flow.parked);
-            let (c, audit) = deliver(&flow, &inner.catalog, item, via).await;
+            let (c, audit) = deliver(&flow, &inner.catalog, item, &session).await;
             // Latency ends when the receiver answered, not when the outcome is committed.
             inner.stats.record(&c, enqueued_at);
             if done.send((c, audit)).await.is_err() {
@@ -820,7 +799,7 @@ async fn courier(
             freed.notify_one();
         }
     };
-    crate::delivery::lane::drive(run, &lanes, drivers).await;
+    session.run(run).await;
 }
 
 async fn complete_loop(
@@ -865,7 +844,7 @@ async fn deliver(
     flow: &Flow,
     catalog: &Catalog,
     item: OutboxItem,
-    via: Via<'_>,
+    session: &Session,
 ) -> (Completion, AuditRecord) {
     let body: Bytes = payload::to_vec_with(
         &flow.spec,
@@ -877,7 +856,7 @@ async fn deliver(
     .into();
     let key = idempotency_key(&flow.spec.name, item.id, item.version);
     let attempt = item.attempts + 1;
-    let sent = flow.send(via, &key, body.clone()).await;
+    let sent = flow.send(Some(session), &key, body.clone()).await;
     let completion = match &sent.result {
         Ok(()) => Completion::Delivered {
             id: item.id,
@@ -886,7 +865,7 @@ async fn deliver(
         Err(error) => {
             tracing::warn!(dataflow = %flow.spec.name, kind = %error.kind(), attempt, "delivery failed");
             let record = attempt_error(attempt, error);
-            match flow.retry.decide(attempt, error, jitter()) {
+            match flow.client.retry().decide(attempt, error, jitter()) {
                 Verdict::RetryAfter(after) => Completion::Failed {
                     id: item.id,
                     retry_at: now_ms() + after.as_millis() as i64,
@@ -950,8 +929,9 @@ fn jitter() -> f64 {
 }
 
 impl Flow {
-    /// One signed POST of `body` under `key`; `Err` for anything but a 2xx.
-    async fn send(&self, via: Via<'_>, key: &str, body: Bytes) -> Sent {
+    /// One signed POST of `body` under `key` (over `session`'s connection, else the pool);
+    /// `Err` for anything but a 2xx.
+    async fn send(&self, session: Option<&Session>, key: &str, body: Bytes) -> Sent {
         let started = std::time::Instant::now();
         let req = match self.request(key, body) {
             Ok(r) => r,
@@ -964,7 +944,11 @@ impl Flow {
                 }
             }
         };
-        let (result, status, peer) = match self.client.send_via(via, req).await {
+        let sent = match session {
+            Some(s) => s.send(&self.client, req).await,
+            None => self.client.send(req).await,
+        };
+        let (result, status, peer) = match sent {
             Ok(d) => (d.error().map_or(Ok(()), Err), Some(d.status.as_u16()), d.peer),
             Err(e) => (Err(e), None, None),
         };
@@ -987,7 +971,7 @@ impl Flow {
         );
         let key_value = HeaderValue::from_str(key).map_err(invalid)?;
         headers.insert("idempotency-key", key_value.clone());
-        if let Some(signer) = &self.signer {
+        if let Some(signer) = self.client.signer() {
             let ts = now_ms() / 1000;
             headers.insert("webhook-id", key_value);
             headers.insert("webhook-timestamp", HeaderValue::from(ts));
@@ -1030,7 +1014,7 @@ impl Flow {
             http_status: sent.status,
             latency_ms: sent.latency_ms,
             peer_cert_sha256,
-            auth: self.auth_kind.to_owned(),
+            auth: self.client.auth_kind().to_owned(),
         }
     }
 }

@@ -18,14 +18,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::audit::AuditRecord;
 use crate::config::Config;
-use crate::delivery::{
-    settings_for_dataflow_with, Body, BoxError, DeliveryClient, DeliveryError, ErrorKind, PeerInfo, Via,
-};
+use crate::delivery::retry::Verdict;
+use crate::delivery::{Body, BoxError, Core, DeliveryClient, DeliveryError, ErrorKind, PeerInfo, Session};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
@@ -47,15 +45,17 @@ struct Route {
     /// `host:port` of `upstream`, as audit records name it.
     destination: Arc<str>,
     client: DeliveryClient,
-    authenticates: bool,
-    auth_kind: &'static str,
     /// The route's name in audit records.
     name: Arc<str>,
-    retries: u32,
     retry_non_idempotent: bool,
     retry_buffer: usize,
-    /// Idle upstream connections left by app connections that closed.
-    parked: Arc<crate::delivery::lane::Parked>,
+}
+
+impl Route {
+    /// Retries after the first attempt.
+    fn retries(&self) -> u32 {
+        self.client.retry().max_attempts.saturating_sub(1)
+    }
 }
 
 /// Methods a retry cannot make happen twice in effect (RFC 9110 §9.2.2).
@@ -72,12 +72,46 @@ fn idempotent(m: &http::Method) -> bool {
     .contains(m)
 }
 
-/// An answer worth another attempt: the upstream's own gateway trouble.
+/// An answer worth another attempt: the upstream's own gateway trouble. Any other answer is
+/// the app's to see.
 fn retry_status(s: StatusCode) -> bool {
     matches!(
         s,
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
     )
+}
+
+/// How long to wait before the next attempt, when `result` deserves one: the route's
+/// [`RetryPolicy`](crate::delivery::retry::RetryPolicy) decides, honouring `Retry-After`. A
+/// wait longer than the route's timeout is not made (the app would be left waiting): the
+/// answer goes back as it is.
+fn retry_delay(
+    route: &Route,
+    attempt: u32,
+    result: &Result<http::Response<Incoming>, DeliveryError>,
+) -> Option<std::time::Duration> {
+    let answered;
+    let error = match result {
+        Ok(res) if retry_status(res.status()) => {
+            answered = DeliveryError::for_status(res.status(), res.headers(), &[]);
+            &answered
+        }
+        Ok(_) => return None,
+        Err(e) if e.retryable() => e,
+        Err(_) => return None,
+    };
+    match route.client.retry().decide(attempt, error, jitter()) {
+        Verdict::RetryAfter(d) if d <= route.client.timeout() => Some(d),
+        _ => None,
+    }
+}
+
+/// A value in [0, 1) for backoff jitter (no need for a cryptographic source).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(crate::store::now_ms() as u64);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A configured sidecar, ready to serve.
@@ -94,8 +128,8 @@ type Reply = Response<Body>;
 
 /// Build the sidecar from `[sidecar]`, with audit records written to the config's store.
 /// Returns the main listener's sidecar and address.
-pub async fn build(cfg: &Config) -> Result<(Arc<Sidecar>, SocketAddr), String> {
-    let mut all = build_all(cfg).await?;
+pub async fn build(cfg: &Config, core: &Core) -> Result<(Arc<Sidecar>, SocketAddr), String> {
+    let mut all = build_all(cfg, core).await?;
     let (listener, sidecar) = all.remove(0);
     let listen = listener.listen.ok_or("the sidecar has no listen address")?;
     Ok((sidecar, listen))
@@ -103,12 +137,14 @@ pub async fn build(cfg: &Config) -> Result<(Arc<Sidecar>, SocketAddr), String> {
 
 /// Every listener's sidecar (`[sidecar]` first, then `[[sidecar.listeners]]`), sharing one
 /// audit writer thread.
-async fn build_all(cfg: &Config) -> Result<Vec<(crate::config::SidecarListener, Arc<Sidecar>)>, String> {
+async fn build_all(
+    cfg: &Config,
+    core: &Core,
+) -> Result<Vec<(crate::config::SidecarListener, Arc<Sidecar>)>, String> {
     let sc = cfg
         .sidecar
         .as_ref()
         .ok_or("the config has no [sidecar] section")?;
-    let creds = crate::tls::creds::IdentityStore::all_from_config(cfg)?;
     let sink = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || AuditSink::open(&cfg))
@@ -128,21 +164,21 @@ async fn build_all(cfg: &Config) -> Result<Vec<(crate::config::SidecarListener, 
         for (i, r) in l.routes.iter().enumerate() {
             routes.push(route(
                 cfg,
-                &creds,
+                core,
                 r,
-                n * 1000 + i,
                 &format!("{key}.routes[{i}]"),
                 format!("{label}:{}", r.prefix),
+                false,
             )?);
         }
         let forward = match &l.forward_proxy {
             Some(f) => Some(route(
                 cfg,
-                &creds,
+                core,
                 f,
-                usize::MAX - n,
                 &format!("{key}.forward_proxy"),
                 format!("{label}:forward"),
+                true,
             )?),
             None => None,
         };
@@ -161,32 +197,31 @@ async fn build_all(cfg: &Config) -> Result<Vec<(crate::config::SidecarListener, 
     Ok(out)
 }
 
-/// One route's runtime: connected exactly like a dataflow with the same settings.
+/// One route's runtime, made by the delivery core like every other destination.
 fn route(
     cfg: &Config,
-    creds: &std::collections::BTreeMap<String, Arc<crate::tls::creds::IdentityStore>>,
+    core: &Core,
     r: &crate::config::SidecarRoute,
-    index: usize,
     key: &str,
     name: String,
+    forward: bool,
 ) -> Result<Route, String> {
-    let df = r.as_dataflow(index);
-    let identity = creds.get(df.identity.as_deref().unwrap_or(crate::tls::creds::DEFAULT));
-    let settings = settings_for_dataflow_with(cfg, &df, None, identity).map_err(|e| format!("{key}: {e}"))?;
+    let destination = cfg
+        .route_destination(&name, r, forward)
+        .map_err(|e| format!("{key}: {e}"))?;
+    let client = core
+        .destination(&destination)
+        .map_err(|e| format!("{key}: {e}"))?;
     let upstream = url::Url::parse(&r.upstream).map_err(|e| format!("{key}.upstream: {e}"))?;
     Ok(Route {
         prefix: r.prefix.clone(),
         destination: crate::delivery::destination(&upstream).into(),
         base_path: upstream.path().trim_end_matches('/').to_owned(),
         upstream,
-        client: DeliveryClient::new(settings),
-        authenticates: !matches!(r.auth, crate::config::Auth::None),
-        auth_kind: r.auth.kind(),
+        client,
         name: name.into(),
-        retries: r.retries,
         retry_non_idempotent: r.retry_non_idempotent,
         retry_buffer: r.retry_buffer_bytes,
-        parked: Arc::default(),
     })
 }
 
@@ -370,11 +405,11 @@ async fn serve_connection<S>(sc: Arc<Sidecar>, stream: S, peer: Option<std::net:
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (lanes, drivers) = crate::delivery::lane::Lanes::new();
-    let svc_lanes = lanes.clone();
+    let session = Session::new();
+    let svc_session = session.clone();
     let svc = service_fn(move |req| {
-        let (sc, lanes) = (sc.clone(), svc_lanes.clone());
-        async move { Ok::<_, Infallible>(sc.handle(req, peer, &lanes).await) }
+        let (sc, session) = (sc.clone(), svc_session.clone());
+        async move { Ok::<_, Infallible>(sc.handle(req, peer, &session).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A response head and its first body chunk are copied into one buffer and go with one
@@ -386,16 +421,12 @@ where
     // future `Send` (its body-error bounds are higher-ranked).
     let server: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
         Box::pin(builder.serve_connection(TokioIo::new(stream), svc));
-    let _ = crate::delivery::lane::drive(server, &lanes, drivers).await;
+    let _ = session.run(server).await;
 }
 
 fn json_error(status: StatusCode, kind: &str, message: &str) -> Reply {
-    let body = json!({"error": {"status": status.as_u16(), "kind": kind, "message": message}}).to_string();
-    let mut r = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let body = crate::api::error_body(status, Some(kind), message);
+    let mut r = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -430,7 +461,7 @@ impl Sidecar {
         &self,
         req: Request<Incoming>,
         peer: Option<std::net::IpAddr>,
-        lanes: &crate::delivery::lane::Lanes,
+        session: &Session,
     ) -> Reply {
         let started = Instant::now();
         let path = req.uri().path();
@@ -478,11 +509,7 @@ impl Sidecar {
         // streams run side by side, so those use the route's pool.
         let on_lane =
             !forwarded && req.version() <= http::Version::HTTP_11 && req.method() != http::Method::CONNECT;
-        let via = if on_lane {
-            Via::Lane(lanes, &route.parked)
-        } else {
-            Via::Pool
-        };
+
         let destination: Arc<str> = if forwarded {
             crate::delivery::destination(&url).into()
         } else {
@@ -492,7 +519,7 @@ impl Sidecar {
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         headers.remove(http::header::HOST);
-        if route.authenticates {
+        if route.client.authenticates() {
             headers.remove(http::header::AUTHORIZATION);
         }
         if self.x_forwarded {
@@ -506,7 +533,7 @@ impl Sidecar {
         let limit = self.max_body;
         // A request that may be retried keeps its (small) body to send again; any other
         // streams through once.
-        let may_retry = route.retries > 0 && (idempotent(&parts.method) || route.retry_non_idempotent);
+        let may_retry = route.retries() > 0 && (idempotent(&parts.method) || route.retry_non_idempotent);
         let keep = route.retry_buffer.min(limit);
         let small = hyper::body::Body::is_end_stream(&body)
             || hyper::body::Body::size_hint(&body)
@@ -521,7 +548,7 @@ impl Sidecar {
             let b: Body = Limited::new(body, limit).map_err(|e| -> BoxError { e }).boxed();
             (Some(b), None)
         };
-        let attempts = if replay.is_some() { 1 + route.retries } else { 1 };
+        let attempts = if replay.is_some() { 1 + route.retries() } else { 1 };
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
@@ -536,22 +563,26 @@ impl Sidecar {
             } else {
                 std::mem::take(&mut headers)
             };
-            let result = route
-                .client
-                .send_streaming(via, parts.method.clone(), url.clone(), hdrs, body)
-                .await;
-            let again = attempt < attempts
-                && match &result {
-                    Ok(res) => retry_status(res.status()),
-                    Err(e) => e.retryable(),
-                };
+            let (method, url) = (parts.method.clone(), url.clone());
+            let result = if on_lane {
+                session
+                    .send_streaming(&route.client, method, url, hdrs, body)
+                    .await
+            } else {
+                route.client.send_streaming(method, url, hdrs, body).await
+            };
+            let again = if attempt < attempts {
+                retry_delay(route, attempt, &result)
+            } else {
+                None
+            };
             self.audit_attempt(route, &destination, attempt, &result, started)
                 .await;
-            if !again {
+            let Some(delay) = again else {
                 break result;
-            }
+            };
             drop(result);
-            tokio::time::sleep(std::time::Duration::from_millis(25 << attempt.min(4))).await;
+            tokio::time::sleep(delay).await;
         };
         match result {
             Ok(res) => {
@@ -591,7 +622,7 @@ impl Sidecar {
             error,
             status,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-            auth: route.auth_kind,
+            auth: route.client.auth_kind(),
         };
         let record = match self.audit.try_send(record) {
             Ok(()) => return,
@@ -629,8 +660,8 @@ fn unreachable_body() -> Body {
 
 /// Build the sidecar and start serving on every listener (TCP or Unix socket). Returns the
 /// server tasks.
-pub async fn start(cfg: &Config) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
-    let all = build_all(cfg).await?;
+pub async fn start(cfg: &Config, core: &Core) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+    let all = build_all(cfg, core).await?;
     let mut tasks = Vec::new();
     for (l, sidecar) in all {
         let routes = sidecar.routes.len() + usize::from(sidecar.forward.is_some());
@@ -666,13 +697,19 @@ pub async fn start(cfg: &Config) -> Result<Vec<tokio::task::JoinHandle<()>>, Str
     Ok(tasks)
 }
 
-/// `sallyport sidecar`: serve until SIGINT/SIGTERM.
+/// `sallyport sidecar`: serve until SIGINT/SIGTERM. Identities renewed on disk (or on
+/// SIGHUP) are presented on new upstream connections without a restart.
 pub async fn run(cfg: Config) -> Result<(), String> {
-    let tasks = start(&cfg).await?;
-    crate::serve::shutdown_signal().await;
+    let core = Core::from_config(&cfg)?;
+    let mut tasks = start(&cfg, &core).await?;
+    tasks.push(tokio::spawn(core.watch(IDENTITY_POLL)));
+    crate::signals::shutdown().await;
     tasks.iter().for_each(|t| t.abort());
     Ok(())
 }
+
+/// How often identity files are checked for renewal.
+pub const IDENTITY_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -85,9 +85,20 @@ impl IdentityStore {
         Ok(out)
     }
 
+    /// A plain certificate and key pair (no `next`): `send` and `verify` with `--client-cert`.
+    pub fn from_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<Self>, String> {
+        Self::from_paths(Paths {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            next: None,
+            switch_at: None,
+            switch_before_expiry: None,
+        })
+    }
+
     /// Load one identity table.
     pub fn from_identity(cfg: &Config, id: &crate::config::IdentityConfig) -> Result<Arc<Self>, String> {
-        let paths = Paths {
+        Self::from_paths(Paths {
             cert: cfg.path(&id.cert),
             key: cfg.path(&id.key),
             next: match (&id.next_cert, &id.next_key) {
@@ -102,7 +113,10 @@ impl IdentityStore {
                 .switch_before_expiry
                 .as_deref()
                 .and_then(|s| crate::config::parse_duration(s).ok()),
-        };
+        })
+    }
+
+    fn from_paths(paths: Paths) -> Result<Arc<Self>, String> {
         let active = Self::load(&paths).map_err(|e| format!("identity: {e}"))?;
         Ok(Arc::new(IdentityStore {
             stamps: RwLock::new(stamps(&paths)),
@@ -207,8 +221,58 @@ impl IdentityStore {
         (self.presented().facts.not_after - OffsetDateTime::now_utc()).whole_seconds()
     }
 
-    /// Poll the files every `every` and reload on SIGHUP, until aborted.
+    /// Poll the files every `every` and reload on SIGHUP, until aborted (one store alone;
+    /// a gateway watches all of them through [`Identities::watch`]).
     pub async fn watch(self: Arc<Self>, every: Duration) {
+        Identities::one(self).watch(every).await
+    }
+}
+
+/// Every client identity of one gateway by name (`default` for `[identity]`, and each
+/// `[identities.NAME]`), built once from the config and shared by everything that connects:
+/// export couriers, sidecar routes, OAuth token requests, the alert webhook, `verify`. One
+/// watcher reloads them all, so a certificate renewed on disk reaches every one of them.
+#[derive(Debug, Default)]
+pub struct Identities {
+    by_name: std::collections::BTreeMap<String, Arc<IdentityStore>>,
+}
+
+impl Identities {
+    /// Every identity of the config, loaded and checked now.
+    pub fn from_config(cfg: &Config) -> Result<Self, String> {
+        Ok(Identities {
+            by_name: IdentityStore::all_from_config(cfg)?,
+        })
+    }
+
+    /// Only `store`, as the default identity.
+    pub fn one(store: Arc<IdentityStore>) -> Self {
+        Identities {
+            by_name: std::iter::once((DEFAULT.to_owned(), store)).collect(),
+        }
+    }
+
+    /// No identity at all (a destination that never presents a certificate).
+    pub fn none() -> Self {
+        Identities::default()
+    }
+
+    /// The identity a destination presents: the named one, else the default. `None` when
+    /// it is not configured.
+    pub fn get(&self, name: Option<&str>) -> Option<&Arc<IdentityStore>> {
+        self.by_name.get(name.unwrap_or(DEFAULT))
+    }
+
+    /// Every identity, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<IdentityStore>)> {
+        self.by_name.iter()
+    }
+
+    /// Poll every identity's files each `every` and reload them all on SIGHUP, until aborted.
+    ///
+    /// Installing the SIGHUP handler also replaces the signal's default action (ending the
+    /// process), so a gateway with no identity at all still survives `kill -HUP`.
+    pub async fn watch(&self, every: Duration) {
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut tick = tokio::time::interval(every);
@@ -229,7 +293,12 @@ impl IdentityStore {
                 tick.tick().await;
                 false
             };
-            let _ = self.reload(forced);
+            if forced {
+                tracing::info!("SIGHUP: reloading every client identity");
+            }
+            for store in self.by_name.values() {
+                let _ = store.reload(forced);
+            }
         }
     }
 }

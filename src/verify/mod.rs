@@ -51,8 +51,11 @@ pub struct Options {
     pub identity: Option<Identity>,
     pub trust: Trust,
     pub timeout: Duration,
-    /// The egress policy to judge the destination by (from `--config`), if any.
-    pub egress: Option<Arc<Egress>>,
+    /// What the probes connect through: the config's egress policy and source pins (with
+    /// `--config`), else one that lets them go where the operator pointed.
+    pub egress: Arc<Egress>,
+    /// `egress` is the gateway's policy, to be reported on (with `--config`).
+    pub policy: bool,
     /// Send one test request through the delivery core.
     pub send_test: Option<crate::delivery::DeliveryClient>,
 }
@@ -78,12 +81,11 @@ pub async fn run(opts: Options) -> Report {
         checks,
     };
 
-    // 1. Resolution and destination policy.
-    let resolver = opts
-        .egress
-        .clone()
-        .unwrap_or_else(|| Arc::new(Egress::deny_all()));
-    let addrs = match tokio::time::timeout(opts.timeout, resolver.resolve(&host, port)).await {
+    // 1. Resolution and destination policy. The probes connect through the delivery core's
+    // connector, to allowed addresses only, from the pinned source address: a refused
+    // destination is a failed check, never a connection.
+    let egress = &opts.egress;
+    let addrs = match tokio::time::timeout(opts.timeout, egress.resolve(&host, port)).await {
         Ok(Ok(a)) if !a.is_empty() => a,
         Ok(Ok(_)) => {
             push("dns", Status::Fail, format!("{host} resolved to no address"));
@@ -107,26 +109,57 @@ pub async fn run(opts: Options) -> Report {
         .map(|a| a.ip().to_string())
         .collect::<Vec<_>>()
         .join(", ");
-    let addr = addrs[0];
-    match &opts.egress {
-        Some(e) => match e.check(&host, addr.ip()) {
-            Ok(()) => push(
-                "dns",
-                Status::Pass,
-                format!("{host} → {listed}; the egress policy allows {}", addr.ip()),
-            ),
-            Err(d) => push("dns", Status::Fail, format!("{host} → {listed}; {d}")),
-        },
-        None => push(
+    let (allowed, denied): (Vec<_>, Vec<_>) = addrs
+        .iter()
+        .map(|a| (a.ip(), egress.check(&host, a.ip())))
+        .partition(|(_, verdict)| verdict.is_ok());
+    if allowed.is_empty() {
+        let why = denied
+            .into_iter()
+            .find_map(|(_, v)| v.err())
+            .map_or_else(|| "no address allowed".to_owned(), |d| d.to_string());
+        push(
+            "dns",
+            Status::Fail,
+            format!("{host} → {listed}; {why}; no connection was made"),
+        );
+        return finish(&opts.url, checks);
+    }
+    let allowed_list = allowed
+        .iter()
+        .map(|(ip, _)| ip.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if opts.policy {
+        let sources = egress.source_ips();
+        let from = if sources.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", from {}",
+                sources
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        push(
+            "dns",
+            Status::Pass,
+            format!("{host} → {listed}; the egress policy allows {allowed_list}{from}"),
+        );
+    } else {
+        push(
             "dns",
             Status::Pass,
             format!("{host} → {listed} (no --config: egress policy not applied)"),
-        ),
+        );
     }
 
     // 2.–5., 7. A connection presenting our certificate (if any).
     let ours = Probe::new(opts.trust.clone(), opts.identity.as_ref(), opts.timeout);
-    let with_cert = ours.run(&host, addr).await;
+    let with_cert = ours.run(egress, &host, port).await;
     report_connection(&mut push, &with_cert, opts.timeout, &host, opts.identity.as_ref());
     let Some(tls) = &with_cert.tls else {
         return finish(&opts.url, checks);
@@ -134,7 +167,7 @@ pub async fn run(opts: Options) -> Report {
 
     // 6. mTLS-only: a second connection without a certificate must be refused.
     let bare = Probe::new(opts.trust.clone(), None, opts.timeout)
-        .run(&host, addr)
+        .run(egress, &host, port)
         .await;
     match (&bare.tls, &bare.http) {
         (None, _) => push("mtls_only", Status::Pass, format!("refused without a client certificate: {}", bare.error_text())),
@@ -153,7 +186,7 @@ pub async fn run(opts: Options) -> Report {
         match throwaway_identity() {
             Ok(foreign) => {
                 let f = Probe::new(opts.trust.clone(), Some(&foreign), opts.timeout)
-                    .run(&host, addr)
+                    .run(egress, &host, port)
                     .await;
                 match (&f.tls, &f.http) {
                     (Some(_), Some(Ok(code))) if (200..400).contains(code) => push(
@@ -230,7 +263,7 @@ fn report_connection(
             format!(
                 "{:.1} ms to {} (from {})",
                 ms(d),
-                p.remote,
+                p.remote.map_or("?".into(), |r| r.to_string()),
                 p.local.map_or("?".into(), |l| l.ip().to_string())
             ),
         ),

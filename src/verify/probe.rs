@@ -1,4 +1,5 @@
-//! One verification connection: TCP connect, a TLS handshake whose chain is recorded (and
+//! One verification connection: TCP connect (through the delivery core's connector: policy
+//! checked, source address pinned), a TLS handshake whose chain is recorded (and
 //! judged by the real WebPKI verifier without aborting), then a plain HTTP/1.1 `GET /` to see
 //! how the server answers — an alert, a close, or a status line.
 
@@ -11,8 +12,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+use crate::egress::Egress;
 
 use crate::tls::{provider, ClientTlsConfig, Identity, Trust};
 
@@ -37,7 +39,8 @@ pub struct TlsInfo {
 /// What one probe saw.
 #[derive(Debug, Clone)]
 pub struct ProbeOutcome {
-    pub remote: SocketAddr,
+    /// The address connected to (none when no connection was made).
+    pub remote: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
     pub connect: Option<Duration>,
     pub tls: Option<TlsInfo>,
@@ -168,10 +171,10 @@ impl Probe {
         }
     }
 
-    /// Connect to `addr` (SNI and verification for `host`) and look.
-    pub async fn run(&self, host: &str, addr: SocketAddr) -> ProbeOutcome {
+    /// Connect to `host:port` through `egress` (SNI and verification for `host`) and look.
+    pub async fn run(&self, egress: &Egress, host: &str, port: u16) -> ProbeOutcome {
         let mut out = ProbeOutcome {
-            remote: addr,
+            remote: None,
             local: None,
             connect: None,
             tls: None,
@@ -181,21 +184,23 @@ impl Probe {
             error: None,
         };
         let started = Instant::now();
-        let tcp = match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
+        let connect = crate::delivery::connect_tcp(egress, host, port);
+        let tcp = match tokio::time::timeout(self.timeout, connect).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
-                out.error = Some(format!("TCP connect to {addr} failed: {e}"));
+                out.error = Some(format!("TCP connect to {host}:{port} failed: {e}"));
                 return out;
             }
             Err(_) => {
                 out.error = Some(format!(
-                    "TCP connect to {addr} took longer than {:?}",
+                    "TCP connect to {host}:{port} took longer than {:?}",
                     self.timeout
                 ));
                 return out;
             }
         };
         out.connect = Some(started.elapsed());
+        out.remote = tcp.peer_addr().ok();
         out.local = tcp.local_addr().ok();
 
         let verifier =
