@@ -21,6 +21,7 @@
 pub mod alerts;
 pub mod api;
 pub mod audit;
+mod batch;
 pub mod cli;
 pub mod config;
 pub mod delivery;

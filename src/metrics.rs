@@ -8,6 +8,9 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::audit::Outcome;
+use crate::delivery::ErrorKind;
+
 /// Upper bounds (seconds) of the attempt-latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0];
 
@@ -17,24 +20,25 @@ pub struct FlowCounters {
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub dead: AtomicU64,
-    errors: Mutex<BTreeMap<String, u64>>,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
     buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
 }
 
 impl FlowCounters {
-    /// Count one attempt: its outcome (`delivered`, `retry`, `dead_letter`), error kind and latency.
-    pub fn record(&self, outcome: &str, error_kind: Option<&str>, latency_ms: f64) {
+    /// Count one export attempt: its outcome (delivered, retry, dead letter), error kind and
+    /// latency.
+    pub fn record(&self, outcome: Outcome, error_kind: Option<ErrorKind>, latency_ms: f64) {
         match outcome {
-            "delivered" => &self.delivered,
-            "retry" => &self.retried,
-            _ => &self.dead,
+            Outcome::Delivered | Outcome::ReplayDelivered | Outcome::Proxied => &self.delivered,
+            Outcome::Retry => &self.retried,
+            Outcome::DeadLetter | Outcome::ReplayFailed | Outcome::Failed => &self.dead,
         }
         .fetch_add(1, Ordering::Relaxed);
         if let Some(k) = error_kind {
             if let Ok(mut e) = self.errors.lock() {
-                *e.entry(k.to_owned()).or_default() += 1;
+                *e.entry(k.as_str()).or_default() += 1;
             }
         }
         let secs = latency_ms / 1000.0;

@@ -8,7 +8,7 @@ mod support;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use sallyport::audit::{AuditRecord, Chain};
+use sallyport::audit::{AuditRecord, Chain, Outcome};
 use sallyport::export::trigger::{Reasons, Trigger};
 use sallyport::export::update::{parse_line, SegmentStatus};
 use sallyport::store::{AttemptError, Completion, PgStore, SqliteStore, Store};
@@ -130,18 +130,18 @@ fn error(attempt: u32) -> AttemptError {
     }
 }
 
-fn record(profile: &str, outcome: &str) -> AuditRecord {
+fn record(profile: &str, outcome: Outcome) -> AuditRecord<'static> {
     AuditRecord {
         at: NOW,
         dataflow: DF.into(),
         destination: "rx.example:443".into(),
         resolved_ip: Some("192.0.2.1".into()),
         source_ip: None,
-        profile_id: profile.into(),
-        payload_sha256: sallyport::audit::payload_sha256(b"{}"),
-        idempotency_key: format!("k-{profile}"),
+        profile_id: profile.to_owned().into(),
+        payload_sha256: sallyport::audit::payload_sha256(b"{}").into(),
+        idempotency_key: format!("k-{profile}").into(),
         attempt: 1,
-        outcome: outcome.into(),
+        outcome,
         error_kind: None,
         http_status: Some(200),
         latency_ms: 1.5,
@@ -321,9 +321,12 @@ fn failures_back_off_then_become_dead_letters(b: Backend) {
 
 fn audit_records_chain_and_verify(b: Backend) {
     let s = &*b.store;
-    s.complete(&[], &[record("p1", "retry"), record("p1", "delivered")])
-        .unwrap();
-    s.append_audit(&[record("p2", "delivered")]).unwrap();
+    s.complete(
+        &[],
+        &[record("p1", Outcome::Retry), record("p1", Outcome::Delivered)],
+    )
+    .unwrap();
+    s.append_audit(&[record("p2", Outcome::Delivered)]).unwrap();
     let recs = s.audit_records(0, 100).unwrap();
     assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(sallyport::audit::verify(&recs, &Chain::new(Some(b"k"))), Ok(3));
@@ -394,7 +397,9 @@ fn api_dataflows_are_stored_and_deleting_drops_their_queue(b: Backend) {
 
 fn state_survives_reopening(b: Backend) {
     ingest(&*b.store, &[realized("p1", "s1"), realized("p2", "s1")]);
-    b.store.complete(&[], &[record("p1", "delivered")]).unwrap();
+    b.store
+        .complete(&[], &[record("p1", Outcome::Delivered)])
+        .unwrap();
     drop(b.store);
     let s = (b.reopen)();
     assert_eq!(s.pending(None).unwrap(), 2);
@@ -437,8 +442,8 @@ fn postgres_instances_never_claim_the_same_row() {
     assert_eq!(sa.len() + sb.len(), 2000);
     assert!(!sa.is_empty() && !sb.is_empty(), "both instances took work");
     // Each instance appends its own chain; both verify.
-    a.append_audit(&[record("p1", "delivered")]).unwrap();
-    b.append_audit(&[record("p2", "delivered")]).unwrap();
+    a.append_audit(&[record("p1", Outcome::Delivered)]).unwrap();
+    b.append_audit(&[record("p2", Outcome::Delivered)]).unwrap();
     let chains = a.audit_chains().unwrap();
     assert_eq!(chains.len(), 2);
     for c in chains {

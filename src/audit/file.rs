@@ -198,8 +198,7 @@ impl AuditFile {
 
     /// Link `records` after the last one and write them in one go. On failure nothing of the
     /// batch stays in the file and the chain's head does not move.
-    /// `records` are `AuditRecord`s or anything that serialises as one (`AuditRecordRef`).
-    pub fn append<T: serde::Serialize>(&mut self, records: &[T]) -> std::io::Result<()> {
+    pub fn append(&mut self, records: &[super::AuditRecord<'_>]) -> std::io::Result<()> {
         self.buf.clear();
         let (mut seq, mut hash) = (self.seq, self.hash.clone());
         for r in records {
@@ -417,18 +416,18 @@ mod tests {
     use super::*;
     use crate::audit::{verify, AuditRecord, Verifier};
 
-    fn rec(i: u32) -> AuditRecord {
+    fn rec(i: u32) -> AuditRecord<'static> {
         AuditRecord {
             at: 1_764_662_400_000 + i64::from(i),
             dataflow: "sidecar:/".into(),
             destination: "rx.example:443".into(),
             resolved_ip: Some("127.0.0.1".into()),
             source_ip: None,
-            profile_id: String::new(),
-            payload_sha256: String::new(),
-            idempotency_key: String::new(),
+            profile_id: "".into(),
+            payload_sha256: "".into(),
+            idempotency_key: "".into(),
             attempt: 1,
-            outcome: "proxied".into(),
+            outcome: crate::audit::Outcome::Proxied,
             error_kind: None,
             http_status: Some(200),
             latency_ms: 0.5,

@@ -8,80 +8,80 @@
 //! Must never: hold a secret, a token or a payload body — only the payload's SHA-256.
 
 pub mod file;
+pub mod writer;
+
+use std::borrow::Cow;
 
 use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::ErrorKind;
+
 /// The hash that starts the chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// What happened in one delivery attempt (DESIGN.md's audit fields).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AuditRecord {
-    /// UNIX ms.
-    pub at: i64,
-    pub dataflow: String,
-    /// `host:port` of the endpoint.
-    pub destination: String,
-    pub resolved_ip: Option<String>,
-    pub source_ip: Option<String>,
-    pub profile_id: String,
-    pub payload_sha256: String,
-    pub idempotency_key: String,
-    pub attempt: u32,
-    /// `delivered`, `retry` or `dead_letter`.
-    pub outcome: String,
-    pub error_kind: Option<String>,
-    pub http_status: Option<u16>,
-    pub latency_ms: f64,
-    pub peer_cert_sha256: Option<String>,
-    /// The auth kind used (`none`, `bearer`, …), never the credential.
-    pub auth: String,
+/// How one attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// An export delivered (2xx).
+    Delivered,
+    /// An export failed and is queued to be tried again.
+    Retry,
+    /// An export failed its last attempt and became a dead letter.
+    DeadLetter,
+    /// A dead letter replayed and delivered.
+    ReplayDelivered,
+    /// A dead letter replayed and failed again (it stays a dead letter).
+    ReplayFailed,
+    /// A sidecar request carried to its upstream (any HTTP answer).
+    Proxied,
+    /// A sidecar request that got no answer from its upstream.
+    Failed,
 }
 
-/// An [`AuditRecord`] of borrowed text: serialised to the same JSON (same names, same order),
-/// for writers that hold the facts elsewhere and need no owned copy.
-#[derive(Debug, Clone, Copy, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AuditRecordRef<'a> {
-    pub at: i64,
-    pub dataflow: &'a str,
-    pub destination: &'a str,
-    pub resolved_ip: Option<&'a str>,
-    pub source_ip: Option<&'a str>,
-    pub profile_id: &'a str,
-    pub payload_sha256: &'a str,
-    pub idempotency_key: &'a str,
-    pub attempt: u32,
-    pub outcome: &'a str,
-    pub error_kind: Option<&'a str>,
-    pub http_status: Option<u16>,
-    pub latency_ms: f64,
-    pub peer_cert_sha256: Option<&'a str>,
-    pub auth: &'a str,
-}
-
-impl From<AuditRecordRef<'_>> for AuditRecord {
-    fn from(r: AuditRecordRef<'_>) -> Self {
-        AuditRecord {
-            at: r.at,
-            dataflow: r.dataflow.to_owned(),
-            destination: r.destination.to_owned(),
-            resolved_ip: r.resolved_ip.map(str::to_owned),
-            source_ip: r.source_ip.map(str::to_owned),
-            profile_id: r.profile_id.to_owned(),
-            payload_sha256: r.payload_sha256.to_owned(),
-            idempotency_key: r.idempotency_key.to_owned(),
-            attempt: r.attempt,
-            outcome: r.outcome.to_owned(),
-            error_kind: r.error_kind.map(str::to_owned),
-            http_status: r.http_status,
-            latency_ms: r.latency_ms,
-            peer_cert_sha256: r.peer_cert_sha256.map(str::to_owned),
-            auth: r.auth.to_owned(),
+impl Outcome {
+    /// The name audit records and metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Retry => "retry",
+            Outcome::DeadLetter => "dead_letter",
+            Outcome::ReplayDelivered => "replay_delivered",
+            Outcome::ReplayFailed => "replay_failed",
+            Outcome::Proxied => "proxied",
+            Outcome::Failed => "failed",
         }
     }
+}
+
+/// What happened in one attempt: an export's delivery, a dead letter's replay, or a sidecar
+/// request. Text fields borrow where the writer holds the facts already (the sidecar's queue)
+/// and own them otherwise; either way the record serialises to the same canonical JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditRecord<'a> {
+    /// UNIX ms.
+    pub at: i64,
+    /// The dataflow, or the sidecar route (`sidecar:/prefix`).
+    pub dataflow: Cow<'a, str>,
+    /// `host:port` of the endpoint.
+    pub destination: Cow<'a, str>,
+    pub resolved_ip: Option<Cow<'a, str>>,
+    pub source_ip: Option<Cow<'a, str>>,
+    /// Empty for sidecar requests.
+    pub profile_id: Cow<'a, str>,
+    /// Empty for sidecar requests (their bodies stream through unread).
+    pub payload_sha256: Cow<'a, str>,
+    pub idempotency_key: Cow<'a, str>,
+    pub attempt: u32,
+    pub outcome: Outcome,
+    pub error_kind: Option<ErrorKind>,
+    pub http_status: Option<u16>,
+    pub latency_ms: f64,
+    pub peer_cert_sha256: Option<Cow<'a, str>>,
+    /// The auth kind used (`none`, `bearer`, …), never the credential.
+    pub auth: Cow<'a, str>,
 }
 
 /// A record as stored: its place in the chain.
@@ -160,7 +160,7 @@ impl Chain {
     }
 
     /// Link `record` after (`prev_seq`, `prev_hash`).
-    pub fn link(&self, prev_seq: i64, prev_hash: &str, record: &AuditRecord) -> ChainedRecord {
+    pub fn link(&self, prev_seq: i64, prev_hash: &str, record: &AuditRecord<'_>) -> ChainedRecord {
         let seq = prev_seq + 1;
         let record = serde_json::to_string(record).unwrap_or_default();
         let (hash, mac) = self.seal(seq, prev_hash, record.as_bytes());
@@ -286,18 +286,18 @@ mod tests {
         assert_eq!(hex(&[0x00, 0x0f, 0xf0, 0xff]), "000ff0ff");
     }
 
-    fn rec(i: u32) -> AuditRecord {
+    fn rec(i: u32) -> AuditRecord<'static> {
         AuditRecord {
             at: 1,
             dataflow: "d".into(),
             destination: "rx:443".into(),
             resolved_ip: None,
             source_ip: None,
-            profile_id: format!("p{i}"),
-            payload_sha256: payload_sha256(b"x"),
+            profile_id: format!("p{i}").into(),
+            payload_sha256: payload_sha256(b"x").into(),
             idempotency_key: "k".into(),
             attempt: i,
-            outcome: "delivered".into(),
+            outcome: Outcome::Delivered,
             error_kind: None,
             http_status: Some(200),
             latency_ms: 1.0,
@@ -334,33 +334,28 @@ mod tests {
     }
 
     #[test]
-    fn a_borrowed_record_writes_the_same_json_as_an_owned_one() {
+    fn a_borrowed_record_writes_the_same_json_as_an_owned_one_and_the_names_stay() {
         let owned = AuditRecord {
             resolved_ip: Some("127.0.0.1".into()),
-            error_kind: Some("timeout".into()),
+            error_kind: Some(ErrorKind::ClientCertRejected),
+            outcome: Outcome::DeadLetter,
             peer_cert_sha256: Some("AB:CD".into()),
             ..rec(7)
         };
-        let borrowed = AuditRecordRef {
-            at: owned.at,
-            dataflow: &owned.dataflow,
-            destination: &owned.destination,
-            resolved_ip: owned.resolved_ip.as_deref(),
-            source_ip: owned.source_ip.as_deref(),
-            profile_id: &owned.profile_id,
-            payload_sha256: &owned.payload_sha256,
-            idempotency_key: &owned.idempotency_key,
-            attempt: owned.attempt,
-            outcome: &owned.outcome,
-            error_kind: owned.error_kind.as_deref(),
-            http_status: owned.http_status,
-            latency_ms: owned.latency_ms,
-            peer_cert_sha256: owned.peer_cert_sha256.as_deref(),
-            auth: &owned.auth,
+        let borrowed = AuditRecord {
+            dataflow: Cow::Borrowed(&owned.dataflow),
+            destination: Cow::Borrowed(&owned.destination),
+            resolved_ip: owned.resolved_ip.as_deref().map(Cow::Borrowed),
+            profile_id: Cow::Borrowed(&owned.profile_id),
+            ..owned.clone()
         };
         let text = serde_json::to_string(&borrowed).expect("json");
         assert_eq!(text, serde_json::to_string(&owned).expect("json"));
-        assert_eq!(AuditRecord::from(borrowed), owned);
+        // Records already in chains name outcomes and kinds this way: the names must not move.
+        assert!(text.contains(r#""outcome":"dead_letter""#), "{text}");
+        assert!(text.contains(r#""errorKind":"client_cert_rejected""#), "{text}");
+        let back: AuditRecord<'_> = serde_json::from_str(&text).expect("parses");
+        assert_eq!(back, owned);
     }
 
     #[test]

@@ -302,7 +302,7 @@ pub fn main(cli: Cli) -> ExitCode {
     };
     // The runtime is gone, and with it every sender of a sidecar's audit queue (`sidecar`, or
     // `serve` with a `[sidecar]`): let the writers write what is left before the process ends.
-    crate::sidecar::finish_audit(std::time::Duration::from_secs(10));
+    crate::audit::writer::finish(std::time::Duration::from_secs(10));
     code
 }
 

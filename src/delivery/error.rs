@@ -5,12 +5,13 @@ use std::error::Error as StdError;
 use std::fmt;
 
 use rustls::AlertDescription;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// What went wrong, as operators count it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+/// What went wrong, as operators count it. The serialised names are those of
+/// [`ErrorKind::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The URL cannot be delivered to (not https, no host, bad port).

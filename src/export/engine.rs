@@ -17,7 +17,7 @@ use super::payload;
 use super::spec::{Catalog, DataflowSpec};
 use super::trigger::evaluate;
 use super::update::{parse_ndjson, LineError};
-use crate::audit::{payload_sha256, AuditRecord};
+use crate::audit::{payload_sha256, AuditRecord, Outcome};
 use crate::config::Config;
 use crate::delivery::retry::Verdict;
 use crate::delivery::{Core, DeliveryClient, DeliveryError, ErrorKind, OutboundRequest, PeerInfo, Session};
@@ -274,9 +274,9 @@ impl Engine {
         let body = Bytes::from(dl.payload);
         let sent = flow.send(None, &dl.idempotency_key, body.clone()).await;
         let outcome = if sent.result.is_ok() {
-            "replay_delivered"
+            Outcome::ReplayDelivered
         } else {
-            "replay_failed"
+            Outcome::ReplayFailed
         };
         let audit = flow.audit_record(
             &dl.profile_id,
@@ -637,7 +637,8 @@ impl Inner {
 /// completion, so a profile never has two deliveries in flight. The couriers stop when the
 /// claimer does, after the delivery each holds.
 async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
-    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<(Completion, AuditRecord)>(OUTCOME_BATCH * 2);
+    let (done_tx, done_rx) =
+        tokio::sync::mpsc::channel::<(Completion, AuditRecord<'static>)>(OUTCOME_BATCH * 2);
     let completer = tokio::spawn(complete_loop(inner.clone(), flow.clone(), done_rx));
     let mut couriers = Couriers {
         queues: Vec::new(),
@@ -712,7 +713,7 @@ struct Couriers {
     freed: Arc<Notify>,
     inner: Arc<Inner>,
     flow: Arc<Flow>,
-    done: tokio::sync::mpsc::Sender<(Completion, AuditRecord)>,
+    done: tokio::sync::mpsc::Sender<(Completion, AuditRecord<'static>)>,
 }
 
 impl Couriers {
@@ -783,7 +784,7 @@ async fn courier(
     freed: Arc<Notify>,
     inner: Arc<Inner>,
     flow: Arc<Flow>,
-    done: tokio::sync::mpsc::Sender<(Completion, AuditRecord)>,
+    done: tokio::sync::mpsc::Sender<(Completion, AuditRecord<'static>)>,
 ) {
     let session = Session::new();
     let run = async {
@@ -805,16 +806,15 @@ async fn courier(
 async fn complete_loop(
     inner: Arc<Inner>,
     flow: Arc<Flow>,
-    mut rx: tokio::sync::mpsc::Receiver<(Completion, AuditRecord)>,
+    mut rx: tokio::sync::mpsc::Receiver<(Completion, AuditRecord<'static>)>,
 ) {
     let mut buf = Vec::with_capacity(OUTCOME_BATCH);
     // Rows stay leased while their outcomes gather.
-    while store::recv_batch(&mut rx, &mut buf, OUTCOME_BATCH).await > 0 {
+    while crate::batch::recv_batch(&mut rx, &mut buf, OUTCOME_BATCH).await > 0 {
         let mut results = Vec::with_capacity(buf.len());
         let mut audit = Vec::with_capacity(buf.len());
         for (c, a) in buf.drain(..) {
-            flow.counters
-                .record(&a.outcome, a.error_kind.as_deref(), a.latency_ms);
+            flow.counters.record(a.outcome, a.error_kind, a.latency_ms);
             results.push(c);
             audit.push(a);
         }
@@ -845,7 +845,7 @@ async fn deliver(
     catalog: &Catalog,
     item: OutboxItem,
     session: &Session,
-) -> (Completion, AuditRecord) {
+) -> (Completion, AuditRecord<'static>) {
     let body: Bytes = payload::to_vec_with(
         &flow.spec,
         catalog,
@@ -882,9 +882,9 @@ async fn deliver(
         }
     };
     let outcome = match completion {
-        Completion::Delivered { .. } => "delivered",
-        Completion::Failed { .. } => "retry",
-        Completion::Dead { .. } => "dead_letter",
+        Completion::Delivered { .. } => Outcome::Delivered,
+        Completion::Failed { .. } => Outcome::Retry,
+        Completion::Dead { .. } => Outcome::DeadLetter,
     };
     let audit = flow.audit_record(&item.profile.id, &key, &body, attempt, outcome, &sent);
     (completion, audit)
@@ -995,26 +995,26 @@ impl Flow {
         key: &str,
         body: &[u8],
         attempt: u32,
-        outcome: &str,
+        outcome: Outcome,
         sent: &Sent,
-    ) -> AuditRecord {
+    ) -> AuditRecord<'static> {
         let (resolved_ip, source_ip, peer_cert_sha256) = PeerInfo::audit_facts(sent.peer.as_deref());
         AuditRecord {
             at: now_ms(),
-            dataflow: self.spec.name.clone(),
-            destination: self.destination.clone(),
-            resolved_ip,
-            source_ip,
-            profile_id: profile_id.to_owned(),
-            payload_sha256: payload_sha256(body),
-            idempotency_key: key.to_owned(),
+            dataflow: self.spec.name.clone().into(),
+            destination: self.destination.clone().into(),
+            resolved_ip: resolved_ip.map(Into::into),
+            source_ip: source_ip.map(Into::into),
+            profile_id: profile_id.to_owned().into(),
+            payload_sha256: payload_sha256(body).into(),
+            idempotency_key: key.to_owned().into(),
             attempt,
-            outcome: outcome.to_owned(),
-            error_kind: sent.result.as_ref().err().map(|e| e.kind().as_str().to_owned()),
+            outcome,
+            error_kind: sent.result.as_ref().err().map(DeliveryError::kind),
             http_status: sent.status,
             latency_ms: sent.latency_ms,
-            peer_cert_sha256,
-            auth: self.client.auth_kind().to_owned(),
+            peer_cert_sha256: peer_cert_sha256.map(Into::into),
+            auth: self.client.auth_kind().into(),
         }
     }
 }

@@ -20,7 +20,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::sync::mpsc;
 
-use crate::audit::AuditRecord;
+use std::borrow::Cow;
+
+use crate::audit::{AuditRecord, Outcome};
 use crate::config::Config;
 use crate::delivery::retry::Verdict;
 use crate::delivery::{Body, BoxError, Core, DeliveryClient, DeliveryError, ErrorKind, PeerInfo, Session};
@@ -147,7 +149,7 @@ async fn build_all(
         .ok_or("the config has no [sidecar] section")?;
     let sink = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || AuditSink::open(&cfg))
+        tokio::task::spawn_blocking(move || crate::audit::writer::Sink::open_for_sidecar(&cfg))
             .await
             .map_err(|e| e.to_string())??
     };
@@ -193,7 +195,7 @@ async fn build_all(
         });
         out.push((l, sidecar));
     }
-    start_audit_writer(sink, rx)?;
+    crate::audit::writer::start(sink, rx)?;
     Ok(out)
 }
 
@@ -240,124 +242,33 @@ struct Attempt {
     auth: &'static str,
 }
 
-impl Attempt {
+impl crate::audit::writer::Record for Attempt {
     /// The audit record this attempt makes, borrowing what it holds.
-    fn as_record(&self) -> crate::audit::AuditRecordRef<'_> {
+    fn as_record(&self) -> AuditRecord<'_> {
         let (resolved_ip, source_ip, peer_cert_sha256) = PeerInfo::audit_facts_ref(self.peer.as_deref());
-        crate::audit::AuditRecordRef {
+        let text = |s: &'static str| Cow::Borrowed(s);
+        AuditRecord {
             at: self.at,
-            dataflow: &self.route,
-            destination: &self.destination,
-            resolved_ip,
-            source_ip,
-            profile_id: "",
+            dataflow: Cow::Borrowed(&self.route),
+            destination: Cow::Borrowed(&self.destination),
+            resolved_ip: resolved_ip.map(Cow::Borrowed),
+            source_ip: source_ip.map(Cow::Borrowed),
+            profile_id: text(""),
             // Bodies stream through unread; their hash is not taken.
-            payload_sha256: "",
-            idempotency_key: "",
+            payload_sha256: text(""),
+            idempotency_key: text(""),
             attempt: self.attempt,
-            outcome: if self.error.is_none() { "proxied" } else { "failed" },
-            error_kind: self.error.map(ErrorKind::as_str),
+            outcome: if self.error.is_none() {
+                Outcome::Proxied
+            } else {
+                Outcome::Failed
+            },
+            error_kind: self.error,
             http_status: self.status,
             latency_ms: self.latency_ms,
-            peer_cert_sha256,
-            auth: self.auth,
+            peer_cert_sha256: peer_cert_sha256.map(Cow::Borrowed),
+            auth: text(self.auth),
         }
-    }
-}
-
-/// Where the sidecar's audit records go: the store's chain, or an audit file of its own.
-enum AuditSink {
-    Store(Arc<dyn crate::store::Store>),
-    File(Box<crate::audit::file::AuditFile>),
-}
-
-impl AuditSink {
-    fn open(cfg: &Config) -> Result<Self, String> {
-        let sidecar = cfg.sidecar.as_ref();
-        match sidecar.and_then(|s| s.audit_file.as_ref().map(|f| (f, s.audit_file_rotate_bytes))) {
-            Some((path, rotate_at)) => {
-                let chain = crate::store::audit_chain(cfg).map_err(|e| e.to_string())?;
-                crate::audit::file::AuditFile::open(&cfg.path(path), chain, rotate_at)
-                    .map(|f| AuditSink::File(Box::new(f)))
-            }
-            None => crate::store::open(cfg)
-                .map(AuditSink::Store)
-                .map_err(|e| e.to_string()),
-        }
-    }
-
-    fn append(&mut self, batch: &[Attempt]) -> Result<(), String> {
-        match self {
-            AuditSink::Store(store) => {
-                let records: Vec<AuditRecord> = batch.iter().map(|a| a.as_record().into()).collect();
-                store.append_audit(&records).map_err(|e| e.to_string())
-            }
-            AuditSink::File(file) => {
-                // Serialised straight from what the proxy queued: no owned copy of the record.
-                let records: Vec<_> = batch.iter().map(Attempt::as_record).collect();
-                file.append(&records).map_err(|e| e.to_string())
-            }
-        }
-    }
-}
-
-/// Start the thread that appends the sidecar's audit records, in batches (one transaction
-/// or one write per burst, not per request). It runs at a lower priority than the proxying
-/// (nice 10): on a busy host the appends fill the gaps instead of preempting requests in
-/// flight. A record is never dropped for it: when the writer falls behind, its queue fills and
-/// requests wait for room (see `audit_attempt`). The thread ends once every sender is gone and
-/// the queue drained.
-fn start_audit_writer(mut sink: AuditSink, mut rx: mpsc::Receiver<Attempt>) -> Result<(), String> {
-    let writer = std::thread::Builder::new()
-        .name("sallyport-audit".into())
-        .spawn(move || {
-            lower_priority();
-            let mut batch = Vec::with_capacity(crate::store::WRITE_BATCH);
-            while crate::store::recv_batch_blocking(&mut rx, &mut batch, crate::store::WRITE_BATCH) > 0 {
-                if let Err(error) = sink.append(&batch) {
-                    tracing::error!(%error, "sidecar audit records could not be written");
-                }
-                batch.clear();
-            }
-        })
-        .map_err(|e| format!("could not start the audit writer: {e}"))?;
-    AUDIT_WRITERS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(writer);
-    Ok(())
-}
-
-/// The audit writer threads started in this process, for `finish_audit`.
-static AUDIT_WRITERS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(Vec::new());
-
-/// Wait (at most `limit`) for every audit writer to write what is still queued and stop. Call
-/// once the runtime that served the sidecar is gone: its tasks held the queues' senders, and
-/// a writer stops when the last one is dropped. Without this a clean shutdown would lose the
-/// records of the last moments (those not yet written when the process exits).
-pub fn finish_audit(limit: std::time::Duration) {
-    let writers = std::mem::take(&mut *AUDIT_WRITERS.lock().unwrap_or_else(|p| p.into_inner()));
-    let deadline = Instant::now() + limit;
-    for w in writers {
-        while !w.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        if w.is_finished() {
-            let _ = w.join();
-        } else {
-            tracing::error!(
-                "the sidecar audit writer did not finish in time; records still queued were not written"
-            );
-        }
-    }
-}
-
-/// Nice 10 for the calling thread (Linux keeps a nice value per thread). Raising one's own
-/// nice value needs no privilege; if it fails, the thread runs at the usual priority.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
-        tracing::debug!(error = %e, "the audit writer runs at the usual priority");
     }
 }
 
