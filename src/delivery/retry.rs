@@ -72,6 +72,14 @@ impl RetryPolicy {
     }
 }
 
+/// A uniform value in [0, 1) for backoff jitter (no need for a cryptographic source).
+pub fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(crate::store::now_ms());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Parse a `Retry-After` value: delay-seconds or an HTTP date (RFC 9110 §10.2.3).
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();

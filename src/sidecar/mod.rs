@@ -24,7 +24,7 @@ use std::borrow::Cow;
 
 use crate::audit::{AuditRecord, Outcome};
 use crate::config::Config;
-use crate::delivery::retry::Verdict;
+use crate::delivery::retry::{jitter, Verdict};
 use crate::delivery::{Body, BoxError, Core, DeliveryClient, DeliveryError, ErrorKind, PeerInfo, Session};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
@@ -106,14 +106,6 @@ fn retry_delay(
         Verdict::RetryAfter(d) if d <= route.client.timeout() => Some(d),
         _ => None,
     }
-}
-
-/// A value in [0, 1) for backoff jitter (no need for a cryptographic source).
-fn jitter() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(crate::store::now_ms() as u64);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A configured sidecar, ready to serve.

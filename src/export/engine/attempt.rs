@@ -1,0 +1,197 @@
+//! One delivery attempt: the payload built from the latest state, the signed request under
+//! its idempotency key, the verdict (delivered, retry, dead letter) and the audit record.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method};
+use tokio::sync::Notify;
+
+use crate::audit::{payload_sha256, AuditRecord, Outcome};
+use crate::delivery::retry::{jitter, Verdict};
+use crate::delivery::{DeliveryClient, DeliveryError, ErrorKind, OutboundRequest, PeerInfo, Session};
+use crate::export::payload;
+use crate::export::spec::{Catalog, DataflowSpec};
+use crate::store::{now_ms, AttemptError, Completion, OutboxItem};
+
+/// One dataflow's runtime.
+pub(super) struct Flow {
+    pub(super) spec: DataflowSpec,
+    pub(super) client: DeliveryClient,
+    pub(super) endpoint: url::Url,
+    /// `host:port` of the endpoint, as audit records name it.
+    pub(super) destination: String,
+    pub(super) counters: crate::metrics::FlowCounters,
+    pub(super) wake: Notify,
+}
+
+pub(super) async fn deliver(
+    flow: &Flow,
+    catalog: &Catalog,
+    item: OutboxItem,
+    session: &Session,
+) -> (Completion, AuditRecord<'static>) {
+    let body: Bytes = payload::to_vec_with(
+        &flow.spec,
+        catalog,
+        &item.profile,
+        &item.segments,
+        item.identity_map_json.as_deref(),
+    )
+    .into();
+    let key = idempotency_key(&flow.spec.name, item.id, item.version);
+    let attempt = item.attempts + 1;
+    let sent = flow.send(Some(session), &key, body.clone()).await;
+    let completion = match &sent.result {
+        Ok(()) => Completion::Delivered {
+            id: item.id,
+            version: item.version,
+        },
+        Err(error) => {
+            tracing::warn!(dataflow = %flow.spec.name, kind = %error.kind(), attempt, "delivery failed");
+            let record = attempt_error(attempt, error);
+            match flow.client.retry().decide(attempt, error, jitter()) {
+                Verdict::RetryAfter(after) => Completion::Failed {
+                    id: item.id,
+                    retry_at: now_ms() + after.as_millis() as i64,
+                    error: record,
+                },
+                Verdict::GiveUp => Completion::Dead {
+                    id: item.id,
+                    version: item.version,
+                    idempotency_key: key.clone(),
+                    payload: body.to_vec(),
+                    error: record,
+                },
+            }
+        }
+    };
+    let outcome = match completion {
+        Completion::Delivered { .. } => Outcome::Delivered,
+        Completion::Failed { .. } => Outcome::Retry,
+        Completion::Dead { .. } => Outcome::DeadLetter,
+    };
+    let audit = flow.audit_record(&item.profile.id, &key, &body, attempt, outcome, &sent);
+    (completion, audit)
+}
+
+pub(super) fn attempt_error(attempt: u32, e: &DeliveryError) -> AttemptError {
+    AttemptError {
+        at: now_ms(),
+        attempt,
+        kind: e.kind().as_str().to_owned(),
+        status: e.status(),
+        message: e.to_string(),
+    }
+}
+
+/// What one attempt came to.
+pub(super) struct Sent {
+    pub(super) result: Result<(), DeliveryError>,
+    status: Option<u16>,
+    peer: Option<Arc<PeerInfo>>,
+    latency_ms: f64,
+}
+
+/// A key that names one delivery of one profile state: the same across retries and
+/// replays, different for each new state (the outbox row's version).
+pub fn idempotency_key(dataflow: &str, row: i64, version: i64) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [dataflow.as_bytes(), &row.to_be_bytes(), &version.to_be_bytes()] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part);
+    }
+    let d = ctx.finish();
+    format!("sp_{}", crate::audit::hex(&d.as_ref()[..16]))
+}
+
+impl Flow {
+    /// One signed POST of `body` under `key` (over `session`'s connection, else the pool);
+    /// `Err` for anything but a 2xx.
+    pub(super) async fn send(&self, session: Option<&Session>, key: &str, body: Bytes) -> Sent {
+        let started = std::time::Instant::now();
+        let req = match self.request(key, body) {
+            Ok(r) => r,
+            Err(e) => {
+                return Sent {
+                    result: Err(e),
+                    status: None,
+                    peer: None,
+                    latency_ms: 0.0,
+                }
+            }
+        };
+        let sent = match session {
+            Some(s) => s.send(&self.client, req).await,
+            None => self.client.send(req).await,
+        };
+        let (result, status, peer) = match sent {
+            Ok(d) => (d.error().map_or(Ok(()), Err), Some(d.status.as_u16()), d.peer),
+            Err(e) => (Err(e), None, None),
+        };
+        Sent {
+            result,
+            status,
+            peer,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        }
+    }
+
+    fn request(&self, key: &str, body: Bytes) -> Result<OutboundRequest, DeliveryError> {
+        let invalid = |e: http::header::InvalidHeaderValue| {
+            DeliveryError::new(ErrorKind::InvalidRequest, e.to_string())
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let key_value = HeaderValue::from_str(key).map_err(invalid)?;
+        headers.insert("idempotency-key", key_value.clone());
+        if let Some(signer) = self.client.signer() {
+            let ts = now_ms() / 1000;
+            headers.insert("webhook-id", key_value);
+            headers.insert("webhook-timestamp", HeaderValue::from(ts));
+            headers.insert(
+                "webhook-signature",
+                HeaderValue::from_str(&signer.sign(key, ts, &body)).map_err(invalid)?,
+            );
+        }
+        Ok(OutboundRequest {
+            method: Method::POST,
+            url: self.endpoint.clone(),
+            headers,
+            body,
+        })
+    }
+
+    /// The audit record of one attempt: who, where, what (by hash), how it went.
+    pub(super) fn audit_record(
+        &self,
+        profile_id: &str,
+        key: &str,
+        body: &[u8],
+        attempt: u32,
+        outcome: Outcome,
+        sent: &Sent,
+    ) -> AuditRecord<'static> {
+        let (resolved_ip, source_ip, peer_cert_sha256) = PeerInfo::audit_facts(sent.peer.as_deref());
+        AuditRecord {
+            at: now_ms(),
+            dataflow: self.spec.name.clone().into(),
+            destination: self.destination.clone().into(),
+            resolved_ip: resolved_ip.map(Into::into),
+            source_ip: source_ip.map(Into::into),
+            profile_id: profile_id.to_owned().into(),
+            payload_sha256: payload_sha256(body).into(),
+            idempotency_key: key.to_owned().into(),
+            attempt,
+            outcome,
+            error_kind: sent.result.as_ref().err().map(DeliveryError::kind),
+            http_status: sent.status,
+            latency_ms: sent.latency_ms,
+            peer_cert_sha256: peer_cert_sha256.map(Into::into),
+            auth: self.client.auth_kind().into(),
+        }
+    }
+}

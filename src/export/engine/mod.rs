@@ -1,0 +1,425 @@
+//! The running export engine: ingest (parse → apply + trigger → durable outbox, in one
+//! transaction) and one delivery worker per dataflow (claim a batch → build payloads from the
+//! latest state → send concurrently through the delivery client → record outcomes).
+//!
+//! Rooms: this file is the engine's face (open, ingest, stats, replay, metrics); [`dataflows`]
+//! the dataflow definitions (config and API-managed) and their sync between instances;
+//! [`worker`] the claimer, couriers and completer of one dataflow; [`attempt`] one delivery
+//! attempt: the request, its signature and idempotency key, and its audit record.
+
+mod attempt;
+mod dataflows;
+mod worker;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+
+use serde::Serialize;
+
+use super::spec::Catalog;
+use super::trigger::evaluate;
+use super::update::{parse_ndjson, LineError};
+use crate::audit::Outcome;
+use crate::config::Config;
+use crate::delivery::Core;
+use crate::store::{self, AttemptError, Store, StoreError};
+
+pub use attempt::idempotency_key;
+use attempt::{attempt_error, Flow};
+use dataflows::build_flow;
+pub use dataflows::DataflowChange;
+use worker::worker;
+
+/// How often an instance on a shared store looks for dataflow changes made elsewhere.
+const DATAFLOW_POLL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("store task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// The outcome of one ingest batch.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IngestReport {
+    pub accepted: usize,
+    pub rejected: usize,
+    pub errors: Vec<LineError>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    catalog: Catalog,
+    /// The dataflows now (config ones, then API-managed ones).
+    flows: std::sync::RwLock<Vec<Arc<Flow>>>,
+    /// The config the engine was opened with (API-managed dataflows are checked against it).
+    cfg: Config,
+    /// Running workers by dataflow, once `spawn_workers` was called.
+    workers: Mutex<Option<std::collections::HashMap<String, tokio::task::AbortHandle>>>,
+    stats: Stats,
+    /// The delivery core: identities (rotation, hot reload) and egress policy.
+    core: Core,
+    /// API-managed dataflows running here, as stored (name → JSON); on a shared store this
+    /// is compared with the database to pick up other instances' changes.
+    api_known: Mutex<std::collections::HashMap<String, String>>,
+    /// Stored dataflows this instance could not run (name → JSON), so a bad one is logged
+    /// once per change, not on every poll.
+    api_rejected: Mutex<std::collections::HashMap<String, String>>,
+}
+
+/// The ingest-to-delivered latency histogram (microseconds).
+struct Stats {
+    latency_us: Mutex<Histogram<u64>>,
+}
+
+/// One dataflow's outcome counters (for alert rules).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutcomeTotals {
+    pub dataflow: String,
+    pub attempts: u64,
+    pub failures: u64,
+    pub dead: u64,
+}
+
+/// A snapshot of [`Engine::stats`].
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryStats {
+    pub delivered: u64,
+    /// Failed attempts (each retry counts).
+    pub failed: u64,
+    /// Deliveries parked as dead letters.
+    pub dead: u64,
+    /// Ingest-to-delivered latency percentiles, milliseconds.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// The export engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("dataflows", &self.inner.flows().len())
+            .finish()
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, EngineError> {
+    Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+impl Engine {
+    /// Open the store, record each dataflow's mapped segments, and backfill the newly mapped
+    /// ones (every profile already in such a segment is exported once).
+    pub async fn open(cfg: &Config) -> Result<Engine, EngineError> {
+        let core = Core::from_config(cfg).map_err(EngineError::Setup)?;
+        Self::open_with(cfg, core).await
+    }
+
+    /// [`Engine::open`], delivering through `core` (shared with the sidecar and alerts of
+    /// the same process, so one watcher rotates every identity).
+    pub async fn open_with(cfg: &Config, core: Core) -> Result<Engine, EngineError> {
+        let store = {
+            let cfg = cfg.clone();
+            blocking(move || store::open(&cfg)).await?
+        };
+        let catalog = Catalog::from_config(cfg);
+        let mut flows = Vec::new();
+        for df in &cfg.dataflows {
+            flows.push(Arc::new(build_flow(&store, cfg, &core, df).await?));
+        }
+        let saved = {
+            let s = store.clone();
+            blocking(move || s.api_dataflows()).await?
+        };
+        let mut api_known = std::collections::HashMap::new();
+        for (name, json) in saved {
+            match serde_json::from_str::<crate::config::Dataflow>(&json) {
+                Ok(df) if cfg.dataflow(&df.name).is_none() => {
+                    flows.push(Arc::new(build_flow(&store, cfg, &core, &df).await?));
+                    api_known.insert(name, json);
+                }
+                Ok(_) => {
+                    tracing::warn!(dataflow = %name, "an API-managed dataflow has the name of a configured one; the config wins")
+                }
+                Err(e) => {
+                    tracing::error!(dataflow = %name, error = %e, "a stored API-managed dataflow does not parse; skipped")
+                }
+            }
+        }
+
+        let histogram =
+            Histogram::new_with_bounds(1, 3_600_000_000, 2).map_err(|e| EngineError::Setup(e.to_string()))?;
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                store,
+                catalog,
+                flows: std::sync::RwLock::new(flows),
+                cfg: cfg.clone(),
+                workers: Mutex::new(None),
+                core,
+                stats: Stats {
+                    latency_us: Mutex::new(histogram),
+                },
+                api_known: Mutex::new(api_known),
+                api_rejected: Mutex::new(std::collections::HashMap::new()),
+            }),
+        })
+    }
+
+    /// Parse an NDJSON batch and store the valid updates with their triggered deliveries.
+    /// Returns once they are durable.
+    pub async fn ingest(&self, ndjson: &[u8]) -> Result<IngestReport, EngineError> {
+        let parsed = parse_ndjson(ndjson);
+        let report = IngestReport {
+            accepted: parsed.updates.len(),
+            rejected: parsed.errors.len(),
+            errors: parsed.errors,
+        };
+        if parsed.updates.is_empty() {
+            return Ok(report);
+        }
+        let updates: Vec<_> = parsed.updates.into_iter().map(|(_, u)| u).collect();
+        let inner = self.inner.clone();
+        blocking(move || {
+            let now = time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            inner.store.apply_updates(updates, &mut |p, u| {
+                let change = p.apply(u, &now);
+                inner
+                    .flows()
+                    .iter()
+                    .filter_map(|f| evaluate(&f.spec, p, &change).map(|t| (f.spec.name.clone(), t)))
+                    .collect()
+            })
+        })
+        .await?;
+        for f in &self.inner.flows() {
+            f.wake.notify_one();
+        }
+        Ok(report)
+    }
+
+    /// Deliveries waiting, all dataflows.
+    pub async fn pending(&self) -> Result<u64, EngineError> {
+        let s = self.inner.store.clone();
+        blocking(move || s.pending(None)).await
+    }
+
+    /// Deliveries so far and their ingest-to-delivered latency.
+    pub fn stats(&self) -> DeliveryStats {
+        let totals = self.outcome_totals();
+        let s = &self.inner.stats;
+        let h = s.latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        let ms = |us: u64| us as f64 / 1000.0;
+        DeliveryStats {
+            delivered: totals.iter().map(|t| t.attempts - t.failures).sum(),
+            failed: totals.iter().map(|t| t.failures).sum(),
+            dead: totals.iter().map(|t| t.dead).sum(),
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        }
+    }
+
+    /// Re-send a dead letter with its original idempotency key (fresh signature timestamp).
+    /// Delivered → removed; failed → the attempt is added to its history.
+    pub async fn replay_dead_letter(&self, id: i64) -> Result<Result<(), AttemptError>, EngineError> {
+        let s = self.inner.store.clone();
+        let dl = blocking(move || s.dead_letter(id))
+            .await?
+            .ok_or_else(|| EngineError::Setup(format!("no dead letter {id}")))?;
+        let flow = self
+            .inner
+            .flows()
+            .iter()
+            .find(|f| f.spec.name == dl.dataflow)
+            .cloned()
+            .ok_or_else(|| {
+                EngineError::Setup(format!(
+                    "dead letter {id}: dataflow '{}' is not configured",
+                    dl.dataflow
+                ))
+            })?;
+        let s = self.inner.store.clone();
+        let body = Bytes::from(dl.payload);
+        let sent = flow.send(None, &dl.idempotency_key, body.clone()).await;
+        let outcome = if sent.result.is_ok() {
+            Outcome::ReplayDelivered
+        } else {
+            Outcome::ReplayFailed
+        };
+        let audit = flow.audit_record(
+            &dl.profile_id,
+            &dl.idempotency_key,
+            &body,
+            dl.attempts + 1,
+            outcome,
+            &sent,
+        );
+        let a = s.clone();
+        blocking(move || a.append_audit(&[audit])).await?;
+        match sent.result {
+            Ok(()) => {
+                blocking(move || s.remove_dead_letter(id)).await?;
+                Ok(Ok(()))
+            }
+            Err(e) => {
+                let record = attempt_error(dl.attempts + 1, &e);
+                let r = record.clone();
+                blocking(move || s.dead_letter_failed(id, &r)).await?;
+                Ok(Err(record))
+            }
+        }
+    }
+
+    /// The gateway's client identities, for the public endpoints and the reload watcher.
+    pub fn identity_store(&self) -> Option<Arc<crate::tls::creds::IdentityStore>> {
+        self.identity_named(crate::tls::creds::DEFAULT)
+    }
+
+    /// A named identity (`default` is the gateway's own).
+    pub fn identity_named(&self, name: &str) -> Option<Arc<crate::tls::creds::IdentityStore>> {
+        self.inner.core.identities().get(Some(name)).cloned()
+    }
+
+    /// Every identity by name.
+    pub fn identities(&self) -> Vec<(String, Arc<crate::tls::creds::IdentityStore>)> {
+        self.inner
+            .core
+            .identities()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The delivery core the engine sends through.
+    pub fn core(&self) -> &Core {
+        &self.inner.core
+    }
+
+    /// Prometheus text for `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let flows = self.inner.flows();
+        let mut pending = Vec::new();
+        for f in &flows {
+            let (s, name) = (self.inner.store.clone(), f.spec.name.clone());
+            pending.push(blocking(move || s.pending(Some(&name))).await.unwrap_or(0));
+        }
+        let snaps: Vec<crate::metrics::FlowSnapshot<'_>> = flows
+            .iter()
+            .zip(pending)
+            .map(|(f, pending)| crate::metrics::FlowSnapshot {
+                name: &f.spec.name,
+                counters: &f.counters,
+                pending,
+                token_requests: f.client.token_requests(),
+            })
+            .collect();
+        let s = self.stats();
+        crate::metrics::render(
+            &snaps,
+            &self.cert_expiry_seconds(),
+            s.p50_ms / 1000.0,
+            s.p99_ms / 1000.0,
+        )
+    }
+
+    /// Per identity: seconds until its presented certificate expires (negative once expired).
+    pub fn cert_expiry_seconds(&self) -> Vec<(String, i64)> {
+        self.inner
+            .core
+            .identities()
+            .iter()
+            .map(|(k, c)| (k.clone(), c.expiry_seconds()))
+            .collect()
+    }
+
+    /// Per dataflow: attempts, failed attempts and dead letters so far.
+    pub fn outcome_totals(&self) -> Vec<OutcomeTotals> {
+        self.inner
+            .flows()
+            .iter()
+            .map(|f| {
+                let (attempts, failures) = f.counters.attempts_and_failures();
+                OutcomeTotals {
+                    dataflow: f.spec.name.clone(),
+                    attempts,
+                    failures,
+                    dead: f.counters.dead.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Forget the latency samples so far (benchmarks measure phases separately).
+    pub fn reset_stats(&self) {
+        self.inner
+            .stats
+            .latency_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reset();
+    }
+
+    /// The store, for inspection.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.inner.store.clone()
+    }
+
+    /// Start one delivery worker per dataflow. They run until the tasks are aborted.
+    pub fn spawn_workers(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut running = std::collections::HashMap::new();
+        let handles: Vec<_> = self
+            .inner
+            .flows()
+            .into_iter()
+            .map(|f| {
+                let h = tokio::spawn(worker(self.inner.clone(), f.clone()));
+                running.insert(f.spec.name.clone(), h.abort_handle());
+                h
+            })
+            .collect();
+        *self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
+        let mut handles = handles;
+        if self.inner.store.shared() {
+            // Other instances may change API-managed dataflows: poll for their changes.
+            let engine = self.clone();
+            handles.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(DATAFLOW_POLL).await;
+                    if let Err(e) = engine.sync_api_dataflows().await {
+                        tracing::warn!(error = %e, "reading shared dataflows failed");
+                    }
+                }
+            }));
+        }
+        handles
+    }
+}
+
+impl Inner {
+    fn flows(&self) -> Vec<Arc<Flow>> {
+        self.flows
+            .read()
+            .map(|f| f.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
