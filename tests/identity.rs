@@ -4,51 +4,24 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
 use sallyport::config::Config;
 use sallyport::export::Engine;
-use sallyport::pki::{CertAuthority, LeafSpec};
 use sallyport::receiver::{Action, ClientAuth, Receiver};
 use serde_json::{json, Value};
 use support::*;
 
-struct Setup {
-    dir: tempfile::TempDir,
-    ca: CertAuthority,
+/// What these tests need of an [`IssuingCa`]: a receiver, and a config around it.
+trait Setup {
+    async fn receiver(&self) -> Receiver;
+    fn config(&self, identity_extra: &str, endpoint: &str, extra: &str) -> String;
 }
 
-impl Setup {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertAuthority::new("Identity Test CA", 30).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
-        let server = ca.issue(&LeafSpec::localhost_server(30)).unwrap();
-        std::fs::write(dir.path().join("rx.pem"), &server.cert).unwrap();
-        std::fs::write(dir.path().join("rx.key"), &server.key).unwrap();
-        Setup { dir, ca }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Write a client certificate `name.pem`/`name.key` with CN `cn`, atomically (temp + rename).
-    fn client(&self, name: &str, cn: &str) {
-        let pem = self
-            .ca
-            .issue(&LeafSpec::client(cn, vec![format!("{cn}.example")], vec![], 20))
-            .unwrap();
-        for (ext, text) in [("pem", &pem.cert), ("key", &pem.key)] {
-            let tmp = self.path(&format!(".{name}.{ext}.tmp"));
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, self.path(&format!("{name}.{ext}"))).unwrap();
-        }
-    }
-
+impl Setup for IssuingCa {
     async fn receiver(&self) -> Receiver {
         // Every answer closes the connection, so each delivery makes a new one and shows
         // which certificate is presented now.
@@ -90,7 +63,7 @@ fn cns(rx: &Receiver) -> Vec<String> {
         .collect()
 }
 
-async fn serve(s: &Setup, identity_extra: &str) -> (tokio::process::Child, u16) {
+async fn serve(s: &IssuingCa, identity_extra: &str) -> (tokio::process::Child, u16) {
     let (public, admin) = (free_port(), free_port());
     let text = s.config(
         identity_extra,
@@ -119,7 +92,7 @@ fn leaf_pem(path: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_adobe_shape_endpoint_pages_over_current_and_next() {
-    let s = Setup::new();
+    let s = IssuingCa::new("Identity Test CA");
     s.client("current", "gw-current");
     s.client("next", "gw-next");
     let (_child, port) = serve(
@@ -193,7 +166,7 @@ async fn the_adobe_shape_endpoint_pages_over_current_and_next() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cert_fetch_writes_a_pem_that_openssl_reads_back() {
-    let s = Setup::new();
+    let s = IssuingCa::new("Identity Test CA");
     s.client("current", "gw-current");
     let (_child, port) = serve(&s, "").await;
     let out_pem = s.path("fetched.pem");
@@ -233,7 +206,7 @@ async fn cert_fetch_writes_a_pem_that_openssl_reads_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_reload_switches_new_connections_and_refuses_a_corrupt_file() {
-    let s = Setup::new();
+    let s = IssuingCa::new("Identity Test CA");
     s.client("current", "gw-old");
     let rx = s.receiver().await;
     let cfg = Config::from_toml(
@@ -287,7 +260,7 @@ async fn hot_reload_switches_new_connections_and_refuses_a_corrupt_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_publishes_next_ahead_and_switches_at_the_set_time() {
-    let s = Setup::new();
+    let s = IssuingCa::new("Identity Test CA");
     s.client("current", "gw-current");
     s.client("next", "gw-next");
     let rx = s.receiver().await;
@@ -353,7 +326,7 @@ async fn rotation_publishes_next_ahead_and_switches_at_the_set_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_public_listener_can_serve_tls_and_cert_fetch_verifies_it() {
-    let s = Setup::new();
+    let s = IssuingCa::new("Identity Test CA");
     s.client("current", "gw-current");
     let (public, admin) = (free_port(), free_port());
     let text = s.config(

@@ -16,46 +16,18 @@ use http::StatusCode;
 use sallyport::alerts::Alerts;
 use sallyport::config::Config;
 use sallyport::export::Engine;
-use sallyport::pki::{CertAuthority, LeafSpec};
+use sallyport::pki::CertAuthority;
 use sallyport::receiver::{Action, ClientAuth, Receiver};
 use serde_json::{json, Value};
 use support::*;
 
-struct Setup {
-    dir: tempfile::TempDir,
-    ca: CertAuthority,
+/// What these tests need of an [`IssuingCa`]: receivers trusting a chosen client CA.
+trait Setup {
+    async fn receiver(&self, client_ca: &str, status: StatusCode) -> Receiver;
+    fn write(&self, name: &str, text: &str) -> PathBuf;
 }
 
-impl Setup {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertAuthority::new("One Core Test CA", 30).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
-        let server = ca.issue(&LeafSpec::localhost_server(30)).unwrap();
-        std::fs::write(dir.path().join("rx.pem"), &server.cert).unwrap();
-        std::fs::write(dir.path().join("rx.key"), &server.key).unwrap();
-        Setup { dir, ca }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Write `name.pem`/`name.key`, a client certificate with CN `cn` from `ca`, atomically
-    /// (as cert-manager or a Vault agent renews one).
-    fn client_from(&self, ca: &CertAuthority, name: &str, cn: &str) {
-        let pem = ca.issue(&LeafSpec::client(cn, vec![], vec![], 20)).unwrap();
-        for (ext, text) in [("pem", &pem.cert), ("key", &pem.key)] {
-            let tmp = self.path(&format!(".{name}.{ext}.tmp"));
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, self.path(&format!("{name}.{ext}"))).unwrap();
-        }
-    }
-
-    fn client(&self, name: &str, cn: &str) {
-        self.client_from(&self.ca, name, cn);
-    }
-
+impl Setup for IssuingCa {
     /// A receiver requiring a client certificate from the CA in `client_ca`, answering
     /// `status` and closing each connection: every request shows the certificate presented
     /// on a new connection.
@@ -113,7 +85,7 @@ async fn until_presented(port: u16, rx: &Receiver, cn: &str, limit: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecar_presents_a_renewed_certificate_and_sighup_reloads_without_ending_it() {
-    let s = Setup::new();
+    let s = IssuingCa::new("One Core Test CA");
     s.client("gw", "gw-first");
     let rx = s.receiver("ca.pem", StatusCode::OK).await;
     let port = free_port();
@@ -161,7 +133,7 @@ async fn the_sidecar_presents_a_renewed_certificate_and_sighup_reloads_without_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_alert_webhook_presents_the_identity_in_force_after_a_rotation() {
-    let s = Setup::new();
+    let s = IssuingCa::new("One Core Test CA");
     s.client("gw", "gw-first");
     let hook = s.receiver("ca.pem", StatusCode::OK).await;
     let failing = s.receiver("ca.pem", StatusCode::BAD_GATEWAY).await;
@@ -225,7 +197,7 @@ async fn the_alert_webhook_presents_the_identity_in_force_after_a_rotation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_with_a_dataflow_presents_that_dataflows_own_identity() {
-    let s = Setup::new();
+    let s = IssuingCa::new("One Core Test CA");
     s.client("gw", "gw-default");
     // The receiver trusts only its own CA, which issued the dataflow's named identity.
     let theirs = CertAuthority::new("Receiver's Own CA", 30).unwrap();
@@ -269,7 +241,7 @@ async fn verify_with_a_dataflow_presents_that_dataflows_own_identity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_and_cert_fetch_connect_from_the_pinned_source_address() {
-    let s = Setup::new();
+    let s = IssuingCa::new("One Core Test CA");
     s.client("gw", "gw-pinned");
     let rx = s.receiver("ca.pem", StatusCode::OK).await;
     let (public, admin) = (free_port(), free_port());
@@ -346,7 +318,7 @@ async fn verify_and_cert_fetch_connect_from_the_pinned_source_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_makes_no_connection_to_an_address_the_policy_denies() {
-    let s = Setup::new();
+    let s = IssuingCa::new("One Core Test CA");
     s.client("gw", "gw");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();

@@ -77,6 +77,52 @@ impl RcgenPki {
     }
 }
 
+/// A CA of rcgen's in a temporary directory (`ca.pem`), with a localhost server certificate
+/// (`rx.pem`/`rx.key`), for tests that issue client certificates as they go.
+pub struct IssuingCa {
+    pub dir: tempfile::TempDir,
+    pub ca: pki::CertAuthority,
+}
+
+impl IssuingCa {
+    pub fn new(name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pki::CertAuthority::new(name, 30).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
+        let server = ca.issue(&pki::LeafSpec::localhost_server(30)).unwrap();
+        std::fs::write(dir.path().join("rx.pem"), &server.cert).unwrap();
+        std::fs::write(dir.path().join("rx.key"), &server.key).unwrap();
+        IssuingCa { dir, ca }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Write `name.pem`/`name.key`, a client certificate with CN `cn` (and DNS SAN
+    /// `cn.example`) from `ca`, atomically, as cert-manager or a Vault agent renews one.
+    pub fn client_from(&self, ca: &pki::CertAuthority, name: &str, cn: &str) {
+        let pem = ca
+            .issue(&pki::LeafSpec::client(
+                cn,
+                vec![format!("{cn}.example")],
+                vec![],
+                20,
+            ))
+            .unwrap();
+        for (ext, text) in [("pem", &pem.cert), ("key", &pem.key)] {
+            let tmp = self.path(&format!(".{name}.{ext}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, self.path(&format!("{name}.{ext}"))).unwrap();
+        }
+    }
+
+    /// [`IssuingCa::client_from`] this CA.
+    pub fn client(&self, name: &str, cn: &str) {
+        self.client_from(&self.ca, name, cn);
+    }
+}
+
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
