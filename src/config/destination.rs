@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::model::{check_url, Issues, RESERVED_HEADERS, TIMEOUT_BOUNDS};
 use super::parse::{parse_duration, parse_headers, parse_query, HeaderSpec, QuerySpec};
 use super::secret::SecretSource;
-use super::{Auth, Config, Dataflow, Issue, SidecarRoute};
+use super::validate::{check_url, Issues};
+use super::{Auth, Config, Dataflow, Issue, SidecarRoute, RESERVED_HEADERS, TIMEOUT_BOUNDS};
 use crate::delivery::retry::RetryPolicy;
 
 /// How to reach one receiver: typed and checked, paths resolved against the config file.

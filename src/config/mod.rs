@@ -8,6 +8,7 @@ mod destination;
 mod model;
 mod parse;
 mod secret;
+mod validate;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ pub use destination::DestinationConfig;
 pub use model::*;
 pub use parse::{parse_duration, parse_headers, parse_query, HeaderSpec, QuerySpec};
 pub use secret::{Secret, SecretSource};
+pub use validate::check_url;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,81 @@
+//! `[store]`: the SQLite or PostgreSQL database that holds deliveries and the audit log.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::parse::parse_duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (default `sqlite://var/sallyport.db`) or `postgres://user@host:port/db`
+    /// (several instances may share one PostgreSQL database). Put no password here: use
+    /// `password_env` or `password_file`.
+    #[serde(default = "default_store_url")]
+    pub url: String,
+    /// PostgreSQL password from this environment variable. Default: none (trust/peer auth).
+    pub password_env: Option<String>,
+    /// PostgreSQL password from this file. Default: none.
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL schema holding Sallyport's tables (created when missing). Default `public`.
+    pub schema: Option<String>,
+    /// This instance's name in leases and its audit chain (PostgreSQL). Default: the host name.
+    pub instance: Option<String>,
+    /// How long a claimed delivery stays leased to the instance that claimed it; after that,
+    /// another instance may take it over (an instance that died). Default `"30s"`.
+    #[serde(default = "default_lease")]
+    pub lease: String,
+    /// PostgreSQL connections per instance. Default 4.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// CA bundle for the PostgreSQL server's certificate. When set, every connection is TLS
+    /// (required, verified, host name checked). Default: none — plaintext, for a database on
+    /// the same host or a trusted private network.
+    pub ca: Option<PathBuf>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: default_store_url(),
+            password_env: None,
+            password_file: None,
+            schema: None,
+            instance: None,
+            lease: default_lease(),
+            pool_size: default_pool_size(),
+            ca: None,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The validated lease (validation guarantees it parses).
+    pub fn lease(&self) -> Duration {
+        parse_duration(&self.lease).unwrap_or(Duration::from_secs(30))
+    }
+
+    /// The URL with any password replaced, fit for a log line or an error.
+    pub fn redacted_url(&self) -> String {
+        match url::Url::parse(&self.url) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("REDACTED"));
+                u.to_string()
+            }
+            Ok(u) => u.to_string(),
+            Err(_) => "(unparseable URL)".into(),
+        }
+    }
+}
+
+fn default_lease() -> String {
+    "30s".into()
+}
+fn default_pool_size() -> usize {
+    4
+}
+fn default_store_url() -> String {
+    "sqlite://var/sallyport.db".into()
+}

@@ -1,0 +1,468 @@
+//! `Config::validate`: every problem in a config at once, each under its key path.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::destination::Written;
+use super::parse::parse_duration;
+use super::secret::SecretSource;
+use super::{Auth, Config, Dataflow, IdentityConfig, Issue, SidecarListener};
+
+/// The problems found so far.
+pub(super) struct Issues(pub(super) Vec<Issue>);
+
+impl Issues {
+    pub(super) fn push(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Issue {
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+impl Config {
+    /// Every problem in the config, each with its key path. Empty means valid.
+    pub fn validate(&self) -> Vec<Issue> {
+        let mut out = Issues(Vec::new());
+        if let Some(id) = &self.identity {
+            self.validate_identity(&mut out, "identity", id);
+        }
+        for (name, id) in &self.identities {
+            if name == "default" {
+                out.push(
+                    format!("identities.{name}"),
+                    "'default' names the [identity] table; choose another name",
+                );
+            } else if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                out.push(
+                    format!("identities.{name}"),
+                    "names are letters, digits, '-' or '_'",
+                );
+            }
+            self.validate_identity(&mut out, &format!("identities.{name}"), id);
+        }
+        if let (Some(_), Some(_)) = (&self.admin.token_env, &self.admin.token_file) {
+            out.push("admin", "set only one of token_env and token_file");
+        }
+        for (what, list) in [("allow", &self.egress.allow), ("deny", &self.egress.deny)] {
+            for (i, rule) in list.iter().enumerate() {
+                if let Err(e) = crate::egress::Rule::parse(rule) {
+                    out.push(format!("egress.{what}[{i}]"), e);
+                }
+            }
+        }
+        match (&self.public.tls_cert, &self.public.tls_key) {
+            (Some(c), Some(k)) => {
+                self.check_file(&mut out, "public.tls_cert", c);
+                self.check_file(&mut out, "public.tls_key", k);
+            }
+            (None, None) => {}
+            _ => out.push("public", "set both tls_cert and tls_key, or neither"),
+        }
+        if let Some(sc) = &self.sidecar {
+            if !(1..=64).contains(&sc.threads) {
+                out.push("sidecar.threads", "must be between 1 and 64");
+            }
+            for (n, (lkey, l)) in sc.all_listeners().into_iter().enumerate() {
+                self.validate_sidecar_listener(&mut out, &lkey, n, &l);
+            }
+        }
+        let a = &self.alerts;
+        if let Some(Err(issues)) = self.alerts_destination_issues() {
+            for i in issues {
+                let key = if i.key == "endpoint" {
+                    "webhook"
+                } else {
+                    i.key.as_str()
+                };
+                out.push(format!("alerts.{key}"), i.reason);
+            }
+        } else if let (None, Some(ca)) = (&a.webhook, &a.ca) {
+            self.check_file(&mut out, "alerts.ca", ca);
+        }
+        if !(a.failure_ratio > 0.0 && a.failure_ratio <= 1.0) {
+            out.push(
+                "alerts.failure_ratio",
+                format!("{} is outside (0, 1]", a.failure_ratio),
+            );
+        }
+        for (key, v) in [("alerts.window", &a.window), ("alerts.interval", &a.interval)] {
+            if let Err(e) = parse_duration(v) {
+                out.push(key, e);
+            }
+        }
+        if self.audit.key_env.is_some() || self.audit.key_file.is_some() {
+            self.check_secret(
+                &mut out,
+                "audit",
+                "key",
+                self.audit.key_env.as_ref(),
+                self.audit.key_file.as_ref(),
+            );
+        }
+        if !(self.store.url.starts_with("sqlite://")
+            || self.store.url.starts_with("postgres://")
+            || self.store.url.starts_with("postgresql://"))
+        {
+            out.push(
+                "store.url",
+                format!(
+                    "'{}' must start with sqlite:// or postgres://",
+                    self.store.redacted_url()
+                ),
+            );
+        }
+        let pg = !self.store.url.starts_with("sqlite://");
+        if pg && url::Url::parse(&self.store.url).is_ok_and(|u| u.password().is_some()) {
+            out.push(
+                "store.url",
+                "holds a password; use store.password_env or store.password_file instead",
+            );
+        }
+        if self.store.password_env.is_some() || self.store.password_file.is_some() {
+            self.check_secret(
+                &mut out,
+                "store",
+                "password",
+                self.store.password_env.as_ref(),
+                self.store.password_file.as_ref(),
+            );
+        }
+        match parse_duration(&self.store.lease) {
+            Ok(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(3600) => {}
+            _ => out.push(
+                "store.lease",
+                format!("'{}' must be a duration from 1s to 1h", self.store.lease),
+            ),
+        }
+        if pg {
+            let sslmode = url::Url::parse(&self.store.url).ok().and_then(|u| {
+                u.query_pairs()
+                    .find(|(k, _)| k == "sslmode")
+                    .map(|(_, v)| v.into_owned())
+            });
+            match (&self.store.ca, sslmode.as_deref()) {
+                (Some(_), Some("disable")) => out.push("store.ca", "set, but the URL says sslmode=disable"),
+                (Some(ca), _) => self.check_file(&mut out, "store.ca", ca),
+                (None, Some("require" | "verify-ca" | "verify-full")) => out.push(
+                    "store.url",
+                    "sslmode asks for TLS: set store.ca to the CA bundle that verifies the server",
+                ),
+                _ => {}
+            }
+        }
+        if !(1..=64).contains(&self.store.pool_size) {
+            out.push("store.pool_size", "must be from 1 to 64");
+        }
+        let ident_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        };
+        if let Some(schema) = &self.store.schema {
+            if !(ident_ok(schema) && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')) {
+                out.push(
+                    "store.schema",
+                    format!("'{schema}' must be 1-63 letters, digits or '_'"),
+                );
+            }
+        }
+        if let Some(instance) = &self.store.instance {
+            if !ident_ok(instance) {
+                out.push(
+                    "store.instance",
+                    format!("'{instance}' must be 1-63 letters, digits, '.', '-' or '_'"),
+                );
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, df) in self.dataflows.iter().enumerate() {
+            let key = format!("dataflows[{i}]");
+            if df.name.is_empty()
+                || !df
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                out.push(
+                    format!("{key}.name"),
+                    format!("'{}' must be non-empty letters, digits, '-' or '_'", df.name),
+                );
+            } else if !names.insert(df.name.as_str()) {
+                out.push(
+                    format!("{key}.name"),
+                    format!("'{}' is used by another dataflow", df.name),
+                );
+            }
+            self.validate_dataflow(&mut out, &key, df);
+        }
+        for (i, s) in self.segments.iter().enumerate() {
+            for (field, v) in [("created_at", &s.created_at), ("updated_at", &s.updated_at)] {
+                if let Some(v) = v {
+                    if time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).is_err()
+                    {
+                        out.push(
+                            format!("segments[{i}].{field}"),
+                            format!("'{v}' is not an RFC 3339 time"),
+                        );
+                    }
+                }
+            }
+        }
+        out.0
+    }
+
+    fn validate_identity(&self, out: &mut Issues, key: &str, id: &IdentityConfig) {
+        self.check_file(out, &format!("{key}.cert"), &id.cert);
+        self.check_file(out, &format!("{key}.key"), &id.key);
+        match (&id.next_cert, &id.next_key) {
+            (Some(c), Some(k)) => {
+                self.check_file(out, &format!("{key}.next_cert"), c);
+                self.check_file(out, &format!("{key}.next_key"), k);
+                if id.switch_at.is_none() && id.switch_before_expiry.is_none() {
+                    out.push(key, "next_cert needs switch_at or switch_before_expiry");
+                }
+            }
+            (None, None) => {}
+            _ => out.push(key, "set both next_cert and next_key, or neither"),
+        }
+        if let Some(t) = &id.switch_at {
+            if time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).is_err() {
+                out.push(
+                    format!("{key}.switch_at"),
+                    format!("'{t}' is not an RFC 3339 time"),
+                );
+            }
+        }
+        if let Some(d) = &id.switch_before_expiry {
+            if let Err(e) = parse_duration(d) {
+                out.push(format!("{key}.switch_before_expiry"), e);
+            }
+        }
+    }
+
+    /// The identity config a dataflow presents: its named one, else the gateway's.
+    pub fn identity_for(&self, df: &Dataflow) -> Option<&IdentityConfig> {
+        match &df.identity {
+            Some(name) => self.identities.get(name),
+            None => self.identity.as_ref(),
+        }
+    }
+
+    fn validate_dataflow(&self, out: &mut Issues, key: &str, df: &Dataflow) {
+        self.validate_destination(out, key, &Written::dataflow(df));
+        for (j, a) in df.attributes.iter().enumerate() {
+            for (field, path) in [("source", &a.source), ("target", &a.target)] {
+                if path.is_empty() || path.split('.').any(str::is_empty) {
+                    out.push(
+                        format!("{key}.attributes[{j}].{field}"),
+                        format!("'{path}' is not a dotted path like person.name.firstName"),
+                    );
+                }
+            }
+        }
+        for (j, s) in df.segments.iter().enumerate() {
+            if !self.segments.iter().any(|c| &c.id == s) {
+                out.push(
+                    format!("{key}.segments[{j}]"),
+                    format!("segment '{s}' is not in the [[segments]] catalog"),
+                );
+            }
+        }
+    }
+
+    pub(super) fn validate_auth(&self, out: &mut Issues, key: &str, auth: &Auth) {
+        match auth {
+            Auth::None => {}
+            Auth::Bearer {
+                token_env,
+                token_file,
+            } => {
+                self.check_secret(out, key, "token", token_env.as_ref(), token_file.as_ref());
+            }
+            Auth::OAuth2ClientCredentials {
+                token_url,
+                client_id,
+                client_secret_env,
+                client_secret_file,
+                ..
+            } => {
+                check_token_url(out, key, token_url);
+                if client_id.is_empty() {
+                    out.push(format!("{key}.client_id"), "must not be empty");
+                }
+                self.check_secret(
+                    out,
+                    key,
+                    "client_secret",
+                    client_secret_env.as_ref(),
+                    client_secret_file.as_ref(),
+                );
+            }
+            Auth::OAuth2Password {
+                token_url,
+                client_id,
+                client_secret_env,
+                client_secret_file,
+                username,
+                password_env,
+                password_file,
+                ..
+            } => {
+                check_token_url(out, key, token_url);
+                if client_id.is_empty() {
+                    out.push(format!("{key}.client_id"), "must not be empty");
+                }
+                if username.is_empty() {
+                    out.push(format!("{key}.username"), "must not be empty");
+                }
+                self.check_secret(
+                    out,
+                    key,
+                    "client_secret",
+                    client_secret_env.as_ref(),
+                    client_secret_file.as_ref(),
+                );
+                self.check_secret(
+                    out,
+                    key,
+                    "password",
+                    password_env.as_ref(),
+                    password_file.as_ref(),
+                );
+            }
+        }
+    }
+
+    /// A destination's problems, under `key`.
+    fn validate_destination(&self, out: &mut Issues, key: &str, w: &Written<'_>) {
+        if let Err(issues) = self.destination(key, w) {
+            for i in issues {
+                out.push(format!("{key}.{}", i.key), i.reason);
+            }
+        }
+    }
+
+    /// A secret must come from exactly one source, and that source must be readable now.
+    fn check_secret(
+        &self,
+        out: &mut Issues,
+        key: &str,
+        what: &str,
+        env: Option<&String>,
+        file: Option<&PathBuf>,
+    ) {
+        let file = file.map(|f| self.path(f));
+        match SecretSource::from_pair(env, file.as_ref(), what).and_then(|s| s.read()) {
+            Ok(_) => {}
+            Err(e) => out.push(format!("{key}.{what}"), e),
+        }
+    }
+
+    /// One sidecar listener: where it listens, and each route as a dataflow would be checked.
+    fn validate_sidecar_listener(&self, out: &mut Issues, lkey: &str, n: usize, l: &SidecarListener) {
+        match (&l.listen, &l.unix_socket) {
+            // The main [sidecar] listener always has an address (default loopback); its
+            // unix_socket, when set, is used instead.
+            (_, Some(path)) => match self.path(path).parent() {
+                Some(dir) if dir.is_dir() => {}
+                _ => out.push(
+                    format!("{lkey}.unix_socket"),
+                    format!("{}: its directory does not exist", path.display()),
+                ),
+            },
+            (Some(addr), None) => {
+                if !addr.ip().is_loopback() && !l.allow_non_loopback {
+                    out.push(
+                        format!("{lkey}.listen"),
+                        format!("{addr} is not loopback; set allow_non_loopback = true to expose it"),
+                    );
+                }
+            }
+            (None, None) => out.push(lkey, "set listen or unix_socket"),
+        }
+        if l.routes.is_empty() && l.forward_proxy.is_none() && n > 0 {
+            out.push(
+                format!("{lkey}.routes"),
+                "a listener needs routes or forward_proxy",
+            );
+        }
+        let labelled = l
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("{lkey}.routes[{i}]"), r, true))
+            .chain(
+                l.forward_proxy
+                    .iter()
+                    .map(|r| (format!("{lkey}.forward_proxy"), r, false)),
+            );
+        for (key, r, routed) in labelled {
+            if r.retries > 5 {
+                out.push(format!("{key}.retries"), "at most 5");
+            }
+            if r.retry_buffer_bytes > 16 * 1024 * 1024 {
+                out.push(format!("{key}.retry_buffer_bytes"), "at most 16 MiB");
+            }
+            if routed && !r.prefix.starts_with('/') {
+                out.push(
+                    format!("{key}.prefix"),
+                    format!("'{}' must start with /", r.prefix),
+                );
+            }
+            self.validate_destination(out, &key, &Written::route(r));
+        }
+    }
+
+    pub(super) fn check_file(&self, out: &mut Issues, key: &str, p: &Path) {
+        let full = self.path(p);
+        if !full.is_file() {
+            out.push(key, format!("{} does not exist or is not a file", full.display()));
+        }
+    }
+
+    /// The secret source for a `*_env`/`*_file` pair, with the file resolved.
+    pub fn secret_source(
+        &self,
+        env: Option<&String>,
+        file: Option<&PathBuf>,
+        what: &str,
+    ) -> Result<SecretSource, String> {
+        let file = file.map(|f| self.path(f));
+        SecretSource::from_pair(env, file.as_ref(), what)
+    }
+}
+
+/// Parse a delivery URL with a real URL parser and refuse what must never be a destination:
+/// userinfo (`user@host` tricks), fragments, no host.
+pub fn check_url(s: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("'{s}' is not a URL: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry user:password@ (credentials belong in auth)".into());
+    }
+    if url.host().is_none() {
+        return Err(format!("'{s}' has no host"));
+    }
+    if url.fragment().is_some() {
+        return Err("must not have a #fragment".into());
+    }
+    Ok(url)
+}
+
+fn check_token_url(out: &mut Issues, key: &str, s: &str) {
+    match check_url(s) {
+        Err(e) => out.push(format!("{key}.token_url"), e),
+        Ok(u) if u.scheme() != "https" => out.push(format!("{key}.token_url"), "scheme must be https"),
+        // The HTTP API destination doc allows at most one query parameter in the token URL.
+        Ok(u) if u.query_pairs().count() > 1 => out.push(
+            format!("{key}.token_url"),
+            "at most one query parameter is allowed",
+        ),
+        Ok(_) => {}
+    }
+}
