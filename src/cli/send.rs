@@ -9,6 +9,7 @@ use clap::Args;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::json;
 
+use super::target::{allowing_host, configured_destination, operator_core};
 use super::{Failure, EXIT_USAGE};
 use crate::config::DestinationConfig;
 use crate::delivery::{DeliveryClient, DeliveryError, OutboundRequest};
@@ -135,7 +136,7 @@ fn prepare(args: SendArgs) -> Result<(DeliveryClient, OutboundRequest), Failure>
             "--allow applies without --config; with --config, [egress] decides",
         ));
     }
-    let (core, mut destination) = match super::configured_destination(&args.target)? {
+    let (core, mut destination) = match configured_destination(&args.target)? {
         Some((_, core, d)) => (core, d),
         None => {
             if args.target.client_cert.is_none() && !args.allow_no_client_auth {
@@ -146,7 +147,7 @@ fn prepare(args: SendArgs) -> Result<(DeliveryClient, OutboundRequest), Failure>
             }
             // The URL the operator typed is explicit intent for its host name (not for the
             // special ranges it may resolve to: those need --allow with an address).
-            let core = super::operator_core(&args.target, super::allowing_host(&url, &args.allow)?)?;
+            let core = operator_core(&args.target, allowing_host(&url, &args.allow)?)?;
             let d = DestinationConfig {
                 ca: args.target.ca.clone(),
                 ..DestinationConfig::new("send", Some(url.clone()))

@@ -1,0 +1,133 @@
+//! `sallyport pki init|csr|install`: a dev PKI, and a named identity's key, CSR and signed certificate.
+
+use std::path::PathBuf;
+
+use super::Failure;
+use crate::config::Config;
+
+pub(super) fn init(
+    dir: PathBuf,
+    cn: String,
+    dns: Vec<String>,
+    uri: Vec<String>,
+    days: i64,
+    force: bool,
+) -> Result<(), Failure> {
+    let opts = crate::pki::InitOptions {
+        client_cn: cn,
+        client_dns: dns,
+        client_uris: uri,
+        days,
+        force,
+    };
+    let files = crate::pki::init(&dir, &opts).map_err(Failure::usage)?;
+    println!("dev PKI written to {}", files.dir.display());
+    for (what, p) in [
+        ("CA certificate      ", &files.ca_cert),
+        ("CA key (0600)       ", &files.ca_key),
+        ("receiver certificate", &files.server_cert),
+        ("receiver key (0600) ", &files.server_key),
+        ("gateway certificate ", &files.client_cert),
+        ("gateway key (0600)  ", &files.client_key),
+    ] {
+        println!("  {what}  {}", p.display());
+    }
+    Ok(())
+}
+
+pub(super) fn csr(
+    config: &std::path::Path,
+    identity: &str,
+    cn: &str,
+    san: &[String],
+    out: Option<&std::path::Path>,
+) -> Result<(), Failure> {
+    let cfg = Config::parse_unvalidated(config).map_err(Failure::usage)?;
+    let key_path = pending_key(&cfg, identity)?;
+    let dir = key_path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Failure::failed(format!("{}: {e}", dir.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let (csr, key) = crate::pki::make_csr(cn, san).map_err(Failure::usage)?;
+    crate::pki::write_private(&key_path, &key).map_err(Failure::failed)?;
+    match out {
+        Some(p) => {
+            crate::pki::write_public(p, &csr).map_err(Failure::failed)?;
+            eprintln!(
+                "CSR for identity '{identity}' written to {}; key kept at {} (0600)",
+                p.display(),
+                key_path.display()
+            );
+        }
+        None => print!("{csr}"),
+    }
+    Ok(())
+}
+
+pub(super) fn install(
+    config: &std::path::Path,
+    identity: &str,
+    signed: &std::path::Path,
+    as_next: bool,
+) -> Result<(), Failure> {
+    let cfg = Config::parse_unvalidated(config).map_err(Failure::usage)?;
+    let key_path = pending_key(&cfg, identity)?;
+    if !key_path.exists() {
+        return Err(Failure::usage(format!(
+            "no pending key for '{identity}' at {}: run `sallyport pki csr --identity {identity}` first",
+            key_path.display()
+        )));
+    }
+    let id =
+        crate::pki::check_signed(signed, &key_path).map_err(|e| Failure::failed(format!("refused: {e}")))?;
+    let Some(table) = cfg.identities.get(identity) else {
+        return Err(Failure::usage(format!("no [identities.{identity}]")));
+    };
+    let (cert_dst, key_dst) = if as_next {
+        match (&table.next_cert, &table.next_key) {
+            (Some(c), Some(k)) => (cfg.path(c), cfg.path(k)),
+            _ => {
+                return Err(Failure::usage(format!(
+                    "--as-next needs next_cert and next_key in [identities.{identity}]"
+                )))
+            }
+        }
+    } else {
+        (cfg.path(&table.cert), cfg.path(&table.key))
+    };
+    let chain =
+        std::fs::read_to_string(signed).map_err(|e| Failure::failed(format!("{}: {e}", signed.display())))?;
+    let key = std::fs::read_to_string(&key_path)
+        .map_err(|e| Failure::failed(format!("{}: {e}", key_path.display())))?;
+    // Key first, then certificate, each by rename: a reload between the two sees a mismatch
+    // and keeps the old identity until both are in place.
+    let tmp_key = key_dst.with_extension("key.installing");
+    crate::pki::write_private(&tmp_key, &key).map_err(Failure::failed)?;
+    std::fs::rename(&tmp_key, &key_dst)
+        .map_err(|e| Failure::failed(format!("{}: {e}", key_dst.display())))?;
+    let tmp_cert = cert_dst.with_extension("pem.installing");
+    crate::pki::write_public(&tmp_cert, &chain).map_err(Failure::failed)?;
+    std::fs::rename(&tmp_cert, &cert_dst)
+        .map_err(|e| Failure::failed(format!("{}: {e}", cert_dst.display())))?;
+    let _ = std::fs::remove_file(&key_path);
+    println!(
+        "installed '{}' (issuer {}, expires {}) as identity '{identity}'{}",
+        id.facts.display_name(),
+        id.facts.issuer,
+        id.facts.not_after,
+        if as_next { " (next)" } else { "" }
+    );
+    Ok(())
+}
+
+fn pending_key(cfg: &Config, identity: &str) -> Result<PathBuf, Failure> {
+    if !cfg.identities.contains_key(identity) {
+        return Err(Failure::usage(format!(
+            "no [identities.{identity}] in the config: add it with the cert and key paths to install into"
+        )));
+    }
+    Ok(cfg.path(&cfg.pki.key_dir).join(format!("{identity}.pending.key")))
+}
