@@ -8,7 +8,8 @@
 //! - [`egress`]: the destination policy and source-address pins;
 //! - [`delivery`]: the one core every outbound connection goes through (connector, pools,
 //!   sessions, auth, retry, signing, errors);
-//! - [`export`]: profile updates, triggers, payloads and the export engine;
+//! - [`profile`]: the profile model (updates, merged state, triggers, batch planning);
+//! - [`export`]: trigger rules, payloads and the export engine;
 //! - [`store`]: SQLite and PostgreSQL (outbox, leases, dead letters, audit chain);
 //! - [`audit`]: the hash-chained audit log and its file form;
 //! - [`api`]: the public and admin listeners; [`serve`]: the composition root of `serve`;
@@ -30,6 +31,7 @@ pub mod egress;
 pub mod export;
 pub mod metrics;
 pub mod pki;
+pub mod profile;
 pub mod receiver;
 pub mod serve;
 pub mod sidecar;

@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 
 use sallyport::export::payload;
-use sallyport::export::profile::{split_path, Profile};
 use sallyport::export::spec::{AttributeMap, Catalog, DataflowSpec, MappedSegment, SegmentInfo};
 use sallyport::export::trigger::{evaluate, Reasons};
-use sallyport::export::update::ProfileUpdate;
+use sallyport::profile::state::{split_path, Profile};
+use sallyport::profile::update::ProfileUpdate;
 use serde_json::{json, Value};
 
 const DELOREAN: &str = "seg-delorean-owners";
@@ -81,7 +81,7 @@ fn update(v: Value) -> ProfileUpdate {
 
 /// A profile in two unmapped segments of the mapped segment's merge policy and one of
 /// another, then qualifying for one of the three mapped segments.
-fn worked_example() -> (Profile, sallyport::export::profile::Change) {
+fn worked_example() -> (Profile, sallyport::profile::state::Change) {
     let mut p = Profile::new("p-1");
     p.apply(
         update(json!({

@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use sallyport::audit::{AuditRecord, Chain, Outcome};
-use sallyport::export::trigger::{Reasons, Trigger};
-use sallyport::export::update::{parse_line, SegmentStatus};
+use sallyport::profile::trigger::{Reasons, Trigger};
+use sallyport::profile::update::{parse_line, SegmentStatus};
 use sallyport::store::{AttemptError, Completion, PgStore, SqliteStore, Store};
 use serde_json::json;
 use support::pg::PgSchema;

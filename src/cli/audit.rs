@@ -10,7 +10,7 @@ pub(super) fn run(cmd: AuditCommand) -> Result<(), Failure> {
     };
     let since_ms = match since {
         Some(s) => Some(
-            crate::export::update::rfc3339_to_unix_ms(s)
+            crate::profile::update::rfc3339_to_unix_ms(s)
                 .ok_or_else(|| Failure::usage(format!("--since: '{s}' is not an RFC 3339 time")))?,
         ),
         None => None,

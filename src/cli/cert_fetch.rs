@@ -113,7 +113,7 @@ fn check(r: &Value) -> Result<(String, CertFacts), String> {
     }
     let claimed = r["expiryDate"]
         .as_str()
-        .and_then(crate::export::update::rfc3339_to_unix_ms)
+        .and_then(crate::profile::update::rfc3339_to_unix_ms)
         .ok_or("no valid expiryDate")?;
     if claimed / 1000 != facts.not_after.unix_timestamp() {
         return Err("expiryDate does not match the certificate".into());

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::Value;
 
-use super::profile::Profile;
 use super::spec::{Catalog, DataflowSpec};
+use crate::profile::state::Profile;
 
 /// One profile's payload for one dataflow, ready to serialize.
 #[derive(Debug)]
@@ -205,9 +205,9 @@ impl Serialize for Node<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::profile::Membership;
     use crate::export::spec::{AttributeMap, MappedSegment, SegmentInfo};
-    use crate::export::update::SegmentStatus;
+    use crate::profile::state::Membership;
+    use crate::profile::update::SegmentStatus;
     use serde_json::json;
 
     #[test]

@@ -3,9 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::profile::split_path;
-use super::update::rfc3339_to_unix_ms;
 use crate::config::{Config, Dataflow};
+use crate::profile::state::split_path;
+use crate::profile::update::rfc3339_to_unix_ms;
+pub use crate::profile::MappedSegment;
 
 /// One segment in the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,13 +51,6 @@ impl Catalog {
             .get(segment)
             .map_or(profile_policy, |s| s.merge_policy.as_str())
     }
-}
-
-/// A mapped segment with the times its mapping was made and last changed (UNIX ms).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MappedSegment {
-    pub mapping_created_at: i64,
-    pub mapping_updated_at: i64,
 }
 
 /// A mapped attribute.

@@ -7,42 +7,9 @@
 //! profile that never qualified is not one of them. A segment status change always exports,
 //! including `exited`, which is how a receiver learns a profile left.
 
-use serde::{Deserialize, Serialize};
-
-use super::profile::{Change, Profile};
 use super::spec::DataflowSpec;
-
-/// Why a profile is exported (bit set; coalesced triggers OR together).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reasons(pub u8);
-
-impl Reasons {
-    pub const SEGMENT: Reasons = Reasons(1);
-    pub const IDENTITY: Reasons = Reasons(2);
-    pub const ATTRIBUTE: Reasons = Reasons(4);
-    pub const BACKFILL: Reasons = Reasons(8);
-
-    pub fn contains(self, other: Reasons) -> bool {
-        self.0 & other.0 == other.0
-    }
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-}
-
-impl std::ops::BitOr for Reasons {
-    type Output = Reasons;
-    fn bitor(self, rhs: Reasons) -> Reasons {
-        Reasons(self.0 | rhs.0)
-    }
-}
-
-/// A decision to export: why, and which mapped segments' status changes caused it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Trigger {
-    pub reasons: Reasons,
-    pub segments: Vec<String>,
-}
+use crate::profile::state::{Change, Profile};
+pub use crate::profile::trigger::{Reasons, Trigger};
 
 /// Decide whether `change` (already applied to `profile`) exports the profile to `df`.
 pub fn evaluate(df: &DataflowSpec, profile: &Profile, change: &Change) -> Option<Trigger> {

@@ -15,10 +15,10 @@ pub mod sqlite;
 use std::collections::HashMap;
 
 use crate::audit::{AuditRecord, Chain, ChainedRecord};
-use crate::export::profile::Profile;
-use crate::export::spec::MappedSegment;
-use crate::export::trigger::{Reasons, Trigger};
-use crate::export::update::ProfileUpdate;
+use crate::profile::state::Profile;
+use crate::profile::trigger::Reasons;
+use crate::profile::update::ProfileUpdate;
+use crate::profile::MappedSegment;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -141,7 +141,7 @@ pub struct DeadLetter {
 }
 
 /// The decision for one update: which dataflows to enqueue the profile for, and why.
-pub type Enqueues = Vec<(String, Trigger)>;
+pub use crate::profile::batch::Enqueues;
 
 /// Persistent state of the export engine. Methods block; call them from `spawn_blocking`.
 pub trait Store: Send + Sync + 'static {
@@ -305,63 +305,4 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// A batch of updates merged in memory, ready to write: each touched profile once (with the
-/// segments whose membership it must write), and each (dataflow, profile) to enqueue once.
-pub(crate) struct PlannedBatch {
-    pub profiles: Vec<(Profile, Vec<String>)>,
-    pub enqueues: Vec<((String, String), Trigger)>,
-}
-
-/// Apply `updates` in order to the profiles `load` returns (a fresh one when it returns
-/// `None`), coalescing the deliveries they trigger. Both stores write the result.
-pub(crate) fn plan_batch(
-    updates: Vec<ProfileUpdate>,
-    load: &mut dyn FnMut(&str) -> Result<Option<Profile>, StoreError>,
-    apply: &mut dyn FnMut(&mut Profile, ProfileUpdate) -> Enqueues,
-) -> Result<PlannedBatch, StoreError> {
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut profiles: Vec<(Profile, Vec<String>)> = Vec::new();
-    let mut queued: HashMap<(String, String), usize> = HashMap::new();
-    let mut enqueues: Vec<((String, String), Trigger)> = Vec::new();
-    for u in updates {
-        let i = match index.get(&u.profile_id) {
-            Some(i) => *i,
-            None => {
-                let p = load(&u.profile_id)?.unwrap_or_else(|| Profile::new(&u.profile_id));
-                profiles.push((p, Vec::new()));
-                index.insert(u.profile_id.clone(), profiles.len() - 1);
-                profiles.len() - 1
-            }
-        };
-        let (p, touched) = &mut profiles[i];
-        for s in &u.segments {
-            if !touched.contains(&s.id) {
-                touched.push(s.id.clone());
-            }
-        }
-        let profile_id = u.profile_id.clone();
-        for (df, t) in apply(p, u) {
-            let key = (df, profile_id.clone());
-            match queued.get(&key) {
-                Some(j) => union(&mut enqueues[*j].1, &t),
-                None => {
-                    queued.insert(key.clone(), enqueues.len());
-                    enqueues.push((key, t));
-                }
-            }
-        }
-    }
-    Ok(PlannedBatch { profiles, enqueues })
-}
-
-/// Coalesce two triggers for the same row.
-pub(crate) fn union(a: &mut Trigger, b: &Trigger) {
-    a.reasons = a.reasons | b.reasons;
-    for s in &b.segments {
-        if !a.segments.contains(s) {
-            a.segments.push(s.clone());
-        }
-    }
 }

@@ -32,10 +32,10 @@ use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 
 use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, StoreError};
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
-use crate::export::profile::{Membership, Profile};
-use crate::export::spec::MappedSegment;
-use crate::export::trigger::Reasons;
-use crate::export::update::{ProfileUpdate, SegmentStatus};
+use crate::profile::state::{Membership, Profile};
+use crate::profile::trigger::Reasons;
+use crate::profile::update::{ProfileUpdate, SegmentStatus};
+use crate::profile::MappedSegment;
 
 /// Schema migrations, applied in order on start under an advisory lock; each version is
 /// recorded in `schema_migrations`.
@@ -578,7 +578,7 @@ impl Store for PgStore {
             let existing: Vec<String> = ids.iter().filter(|i| !inserted.contains(*i)).cloned().collect();
             let mut loaded = load_profiles(tx, &existing, true)?;
             // A serialization failure runs this again: each attempt applies its own copy.
-            let batch = super::plan_batch(updates.clone(), &mut |id| Ok(loaded.remove(id)), apply)?;
+            let batch = crate::profile::batch::plan_batch(updates.clone(), &mut |id| loaded.remove(id), apply);
             let (mut pid, mut mp, mut im, mut at) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let (mut m_pid, mut m_seg, mut m_status, mut m_time) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for (p, touched) in &batch.profiles {

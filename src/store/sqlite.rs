@@ -16,12 +16,12 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
-use super::{union, AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, StoreError};
+use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, StoreError};
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
-use crate::export::profile::{Membership, Profile};
-use crate::export::spec::MappedSegment;
-use crate::export::trigger::{Reasons, Trigger};
-use crate::export::update::{ProfileUpdate, SegmentStatus};
+use crate::profile::state::{Membership, Profile};
+use crate::profile::trigger::{Reasons, Trigger};
+use crate::profile::update::{ProfileUpdate, SegmentStatus};
+use crate::profile::MappedSegment;
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -424,7 +424,7 @@ fn enqueue(
         reasons: Reasons(reasons),
         segments: serde_json::from_str(&segs).unwrap_or_default(),
     };
-    union(&mut merged, t);
+    merged.absorb(t);
     // Keep the row's place in line and any retry backoff; bump the version so an in-flight
     // send of the older state does not acknowledge this one.
     tx.prepare_cached(
@@ -497,7 +497,8 @@ impl Store for SqliteStore {
             ids.dedup();
             load_profiles(&tx, &ids)?
         };
-        let batch = super::plan_batch(updates, &mut |id| Ok(loaded.remove(id).map(|(p, _)| p)), apply)?;
+        let batch =
+            crate::profile::batch::plan_batch(updates, &mut |id| loaded.remove(id).map(|(p, _)| p), apply);
         for (p, touched) in &batch.profiles {
             let touched: Vec<&String> = touched.iter().collect();
             save_profile(&tx, p, &touched, now)?;

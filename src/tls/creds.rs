@@ -108,7 +108,7 @@ impl IdentityStore {
             switch_at: id
                 .switch_at
                 .as_deref()
-                .and_then(|s| crate::export::update::parse_rfc3339(s).ok()),
+                .and_then(|s| crate::profile::update::parse_rfc3339(s).ok()),
             switch_before_expiry: id
                 .switch_before_expiry
                 .as_deref()

@@ -22,10 +22,10 @@ use serde::Serialize;
 
 use super::spec::Catalog;
 use super::trigger::evaluate;
-use super::update::{parse_ndjson, LineError};
 use crate::audit::Outcome;
 use crate::config::Config;
 use crate::delivery::Core;
+use crate::profile::update::{parse_ndjson, LineError};
 use crate::store::{self, AttemptError, Store, StoreError};
 
 pub use attempt::idempotency_key;
