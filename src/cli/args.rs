@@ -161,9 +161,10 @@ pub struct VerifyArgs {
     pub url: String,
     #[command(flatten)]
     pub target: TargetArgs,
-    /// Budget for connect, handshake and answer.
-    #[arg(long, default_value = "2s")]
-    pub timeout: String,
+    /// Budget for connect, handshake and answer. Default: the dataflow's timeout with
+    /// --config, else 2s.
+    #[arg(long)]
+    pub timeout: Option<String>,
     /// Also send one test request (`{}`) through the delivery core.
     #[arg(long)]
     pub send_test: bool,

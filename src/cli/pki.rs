@@ -45,11 +45,20 @@ pub(super) fn csr(
     let cfg = Config::parse_unvalidated(config).map_err(Failure::usage)?;
     let key_path = pending_key(&cfg, identity)?;
     let dir = key_path.parent().unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Failure::failed(format!("{}: {e}", dir.display())))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    if !dir.is_dir() {
+        // Made 0700 when we make it; an existing directory (perhaps a shared one the
+        // operator chose) keeps its mode: the key file itself is 0600 either way.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| Failure::failed(format!("{}: {e}", dir.display())))?;
+        }
+        #[cfg(not(unix))]
+        std::fs::create_dir_all(dir).map_err(|e| Failure::failed(format!("{}: {e}", dir.display())))?;
     }
     let (csr, key) = crate::pki::make_csr(cn, san).map_err(Failure::usage)?;
     crate::pki::write_private(&key_path, &key).map_err(Failure::failed)?;

@@ -34,10 +34,23 @@ fn verify_options(args: VerifyArgs) -> Result<crate::verify::Options, Failure> {
     if url.scheme() != "https" {
         return Err(Failure::usage(format!("{}: scheme must be https", args.url)));
     }
-    let timeout = crate::config::parse_duration(&args.timeout)
-        .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+    let timeout = match &args.timeout {
+        Some(t) => {
+            Some(crate::config::parse_duration(t).map_err(|e| Failure::usage(format!("--timeout: {e}")))?)
+        }
+        None => None,
+    };
+    if args.target.config.is_some() && !args.allow.is_empty() {
+        return Err(Failure::usage(
+            "--allow applies without --config; with --config, [egress] decides",
+        ));
+    }
     match configured_destination(&args.target)? {
-        Some((_, core, d)) => {
+        Some((_, core, mut d)) => {
+            if let Some(t) = timeout {
+                d.timeout = t;
+            }
+            let timeout = d.timeout;
             // The dataflow's own identity, as its deliveries present it.
             let identity = core
                 .identities()
@@ -60,6 +73,7 @@ fn verify_options(args: VerifyArgs) -> Result<crate::verify::Options, Failure> {
             })
         }
         None => {
+            let timeout = timeout.unwrap_or(crate::delivery::DEFAULT_TIMEOUT);
             let identity = match (&args.target.client_cert, &args.target.client_key) {
                 (Some(c), Some(k)) => Some(crate::tls::Identity::load(c, k).map_err(Failure::usage)?),
                 _ => None,
