@@ -415,6 +415,23 @@ impl Config {
                     format!("'{}' must start with /", r.prefix),
                 );
             }
+            if !routed {
+                if r.prefix != "/" {
+                    out.push(
+                        format!("{key}.prefix"),
+                        "a forward proxy takes every path: set prefix = \"/\"",
+                    );
+                }
+                // The app names the host of each forward-proxy request: a credential here
+                // would go to whichever host the app chose.
+                if !matches!(r.auth, crate::config::Auth::None) {
+                    out.push(
+                        format!("{key}.auth"),
+                        "a forward proxy sends to hosts the app names, so it cannot carry a route credential; \
+                         put auth on a route with a fixed upstream",
+                    );
+                }
+            }
             self.validate_destination(out, &key, &Written::route(r));
         }
     }

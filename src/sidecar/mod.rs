@@ -6,6 +6,8 @@
 //! Must never: listen beyond loopback unless configured to, pass the app's `Authorization`
 //! on when the route authenticates itself, forward hop-by-hop headers, or buffer a body.
 
+pub mod path;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -368,8 +370,15 @@ impl Sidecar {
     ) -> Reply {
         let started = Instant::now();
         let path = req.uri().path();
-        // Absolute-form (`GET http://host/path`): forward-proxy mode, sent as https.
-        let forward = req.uri().authority().map(|a| a.to_string());
+        // Absolute-form (`GET http://host/path`): forward-proxy mode, sent as https. Only an
+        // HTTP/1 request target says that: HTTP/2 always fills `:authority`, and its requests
+        // go by route like any other.
+        let forward = match req.version() {
+            http::Version::HTTP_09 | http::Version::HTTP_10 | http::Version::HTTP_11 => {
+                req.uri().authority().map(|a| a.to_string())
+            }
+            _ => None,
+        };
         let (route, url, forwarded) = match (forward, &self.forward) {
             (Some(authority), Some(fwd)) => {
                 let target = format!(
@@ -389,19 +398,22 @@ impl Sidecar {
                 )
             }
             (None, _) => {
-                let Some(route) = self.routes.iter().find(|r| path.starts_with(&r.prefix)) else {
+                let Some((route, rest)) = self
+                    .routes
+                    .iter()
+                    .find_map(|r| path::strip_prefix(path, &r.prefix).map(|rest| (r, rest)))
+                else {
                     return json_error(
                         StatusCode::NOT_FOUND,
                         "no_route",
                         "no sidecar route matches this path",
                     );
                 };
+                let joined = match path::join(&route.base_path, rest) {
+                    Ok(j) => j,
+                    Err(e) => return json_error(StatusCode::BAD_REQUEST, e.kind(), e.message()),
+                };
                 let mut url = route.upstream.clone();
-                let rest = path[route.prefix.len()..].trim_start_matches('/');
-                let mut joined = String::with_capacity(route.base_path.len() + 1 + rest.len());
-                joined.push_str(&route.base_path);
-                joined.push('/');
-                joined.push_str(rest);
                 url.set_path(&joined);
                 url.set_query(req.uri().query());
                 (route, url, false)
