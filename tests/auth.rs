@@ -109,6 +109,20 @@ async fn client_credentials_in_the_form_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_said_never_to_expire_is_used_not_a_crash() {
+    let pki = RcgenPki::new();
+    // `expires_in` near i64::MAX, a common way to say "never": it must not overflow a clock.
+    let oauth = OAuthServer::start(&pki, i64::MAX as u64, false);
+    let rx = receiver(&pki, ok()).await;
+    let c = client(&pki, &rx, &cc(oauth.port, "body"));
+    for _ in 0..3 {
+        assert_eq!(c.send(req(&rx)).await.unwrap().status, 200);
+    }
+    assert_eq!(oauth.grants(), ["client_credentials"], "the token is reused");
+    assert!(bearer_seen(&rx, 2).starts_with("Bearer ey"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_in_http_basic() {
     let pki = RcgenPki::new();
     let oauth = OAuthServer::start(&pki, 3600, false);

@@ -73,8 +73,34 @@ impl std::fmt::Debug for TokenState {
 struct TokenResponse {
     access_token: String,
     token_type: Option<String>,
-    expires_in: Option<u64>,
+    /// Seconds, as a number or a numeric string (both are seen in the wild); anything else,
+    /// negative or huge is clamped by [`lifetime`].
+    expires_in: Option<serde_json::Value>,
     refresh_token: Option<String>,
+}
+
+/// The longest lifetime a token is trusted for before it is fetched again: servers say
+/// "never" with values near `i64::MAX`, which overflow a clock.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// The shortest: a token said to expire at once is still used for the request it was fetched for.
+const MIN_LIFETIME: Duration = Duration::from_secs(1);
+/// Largest token response read; a token endpoint that sends more is refused.
+const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+
+/// The lifetime `expires_in` stands for, clamped to [`MIN_LIFETIME`, `MAX_LIFETIME`].
+fn lifetime(expires_in: Option<&serde_json::Value>) -> Duration {
+    let secs = match expires_in {
+        None => return DEFAULT_LIFETIME,
+        Some(serde_json::Value::Number(n)) => n.as_f64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+        Some(_) => None,
+    };
+    match secs {
+        Some(s) if s.is_finite() => {
+            Duration::from_secs_f64(s.clamp(MIN_LIFETIME.as_secs_f64(), MAX_LIFETIME.as_secs_f64()))
+        }
+        _ => DEFAULT_LIFETIME,
+    }
 }
 
 #[derive(Deserialize)]
@@ -148,7 +174,7 @@ impl OAuth2 {
     }
 
     fn store(st: &mut TokenState, t: TokenResponse) -> Secret {
-        let lifetime = t.expires_in.map_or(DEFAULT_LIFETIME, Duration::from_secs);
+        let lifetime = lifetime(t.expires_in.as_ref());
         // Renew at 90% of the lifetime, and at least 5 s before expiry.
         let ahead = (lifetime / 10).max(Duration::from_secs(5)).min(lifetime);
         st.renew_at = Some(Instant::now() + lifetime - ahead);
@@ -219,6 +245,16 @@ impl OAuth2 {
             )
             .with_source(e)
         })?;
+        if d.body.len() > MAX_TOKEN_RESPONSE {
+            return Err(DeliveryError::new(
+                ErrorKind::Auth,
+                format!(
+                    "the token endpoint {} sent {} bytes; at most {MAX_TOKEN_RESPONSE} are read",
+                    self.host(),
+                    d.body.len()
+                ),
+            ));
+        }
         if !d.status.is_success() {
             let code = serde_json::from_slice::<TokenError>(&d.body)
                 .ok()
@@ -253,6 +289,18 @@ impl OAuth2 {
 
     fn host(&self) -> String {
         self.token_url.host_str().unwrap_or("?").to_owned()
+    }
+}
+
+/// Entry point for the token-response fuzz target: any body a token endpoint may send is
+/// either refused or gives a lifetime within bounds, never a panic.
+pub fn fuzz_entry(data: &[u8]) {
+    if let Ok(t) = serde_json::from_slice::<TokenResponse>(data) {
+        let l = lifetime(t.expires_in.as_ref());
+        assert!(l >= MIN_LIFETIME && l <= MAX_LIFETIME.max(DEFAULT_LIFETIME));
+        let mut st = TokenState::default();
+        let _ = OAuth2::store(&mut st, t);
+        assert!(st.renew_at.is_some());
     }
 }
 

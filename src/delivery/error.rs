@@ -44,6 +44,9 @@ pub enum ErrorKind {
     EgressDenied,
     /// Source addresses are pinned, but none of the destination's address family.
     NoSourceAddress,
+    /// The gateway failed inside (a bug caught at the attempt's edge): the attempt is failed,
+    /// audited and retried like any other, and the rest of the dataflow goes on.
+    Internal,
 }
 
 /// Who must act to fix it.
@@ -74,6 +77,7 @@ impl ErrorKind {
             ErrorKind::Auth => "auth",
             ErrorKind::EgressDenied => "egress_denied",
             ErrorKind::NoSourceAddress => "no_source_address",
+            ErrorKind::Internal => "internal",
         }
     }
 
@@ -82,7 +86,8 @@ impl ErrorKind {
             ErrorKind::InvalidUrl
             | ErrorKind::InvalidRequest
             | ErrorKind::EgressDenied
-            | ErrorKind::NoSourceAddress => Blame::Gateway,
+            | ErrorKind::NoSourceAddress
+            | ErrorKind::Internal => Blame::Gateway,
             ErrorKind::Dns | ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Protocol => Blame::Network,
             ErrorKind::TlsHandshake
             | ErrorKind::ServerCertificate

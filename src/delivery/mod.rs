@@ -626,6 +626,31 @@ async fn within<F: std::future::Future>(
     }
 }
 
+/// `work`'s output, or what it panicked with: a bug in one attempt must not end the task that
+/// runs many (an export courier holds a leased row, and would die with it after every lease).
+pub async fn catch_panic<F: std::future::Future>(work: F) -> Result<F::Output, String> {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::task::Poll;
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(
+        |cx| match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic_message(panic.as_ref()))),
+        },
+    )
+    .await
+}
+
+/// The text a panic carried, when it is text.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
 /// `host:port` of a delivery URL, as audit records name the destination.
 pub fn destination(url: &url::Url) -> String {
     format!(
@@ -633,4 +658,22 @@ pub fn destination(url: &url::Url) -> String {
         url.host_str().unwrap_or_default(),
         url.port_or_known_default().unwrap_or(443)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_inside_an_attempt_comes_back_as_its_message() {
+        let ok = catch_panic(async { 7 }).await;
+        assert_eq!(ok, Ok(7));
+        let failed = catch_panic(async {
+            tokio::task::yield_now().await;
+            let limit: Option<u32> = None;
+            limit.expect("a limit the attempt relied on")
+        })
+        .await;
+        assert_eq!(failed, Err("a limit the attempt relied on".to_owned()));
+    }
 }

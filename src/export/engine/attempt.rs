@@ -31,17 +31,31 @@ pub(super) async fn deliver(
     item: OutboxItem,
     session: &Session,
 ) -> (Completion, AuditRecord<'static>) {
-    let body: Bytes = payload::to_vec_with(
-        &flow.spec,
-        catalog,
-        &item.profile,
-        &item.segments,
-        item.identity_map_json.as_deref(),
-    )
-    .into();
     let key = idempotency_key(&flow.spec.name, item.id, item.version);
     let attempt = item.attempts + 1;
-    let sent = flow.send(Some(session), &key, body.clone()).await;
+    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        payload::to_vec_with(
+            &flow.spec,
+            catalog,
+            &item.profile,
+            &item.segments,
+            item.identity_map_json.as_deref(),
+        )
+    }));
+    let (body, sent) = match built {
+        Ok(body) => {
+            let body = Bytes::from(body);
+            let sent = flow.send(Some(session), &key, body.clone()).await;
+            (body, sent)
+        }
+        Err(panic) => {
+            let why = crate::delivery::panic_message(panic.as_ref());
+            (
+                Bytes::new(),
+                Sent::internal(format!("building the payload failed: {why}")),
+            )
+        }
+    };
     let completion = match &sent.result {
         Ok(()) => Completion::Delivered {
             id: item.id,
@@ -93,6 +107,18 @@ pub(super) struct Sent {
     latency_ms: f64,
 }
 
+impl Sent {
+    /// An attempt that failed inside the gateway, before or while sending.
+    fn internal(message: String) -> Sent {
+        Sent {
+            result: Err(DeliveryError::new(ErrorKind::Internal, message)),
+            status: None,
+            peer: None,
+            latency_ms: 0.0,
+        }
+    }
+}
+
 /// A key that names one delivery of one profile state: the same across retries and
 /// replays, different for each new state (the outbox row's version).
 pub fn idempotency_key(dataflow: &str, row: i64, version: i64) -> String {
@@ -109,6 +135,16 @@ impl Flow {
     /// One signed POST of `body` under `key` (over `session`'s connection, else the pool);
     /// `Err` for anything but a 2xx.
     pub(super) async fn send(&self, session: Option<&Session>, key: &str, body: Bytes) -> Sent {
+        match crate::delivery::catch_panic(self.send_unguarded(session, key, body)).await {
+            Ok(sent) => sent,
+            Err(why) => {
+                tracing::error!(dataflow = %self.spec.name, panic = %why, "a delivery attempt failed inside the gateway");
+                Sent::internal(format!("the attempt failed inside the gateway: {why}"))
+            }
+        }
+    }
+
+    async fn send_unguarded(&self, session: Option<&Session>, key: &str, body: Bytes) -> Sent {
         let started = std::time::Instant::now();
         let req = match self.request(key, body) {
             Ok(r) => r,
