@@ -330,7 +330,7 @@ async fn a_dataflow_put_on_one_instance_runs_on_the_other() {
     })
     .await
     .unwrap();
-    let body = serde_json::json!({"name": "second", "endpoint": rx2.url("/in"), "ca": s.pki.files.ca_cert,
+    let body = serde_json::json!({"name": "second", "endpoint": rx2.url("/in"), "ca_pem": std::fs::read_to_string(&s.pki.files.ca_cert).unwrap(),
         "segments": ["s1"], "attributes": [{"source": "n", "target": "n"}]});
     let (status, text) = http(
         "PUT",

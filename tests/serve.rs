@@ -284,7 +284,8 @@ async fn dataflows_managed_over_the_admin_api_backfill_persist_and_delete() {
     .await;
 
     let body = |name: &str, endpoint: &str| {
-        json!({"name": name, "endpoint": endpoint, "ca": pki.files.ca_cert, "segments": ["s1"],
+        // The CA inline: an API-defined dataflow names no file outside [admin] dataflow_ca_dir.
+        json!({"name": name, "endpoint": endpoint, "ca_pem": std::fs::read_to_string(&pki.files.ca_cert).unwrap(), "segments": ["s1"],
                "attributes": [{"source": "n", "target": "n"}]})
         .to_string()
     };

@@ -221,6 +221,6 @@ fn dataflow_doc(df: &crate::config::Dataflow, source: &str) -> serde_json::Value
         "includeSegmentTimestamps": df.include_segment_timestamps,
         "attributes": df.attributes.iter().map(|a| json!({"source": a.source, "target": a.target})).collect::<Vec<_>>(),
         "segments": df.segments, "maxAttempts": df.max_attempts,
-        "signed": df.signing_secret_env.is_some() || df.signing_secret_file.is_some(),
+        "signed": df.signing_secret_env.is_some() || df.signing_secret_file.is_some() || df.signing_secret_ref.is_some(),
     })
 }

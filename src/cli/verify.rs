@@ -56,7 +56,7 @@ fn verify_options(args: VerifyArgs) -> Result<crate::verify::Options, Failure> {
                 .identities()
                 .get(d.identity.as_deref())
                 .map(|s| s.presented());
-            let trust = crate::tls::Trust::from_optional_file(d.ca.as_deref()).map_err(Failure::usage)?;
+            let trust = d.trust().map_err(Failure::usage)?;
             let send_test = if args.send_test {
                 Some(core.destination(&d).map_err(Failure::usage)?)
             } else {

@@ -9,7 +9,18 @@ use std::time::Duration;
 use super::parse::{parse_duration, parse_headers, parse_query, HeaderSpec, QuerySpec};
 use super::secret::SecretSource;
 use super::validate::{check_url, Issues};
-use super::{Auth, Config, Dataflow, Issue, SidecarRoute, RESERVED_HEADERS, TIMEOUT_BOUNDS};
+use super::{
+    Auth, Config, CredentialsIn, Dataflow, Issue, SecretFields, SidecarRoute, RESERVED_HEADERS,
+    TIMEOUT_BOUNDS,
+};
+
+/// The signing secret of a destination that signs nothing.
+const NO_SECRET: SecretFields<'static> = SecretFields {
+    what: "signing_secret",
+    env: None,
+    file: None,
+    named: None,
+};
 use crate::delivery::retry::RetryPolicy;
 
 /// How to reach one receiver: typed and checked, paths resolved against the config file.
@@ -21,16 +32,19 @@ pub struct DestinationConfig {
     pub endpoint: Option<url::Url>,
     /// Refuse receivers that do not request a client certificate.
     pub mtls: bool,
-    /// CA bundle that signs the receiver's certificate; `None`: the webpki roots.
+    /// CA bundle that signs the receiver's certificate; `None` (and no `ca_pem`): the
+    /// webpki roots.
     pub ca: Option<PathBuf>,
+    /// The CA bundle as PEM text (API-defined dataflows).
+    pub ca_pem: Option<String>,
     /// Connect + request + response, all within this.
     pub timeout: Duration,
     /// Headers added to every request.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Query parameters appended to every request URL.
     pub query: Vec<(String, String)>,
-    /// How requests authenticate, with secret files resolved.
-    pub auth: Auth,
+    /// How requests authenticate, each secret's source resolved.
+    pub auth: AuthConfig,
     /// The named identity presented; `None`: the gateway's `[identity]`.
     pub identity: Option<String>,
     /// Standard Webhooks signing secret, when requests are signed.
@@ -40,6 +54,15 @@ pub struct DestinationConfig {
 }
 
 impl DestinationConfig {
+    /// The receiver certificates this destination trusts: `ca_pem`, else the `ca` file, else
+    /// the webpki roots.
+    pub fn trust(&self) -> Result<crate::tls::Trust, crate::tls::TlsError> {
+        match &self.ca_pem {
+            Some(pem) => crate::tls::Trust::from_pem_text(pem, "ca_pem"),
+            None => crate::tls::Trust::from_optional_file(self.ca.as_deref()),
+        }
+    }
+
     /// A destination with the defaults: mTLS-only, webpki roots, 2 s, no headers, query or
     /// auth, the default identity, unsigned, three attempts.
     pub fn new(name: impl Into<String>, endpoint: Option<url::Url>) -> Self {
@@ -48,15 +71,62 @@ impl DestinationConfig {
             endpoint,
             mtls: true,
             ca: None,
+            ca_pem: None,
             timeout: crate::delivery::DEFAULT_TIMEOUT,
             headers: vec![],
             query: vec![],
-            auth: Auth::None,
+            auth: AuthConfig::None,
             identity: None,
             signing: None,
             retry: RetryPolicy::default(),
         }
     }
+}
+
+/// How a destination's requests authenticate, each secret's source resolved (read when the
+/// destination is made).
+#[derive(Debug, Clone)]
+pub enum AuthConfig {
+    None,
+    Bearer {
+        token: SecretSource,
+    },
+    OAuth2 {
+        token_url: url::Url,
+        client_id: String,
+        client_secret: SecretSource,
+        scope: Option<String>,
+        credentials_in: CredentialsIn,
+        /// The password grant's user and password; `None`: client credentials.
+        password: Option<(String, SecretSource)>,
+    },
+}
+
+impl AuthConfig {
+    /// The auth kind as audit records and metrics name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuthConfig::None => "none",
+            AuthConfig::Bearer { .. } => "bearer",
+            AuthConfig::OAuth2 { password: None, .. } => "oauth2_client_credentials",
+            AuthConfig::OAuth2 {
+                password: Some(_), ..
+            } => "oauth2_password",
+        }
+    }
+}
+
+/// Where a destination was written: what it may read differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// The config file: its author controls the host, so `_env` and `_file` secrets and any
+    /// CA path are fine.
+    ConfigFile,
+    /// The admin API or a shared database: secrets only by `[secrets]` name, a CA file only
+    /// inside `[admin] dataflow_ca_dir` (or inline PEM). Otherwise whoever holds the admin
+    /// token, or can write to the database, could send any secret or file of the process to
+    /// a receiver of their choosing.
+    Stored,
 }
 
 /// The fields a destination is written with in the config file, borrowed from whichever
@@ -65,32 +135,39 @@ pub(super) struct Written<'a> {
     pub endpoint: Option<&'a str>,
     pub mtls: bool,
     pub ca: Option<&'a PathBuf>,
+    pub ca_pem: Option<&'a String>,
     pub timeout: &'a str,
     pub headers: Option<&'a HeaderSpec>,
     pub query: Option<&'a QuerySpec>,
     pub auth: &'a Auth,
     pub identity: Option<&'a String>,
-    pub signing_env: Option<&'a String>,
-    pub signing_file: Option<&'a PathBuf>,
+    pub signing: SecretFields<'a>,
     pub max_attempts: u32,
     pub no_retry_on_4xx: bool,
+    pub origin: Origin,
 }
 
 impl<'a> Written<'a> {
-    pub(super) fn dataflow(df: &'a Dataflow) -> Self {
+    pub(super) fn dataflow(df: &'a Dataflow, origin: Origin) -> Self {
         Written {
             endpoint: Some(&df.endpoint),
             mtls: df.mtls,
             ca: df.ca.as_ref(),
+            ca_pem: df.ca_pem.as_ref(),
             timeout: &df.timeout,
             headers: df.headers.as_ref(),
             query: df.query.as_ref(),
             auth: &df.auth,
             identity: df.identity.as_ref(),
-            signing_env: df.signing_secret_env.as_ref(),
-            signing_file: df.signing_secret_file.as_ref(),
+            signing: SecretFields {
+                what: "signing_secret",
+                env: df.signing_secret_env.as_ref(),
+                file: df.signing_secret_file.as_ref(),
+                named: df.signing_secret_ref.as_ref(),
+            },
             max_attempts: df.max_attempts,
             no_retry_on_4xx: df.no_retry_on_4xx,
+            origin,
         }
     }
 
@@ -101,15 +178,16 @@ impl<'a> Written<'a> {
             endpoint: Some(&r.upstream),
             mtls: r.mtls,
             ca: r.ca.as_ref(),
+            ca_pem: None,
             timeout: &r.timeout,
             headers: r.headers.as_ref(),
             query: r.query.as_ref(),
             auth: &r.auth,
             identity: r.identity.as_ref(),
-            signing_env: None,
-            signing_file: None,
+            signing: NO_SECRET,
             max_attempts: 1,
             no_retry_on_4xx: false,
+            origin: Origin::ConfigFile,
         }
     }
 }
@@ -117,7 +195,15 @@ impl<'a> Written<'a> {
 impl Config {
     /// A configured dataflow as a destination.
     pub fn dataflow_destination(&self, df: &Dataflow) -> Result<DestinationConfig, String> {
-        self.destination(&df.name, &Written::dataflow(df))
+        self.destination(&df.name, &Written::dataflow(df, Origin::ConfigFile))
+            .map_err(|issues| joined(&format!("dataflow {}", df.name), issues))
+    }
+
+    /// A dataflow defined through the admin API or read from a shared database, as a
+    /// destination: it may name secrets only from `[secrets]`, and a CA file only inside
+    /// `[admin] dataflow_ca_dir`.
+    pub fn stored_dataflow_destination(&self, df: &Dataflow) -> Result<DestinationConfig, String> {
+        self.destination(&df.name, &Written::dataflow(df, Origin::Stored))
             .map_err(|issues| joined(&format!("dataflow {}", df.name), issues))
     }
 
@@ -159,15 +245,16 @@ impl Config {
             endpoint: Some(w),
             mtls: a.mtls,
             ca: a.ca.as_ref(),
+            ca_pem: None,
             timeout: &timeout,
             headers: None,
             query: None,
             auth: &Auth::None,
             identity: None,
-            signing_env: None,
-            signing_file: None,
+            signing: NO_SECRET,
             max_attempts: 1,
             no_retry_on_4xx: false,
+            origin: Origin::ConfigFile,
         };
         Some(self.destination("alerts", &written))
     }
@@ -203,8 +290,22 @@ impl Config {
         } else if w.mtls && self.identity.is_none() {
             out.push("mtls", "mtls = true needs an [identity] with cert and key");
         }
-        if let Some(ca) = w.ca {
-            self.check_file(&mut out, "ca", ca);
+        let ca = match (w.ca, w.ca_pem, w.origin) {
+            (Some(_), Some(_), _) => {
+                out.push("ca", "set ca or ca_pem, not both");
+                None
+            }
+            (Some(ca), None, Origin::ConfigFile) => {
+                self.check_file(&mut out, "ca", ca);
+                Some(self.path(ca))
+            }
+            (Some(ca), None, Origin::Stored) => self.stored_ca(ca).map_err(|e| out.push("ca", e)).ok(),
+            (None, _, _) => None,
+        };
+        if let Some(pem) = w.ca_pem {
+            if let Err(e) = crate::tls::Trust::from_pem_text(pem, "ca_pem") {
+                out.push("ca_pem", e.to_string());
+            }
         }
         let timeout = match parse_duration(w.timeout) {
             Err(e) => {
@@ -238,21 +339,26 @@ impl Config {
             out.push("query", e);
             vec![]
         });
-        self.validate_auth(&mut out, "auth", w.auth);
+        let auth = self.auth_config(&mut out, w.auth, w.origin);
         if !(1..=10).contains(&w.max_attempts) {
             out.push("max_attempts", format!("{} is outside 1..=10", w.max_attempts));
         }
-        let signing = if w.signing_env.is_some() || w.signing_file.is_some() {
-            let file = w.signing_file.map(|f| self.path(f));
-            let source = SecretSource::from_pair(w.signing_env, file.as_ref(), "signing_secret");
-            let checked = source
-                .clone()
-                .and_then(|s| s.read())
-                .and_then(|s| crate::delivery::signing::WebhookSigner::from_secret(s.expose()).map(|_| ()));
-            if let Err(e) = checked {
-                out.push("signing_secret", e);
+        let signing = if w.signing.env.is_some() || w.signing.file.is_some() || w.signing.named.is_some() {
+            match self.secret(&w.signing, w.origin) {
+                Ok(source) => {
+                    let checked = source.read().and_then(|s| {
+                        crate::delivery::signing::WebhookSigner::from_secret(s.expose()).map(|_| ())
+                    });
+                    if let Err(e) = checked {
+                        out.push("signing_secret", e);
+                    }
+                    Some(source)
+                }
+                Err(e) => {
+                    out.push("signing_secret", e);
+                    None
+                }
             }
-            source.ok()
         } else {
             None
         };
@@ -263,11 +369,12 @@ impl Config {
             name: name.to_owned(),
             endpoint,
             mtls: w.mtls,
-            ca: w.ca.map(|c| self.path(c)),
+            ca,
+            ca_pem: w.ca_pem.cloned(),
             timeout,
             headers,
             query,
-            auth: self.resolved_auth(w.auth),
+            auth: auth.unwrap_or(AuthConfig::None),
             identity: w.identity.cloned(),
             signing,
             retry: RetryPolicy {
@@ -278,55 +385,150 @@ impl Config {
         })
     }
 
-    /// `auth` with its secret files resolved against the config file's directory.
-    fn resolved_auth(&self, auth: &Auth) -> Auth {
-        let file = |f: &Option<PathBuf>| f.as_ref().map(|p| self.path(p));
-        match auth.clone() {
-            Auth::None => Auth::None,
-            Auth::Bearer {
-                token_env,
-                token_file,
-            } => Auth::Bearer {
-                token_env,
-                token_file: file(&token_file),
-            },
-            Auth::OAuth2ClientCredentials {
-                token_url,
-                client_id,
-                client_secret_env,
-                client_secret_file,
-                scope,
-                credentials_in,
-            } => Auth::OAuth2ClientCredentials {
-                token_url,
-                client_id,
-                client_secret_env,
-                client_secret_file: file(&client_secret_file),
-                scope,
-                credentials_in,
-            },
-            Auth::OAuth2Password {
-                token_url,
-                client_id,
-                client_secret_env,
-                client_secret_file,
-                username,
-                password_env,
-                password_file,
-                scope,
-                credentials_in,
-            } => Auth::OAuth2Password {
-                token_url,
-                client_id,
-                client_secret_env,
-                client_secret_file: file(&client_secret_file),
-                username,
-                password_env,
-                password_file: file(&password_file),
-                scope,
-                credentials_in,
-            },
+    /// `auth` checked (token URL, client id, user name, each secret readable now) and resolved;
+    /// `None` when it has problems (they are in `out`).
+    fn auth_config(&self, out: &mut Issues, auth: &Auth, origin: Origin) -> Option<AuthConfig> {
+        let before = out.0.len();
+        let mut sources = Vec::new();
+        for fields in auth.secret_fields() {
+            match self
+                .secret(&fields, origin)
+                .and_then(|src| src.read().map(|_| src))
+            {
+                Ok(src) => sources.push(src),
+                Err(e) => out.push(format!("auth.{}", fields.what), e),
+            }
         }
+        let token_url = |out: &mut Issues, u: &str| match check_url(u) {
+            Err(e) => {
+                out.push("auth.token_url", e);
+                None
+            }
+            Ok(u) if u.scheme() != "https" => {
+                out.push("auth.token_url", "scheme must be https");
+                None
+            }
+            // The HTTP API destination doc allows at most one query parameter in the token URL.
+            Ok(u) if u.query_pairs().count() > 1 => {
+                out.push("auth.token_url", "at most one query parameter is allowed");
+                None
+            }
+            Ok(u) => Some(u),
+        };
+        let nonempty = |out: &mut Issues, key: &str, v: &str| {
+            if v.is_empty() {
+                out.push(format!("auth.{key}"), "must not be empty");
+            }
+        };
+        let config = match auth {
+            Auth::None => Some(AuthConfig::None),
+            Auth::Bearer { .. } => sources.pop().map(|token| AuthConfig::Bearer { token }),
+            Auth::OAuth2ClientCredentials {
+                token_url: url,
+                client_id,
+                scope,
+                credentials_in,
+                ..
+            } => {
+                let url = token_url(out, url);
+                nonempty(out, "client_id", client_id);
+                match (url, sources.pop()) {
+                    (Some(token_url), Some(client_secret)) => Some(AuthConfig::OAuth2 {
+                        token_url,
+                        client_id: client_id.clone(),
+                        client_secret,
+                        scope: scope.clone(),
+                        credentials_in: *credentials_in,
+                        password: None,
+                    }),
+                    _ => None,
+                }
+            }
+            Auth::OAuth2Password {
+                token_url: url,
+                client_id,
+                username,
+                scope,
+                credentials_in,
+                ..
+            } => {
+                let url = token_url(out, url);
+                nonempty(out, "client_id", client_id);
+                nonempty(out, "username", username);
+                let password = sources.pop();
+                match (url, sources.pop(), password) {
+                    (Some(token_url), Some(client_secret), Some(password)) => Some(AuthConfig::OAuth2 {
+                        token_url,
+                        client_id: client_id.clone(),
+                        client_secret,
+                        scope: scope.clone(),
+                        credentials_in: *credentials_in,
+                        password: Some((username.clone(), password)),
+                    }),
+                    _ => None,
+                }
+            }
+        };
+        config.filter(|_| out.0.len() == before)
+    }
+
+    /// Where one secret is read from: exactly one of `_env`, `_file` and `_ref` (a name in
+    /// `[secrets]`); only `_ref` for a destination from the admin API or the database.
+    pub(super) fn secret(&self, f: &SecretFields<'_>, origin: Origin) -> Result<SecretSource, String> {
+        let what = f.what;
+        match (f.env, f.file, f.named) {
+            (None, None, Some(name)) => {
+                let declared = self
+                    .secrets
+                    .get(name)
+                    .ok_or_else(|| format!("{what}_ref '{name}' is not declared in [secrets]"))?;
+                let file = declared.file.as_ref().map(|p| self.path(p));
+                SecretSource::from_pair(declared.env.as_ref(), file.as_ref(), "secret")
+                    .map_err(|e| format!("[secrets.{name}]: {e}"))
+            }
+            (_, _, _) if origin == Origin::Stored && (f.env.is_some() || f.file.is_some()) => Err(format!(
+                "a dataflow defined through the admin API names its secrets from [secrets] only: \
+                 use {what}_ref, not {what}_env or {what}_file"
+            )),
+            (env, file, None) => {
+                let file = file.map(|p| self.path(p));
+                SecretSource::from_pair(env, file.as_ref(), what)
+            }
+            _ => Err(format!("set only one of {what}_env, {what}_file and {what}_ref")),
+        }
+    }
+
+    /// An API-defined dataflow's CA file: a plain relative name inside `[admin]
+    /// dataflow_ca_dir`, that stays inside it once symbolic links are followed.
+    fn stored_ca(&self, ca: &std::path::Path) -> Result<PathBuf, String> {
+        let dir = self.admin.dataflow_ca_dir.as_ref().ok_or(
+            "a dataflow defined through the admin API may name a CA file only when [admin] dataflow_ca_dir is set; \
+             give the bundle inline as ca_pem instead",
+        )?;
+        let plain = ca
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            return Err(format!(
+                "'{}' must be a file name inside [admin] dataflow_ca_dir (no absolute path, no ..)",
+                ca.display()
+            ));
+        }
+        let dir = self
+            .path(dir)
+            .canonicalize()
+            .map_err(|e| format!("[admin] dataflow_ca_dir: {e}"))?;
+        let file = dir
+            .join(ca)
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+        if !file.starts_with(&dir) || !file.is_file() {
+            return Err(format!(
+                "'{}' is not a file inside [admin] dataflow_ca_dir",
+                ca.display()
+            ));
+        }
+        Ok(file)
     }
 }
 

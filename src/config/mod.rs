@@ -13,7 +13,7 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use destination::DestinationConfig;
+pub use destination::{AuthConfig, DestinationConfig};
 pub use model::*;
 pub use parse::{parse_duration, parse_headers, parse_query, HeaderSpec, QuerySpec};
 pub use secret::{Secret, SecretSource};

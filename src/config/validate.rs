@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::destination::Written;
+use super::destination::{Origin, Written};
 use super::parse::parse_duration;
 use super::secret::SecretSource;
-use super::{Auth, Config, Dataflow, IdentityConfig, Issue, SidecarListener};
+use super::{Config, Dataflow, IdentityConfig, Issue, SidecarListener};
 
 /// The problems found so far.
 pub(super) struct Issues(pub(super) Vec<Issue>);
@@ -199,7 +199,7 @@ impl Config {
                     format!("'{}' is used by another dataflow", df.name),
                 );
             }
-            self.validate_dataflow(&mut out, &key, df);
+            self.validate_dataflow(&mut out, &key, df, Origin::ConfigFile);
         }
         for (i, s) in self.segments.iter().enumerate() {
             for (field, v) in [("created_at", &s.created_at), ("updated_at", &s.updated_at)] {
@@ -254,8 +254,29 @@ impl Config {
         }
     }
 
-    fn validate_dataflow(&self, out: &mut Issues, key: &str, df: &Dataflow) {
-        self.validate_destination(out, key, &Written::dataflow(df));
+    /// Every problem of a dataflow defined through the admin API or read from a shared
+    /// database, keyed `dataflow.…`: the rules of a configured one, plus those of its origin
+    /// (secrets only by `[secrets]` name, a CA file only inside `[admin] dataflow_ca_dir`).
+    pub fn validate_stored_dataflow(&self, df: &Dataflow) -> Vec<Issue> {
+        let mut out = Issues(Vec::new());
+        if df.name.is_empty()
+            || df.name.len() > 128
+            || !df
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            out.push(
+                "dataflow.name",
+                format!("'{}' must be 1-128 letters, digits, '-' or '_'", df.name),
+            );
+        }
+        self.validate_dataflow(&mut out, "dataflow", df, Origin::Stored);
+        out.0
+    }
+
+    fn validate_dataflow(&self, out: &mut Issues, key: &str, df: &Dataflow, origin: Origin) {
+        self.validate_destination(out, key, &Written::dataflow(df, origin));
         for (j, a) in df.attributes.iter().enumerate() {
             for (field, path) in [("source", &a.source), ("target", &a.target)] {
                 if path.is_empty() || path.split('.').any(str::is_empty) {
@@ -271,69 +292,6 @@ impl Config {
                 out.push(
                     format!("{key}.segments[{j}]"),
                     format!("segment '{s}' is not in the [[segments]] catalog"),
-                );
-            }
-        }
-    }
-
-    pub(super) fn validate_auth(&self, out: &mut Issues, key: &str, auth: &Auth) {
-        match auth {
-            Auth::None => {}
-            Auth::Bearer {
-                token_env,
-                token_file,
-            } => {
-                self.check_secret(out, key, "token", token_env.as_ref(), token_file.as_ref());
-            }
-            Auth::OAuth2ClientCredentials {
-                token_url,
-                client_id,
-                client_secret_env,
-                client_secret_file,
-                ..
-            } => {
-                check_token_url(out, key, token_url);
-                if client_id.is_empty() {
-                    out.push(format!("{key}.client_id"), "must not be empty");
-                }
-                self.check_secret(
-                    out,
-                    key,
-                    "client_secret",
-                    client_secret_env.as_ref(),
-                    client_secret_file.as_ref(),
-                );
-            }
-            Auth::OAuth2Password {
-                token_url,
-                client_id,
-                client_secret_env,
-                client_secret_file,
-                username,
-                password_env,
-                password_file,
-                ..
-            } => {
-                check_token_url(out, key, token_url);
-                if client_id.is_empty() {
-                    out.push(format!("{key}.client_id"), "must not be empty");
-                }
-                if username.is_empty() {
-                    out.push(format!("{key}.username"), "must not be empty");
-                }
-                self.check_secret(
-                    out,
-                    key,
-                    "client_secret",
-                    client_secret_env.as_ref(),
-                    client_secret_file.as_ref(),
-                );
-                self.check_secret(
-                    out,
-                    key,
-                    "password",
-                    password_env.as_ref(),
-                    password_file.as_ref(),
                 );
             }
         }
@@ -469,17 +427,4 @@ pub fn check_url(s: &str) -> Result<url::Url, String> {
         return Err("must not have a #fragment".into());
     }
     Ok(url)
-}
-
-fn check_token_url(out: &mut Issues, key: &str, s: &str) {
-    match check_url(s) {
-        Err(e) => out.push(format!("{key}.token_url"), e),
-        Ok(u) if u.scheme() != "https" => out.push(format!("{key}.token_url"), "scheme must be https"),
-        // The HTTP API destination doc allows at most one query parameter in the token URL.
-        Ok(u) if u.query_pairs().count() > 1 => out.push(
-            format!("{key}.token_url"),
-            "at most one query parameter is allowed",
-        ),
-        Ok(_) => {}
-    }
 }

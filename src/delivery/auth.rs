@@ -313,11 +313,9 @@ impl Authenticator {
         d: &crate::config::DestinationConfig,
         base: &super::DestinationSettings,
     ) -> Result<Self, String> {
-        use crate::config::{Auth, SecretSource};
-        let secret = |env: &Option<String>, file: &Option<std::path::PathBuf>, what: &str| {
-            SecretSource::from_pair(env.as_ref(), file.as_ref(), what)
-                .and_then(|s| s.read())
-                .map_err(|e| format!("{}: auth.{what}: {e}", d.name))
+        use crate::config::AuthConfig;
+        let read = |source: &crate::config::SecretSource, what: &str| {
+            source.read().map_err(|e| format!("{}: auth.{what}: {e}", d.name))
         };
         let token_client = || {
             DeliveryClient::new(
@@ -333,51 +331,34 @@ impl Authenticator {
                 None,
             )
         };
-        let url = |u: &str| url::Url::parse(u).map_err(|e| format!("{}: auth.token_url: {e}", d.name));
         Ok(match &d.auth {
-            Auth::None => Authenticator::None,
-            Auth::Bearer {
-                token_env,
-                token_file,
-            } => Authenticator::Bearer(secret(token_env, token_file, "token")?),
-            Auth::OAuth2ClientCredentials {
+            AuthConfig::None => Authenticator::None,
+            AuthConfig::Bearer { token } => Authenticator::Bearer(read(token, "token")?),
+            AuthConfig::OAuth2 {
                 token_url,
                 client_id,
-                client_secret_env,
-                client_secret_file,
+                client_secret,
                 scope,
                 credentials_in,
-            } => Authenticator::OAuth2(Box::new(OAuth2::new(
-                url(token_url)?,
-                client_id.clone(),
-                secret(client_secret_env, client_secret_file, "client_secret")?,
-                scope.clone(),
-                *credentials_in,
-                Grant::ClientCredentials,
-                token_client(),
-            ))),
-            Auth::OAuth2Password {
-                token_url,
-                client_id,
-                client_secret_env,
-                client_secret_file,
-                username,
-                password_env,
-                password_file,
-                scope,
-                credentials_in,
-            } => Authenticator::OAuth2(Box::new(OAuth2::new(
-                url(token_url)?,
-                client_id.clone(),
-                secret(client_secret_env, client_secret_file, "client_secret")?,
-                scope.clone(),
-                *credentials_in,
-                Grant::Password {
-                    username: username.clone(),
-                    password: secret(password_env, password_file, "password")?,
-                },
-                token_client(),
-            ))),
+                password,
+            } => {
+                let grant = match password {
+                    None => Grant::ClientCredentials,
+                    Some((username, password)) => Grant::Password {
+                        username: username.clone(),
+                        password: read(password, "password")?,
+                    },
+                };
+                Authenticator::OAuth2(Box::new(OAuth2::new(
+                    token_url.clone(),
+                    client_id.clone(),
+                    read(client_secret, "client_secret")?,
+                    scope.clone(),
+                    *credentials_in,
+                    grant,
+                    token_client(),
+                )))
+            }
         })
     }
 

@@ -39,7 +39,7 @@ use connector::Connector;
 use crate::config::DestinationConfig;
 use crate::egress::Egress;
 use crate::tls::creds::Identities;
-use crate::tls::{ClientTlsConfig, Trust};
+use crate::tls::ClientTlsConfig;
 
 /// Boxed error used by bodies and hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -84,7 +84,7 @@ impl Core {
     /// force when each connection starts), mTLS rule, timeout, headers, query, auth (secrets
     /// read now), signing and retry policy.
     pub fn destination(&self, d: &DestinationConfig) -> Result<DeliveryClient, String> {
-        let trust = Trust::from_optional_file(d.ca.as_deref()).map_err(|e| format!("{}: {e}", d.name))?;
+        let trust = d.trust().map_err(|e| format!("{}: {e}", d.name))?;
         let mut tls =
             ClientTlsConfig::new(trust, None, crate::tls::client::ALPN_H2_H1).map_err(|e| e.to_string())?;
         if let Some(store) = self.identities.get(d.identity.as_deref()) {

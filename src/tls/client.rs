@@ -31,7 +31,20 @@ pub enum Trust {
 impl Trust {
     /// Load a CA bundle; every certificate in it becomes a trust anchor.
     pub fn from_pem_file(path: &Path) -> Result<Self, TlsError> {
-        let certs = pem::load_certs(path)?;
+        Self::from_certs(path, pem::load_certs(path)?)
+    }
+
+    /// A CA bundle given as PEM text; `label` names it in errors.
+    pub fn from_pem_text(pem_text: &str, label: &str) -> Result<Self, TlsError> {
+        let path = Path::new(label);
+        let certs = pem::parse_certs(pem_text.as_bytes(), path)?;
+        Self::from_certs(path, certs)
+    }
+
+    fn from_certs(
+        path: &Path,
+        certs: Vec<rustls_pki_types::CertificateDer<'static>>,
+    ) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
         for cert in certs {
             roots.add(cert).map_err(|e| TlsError::BadTrustAnchor {

@@ -56,6 +56,11 @@ pub struct Dataflow {
     pub signing_secret_env: Option<String>,
     /// Standard Webhooks signing secret, from a file.
     pub signing_secret_file: Option<PathBuf>,
+    /// Standard Webhooks signing secret declared in `[secrets]`, by name.
+    pub signing_secret_ref: Option<String>,
+    /// The receiver's CA bundle as PEM text, instead of `ca` (for API-defined dataflows, which
+    /// may name a file only inside `[admin] dataflow_ca_dir`). Default: none.
+    pub ca_pem: Option<String>,
 }
 
 impl Dataflow {
@@ -96,6 +101,9 @@ pub enum Auth {
     Bearer {
         token_env: Option<String>,
         token_file: Option<PathBuf>,
+        /// A secret declared in `[secrets]`, by name (the only form an API-defined dataflow
+        /// may use).
+        token_ref: Option<String>,
     },
     #[serde(rename = "oauth2_client_credentials")]
     OAuth2ClientCredentials {
@@ -103,6 +111,7 @@ pub enum Auth {
         client_id: String,
         client_secret_env: Option<String>,
         client_secret_file: Option<PathBuf>,
+        client_secret_ref: Option<String>,
         scope: Option<String>,
         #[serde(default)]
         credentials_in: CredentialsIn,
@@ -113,16 +122,82 @@ pub enum Auth {
         client_id: String,
         client_secret_env: Option<String>,
         client_secret_file: Option<PathBuf>,
+        client_secret_ref: Option<String>,
         username: String,
         password_env: Option<String>,
         password_file: Option<PathBuf>,
+        password_ref: Option<String>,
         scope: Option<String>,
         #[serde(default)]
         credentials_in: CredentialsIn,
     },
 }
 
+/// Where one secret of an auth (or signing) setting is to be read from, as written: an
+/// environment variable, a file, or a secret declared in `[secrets]` by name.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretFields<'a> {
+    /// The key's stem: `token`, `client_secret`, `password`, `signing_secret`.
+    pub what: &'static str,
+    pub env: Option<&'a String>,
+    pub file: Option<&'a PathBuf>,
+    pub named: Option<&'a String>,
+}
+
 impl Auth {
+    /// Every secret this auth reads, in the order its keys are documented.
+    pub fn secret_fields(&self) -> Vec<SecretFields<'_>> {
+        fn f<'a>(
+            what: &'static str,
+            env: &'a Option<String>,
+            file: &'a Option<PathBuf>,
+            named: &'a Option<String>,
+        ) -> SecretFields<'a> {
+            SecretFields {
+                what,
+                env: env.as_ref(),
+                file: file.as_ref(),
+                named: named.as_ref(),
+            }
+        }
+        match self {
+            Auth::None => vec![],
+            Auth::Bearer {
+                token_env,
+                token_file,
+                token_ref,
+            } => vec![f("token", token_env, token_file, token_ref)],
+            Auth::OAuth2ClientCredentials {
+                client_secret_env,
+                client_secret_file,
+                client_secret_ref,
+                ..
+            } => vec![f(
+                "client_secret",
+                client_secret_env,
+                client_secret_file,
+                client_secret_ref,
+            )],
+            Auth::OAuth2Password {
+                client_secret_env,
+                client_secret_file,
+                client_secret_ref,
+                password_env,
+                password_file,
+                password_ref,
+                ..
+            } => vec![
+                f(
+                    "client_secret",
+                    client_secret_env,
+                    client_secret_file,
+                    client_secret_ref,
+                ),
+                f("password", password_env, password_file, password_ref),
+            ],
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Auth::None => "none",

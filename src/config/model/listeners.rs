@@ -38,6 +38,9 @@ pub struct AdminConfig {
     pub token_env: Option<String>,
     /// File holding the admin bearer token.
     pub token_file: Option<PathBuf>,
+    /// Where the CA bundles of API-defined dataflows live: their `ca` is a file name inside
+    /// it (no other path is read for them; or they give `ca_pem` inline). Default: none.
+    pub dataflow_ca_dir: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -46,6 +49,7 @@ impl Default for AdminConfig {
             listen: default_admin_listen(),
             token_env: None,
             token_file: None,
+            dataflow_ca_dir: None,
         }
     }
 }

@@ -14,14 +14,16 @@ mod dataflow;
 mod egress;
 mod identity;
 mod listeners;
+mod secrets;
 mod sidecar;
 mod store;
 
 pub use alerts::{AlertsConfig, AuditConfig};
-pub use dataflow::{AttributeMapping, Auth, CredentialsIn, Dataflow, Segment};
+pub use dataflow::{AttributeMapping, Auth, CredentialsIn, Dataflow, SecretFields, Segment};
 pub use egress::EgressConfig;
 pub use identity::{IdentityConfig, PkiConfig};
 pub use listeners::{AdminConfig, PublicConfig};
+pub use secrets::SecretConfig;
 pub use sidecar::{SidecarConfig, SidecarListener, SidecarRoute};
 pub use store::StoreConfig;
 
@@ -69,6 +71,10 @@ pub struct Config {
     pub identities: std::collections::BTreeMap<String, IdentityConfig>,
     #[serde(default)]
     pub pki: PkiConfig,
+    /// Secrets by name, for auth and signing settings to refer to (`token_ref = "NAME"`).
+    /// API-defined dataflows may use only these. Default: none.
+    #[serde(default)]
+    pub secrets: std::collections::BTreeMap<String, SecretConfig>,
     /// The localhost sidecar (`sallyport sidecar`). Default: none.
     pub sidecar: Option<SidecarConfig>,
     #[serde(default)]

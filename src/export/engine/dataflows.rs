@@ -8,7 +8,7 @@ use tokio::sync::Notify;
 
 use super::attempt::Flow;
 use super::{blocking, worker, Engine, EngineError};
-use crate::config::Config;
+use crate::config::{Config, Dataflow, DestinationConfig};
 use crate::delivery::Core;
 use crate::export::spec::DataflowSpec;
 use crate::store::{now_ms, Store};
@@ -34,28 +34,9 @@ impl Engine {
                 df.name
             )));
         }
-        let mut candidate = self.inner.cfg.clone();
-        candidate.dataflows.push(df.clone());
-        let issues: Vec<String> = candidate
-            .validate()
-            .into_iter()
-            .filter(|i| {
-                i.key
-                    .starts_with(&format!("dataflows[{}]", candidate.dataflows.len() - 1))
-            })
-            .map(|i| {
-                i.to_string().replacen(
-                    &format!("dataflows[{}]", candidate.dataflows.len() - 1),
-                    "dataflow",
-                    1,
-                )
-            })
-            .collect();
-        if !issues.is_empty() {
-            return Err(DataflowChange::Invalid(issues));
-        }
+        let destination = stored_destination(&self.inner.cfg, &df).map_err(DataflowChange::Invalid)?;
         let flow = Arc::new(
-            build_flow(&self.inner.store, &candidate, &self.inner.core, &df)
+            build_flow(&self.inner.store, &self.inner.core, &df, destination)
                 .await
                 .map_err(|e| DataflowChange::Invalid(vec![e.to_string()]))?,
         );
@@ -122,9 +103,11 @@ impl Engine {
                     continue;
                 }
             };
-            let mut candidate = self.inner.cfg.clone();
-            candidate.dataflows.push(df.clone());
-            match build_flow(&self.inner.store, &candidate, &self.inner.core, &df).await {
+            let built = match stored_destination(&self.inner.cfg, &df) {
+                Ok(d) => build_flow(&self.inner.store, &self.inner.core, &df, d).await,
+                Err(issues) => Err(EngineError::Setup(issues.join("; "))),
+            };
+            match built {
                 Ok(flow) => {
                     self.inner
                         .api_rejected
@@ -178,14 +161,27 @@ impl Engine {
     }
 }
 
-/// Build one dataflow's runtime: record its mapped segments (backfilling the newly mapped
-/// ones), its delivery client with the right identity, retry policy and signer.
+/// A dataflow from the admin API or the database, checked by the rules of its origin (secrets
+/// only from `[secrets]`, a CA only inside `[admin] dataflow_ca_dir` or inline) and made a
+/// destination; every problem, keyed `dataflow.…`, when it cannot run.
+pub(super) fn stored_destination(cfg: &Config, df: &Dataflow) -> Result<DestinationConfig, Vec<String>> {
+    let issues = cfg.validate_stored_dataflow(df);
+    if !issues.is_empty() {
+        return Err(issues.iter().map(ToString::to_string).collect());
+    }
+    cfg.stored_dataflow_destination(df).map_err(|e| vec![e])
+}
+
+/// Build one dataflow's runtime: its delivery client (made by the core from `destination`,
+/// before anything is written), then its mapped segments recorded and the newly mapped ones
+/// backfilled.
 pub(super) async fn build_flow(
     store: &Arc<dyn Store>,
-    cfg: &Config,
     core: &Core,
-    df: &crate::config::Dataflow,
+    df: &Dataflow,
+    destination: DestinationConfig,
 ) -> Result<Flow, EngineError> {
+    let client = core.destination(&destination).map_err(EngineError::Setup)?;
     let (name, segs, now) = (df.name.clone(), df.segments.clone(), now_ms());
     let s = store.clone();
     let (times, fresh) = blocking(move || s.sync_mappings(&name, &segs, now)).await?;
@@ -196,8 +192,6 @@ pub(super) async fn build_flow(
             tracing::info!(dataflow = %df.name, segment = %seg, profiles = n, "backfill queued");
         }
     }
-    let destination = cfg.dataflow_destination(df).map_err(EngineError::Setup)?;
-    let client = core.destination(&destination).map_err(EngineError::Setup)?;
     let endpoint = destination
         .endpoint
         .ok_or_else(|| EngineError::Setup(format!("dataflow {}: no endpoint", df.name)))?;

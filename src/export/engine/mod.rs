@@ -142,18 +142,34 @@ impl Engine {
         let catalog = Catalog::from_config(cfg);
         let mut flows = Vec::new();
         for df in &cfg.dataflows {
-            flows.push(Arc::new(build_flow(&store, cfg, &core, df).await?));
+            let destination = cfg.dataflow_destination(df).map_err(EngineError::Setup)?;
+            flows.push(Arc::new(build_flow(&store, &core, df, destination).await?));
         }
         let saved = {
             let s = store.clone();
             blocking(move || s.api_dataflows()).await?
         };
         let mut api_known = std::collections::HashMap::new();
+        let mut api_rejected = std::collections::HashMap::new();
         for (name, json) in saved {
             match serde_json::from_str::<crate::config::Dataflow>(&json) {
                 Ok(df) if cfg.dataflow(&df.name).is_none() => {
-                    flows.push(Arc::new(build_flow(&store, cfg, &core, &df).await?));
-                    api_known.insert(name, json);
+                    // What the database holds is checked like what the API is sent; one
+                    // that cannot run is skipped, never a reason not to start.
+                    let built = match dataflows::stored_destination(cfg, &df) {
+                        Ok(d) => build_flow(&store, &core, &df, d).await,
+                        Err(issues) => Err(EngineError::Setup(issues.join("; "))),
+                    };
+                    match built {
+                        Ok(flow) => {
+                            flows.push(Arc::new(flow));
+                            api_known.insert(name, json);
+                        }
+                        Err(e) => {
+                            tracing::error!(dataflow = %name, error = %e, "a stored API-managed dataflow cannot run here; skipped");
+                            api_rejected.insert(name, json);
+                        }
+                    }
                 }
                 Ok(_) => {
                     tracing::warn!(dataflow = %name, "an API-managed dataflow has the name of a configured one; the config wins")
@@ -178,7 +194,7 @@ impl Engine {
                     latency_us: Mutex::new(histogram),
                 },
                 api_known: Mutex::new(api_known),
-                api_rejected: Mutex::new(std::collections::HashMap::new()),
+                api_rejected: Mutex::new(api_rejected),
             }),
         })
     }
