@@ -170,6 +170,21 @@ async fn cert_fetch_writes_a_pem_that_openssl_reads_back() {
     s.client("current", "gw-current");
     let (_child, port) = serve(&s, "").await;
     let out_pem = s.path("fetched.pem");
+    // Over plain http a trust bundle is written only when the operator says so.
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+        .args([
+            "cert",
+            "fetch",
+            &format!("http://127.0.0.1:{port}"),
+            "--out",
+            out_pem.to_str().unwrap(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--insecure-http"));
+    assert!(!out_pem.exists(), "nothing written without --insecure-http");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
         .args([
             "cert",
@@ -177,6 +192,7 @@ async fn cert_fetch_writes_a_pem_that_openssl_reads_back() {
             &format!("http://127.0.0.1:{port}"),
             "--out",
             out_pem.to_str().unwrap(),
+            "--insecure-http",
         ])
         .output()
         .await

@@ -187,23 +187,31 @@ pub enum CertCommand {
         json: bool,
     },
     /// Fetch a gateway's published client certificates (as a receiver would, to trust them).
-    Fetch {
-        /// Gateway base URL (its public listener), e.g. http://gateway:8443.
-        url: String,
-        /// Write the certificates as a PEM bundle for the receiver's trust store.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-        /// CA bundle for an https:// public listener.
-        #[arg(long)]
-        ca: Option<PathBuf>,
-        /// Connect as this config's gateway does: from its `egress.source_ips`, never to an
-        /// `egress.deny` destination.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    Fetch(CertFetchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertFetchArgs {
+    /// Gateway base URL (its public listener), e.g. https://gateway:8443.
+    pub url: String,
+    /// Write the certificates as a PEM bundle for the receiver's trust store (over http://
+    /// only with --insecure-http).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+    /// CA bundle for an https:// public listener.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Connect as this config's gateway does: from its `egress.source_ips`, never to an
+    /// `egress.deny` destination.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Write a trust bundle fetched over plain http:// (anyone on the path could have
+    /// swapped the certificates; compare the fingerprints out of band).
+    #[arg(long)]
+    pub insecure_http: bool,
 }
 
 #[derive(Debug, Subcommand)]

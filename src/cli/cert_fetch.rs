@@ -15,16 +15,26 @@ use crate::tls::{pem, CertFacts};
 /// Largest answer read from the gateway.
 const MAX_BODY: usize = 4 * 1024 * 1024;
 
-pub(super) async fn run(
-    base: &str,
-    out: Option<PathBuf>,
-    json: bool,
-    ca: Option<PathBuf>,
-    config: Option<PathBuf>,
-) -> Result<(), Failure> {
-    let base = url::Url::parse(base).map_err(|e| Failure::usage(format!("{base}: not a URL: {e}")))?;
+pub(super) async fn run(args: super::CertFetchArgs) -> Result<(), Failure> {
+    let super::CertFetchArgs {
+        url: base,
+        out,
+        json,
+        ca,
+        config,
+        insecure_http,
+    } = args;
+    let base = url::Url::parse(&base).map_err(|e| Failure::usage(format!("{base}: not a URL: {e}")))?;
     if !matches!(base.scheme(), "http" | "https") {
         return Err(Failure::usage("the gateway URL must be http:// or https://"));
+    }
+    // A trust bundle is what a receiver will accept client certificates by: fetched over
+    // plain HTTP, anyone on the path could have put their own certificate in it.
+    if base.scheme() == "http" && out.is_some() && !insecure_http {
+        return Err(Failure::usage(
+            "--out over http:// would write a trust bundle anyone on the path could have changed: \
+             fetch it over https:// (with --ca), or pass --insecure-http and compare the fingerprints out of band",
+        ));
     }
     let client = Fetcher::new(&base, ca, config.as_deref())?;
     let mut next = Some(format!("{ADOBE_PATH}?page=0&limit=100"));

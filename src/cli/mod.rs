@@ -20,8 +20,8 @@ use std::process::ExitCode;
 use crate::config::Config;
 
 pub use args::{
-    AuditCommand, CertCommand, Cli, Command, ConfigArg, ConfigCommand, DemoArgs, DlqCommand, DlqSelection,
-    IngestArgs, PkiCommand, TargetArgs, VerifyArgs,
+    AuditCommand, CertCommand, CertFetchArgs, Cli, Command, ConfigArg, ConfigCommand, DemoArgs, DlqCommand,
+    DlqSelection, IngestArgs, PkiCommand, TargetArgs, VerifyArgs,
 };
 
 /// Exit code for usage and configuration errors.
@@ -76,13 +76,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(cfg) => crate::sidecar::run(cfg).await.map_err(Failure::failed),
             Err(e) => Err(Failure::usage(e)),
         },
-        Command::Cert(CertCommand::Fetch {
-            url,
-            out,
-            json,
-            ca,
-            config,
-        }) => cert_fetch::run(&url, out, json, ca, config).await,
+        Command::Cert(CertCommand::Fetch(args)) => cert_fetch::run(args).await,
         Command::Cert(CertCommand::Show { file, json }) => cert::show(&file, json),
         Command::Verify(args) => return verify::run(args).await,
         Command::Audit(cmd) => audit::run(cmd),

@@ -300,7 +300,15 @@ pub fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, Str
         }
         std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // Created under a 0077 umask, so the socket is never reachable by others, not even for
+    // the moment between bind and chmod. The umask is the process's: this runs at start-up,
+    // before anything else creates files. The chmod after is belt and braces.
+    #[cfg(target_os = "linux")]
+    let previous = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let bound = tokio::net::UnixListener::bind(path);
+    #[cfg(target_os = "linux")]
+    rustix::process::umask(previous);
+    let listener = bound.map_err(|e| format!("{}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(listener)
