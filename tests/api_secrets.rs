@@ -6,14 +6,12 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use http::StatusCode;
 use sallyport::receiver::ClientAuth;
 use serde_json::json;
 use support::*;
-use tokio::process::Command;
 
 const TOKEN: &str = "admin-token-for-api-secrets";
 /// Stands for every secret the process holds that no dataflow should ever carry.
@@ -38,20 +36,24 @@ fn config(pki: &RcgenPki, admin: u16) -> std::path::PathBuf {
 }
 
 async fn serve(cfg: &std::path::Path, admin: u16) -> tokio::process::Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_sallyport"))
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .env("API_TEST_ADMIN_TOKEN", TOKEN)
-        .env("API_TEST_AUDIT_KEY", AUDIT_KEY)
-        .env("API_TEST_ACME_TOKEN", ACME_TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    tokio::task::spawn_blocking(move || wait_for_port(admin))
-        .await
-        .unwrap();
-    child
+    let envs = [
+        ("API_TEST_ADMIN_TOKEN", TOKEN),
+        ("API_TEST_AUDIT_KEY", AUDIT_KEY),
+        ("API_TEST_ACME_TOKEN", ACME_TOKEN),
+    ];
+    spawn_sallyport(&["serve", "--config", cfg.to_str().unwrap()], &envs, admin).await
+}
+
+/// Ingest three profiles in segment s1 through the admin API.
+async fn ingest(admin: u16) {
+    let (status, body) = http(
+        "POST",
+        &format!("http://127.0.0.1:{admin}/v1/profiles"),
+        Some(TOKEN),
+        &profiles(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
 }
 
 fn dataflow(name: &str, endpoint: &str, extra: serde_json::Value) -> Vec<u8> {
@@ -139,14 +141,7 @@ async fn an_api_dataflow_names_secrets_and_ca_files_only_from_what_the_config_de
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let (status, _) = http(
-        "POST",
-        &format!("http://127.0.0.1:{admin}/v1/profiles"),
-        Some(TOKEN),
-        &profiles(),
-    )
-    .await;
-    assert_eq!(status, 200);
+    ingest(admin).await;
     wait_until("the acme deliveries", Duration::from_secs(10), || {
         rx.received().len() == 3
     })
@@ -190,14 +185,7 @@ async fn a_dataflow_written_into_the_database_is_held_to_the_same_rules_and_neve
         }
     }
     let _gw = serve(&cfg, admin).await;
-    let (status, _) = http(
-        "POST",
-        &format!("http://127.0.0.1:{admin}/v1/profiles"),
-        Some(TOKEN),
-        &profiles(),
-    )
-    .await;
-    assert_eq!(status, 200);
+    ingest(admin).await;
     wait_until("the good dataflow's deliveries", Duration::from_secs(10), || {
         good_rx.received().len() == 3
     })

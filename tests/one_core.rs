@@ -57,6 +57,23 @@ fn last_cn(rx: &Receiver) -> Option<String> {
         .and_then(|c| c.subject_cn.clone())
 }
 
+/// `verify URL --config CFG --dataflow DF --json`: its exit code and report.
+async fn verify_dataflow(url: &str, cfg: &std::path::Path, dataflow: &str) -> (Option<i32>, Value) {
+    let out = sallyport(&[
+        "verify",
+        url,
+        "--config",
+        cfg.to_str().unwrap(),
+        "--dataflow",
+        dataflow,
+        "--json",
+    ])
+    .await;
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code(), report)
+}
+
 async fn sallyport(args: &[&str]) -> std::process::Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
         .args(args)
@@ -98,15 +115,7 @@ async fn the_sidecar_presents_a_renewed_certificate_and_sighup_reloads_without_e
             rx.url("/")
         ),
     );
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
-        .args(["sidecar", "--config", cfg.to_str().unwrap()])
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    tokio::task::spawn_blocking(move || wait_for_port(port))
-        .await
-        .unwrap();
+    let mut child = spawn_sallyport(&["sidecar", "--config", cfg.to_str().unwrap()], &[], port).await;
     until_presented(port, &rx, "gw-first", Duration::from_secs(5)).await;
 
     // Renewed on disk: the next new upstream connection presents it, no restart.
@@ -213,17 +222,7 @@ async fn verify_with_a_dataflow_presents_that_dataflows_own_identity() {
             rx.url("/in")
         ),
     );
-    let out = sallyport(&[
-        "verify",
-        &rx.url("/in"),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--dataflow",
-        "them",
-        "--json",
-    ])
-    .await;
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (code, v) = verify_dataflow(&rx.url("/in"), &cfg, "them").await;
     let accepted = v["checks"]
         .as_array()
         .unwrap()
@@ -231,7 +230,7 @@ async fn verify_with_a_dataflow_presents_that_dataflows_own_identity() {
         .find(|c| c["name"] == "client_cert_accepted")
         .unwrap();
     assert_eq!(accepted["status"], "pass", "{v:#}");
-    assert_eq!(out.status.code(), Some(0), "{v:#}");
+    assert_eq!(code, Some(0), "{v:#}");
     assert!(rx
         .received()
         .iter()
@@ -255,22 +254,8 @@ async fn verify_and_cert_fetch_connect_from_the_pinned_source_address() {
             rx.url("/in")
         ),
     );
-    let out = sallyport(&[
-        "verify",
-        &rx.url("/in"),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--dataflow",
-        "rx",
-        "--json",
-    ])
-    .await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (code, v) = verify_dataflow(&rx.url("/in"), &cfg, "rx").await;
+    assert_eq!(code, Some(0), "{v:#}");
     let peers = rx.peers();
     assert!(!peers.is_empty());
     assert!(
@@ -280,15 +265,7 @@ async fn verify_and_cert_fetch_connect_from_the_pinned_source_address() {
 
     // cert fetch, through nginx in front of the gateway's public listener: nginx logs the
     // address each connection came from.
-    let _gateway = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    tokio::task::spawn_blocking(move || wait_for_port(public))
-        .await
-        .unwrap();
+    let _gateway = spawn_sallyport(&["serve", "--config", cfg.to_str().unwrap()], &[], public).await;
     let proxy = nginx(
         s.dir.path(),
         &format!(
@@ -340,18 +317,8 @@ async fn verify_makes_no_connection_to_an_address_the_policy_denies() {
              [store]\nurl = \"sqlite://d.db\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{url}\"\nca = \"ca.pem\"\n"
         ),
     );
-    let out = sallyport(&[
-        "verify",
-        &url,
-        "--config",
-        cfg.to_str().unwrap(),
-        "--dataflow",
-        "rx",
-        "--json",
-    ])
-    .await;
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{v:#}");
+    let (code, v) = verify_dataflow(&url, &cfg, "rx").await;
+    assert_eq!(code, Some(1), "{v:#}");
     let dns = &v["checks"][0];
     assert_eq!(dns["name"], "dns");
     assert_eq!(dns["status"], "fail");

@@ -47,15 +47,7 @@ async fn a_request_path_never_leaves_its_route_nor_matches_a_longer_prefix() {
         ),
     )
     .unwrap();
-    let _sidecar = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
-        .args(["sidecar", "--config", cfg.to_str().unwrap()])
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    tokio::task::spawn_blocking(move || wait_for_port(port))
-        .await
-        .unwrap();
+    let _sidecar = spawn_sallyport(&["sidecar", "--config", cfg.to_str().unwrap()], &[], port).await;
     for target in [
         "/acme/../../tenantB/x",
         "/acme/%2e%2e/%2e%2e/tenantB/x",

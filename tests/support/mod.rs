@@ -396,6 +396,23 @@ pub async fn http(method: &str, url: &str, bearer: Option<&str>, body: &[u8]) ->
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Start the `sallyport` binary with `args` and `envs` (stdout and stderr discarded, killed
+/// when dropped), once something accepts connections on `port`.
+pub async fn spawn_sallyport(args: &[&str], envs: &[(&str, &str)], port: u16) -> tokio::process::Child {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::task::spawn_blocking(move || wait_for_port(port))
+        .await
+        .unwrap();
+    child
+}
+
 /// Poll `done` every 20 ms until it holds, failing after `limit`.
 pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
