@@ -13,6 +13,7 @@
 //! - [`store`]: SQLite and PostgreSQL (outbox, leases, dead letters, audit chain);
 //! - [`audit`]: the hash-chained audit log and its file form;
 //! - [`api`]: the public and admin listeners; [`serve`]: the composition root of `serve`;
+//! - [`listener`]: how every listener accepts and holds connections (cap, timeouts, back-off);
 //! - [`sidecar`]: plain HTTP in on loopback, out through the core;
 //! - [`verify`]: receiver readiness checks; [`alerts`]: alert rules and the webhook;
 //! - [`metrics`]: Prometheus text; [`signals`]: SIGINT/SIGTERM/SIGHUP;
@@ -29,6 +30,7 @@ pub mod delivery;
 pub mod demo;
 pub mod egress;
 pub mod export;
+pub mod listener;
 pub mod metrics;
 pub mod pki;
 pub mod profile;

@@ -41,6 +41,15 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         _ => None,
     };
     let admin = api::bind("admin", cfg.admin.listen).await?;
+    // Checked when the config was loaded; still reported rather than unwrapped.
+    let public_limits = cfg
+        .public
+        .limits()
+        .map_err(|e| crate::config::limit_errors("public", e))?;
+    let admin_limits = cfg
+        .admin
+        .limits()
+        .map_err(|e| crate::config::limit_errors("admin", e))?;
     let alerts = crate::alerts::Alerts::from_config(&cfg, &core)?;
     let mut workers = engine.spawn_workers();
     workers.push(tokio::spawn(core.clone().watch(crate::sidecar::IDENTITY_POLL)));
@@ -51,15 +60,19 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let servers = [
         tokio::spawn(api::serve(
+            "public",
             public,
             api::public::handler(engine.clone(), cfg.egress.source_ips.clone()),
             public_tls,
+            public_limits,
             stop_rx.clone(),
         )),
         tokio::spawn(api::serve(
+            "admin",
             admin,
             api::admin::handler(engine.clone(), cfg.clone(), tokens),
             None,
+            admin_limits,
             stop_rx,
         )),
     ];

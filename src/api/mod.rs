@@ -18,8 +18,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -102,36 +101,47 @@ pub fn tls_acceptor(
 }
 
 /// Serve HTTP/1.1 and HTTP/2 on `listener` (over TLS when `tls` is given) until `shutdown`
-/// turns true.
+/// turns true, holding connections within `limits` (see [`crate::listener`]). `what` names
+/// the listener in log lines.
 pub async fn serve(
+    what: &str,
     listener: TcpListener,
     handler: Handler,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: crate::listener::Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => return,
-        };
-        let Ok((tcp, _)) = accepted else { continue };
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    crate::listener::serve(what, listener, limits, stop, move |tcp, _, conn| {
         let (handler, tls) = (handler.clone(), tls.clone());
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req).await) }
-            });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            match tls {
-                Some(acceptor) => {
-                    if let Ok(stream) = acceptor.accept(tcp).await {
-                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+        async move {
+            let tracker = conn.tracker();
+            let svc = {
+                let tracker = tracker.clone();
+                service_fn(move |req| {
+                    let (handler, in_flight) = (handler.clone(), tracker.request(&req));
+                    async move { Ok::<_, Infallible>(in_flight.body(handler(req).await)) }
+                })
+            };
+            let builder = crate::listener::http_builder();
+            conn.run(async move {
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = tracker.handshake(acceptor.accept(tcp)).await {
+                            let io = TokioIo::new(tracker.io(stream));
+                            let _ = builder.serve_connection(io, svc).await;
+                        }
+                    }
+                    None => {
+                        let io = TokioIo::new(tracker.io(tcp));
+                        let _ = builder.serve_connection(io, svc).await;
                     }
                 }
-                None => {
-                    let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
-                }
-            }
-        });
-    }
+            })
+            .await;
+        }
+    })
+    .await;
 }

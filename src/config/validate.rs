@@ -63,6 +63,14 @@ impl Config {
             (None, None) => {}
             _ => out.push("public", "set both tls_cert and tls_key, or neither"),
         }
+        let limits = [("public", self.public.limits()), ("admin", self.admin.limits())]
+            .into_iter()
+            .chain(self.sidecar.as_ref().map(|sc| ("sidecar", sc.limits())));
+        for (section, result) in limits {
+            for (key, reason) in result.err().unwrap_or_default() {
+                out.push(format!("{section}.{key}"), reason);
+            }
+        }
         if let Some(sc) = &self.sidecar {
             if !(1..=64).contains(&sc.threads) {
                 out.push("sidecar.threads", "must be between 1 and 64");

@@ -18,8 +18,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
 use std::borrow::Cow;
@@ -266,28 +265,39 @@ impl crate::audit::writer::Record for Attempt {
     }
 }
 
-/// Serve on `listener` until the task is aborted.
+/// Serve on `listener` until the task is aborted, with the default limits of `[sidecar]`.
 pub async fn serve(sidecar: Arc<Sidecar>, listener: tokio::net::TcpListener) {
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            continue;
-        };
+    serve_with_limits(sidecar, listener, crate::config::SidecarConfig::default_limits()).await;
+}
+
+/// Serve on `listener` until the task is aborted, holding connections within `limits`.
+pub async fn serve_with_limits(
+    sidecar: Arc<Sidecar>,
+    listener: tokio::net::TcpListener,
+    limits: crate::listener::Limits,
+) {
+    let stop = std::future::pending();
+    crate::listener::serve("sidecar", listener, limits, stop, move |tcp, peer, conn| {
         // A response can leave in two writes (its head, then a body chunk that came later from
         // upstream). With Nagle's algorithm the second waits for the app's ACK of the first,
         // which the app's kernel delays (40 ms on Linux) while the response is incomplete.
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(serve_connection(sidecar.clone(), tcp, Some(peer.ip())));
-    }
+        serve_connection(sidecar.clone(), tcp, peer, conn)
+    })
+    .await;
 }
 
-/// Serve on a Unix socket until the task is aborted.
-pub async fn serve_unix(sidecar: Arc<Sidecar>, listener: tokio::net::UnixListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(serve_connection(sidecar.clone(), stream, None));
-    }
+/// Serve on a Unix socket until the task is aborted, holding connections within `limits`.
+pub async fn serve_unix(
+    sidecar: Arc<Sidecar>,
+    listener: tokio::net::UnixListener,
+    limits: crate::listener::Limits,
+) {
+    let stop = std::future::pending();
+    crate::listener::serve("sidecar", listener, limits, stop, move |stream, _, conn| {
+        serve_connection(sidecar.clone(), stream, None, conn)
+    })
+    .await;
 }
 
 /// Bind the sidecar's Unix socket, readable and writable by its owner only.
@@ -314,17 +324,24 @@ pub fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, Str
     Ok(listener)
 }
 
-async fn serve_connection<S>(sc: Arc<Sidecar>, stream: S, peer: Option<std::net::IpAddr>)
-where
+async fn serve_connection<S>(
+    sc: Arc<Sidecar>,
+    stream: S,
+    peer: Option<std::net::IpAddr>,
+    conn: crate::listener::Conn,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let session = Session::new();
     let svc_session = session.clone();
+    let tracker = conn.tracker();
+    let svc_tracker = tracker.clone();
     let svc = service_fn(move |req| {
         let (sc, session) = (sc.clone(), svc_session.clone());
-        async move { Ok::<_, Infallible>(sc.handle(req, peer, &session).await) }
+        let in_flight = svc_tracker.request(&req);
+        async move { Ok::<_, Infallible>(in_flight.body(sc.handle(req, peer, &session).await)) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = crate::listener::http_builder();
     // A response head and its first body chunk are copied into one buffer and go with one
     // `send`, not a `writev` of both: `writev` goes through the VFS layer, 0.1–0.3 µs more CPU
     // per write on loopback (bench/socket-writes.sh). Later chunks of a large body
@@ -333,8 +350,10 @@ where
     // Boxed as `dyn Future + Send`: passed generically, rustc cannot prove the connection
     // future `Send` (its body-error bounds are higher-ranked).
     let server: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
-        Box::pin(builder.serve_connection(TokioIo::new(stream), svc));
-    let _ = session.run(server).await;
+        Box::pin(builder.serve_connection(TokioIo::new(tracker.io(stream)), svc));
+    // The watchdog inside the session: a connection it closes still parks its idle upstream
+    // connections for other sessions.
+    let _ = session.run(conn.run(server)).await;
 }
 
 fn json_error(status: StatusCode, kind: &str, message: &str) -> Reply {
@@ -585,6 +604,11 @@ fn unreachable_body() -> Body {
 /// server tasks.
 pub async fn start(cfg: &Config, core: &Core) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
     let all = build_all(cfg, core).await?;
+    let limits = match cfg.sidecar.as_ref().map(crate::config::SidecarConfig::limits) {
+        Some(Ok(limits)) => limits,
+        Some(Err(e)) => return Err(crate::config::limit_errors("sidecar", e)),
+        None => crate::config::SidecarConfig::default_limits(),
+    };
     let mut tasks = Vec::new();
     for (l, sidecar) in all {
         let routes = sidecar.routes.len() + usize::from(sidecar.forward.is_some());
@@ -601,7 +625,7 @@ pub async fn start(cfg: &Config, core: &Core) -> Result<Vec<tokio::task::JoinHan
                     "sallyport: sidecar on unix:{} ({routes} route(s))",
                     path.display()
                 );
-                tokio::spawn(serve_unix(sidecar, listener))
+                tokio::spawn(serve_unix(sidecar, listener, limits))
             }
             (None, Some(listen)) => {
                 if !listen.ip().is_loopback() {
@@ -611,7 +635,7 @@ pub async fn start(cfg: &Config, core: &Core) -> Result<Vec<tokio::task::JoinHan
                     .await
                     .map_err(|e| format!("sidecar listener {listen}: {e}"))?;
                 eprintln!("sallyport: sidecar on http://{listen} ({routes} route(s))");
-                tokio::spawn(serve(sidecar, listener))
+                tokio::spawn(serve_with_limits(sidecar, listener, limits))
             }
             (None, None) => return Err("a sidecar listener has neither listen nor unix_socket".into()),
         };

@@ -22,7 +22,7 @@ pub use alerts::{AlertsConfig, AuditConfig};
 pub use dataflow::{AttributeMapping, Auth, CredentialsIn, Dataflow, SecretFields, Segment};
 pub use egress::EgressConfig;
 pub use identity::{IdentityConfig, PkiConfig};
-pub use listeners::{AdminConfig, PublicConfig};
+pub use listeners::{limit_errors, AdminConfig, PublicConfig};
 pub use secrets::SecretConfig;
 pub use sidecar::{SidecarConfig, SidecarListener, SidecarRoute};
 pub use store::StoreConfig;

@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::listeners::{default_header_read_timeout, default_idle_timeout};
 use super::{default_timeout, default_true, Auth};
 use crate::config::parse::{HeaderSpec, QuerySpec};
+use crate::listener::Limits;
 
 /// A plain-HTTP listener on loopback whose routes carry an app's requests out through the
 /// delivery core (mTLS, egress policy, auth, audit).
@@ -53,9 +55,27 @@ pub struct SidecarConfig {
     /// `prefix` must be `/`. Default: off.
     pub forward_proxy: Option<SidecarRoute>,
     /// More listeners, each with routes of its own (e.g. one per app, or a Unix socket for
-    /// one and a port for another). `max_body_bytes` and `x_forwarded` apply to all.
+    /// one and a port for another). `max_body_bytes`, `x_forwarded` and the connection
+    /// limits below apply to all.
     #[serde(default)]
     pub listeners: Vec<SidecarListener>,
+    /// Connections each sidecar listener holds at once (1 to 1,000,000). At the cap a new
+    /// connection closes the one that has waited longest without a request in flight, or is
+    /// closed itself when every connection has one. Apps on the host keep pools of
+    /// keep-alive connections (several workers, each with its pool): 4096 leaves them room
+    /// while bounding what a runaway local client can hold. Keep it under the process's file
+    /// limit (`ulimit -n`). Default 4096.
+    #[serde(default = "default_sidecar_max_connections")]
+    pub max_connections: usize,
+    /// How long an app connection may take to send a complete request head: from accept for
+    /// the first, from its first byte for later ones. 100ms to 5m. Default `"10s"`.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: String,
+    /// How long a keep-alive app connection may wait, after an exchange, before its next
+    /// request begins (HTTP/1.1) or its next stream opens (HTTP/2); then it is closed. Apps'
+    /// pools should drop idle connections sooner. 100ms to 1h. Default `"60s"`.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: String,
 }
 
 fn default_sidecar_listen() -> SocketAddr {
@@ -69,6 +89,9 @@ fn default_sidecar_max_body() -> usize {
 }
 fn default_audit_rotate() -> u64 {
     256 * 1024 * 1024
+}
+fn default_sidecar_max_connections() -> usize {
+    4096
 }
 
 /// One more sidecar listener: a loopback address or a Unix socket, and its routes.
@@ -87,6 +110,29 @@ pub struct SidecarListener {
 }
 
 impl SidecarConfig {
+    /// Each sidecar listener's limits; each problem under its key in `[sidecar]`.
+    pub fn limits(&self) -> Result<Limits, Vec<(&'static str, String)>> {
+        super::listeners::limits(
+            self.max_connections,
+            &self.header_read_timeout,
+            &self.idle_timeout,
+            None,
+        )
+    }
+
+    /// The limits a `[sidecar]` section with none of their keys has.
+    pub fn default_limits() -> Limits {
+        match super::listeners::limits(
+            default_sidecar_max_connections(),
+            &default_header_read_timeout(),
+            &default_idle_timeout(),
+            None,
+        ) {
+            Ok(limits) => limits,
+            Err(_) => unreachable!("the default limits are valid"),
+        }
+    }
+
     /// Every listener with its config key: `[sidecar]` itself first, then `[[sidecar.listeners]]`.
     pub fn all_listeners(&self) -> Vec<(String, SidecarListener)> {
         let main = SidecarListener {
