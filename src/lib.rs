@@ -45,13 +45,11 @@ pub mod verify;
 /// Turn transparent huge pages off for this process (Linux; elsewhere a no-op). Call it first
 /// thing in `main`.
 ///
-/// mimalloc marks its arenas `MADV_HUGEPAGE`, so the kernel backs each first touch of fresh or
-/// purged allocator memory with a 2 MiB page that it zeroes on the spot. The export pipeline
-/// allocates and frees steadily on several threads, and that zeroing was ~9% of its CPU
-/// (perf). With 4 KiB pages only what is touched is zeroed: alternating runs of the export
-/// bench showed 6–12% less CPU per profile (bench/RESULTS.md, "Export pipeline changes, measured"). The flag is the
-/// process's own (`PR_SET_THP_DISABLE`), read by the kernel at every fault, so it takes effect
-/// for memory mapped before the call too; it does not touch the system-wide setting.
+/// mimalloc marks its arenas `MADV_HUGEPAGE`, so each first touch of allocator memory gets a
+/// 2 MiB page zeroed on the spot, a real cost for the export pipeline's steady allocation
+/// (bench/RESULTS.md, "Export pipeline changes, measured"). The flag is the process's own
+/// (`PR_SET_THP_DISABLE`), read at every fault, so it also covers memory mapped before the
+/// call; the system-wide setting is not touched.
 pub fn disable_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {

@@ -1,5 +1,5 @@
-// glibc malloc showed as ~25% of the export pipeline's profile (allocation-heavy JSON and
-// TLS buffers across tokio worker threads); mimalloc cuts that (bench/RESULTS.md, "Export throughput").
+// mimalloc: the export pipeline allocates JSON and TLS buffers across worker threads, where
+// glibc malloc stood out in profiles (bench/RESULTS.md, "Export throughput").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::{error_reply, json_reply, read_body, Handler, Reply};
 use crate::config::{Config, Secret};
+use crate::export::engine::EngineError;
 use crate::export::Engine;
 
 /// Largest ingest body accepted in one request.
@@ -135,10 +136,12 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
                 Err(e @ crate::export::engine::DataflowChange::Conflict(_)) => {
                     error_reply(StatusCode::CONFLICT, e)
                 }
-                Err(crate::export::engine::DataflowChange::Invalid(issues)) => json_reply(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &json!({"error": {"status": 422, "message": "invalid dataflow", "issues": issues}}),
-                ),
+                Err(crate::export::engine::DataflowChange::Invalid(issues)) => {
+                    let mut body =
+                        super::error_value(StatusCode::UNPROCESSABLE_ENTITY, None, "invalid dataflow");
+                    body["error"]["issues"] = json!(issues);
+                    json_reply(StatusCode::UNPROCESSABLE_ENTITY, &body)
+                }
                 Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
             }
         }
@@ -183,7 +186,10 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
                     StatusCode::BAD_GATEWAY,
                     &json!({"id": id, "delivered": false, "error": e}),
                 ),
-                Err(e) => error_reply(StatusCode::NOT_FOUND, e),
+                Err(e @ (EngineError::NoDeadLetter(_) | EngineError::NoDataflow { .. })) => {
+                    error_reply(StatusCode::NOT_FOUND, e)
+                }
+                Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
             }
         }
         (Method::GET, ["metrics"]) => {

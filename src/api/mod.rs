@@ -54,11 +54,16 @@ pub fn error_reply(status: StatusCode, message: impl std::fmt::Display) -> Reply
 /// The body of every error Sallyport answers with, the admin API's and the sidecar's alike:
 /// `{"error": {"status": …, "kind": …, "message": …}}` (`kind` when the error has one).
 pub fn error_body(status: StatusCode, kind: Option<&str>, message: &str) -> Bytes {
+    Bytes::from(error_value(status, kind, message).to_string())
+}
+
+/// [`error_body`] as a JSON value, for answers that add fields (`issues`).
+pub fn error_value(status: StatusCode, kind: Option<&str>, message: &str) -> serde_json::Value {
     let mut error = json!({"status": status.as_u16(), "message": message});
     if let Some(kind) = kind {
         error["kind"] = json!(kind);
     }
-    Bytes::from(json!({ "error": error }).to_string())
+    json!({ "error": error })
 }
 
 /// Read a body up to `limit` bytes; more is a 413.

@@ -339,10 +339,9 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// The TCP stream under a delivery connection's TLS. rustls hands its records over with
-/// `write_vectored`, which is a `writev` syscall; when it has one chunk (a request's records
-/// usually are one), it goes with `send` instead, which does not go through the VFS layer:
-/// 0.2–0.4 µs less CPU per write on loopback (bench/socket-writes.sh).
+/// The TCP stream under a delivery connection's TLS: rustls's `write_vectored` of a single
+/// chunk (a request's records usually are one) goes out with `send`, which is cheaper than
+/// `writev` (bench/RESULTS.md, "Socket writes").
 struct Socket(TcpStream);
 
 impl tokio::io::AsyncRead for Socket {

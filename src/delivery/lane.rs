@@ -149,16 +149,13 @@ impl Lanes {
     /// come one at a time (an HTTP/1 app connection's requests, a courier's deliveries).
     ///
     /// They share one timer, moved only when it would fire too late for the exchange under
-    /// way. A timer per exchange (`tokio::time::timeout`) is set and removed each time, and
-    /// setting one often wakes the runtime's driver through its eventfd: a `write` syscall
-    /// for every other request at 64 connections, every request at one. The shared timer
-    /// still runs from the previous exchange's deadline, which comes sooner; when it fires
-    /// (once per `limit` at most) it is moved to the current exchange's deadline. An
-    /// exchange is never cut off before its own `limit`, nor let run past it.
+    /// way, because setting a fresh timer per exchange wakes the runtime's driver with a
+    /// syscall (bench/RESULTS.md, "Timers"). When it fires for an earlier exchange's deadline
+    /// it is moved to the current one's: an exchange is never cut off before its own
+    /// `limit`, nor let run past it.
     ///
     /// `exchange` comes pinned by the caller: moved in by value, it would be stored twice in
-    /// this future (rustc keeps an async fn's argument and the pinned local apart), and hyper
-    /// moves the whole request future once per request.
+    /// this future, and hyper moves the whole request future once per request.
     pub(crate) async fn within<F: Future>(
         &self,
         limit: Duration,

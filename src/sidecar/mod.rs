@@ -342,10 +342,8 @@ async fn serve_connection<S>(
         async move { Ok::<_, Infallible>(in_flight.body(sc.handle(req, peer, &session).await)) }
     });
     let mut builder = crate::listener::http_builder();
-    // A response head and its first body chunk are copied into one buffer and go with one
-    // `send`, not a `writev` of both: `writev` goes through the VFS layer, 0.1–0.3 µs more CPU
-    // per write on loopback (bench/socket-writes.sh). Later chunks of a large body
-    // are copied once each, far cheaper than the TLS work on them.
+    // A response head and its first body chunk go out with one `send`, not a `writev` of
+    // both, which costs more (bench/RESULTS.md, "Socket writes").
     builder.http1().writev(false);
     // Boxed as `dyn Future + Send`: passed generically, rustc cannot prove the connection
     // future `Send` (its body-error bounds are higher-ranked).

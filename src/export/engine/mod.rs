@@ -43,6 +43,10 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Setup(String),
+    #[error("no dead letter {0}")]
+    NoDeadLetter(i64),
+    #[error("dead letter {id}: dataflow '{dataflow}' is not configured")]
+    NoDataflow { id: i64, dataflow: String },
     #[error("store task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -261,18 +265,16 @@ impl Engine {
         let s = self.inner.store.clone();
         let dl = blocking(move || s.dead_letter(id))
             .await?
-            .ok_or_else(|| EngineError::Setup(format!("no dead letter {id}")))?;
+            .ok_or(EngineError::NoDeadLetter(id))?;
         let flow = self
             .inner
             .flows()
             .iter()
             .find(|f| f.spec.name == dl.dataflow)
             .cloned()
-            .ok_or_else(|| {
-                EngineError::Setup(format!(
-                    "dead letter {id}: dataflow '{}' is not configured",
-                    dl.dataflow
-                ))
+            .ok_or_else(|| EngineError::NoDataflow {
+                id,
+                dataflow: dl.dataflow.clone(),
             })?;
         let s = self.inner.store.clone();
         let body = Bytes::from(dl.payload);

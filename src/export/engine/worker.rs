@@ -19,11 +19,9 @@ const BATCH: usize = 512;
 /// connection of its own, as a proxy's keep-alive pool would hold them.
 const IN_FLIGHT: usize = 64;
 
-/// Outcomes recorded per store transaction, at most. An ingest holds the writer for a whole
-/// batch, so outcomes get the writer only between ingest batches: at 1,024 per transaction
-/// they fell behind the deliveries while ingest ran flat out, and the rows they kept leased
-/// (20,000 and more) made every claim step over them. Each outcome row is small; a large
-/// transaction costs less per row.
+/// Outcomes recorded per store transaction, at most: outcomes get the writer only between
+/// ingest batches, and smaller transactions fell behind the deliveries, leaving leased rows
+/// for every claim to step over (docs/design-notes.md, "Export pipeline on the embedded store").
 const OUTCOME_BATCH: usize = 8192;
 
 /// One dataflow's pipeline: a claimer leases due rows and hands each to a courier, which
