@@ -248,6 +248,38 @@ async fn ingest_reports_rejected_lines_with_their_numbers_and_stores_the_rest() 
 }
 
 #[tokio::test]
+async fn ingest_lists_the_first_100_rejected_lines_and_counts_the_rest() {
+    let pki = RcgenPki::new();
+    let d = pki.dir.path();
+    std::fs::write(
+        d.join("s.toml"),
+        "[identity]\ncert = \"gateway.pem\"\nkey = \"gateway.key\"\n[store]\nurl = \"sqlite://s.db\"\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("bad.ndjson"), "x\n".repeat(150)).unwrap();
+    let (cfg, input) = (d.join("s.toml"), d.join("bad.ndjson"));
+    let (cfg, input) = (cfg.to_str().unwrap(), input.to_str().unwrap());
+    let (code, out, err) = run(&["ingest", "--config", cfg, input]).await;
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(out.contains("accepted 0 update(s), rejected 150"), "{out}");
+    assert_eq!(err.matches("bad.ndjson:").count(), 101, "{err}");
+    assert!(err.contains("bad.ndjson:100: invalid update"), "{err}");
+    assert!(!err.contains("bad.ndjson:101:"), "{err}");
+    assert!(
+        err.contains("50 more rejected line(s) not listed (the first 100 are)"),
+        "{err}"
+    );
+    let (code, out, _) = run(&["ingest", "--config", cfg, "--json", input]).await;
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (v["rejected"].as_u64(), v["errorsOmitted"].as_u64()),
+        (Some(150), Some(50))
+    );
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(100));
+}
+
+#[tokio::test]
 async fn demo_runs_a_real_mtls_delivery() {
     let (code, out, err) = run(&["demo", "--profiles", "3"]).await;
     assert_eq!(code, 0, "{out}\n{err}");

@@ -115,6 +115,26 @@ fn each_bad_config_names_key_and_reason() {
             "store.url",
             "holds a password; use store.password_env",
         ),
+        (
+            "[store]\nurl = \"postgres://u@db.example/x?password=hunter2\"\n".into(),
+            "store.url",
+            "holds a password; use store.password_env",
+        ),
+        (
+            "[store]\nurl = \"postgres://u@db.example/x?sslmode=disable&Pass%77ord=hunter2\"\n".into(),
+            "store.url",
+            "holds a password; use store.password_env",
+        ),
+        (
+            "[store]\nurl = \"postgresql://u:hunter2@db1.example:5432,db2.example:5432/x\"\n".into(),
+            "store.url",
+            "holds a password; use store.password_env",
+        ),
+        (
+            "[store]\nurl = \"mysql://db.example/x?user=u&password=hunter2\"\n".into(),
+            "store.url",
+            "must start with sqlite://",
+        ),
         ("[store]\nlease = \"10ms\"\n".into(), "store.lease", "from 1s to 1h"),
         ("[store]\npool_size = 0\n".into(), "store.pool_size", "from 1 to 64"),
         ("[store]\nschema = \"a;drop\"\n".into(), "store.schema", "letters, digits or '_'"),
@@ -328,4 +348,26 @@ fn the_documented_sidecar_config_is_valid() {
     let sc = cfg.sidecar.unwrap();
     assert_eq!(sc.routes[0].prefix, "/acme");
     assert!(sc.listen.ip().is_loopback());
+}
+
+#[test]
+fn store_urls_are_redacted_in_userinfo_and_query() {
+    let redacted = |url: &str| {
+        sallyport::config::StoreConfig {
+            url: url.into(),
+            ..Default::default()
+        }
+        .redacted_url()
+    };
+    let r =
+        redacted("postgres://u@db.example:5432/x?sslmode=require&password=hunter2&application_name=a%20b");
+    assert!(!r.contains("hunter2"), "{r}");
+    assert!(
+        r.contains("sslmode=require") && r.contains("password=REDACTED") && r.contains("db.example:5432/x"),
+        "{r}"
+    );
+    let r = redacted("postgres://u:hunter2@db.example/x?PASSWORD=hunter2");
+    assert!(!r.contains("hunter2"), "{r}");
+    assert_eq!(redacted("postgres://u@db.example/x"), "postgres://u@db.example/x");
+    assert_eq!(redacted("sqlite://var/sallyport.db"), "sqlite://var/sallyport.db");
 }

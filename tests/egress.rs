@@ -229,6 +229,49 @@ fn policy_decisions() {
             .is_err(),
         "Teredo-embedded 10.1.1.1"
     );
+    // Special IPv6 and IPv4 blocks an allowed name must not reach without a CIDR allow.
+    for (addr, why) in [
+        ("64:ff9b:1::a9fe:a9fe", "local-use NAT64"),
+        ("64:ff9b:1:5db8:d8:2200::", "local-use NAT64"),
+        ("100::1", "discard-only"),
+        ("192.88.99.1", "6to4 relay anycast"),
+        ("2002:c058:6301::1", "6to4 relay anycast"),
+        ("::ffff:0:a9fe:a9fe", "IPv4-translated"),
+        ("::ffff:0:5db8:d822", "IPv4-translated"),
+        ("3fff::1", "documentation"),
+    ] {
+        let err = e.check("x.hooks.example.com", ip(addr)).expect_err(addr);
+        assert!(err.reason.contains(why), "{addr}: {}", err.reason);
+    }
+    // Translated forms carry their IPv4 address to deny rules, whichever allow lets the
+    // block itself through.
+    let t = Egress::from_config(&EgressConfig {
+        allow: vec!["::ffff:0:0:0/96".into(), "64:ff9b:1::/48".into()],
+        deny: vec!["169.254.0.0/16".into(), "10.0.0.0/8".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(t.check("a", ip("::ffff:0:5db8:d822")).is_ok());
+    assert!(t.check("a", ip("64:ff9b:1::5db8:d822")).is_ok());
+    for addr in [
+        "::ffff:0:a9fe:a9fe",
+        "64:ff9b:1::a9fe:a9fe",  // /96
+        "64:ff9b:1:a00:5::",     // RFC 6052 /48: 10.0.5.0
+        "64:ff9b:1:a:0:500::",   // /56: 10.0.5.0
+        "64:ff9b:1:0:a:0:500:0", // /64: 10.0.0.5
+    ] {
+        let err = t.check("a", ip(addr)).expect_err(addr);
+        assert!(err.reason.contains("egress.deny"), "{addr}: {}", err.reason);
+    }
+    // An IPv4 CIDR allow covers a translated address (its IPv4 address sits where SIIT puts
+    // it) but not a local-use NAT64 one (where it sits is the operator's choice).
+    let v4 = Egress::allowing(&["10.0.0.0/8"]).unwrap();
+    assert!(v4.check("a", ip("::ffff:0:a00:1")).is_ok());
+    assert!(v4
+        .check("a", ip("64:ff9b:1::a00:1"))
+        .unwrap_err()
+        .reason
+        .contains("local-use NAT64"));
     // Not allowed at all.
     assert!(e
         .check("other.example", ip("93.184.216.34"))

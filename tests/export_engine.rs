@@ -256,3 +256,85 @@ async fn bad_lines_are_reported_and_good_lines_still_accepted() {
     assert_eq!(engine.pending().await.unwrap(), 2);
     assert!(engine.store().profile("ok2").unwrap().is_some());
 }
+
+#[tokio::test]
+async fn a_body_of_bad_lines_gets_a_bounded_answer_with_the_true_counts() {
+    let s = setup().await;
+    let engine = Engine::open(&config(&s, &[SEG], "amp.db")).await.unwrap();
+    // 1 MiB of `x\n`: 524,288 bad lines, then one good one.
+    let mut body = b"x\n".repeat(512 * 1024);
+    body.extend_from_slice(
+        line(json!({"profileId": "ok", "segments": [{"id": SEG, "status": "realized"}]})).as_bytes(),
+    );
+    let r = engine.ingest(&body).await.unwrap();
+    assert_eq!((r.accepted, r.rejected), (1, 512 * 1024));
+    assert_eq!(r.errors.len(), 100, "the first 100 rejected lines are listed");
+    assert_eq!(r.errors_omitted, 512 * 1024 - 100, "the rest are counted");
+    assert_eq!(
+        r.errors.iter().map(|e| e.line).collect::<Vec<_>>(),
+        (1..=100).collect::<Vec<_>>()
+    );
+    let answer = serde_json::to_string(&r).unwrap();
+    assert!(answer.len() < 16 * 1024, "{} bytes", answer.len());
+    assert!(
+        answer.contains("\"errorsOmitted\":524188"),
+        "camelCase like the API: {answer}"
+    );
+    assert_eq!(engine.pending().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn an_update_with_too_many_segment_events_is_rejected_with_the_limit_named() {
+    let s = setup().await;
+    let engine = Engine::open(&config(&s, &[SEG], "segs.db")).await.unwrap();
+    let events = |n: usize| -> Vec<Value> {
+        (0..n)
+            .map(|i| json!({"id": format!("seg-{i}"), "status": "realized"}))
+            .collect()
+    };
+    let batch = line(json!({"profileId": "many", "segments": events(10_001)}))
+        + &line(json!({"profileId": "most", "segments": events(10_000)}));
+    let r = engine.ingest(batch.as_bytes()).await.unwrap();
+    assert_eq!((r.accepted, r.rejected), (1, 1));
+    assert_eq!(r.errors[0].line, 1);
+    assert_eq!(
+        r.errors[0].reason,
+        "segments has 10001 events; the limit is 10000 per update"
+    );
+    assert!(engine.store().profile("many").unwrap().is_none());
+    assert_eq!(
+        engine.store().profile("most").unwrap().unwrap().segments.len(),
+        10_000
+    );
+}
+
+#[tokio::test]
+async fn one_profile_in_many_updates_with_repeated_segments_is_stored_and_queued_once() {
+    let s = setup().await;
+    let engine = Engine::open(&config(&s, &[SEG, SEG2], "dup.db")).await.unwrap();
+    // 30 updates of one profile, 2,000 segment events each, overlapping by half, the mapped
+    // segments among them, one of them flipping within an update.
+    let mut batch = String::new();
+    for n in 0..30usize {
+        let mut events: Vec<Value> = (n * 1000..n * 1000 + 2000)
+            .map(|i| json!({"id": format!("seg-{i}"), "status": "realized"}))
+            .collect();
+        events.push(json!({"id": SEG, "status": "realized"}));
+        events.push(json!({"id": SEG2, "status": "exiting"}));
+        events.push(json!({"id": SEG, "status": "exited"}));
+        batch += &line(json!({"profileId": "p", "segments": events}));
+    }
+    let r = engine.ingest(batch.as_bytes()).await.unwrap();
+    assert_eq!((r.accepted, r.rejected), (30, 0));
+    let p = engine.store().profile("p").unwrap().unwrap();
+    assert_eq!(p.segments.len(), 29 * 1000 + 2000 + 2);
+    assert_eq!(p.segments[SEG].status.as_str(), "exited");
+    assert_eq!(p.segments[SEG2].status.as_str(), "exiting");
+    assert_eq!(engine.pending().await.unwrap(), 1, "one delivery for the profile");
+    let claimed = engine
+        .store()
+        .claim("rx", 10, sallyport::store::now_ms(), 30_000)
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].segments, [SEG, SEG2], "each mapped segment named once");
+}

@@ -1,5 +1,6 @@
 //! Every seed and every input a fuzzer ever crashed on goes through the fuzz entry points on
-//! each test run (stable toolchain; the fuzzers themselves live in fuzz/).
+//! each test run (stable toolchain; the fuzzers themselves live in fuzz/, `scripts/fuzz.sh` runs
+//! them all). One directory of tests/fuzz-inputs per target, named as the target.
 
 use std::path::Path;
 
@@ -31,4 +32,45 @@ fn pem_inputs_do_not_panic() {
 #[test]
 fn egress_inputs_do_not_panic() {
     assert!(run_dir("egress", sallyport::egress::fuzz_entry) >= 3);
+}
+
+#[test]
+fn ndjson_inputs_do_not_panic() {
+    assert!(run_dir("ndjson", sallyport::profile::update::fuzz_entry) >= 3);
+}
+
+#[test]
+fn header_and_query_syntax_inputs_do_not_panic() {
+    assert!(run_dir("syntax", sallyport::config::syntax_fuzz_entry) >= 3);
+}
+
+#[test]
+fn retry_after_inputs_do_not_panic() {
+    assert!(run_dir("retry_after", sallyport::delivery::retry::fuzz_entry) >= 3);
+}
+
+#[test]
+fn audit_file_inputs_do_not_panic() {
+    assert!(run_dir("audit_file", sallyport::audit::file::fuzz_entry) >= 3);
+}
+
+/// Each fuzz target's inputs are replayed here: a target added to fuzz/fuzz_targets needs its
+/// directory in tests/fuzz-inputs and a `run_dir` test above.
+#[test]
+fn every_fuzz_target_has_its_inputs_replayed() {
+    let this = std::fs::read_to_string("tests/fuzz_regressions.rs").expect("this file");
+    for e in std::fs::read_dir("fuzz/fuzz_targets").expect("fuzz targets") {
+        let p = e.expect("entry").path();
+        let Some(name) = p.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        assert!(
+            Path::new("tests/fuzz-inputs").join(name).is_dir(),
+            "fuzz target {name} has no tests/fuzz-inputs/{name}/"
+        );
+        assert!(
+            this.contains(&format!("run_dir(\"{name}\"")),
+            "fuzz target {name} is not replayed by tests/fuzz_regressions.rs"
+        );
+    }
 }

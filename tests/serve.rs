@@ -147,6 +147,26 @@ async fn ingest_over_the_admin_api_delivers_and_counts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_of_bad_lines_gets_a_small_answer_with_the_true_counts() {
+    let pki = RcgenPki::new();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let (cfg, public, admin) = write_config(&pki, &rx.url("/in"), "", true);
+    let gw = start(&cfg, public, admin).await;
+    // 4 MiB of `x\n`: two million bad lines (each used to become an error in the answer).
+    let lines = 2 * 1024 * 1024;
+    let body = b"x\n".repeat(lines);
+    let (s, b) = http("POST", &format!("{}/v1/profiles", gw.admin), Some(TOKEN), &body).await;
+    assert_eq!(s, 400, "nothing accepted");
+    assert!(b.len() < 16 * 1024, "the answer is {} bytes", b.len());
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["accepted"], 0);
+    assert_eq!(v["rejected"].as_u64(), Some(lines as u64));
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(100));
+    assert_eq!(v["errors"][99]["line"], 100);
+    assert_eq!(v["errorsOmitted"].as_u64(), Some(lines as u64 - 100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_over_the_admin_api_list_show_replay_and_purge() {
     let pki = RcgenPki::new();
     let (rx, healthy) = pki

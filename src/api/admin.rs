@@ -83,7 +83,8 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
                     };
                     json_reply(
                         status,
-                        &json!({"accepted": r.accepted, "rejected": r.rejected, "errors": r.errors}),
+                        &json!({"accepted": r.accepted, "rejected": r.rejected, "errors": r.errors,
+                            "errorsOmitted": r.errors_omitted}),
                     )
                 }
                 Err(e) => {

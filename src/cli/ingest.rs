@@ -19,7 +19,8 @@ pub(super) async fn run(args: IngestArgs) -> Result<(), Failure> {
         println!(
             "{}",
             serde_json::json!({"accepted": report.accepted, "rejected": report.rejected,
-            "errors": report.errors, "pendingDeliveries": pending})
+            "errors": report.errors, "errorsOmitted": report.errors_omitted,
+            "pendingDeliveries": pending})
         );
     } else {
         println!(
@@ -28,6 +29,14 @@ pub(super) async fn run(args: IngestArgs) -> Result<(), Failure> {
         );
         for e in &report.errors {
             eprintln!("{}:{}: {}", args.file.display(), e.line, e.reason);
+        }
+        if report.errors_omitted > 0 {
+            eprintln!(
+                "{}: {} more rejected line(s) not listed (the first {} are)",
+                args.file.display(),
+                report.errors_omitted,
+                report.errors.len()
+            );
         }
     }
     if report.rejected > 0 {

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 pub use destination::{AuthConfig, DestinationConfig};
 pub use model::*;
+/// Entry point for the header/query syntax fuzz target.
+pub use parse::fuzz_entry as syntax_fuzz_entry;
 pub use parse::{parse_duration, parse_headers, parse_query, HeaderSpec, QuerySpec};
 pub use secret::{Secret, SecretSource};
 pub use validate::check_url;

@@ -57,10 +57,11 @@ pub fn parse_headers(spec: &HeaderSpec, reserved: &[&str]) -> Result<Vec<(Header
         }
     };
     let mut out = Vec::with_capacity(pairs.len());
+    let mut seen = std::collections::HashSet::with_capacity(pairs.len());
     for (name, value) in pairs {
         let header = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("'{name}' is not a valid header name (RFC 9110 token)"))?;
-        if out.iter().any(|(n, _): &(HeaderName, HeaderValue)| *n == header) {
+        if !seen.insert(header.clone()) {
             return Err(format!(
                 "'{name}' is given twice (ambiguous: which one should be sent?)"
             ));
@@ -106,6 +107,62 @@ pub fn parse_query(spec: &QuerySpec) -> Result<Vec<(String, String)>, String> {
         }
     }
     Ok(pairs)
+}
+
+/// Entry point for the header/query syntax fuzz target: the input as a compact header spec,
+/// as a table (one `name=value` per line), and as a compact query spec. Whatever is accepted
+/// holds no control character, no reserved or repeated header and no nameless parameter, and
+/// reads back the same once written out again. Panics on a broken invariant.
+pub fn fuzz_entry(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    let mut reserved: Vec<&str> = super::RESERVED_HEADERS.to_vec();
+    reserved.push("authorization");
+    let check_headers = |headers: &[(HeaderName, HeaderValue)]| {
+        let mut names = std::collections::HashSet::new();
+        for (n, v) in headers {
+            assert!(names.insert(n.clone()), "{n} accepted twice");
+            assert!(
+                !reserved.iter().any(|r| n.as_str().eq_ignore_ascii_case(r)),
+                "{n} is reserved"
+            );
+            assert!(
+                !v.as_bytes().iter().any(|b| b.is_ascii_control() && *b != b'\t'),
+                "a control byte in {n}"
+            );
+        }
+    };
+    if let Ok(headers) = parse_headers(&HeaderSpec::Compact(s.to_owned()), &reserved) {
+        check_headers(&headers);
+        let written: Vec<String> = headers
+            .iter()
+            .map(|(n, v)| format!("{n}:{}", String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        let again = parse_headers(&HeaderSpec::Compact(written.join(",")), &reserved);
+        assert_eq!(again.as_ref().ok(), Some(&headers), "{written:?}: {again:?}");
+    }
+    let table: BTreeMap<String, String> = s
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    if let Ok(headers) = parse_headers(&HeaderSpec::Table(table), &reserved) {
+        check_headers(&headers);
+    }
+    if let Ok(query) = parse_query(&QuerySpec::Compact(s.to_owned())) {
+        for (k, v) in &query {
+            assert!(!k.is_empty(), "a nameless parameter");
+            assert!(
+                !k.chars().chain(v.chars()).any(char::is_control),
+                "a control character"
+            );
+        }
+        let written = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&query)
+            .finish();
+        let again = parse_query(&QuerySpec::Compact(written.clone()));
+        assert_eq!(again.as_ref().ok(), Some(&query), "{written}: {again:?}");
+    }
+    let _ = parse_duration(s);
 }
 
 #[cfg(test)]
@@ -181,5 +238,19 @@ mod tests {
         assert_eq!(q, vec![("p1".into(), "v1".into()), ("p2".into(), "a b".into())]);
         assert!(parse_query(&QuerySpec::Compact("p1".into())).is_err());
         assert!(parse_query(&QuerySpec::Compact("=v".into())).is_err());
+    }
+
+    #[test]
+    fn fuzz_entry_holds_on_seeds() {
+        for seed in [
+            "x-a:1, X-B : two words",
+            "x-a:1,X-A:2",
+            "a=1&b=%ZZ&c=+&d=%C3%A9",
+            "?",
+            "host:evil\nx-a=1\nx-b=\u{7f}",
+            "",
+        ] {
+            fuzz_entry(seed.as_bytes());
+        }
     }
 }

@@ -125,7 +125,7 @@ impl Config {
             );
         }
         let pg = !self.store.url.starts_with("sqlite://");
-        if pg && url::Url::parse(&self.store.url).is_ok_and(|u| u.password().is_some()) {
+        if pg && self.store.url_has_password() {
             out.push(
                 "store.url",
                 "holds a password; use store.password_env or store.password_file instead",

@@ -80,18 +80,58 @@ pub fn jitter() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Parse a `Retry-After` value: delay-seconds or an HTTP date (RFC 9110 §10.2.3).
+/// Parse a `Retry-After` value: delay-seconds (digits only) or an HTTP date (RFC 9110
+/// §10.2.3). At most [`MAX_RETRY_AFTER`]: a longer wait, or a number of seconds too large to
+/// hold, is cut to it, as the retry policy would.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        let secs = v.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
     let fmt = time::macros::format_description!(
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );
     let at = time::PrimitiveDateTime::parse(v, &fmt).ok()?.assume_utc();
-    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(at.unix_timestamp()).ok()?);
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let at =
+        SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(u64::try_from(at.unix_timestamp()).ok()?))?;
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
+    )
+}
+
+/// Entry point for the `Retry-After` fuzz target: any header value gives `None` or a wait of
+/// at most [`MAX_RETRY_AFTER`], whatever the clock says, and the retry policy given it waits
+/// no longer either. Panics on a broken invariant.
+pub fn fuzz_entry(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    let epoch = SystemTime::UNIX_EPOCH;
+    let policy = RetryPolicy::default();
+    for now in [
+        epoch,
+        epoch + Duration::from_secs(1_445_412_480),
+        epoch + Duration::from_secs(253_402_300_799), // 9999-12-31T23:59:59Z
+    ] {
+        let got = parse_retry_after(s, now);
+        if let Some(d) = got {
+            assert!(d <= MAX_RETRY_AFTER, "{s:?} at {now:?}: {d:?}");
+        }
+        let t = s.trim();
+        if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+            assert!(got.is_some(), "delay-seconds {s:?} not read");
+        }
+        let e = DeliveryError::new(ErrorKind::HttpStatus, "x")
+            .with_status(503)
+            .with_retry_after(got);
+        for attempt in 1..=policy.max_attempts {
+            match policy.decide(attempt, &e, 0.5) {
+                Verdict::RetryAfter(d) => assert!(d <= MAX_RETRY_AFTER.max(policy.cap)),
+                Verdict::GiveUp => assert_eq!(attempt, policy.max_attempts),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -161,6 +201,24 @@ mod tests {
             Some(Duration::from_secs(30))
         );
         assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(
+            parse_retry_after("+120", now),
+            None,
+            "delay-seconds are digits only"
+        );
+        assert_eq!(parse_retry_after(" 86400 ", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
         let e = status(503).with_retry_after(Some(Duration::from_secs(7200)));
         assert_eq!(
             RetryPolicy::default().decide(1, &e, 0.5),

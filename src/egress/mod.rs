@@ -6,8 +6,9 @@
 //! 1. an `egress.deny` rule (host name, `*.suffix`, IP or CIDR) matching the name or the
 //!    address refuses it;
 //! 2. an address in a special range — loopback, RFC 1918, CGNAT, link-local (cloud metadata),
-//!    unique-local, multicast, unspecified, broadcast, documentation, and the same ranges
-//!    embedded in IPv4-mapped, NAT64, 6to4 or Teredo IPv6 — is refused unless an IP/CIDR
+//!    unique-local, multicast, unspecified, broadcast, documentation, benchmarking, discard-only,
+//!    local-use NAT64, IPv4-translated, 6to4 relay anycast, and the same ranges embedded in
+//!    IPv4-mapped, IPv4-translated, NAT64, 6to4 or Teredo IPv6 — is refused unless an IP/CIDR
 //!    `egress.allow` rule covers the address itself (a host-name rule is not enough: that is
 //!    how DNS rebinding into the private network is stopped);
 //! 3. otherwise the name must match a host rule or the address an IP/CIDR rule in
@@ -85,8 +86,14 @@ impl Rule {
         }
     }
 
+    /// A deny rule matches the address or any IPv4 address embedded in it.
     fn matches_addr(&self, addr: IpAddr) -> bool {
         matches!(self, Rule::Net(c) if net::candidates(addr).iter().any(|a| c.contains(*a)))
+    }
+
+    /// An allow rule matches the address or the IPv4 address a fixed embedding carries.
+    fn allows_addr(&self, addr: IpAddr) -> bool {
+        matches!(self, Rule::Net(c) if net::allow_candidates(addr).iter().any(|a| c.contains(*a)))
     }
 }
 
@@ -197,7 +204,7 @@ impl Egress {
         {
             return Err(denied(format!("matches egress.deny[{i}]")));
         }
-        let allowed_addr = self.allow.iter().find(|(_, r)| r.matches_addr(addr));
+        let allowed_addr = self.allow.iter().find(|(_, r)| r.allows_addr(addr));
         if let Some(range) = net::candidates(addr).into_iter().find_map(special_range) {
             return match allowed_addr {
                 Some(_) => Ok(()),

@@ -1,5 +1,11 @@
 //! Profile updates as they arrive: one JSON object per NDJSON line, parsed strictly. A bad line
 //! is rejected with its line number and reason; the other lines of the batch still count.
+//!
+//! Bounded: whatever the body, the answer lists at most [`MAX_REPORTED_ERRORS`] rejected lines
+//! (the rest are counted), and one update carries at most [`MAX_SEGMENTS`] segment events,
+//! [`MAX_IDENTITY_NAMESPACES`] identity namespaces holding [`MAX_IDENTITIES`] ids, and
+//! [`MAX_ATTRIBUTE_LEAVES`] attribute writes: the work an accepted line causes later (merging,
+//! trigger evaluation, the store's writes, all under the store's writer) grows with these.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -10,6 +16,20 @@ pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 pub const MAX_DEPTH: usize = 32;
 /// Longest profile or segment id.
 pub const MAX_ID_LEN: usize = 256;
+/// Rejected lines reported one by one in a batch's answer; later ones are only counted, so a
+/// body of bad lines cannot make an answer (or the memory behind it) larger than the body.
+pub const MAX_REPORTED_ERRORS: usize = 100;
+/// Longest reported reason: a reason quoting the line (an unknown field's name, a time that
+/// does not parse) is cut here, so the answer's size does not follow the lines'.
+pub const MAX_REASON_BYTES: usize = 300;
+/// Most segment events in one update (one line).
+pub const MAX_SEGMENTS: usize = 10_000;
+/// Most namespaces in one update's identity map.
+pub const MAX_IDENTITY_NAMESPACES: usize = 100;
+/// Most ids in one update's identity map, all namespaces together.
+pub const MAX_IDENTITIES: usize = 1_000;
+/// Most attribute values one update writes (leaves of `attributes`, deletions included).
+pub const MAX_ATTRIBUTE_LEAVES: usize = 10_000;
 
 /// A segment qualification status, as the HTTP API destination exports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -80,7 +100,17 @@ pub struct LineError {
 #[derive(Debug, Default)]
 pub struct ParsedBatch {
     pub updates: Vec<(usize, ProfileUpdate)>,
+    /// The first [`MAX_REPORTED_ERRORS`] rejected lines.
     pub errors: Vec<LineError>,
+    /// Every rejected line, listed in `errors` or not.
+    pub rejected: usize,
+}
+
+impl ParsedBatch {
+    /// Rejected lines not listed in `errors`.
+    pub fn errors_omitted(&self) -> usize {
+        self.rejected - self.errors.len()
+    }
 }
 
 /// Parse NDJSON. Blank lines are skipped; line numbers start at 1.
@@ -94,10 +124,31 @@ pub fn parse_ndjson(bytes: &[u8]) -> ParsedBatch {
         }
         match parse_line(raw) {
             Ok(u) => out.updates.push((line, u)),
-            Err(reason) => out.errors.push(LineError { line, reason }),
+            Err(reason) => {
+                out.rejected += 1;
+                if out.errors.len() < MAX_REPORTED_ERRORS {
+                    out.errors.push(LineError {
+                        line,
+                        reason: shorten(reason),
+                    });
+                }
+            }
         }
     }
     out
+}
+
+/// `reason`, cut to at most [`MAX_REASON_BYTES`] (on a character boundary) and marked so.
+fn shorten(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES - '…'.len_utf8();
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
+    }
+    reason
 }
 
 /// Parse and validate one update.
@@ -114,6 +165,18 @@ pub fn parse_line(raw: &[u8]) -> Result<ProfileUpdate, String> {
         check_id("mergePolicyId", m)?;
     }
     if let Some(map) = &u.identity_map {
+        if map.len() > MAX_IDENTITY_NAMESPACES {
+            return Err(format!(
+                "identityMap has {} namespaces; the limit is {MAX_IDENTITY_NAMESPACES} per update",
+                map.len()
+            ));
+        }
+        let ids: usize = map.values().map(|v| v.as_array().map_or(0, Vec::len)).sum();
+        if ids > MAX_IDENTITIES {
+            return Err(format!(
+                "identityMap has {ids} ids; the limit is {MAX_IDENTITIES} per update"
+            ));
+        }
         for (ns, ids) in map {
             let Value::Array(ids) = ids else {
                 return Err(format!(
@@ -132,6 +195,19 @@ pub fn parse_line(raw: &[u8]) -> Result<ProfileUpdate, String> {
         if 1 + attrs.values().map(depth).max().unwrap_or(0) > MAX_DEPTH {
             return Err(format!("attributes are nested deeper than {MAX_DEPTH} levels"));
         }
+        let mut budget = MAX_ATTRIBUTE_LEAVES;
+        if !within_leaves(attrs, &mut budget) {
+            return Err(format!(
+                "attributes write more than {MAX_ATTRIBUTE_LEAVES} values; the limit is \
+                 {MAX_ATTRIBUTE_LEAVES} per update"
+            ));
+        }
+    }
+    if u.segments.len() > MAX_SEGMENTS {
+        return Err(format!(
+            "segments has {} events; the limit is {MAX_SEGMENTS} per update",
+            u.segments.len()
+        ));
     }
     for (j, s) in u.segments.iter().enumerate() {
         check_id(&format!("segments[{j}].id"), &s.id)?;
@@ -156,6 +232,25 @@ fn check_id(what: &str, id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Take the values `attrs` writes when merged (its leaves: what is not a non-empty object)
+/// from `budget`; false once it runs out.
+fn within_leaves(attrs: &Map<String, Value>, budget: &mut usize) -> bool {
+    for v in attrs.values() {
+        match v {
+            Value::Object(sub) if !sub.is_empty() => {
+                if !within_leaves(sub, budget) {
+                    return false;
+                }
+            }
+            _ => match budget.checked_sub(1) {
+                Some(b) => *budget = b,
+                None => return false,
+            },
+        }
+    }
+    true
+}
+
 fn depth(v: &Value) -> usize {
     match v {
         Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
@@ -174,6 +269,67 @@ pub fn rfc3339_to_unix_ms(s: &str) -> Option<i64> {
     parse_rfc3339(s)
         .ok()
         .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// Entry point for the NDJSON fuzz target: any body parses into accepted and rejected lines
+/// that add up, with a bounded error list, and the accepted updates plan into a batch as a
+/// store would write it (each profile once, each segment and delivery once). Panics on a
+/// broken invariant.
+pub fn fuzz_entry(data: &[u8]) {
+    let batch = parse_ndjson(data);
+    let lines = data
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .count();
+    assert_eq!(
+        batch.updates.len() + batch.rejected,
+        lines,
+        "every line is counted once"
+    );
+    assert_eq!(batch.errors.len(), batch.rejected.min(MAX_REPORTED_ERRORS));
+    assert_eq!(batch.errors_omitted(), batch.rejected - batch.errors.len());
+    let mut numbers: Vec<usize> = batch.updates.iter().map(|(l, _)| *l).collect();
+    numbers.extend(batch.errors.iter().map(|e| e.line));
+    numbers.sort_unstable();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "a line reported twice");
+    assert!(numbers.iter().all(|l| *l >= 1 && *l <= data.len() + 1));
+    for e in &batch.errors {
+        assert!(!e.reason.is_empty() && e.reason.len() <= MAX_REASON_BYTES);
+    }
+    for (_, u) in &batch.updates {
+        assert!(u.segments.len() <= MAX_SEGMENTS);
+        assert!(!u.profile_id.is_empty() && u.profile_id.len() <= MAX_ID_LEN);
+        if let Some(m) = &u.identity_map {
+            assert!(m.len() <= MAX_IDENTITY_NAMESPACES);
+        }
+    }
+    let updates: Vec<ProfileUpdate> = batch.updates.into_iter().map(|(_, u)| u).collect();
+    let profiles: std::collections::HashSet<String> = updates.iter().map(|u| u.profile_id.clone()).collect();
+    let planned = super::batch::plan_batch(updates, &mut |_| None, &mut |p, u| {
+        let change = p.apply(u, "2026-01-01T00:00:00Z");
+        let t = super::trigger::Trigger {
+            reasons: super::trigger::Reasons::SEGMENT,
+            segments: change.segments_changed,
+        };
+        vec![("d".to_owned(), t)]
+    });
+    assert_eq!(
+        planned.profiles.len(),
+        profiles.len(),
+        "each profile planned once"
+    );
+    for (p, touched) in &planned.profiles {
+        let unique: std::collections::HashSet<&String> = touched.iter().collect();
+        assert_eq!(unique.len(), touched.len(), "a segment written twice");
+        assert!(touched.iter().all(|s| p.segments.contains_key(s)));
+    }
+    let keys: std::collections::HashSet<&(String, String)> =
+        planned.enqueues.iter().map(|(k, _)| k).collect();
+    assert_eq!(keys.len(), planned.enqueues.len(), "a delivery queued twice");
+    for (_, t) in &planned.enqueues {
+        let unique: std::collections::HashSet<&String> = t.segments.iter().collect();
+        assert_eq!(unique.len(), t.segments.len(), "a trigger names a segment twice");
+    }
 }
 
 #[cfg(test)]
@@ -201,5 +357,121 @@ mod tests {
         assert!(errs[2].0 == 5 && errs[2].1.contains("missing field `profileId`"));
         assert!(errs[3].0 == 6 && errs[3].1.contains("unknown variant `qualified`"));
         assert!(errs[4].0 == 7 && errs[4].1.contains("the limit is"));
+    }
+
+    #[test]
+    fn a_body_of_bad_lines_reports_the_first_errors_and_counts_the_rest() {
+        let body = b"x\n".repeat(250_000);
+        let b = parse_ndjson(&body);
+        assert!(b.updates.is_empty());
+        assert_eq!(b.rejected, 250_000);
+        assert_eq!(b.errors.len(), MAX_REPORTED_ERRORS);
+        assert_eq!(b.errors_omitted(), 250_000 - MAX_REPORTED_ERRORS);
+        let lines: Vec<usize> = b.errors.iter().map(|e| e.line).collect();
+        assert_eq!(lines, (1..=MAX_REPORTED_ERRORS).collect::<Vec<_>>());
+        // Good lines after the cap still count.
+        let mut body = b"x\n".repeat(MAX_REPORTED_ERRORS + 5);
+        body.extend_from_slice(b"{\"profileId\":\"p\"}\nx\n");
+        let b = parse_ndjson(&body);
+        assert_eq!(
+            (b.updates.len(), b.rejected, b.errors.len()),
+            (1, MAX_REPORTED_ERRORS + 6, MAX_REPORTED_ERRORS)
+        );
+        assert_eq!(b.updates[0].0, MAX_REPORTED_ERRORS + 6);
+    }
+
+    #[test]
+    fn reasons_quoting_a_line_are_cut_short() {
+        let long = "é".repeat(MAX_LINE_BYTES / 4);
+        let body = format!(
+            "{{\"profileId\":\"p\",\"{long}\":1}}\n\
+             {{\"profileId\":\"p\",\"segments\":[{{\"id\":\"s\",\"status\":\"realized\",\"lastQualificationTime\":\"{long}\"}}]}}\n"
+        );
+        let b = parse_ndjson(body.as_bytes());
+        assert_eq!(b.rejected, 2);
+        for e in &b.errors {
+            assert!(
+                e.reason.len() <= MAX_REASON_BYTES && e.reason.ends_with('…'),
+                "{}",
+                e.reason.len()
+            );
+        }
+        assert!(b.errors[0]
+            .reason
+            .starts_with("invalid update: unknown field `éé"));
+        assert!(b.errors[1]
+            .reason
+            .starts_with("segments[0].lastQualificationTime: 'éé"));
+    }
+
+    fn with_segments(n: usize) -> String {
+        let segs: Vec<String> = (0..n)
+            .map(|i| format!("{{\"id\":\"s{i}\",\"status\":\"realized\"}}"))
+            .collect();
+        format!("{{\"profileId\":\"p\",\"segments\":[{}]}}", segs.join(","))
+    }
+
+    #[test]
+    fn an_update_with_too_many_segment_events_is_rejected_naming_the_limit() {
+        assert_eq!(
+            parse_line(with_segments(MAX_SEGMENTS).as_bytes()).map(|u| u.segments.len()),
+            Ok(MAX_SEGMENTS)
+        );
+        let err = parse_line(with_segments(MAX_SEGMENTS + 1).as_bytes()).expect_err("over the limit");
+        assert_eq!(err, "segments has 10001 events; the limit is 10000 per update");
+    }
+
+    #[test]
+    fn identity_maps_and_attribute_writes_are_bounded_per_update() {
+        let ids = |n: usize| -> String {
+            let ids: Vec<String> = (0..n).map(|i| format!("{{\"id\":\"{i}\"}}")).collect();
+            format!(
+                "{{\"profileId\":\"p\",\"identityMap\":{{\"ecid\":[{}]}}}}",
+                ids.join(",")
+            )
+        };
+        assert!(parse_line(ids(MAX_IDENTITIES).as_bytes()).is_ok());
+        let err = parse_line(ids(MAX_IDENTITIES + 1).as_bytes()).expect_err("too many ids");
+        assert!(
+            err.contains("identityMap has 1001 ids; the limit is 1000"),
+            "{err}"
+        );
+        let ns: Vec<String> = (0..=MAX_IDENTITY_NAMESPACES)
+            .map(|i| format!("\"n{i}\":[]"))
+            .collect();
+        let line = format!("{{\"profileId\":\"p\",\"identityMap\":{{{}}}}}", ns.join(","));
+        let err = parse_line(line.as_bytes()).expect_err("too many namespaces");
+        assert!(
+            err.contains("identityMap has 101 namespaces; the limit is 100"),
+            "{err}"
+        );
+
+        let attrs = |n: usize| -> String {
+            let leaves: Vec<String> = (0..n).map(|i| format!("\"a{i}\":{{\"b\":null}}")).collect();
+            format!(
+                "{{\"profileId\":\"p\",\"attributes\":{{\"o\":{{{}}}}}}}",
+                leaves.join(",")
+            )
+        };
+        let ok = parse_line(attrs(MAX_ATTRIBUTE_LEAVES).as_bytes()).expect("at the limit");
+        let mut p = super::super::state::Profile::new("p");
+        assert_eq!(
+            p.apply(ok, "t").written.len(),
+            MAX_ATTRIBUTE_LEAVES,
+            "the limit counts what merge writes"
+        );
+        let err = parse_line(attrs(MAX_ATTRIBUTE_LEAVES + 1).as_bytes()).expect_err("too many writes");
+        assert!(err.contains("the limit is 10000 per update"), "{err}");
+    }
+
+    #[test]
+    fn fuzz_entry_holds_on_mixed_input() {
+        let mut body = b"x\n\n{\"profileId\":\"p\",\"segments\":[{\"id\":\"s\",\"status\":\"realized\"},\
+                         {\"id\":\"s\",\"status\":\"exited\"}]}\r\n"
+            .to_vec();
+        body.extend_from_slice(&b"{\"profileId\":\"p\"}\n".repeat(3));
+        fuzz_entry(&body);
+        fuzz_entry(b"");
+        fuzz_entry(b"\r");
     }
 }

@@ -57,17 +57,53 @@ impl StoreConfig {
         parse_duration(&self.lease).unwrap_or(Duration::from_secs(30))
     }
 
-    /// The URL with any password replaced, fit for a log line or an error.
+    /// Whether the URL carries a password: in its userinfo, as a `password` query parameter,
+    /// or anywhere the PostgreSQL driver itself would find one (it also reads URLs, such as
+    /// several hosts, that the URL parser refuses).
+    pub fn url_has_password(&self) -> bool {
+        if let Ok(u) = url::Url::parse(&self.url) {
+            if u.password().is_some() || u.query_pairs().any(|(k, _)| is_password_key(&k)) {
+                return true;
+            }
+        }
+        self.url
+            .parse::<tokio_postgres::Config>()
+            .is_ok_and(|c| c.get_password().is_some())
+    }
+
+    /// The URL with any password (`user:…@` or a `password` query parameter) replaced, fit
+    /// for a log line or an error.
     pub fn redacted_url(&self) -> String {
         match url::Url::parse(&self.url) {
-            Ok(mut u) if u.password().is_some() => {
-                let _ = u.set_password(Some("REDACTED"));
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("REDACTED"));
+                }
+                if u.query_pairs().any(|(k, _)| is_password_key(&k)) {
+                    let pairs: Vec<(String, String)> = u
+                        .query_pairs()
+                        .map(|(k, v)| {
+                            let v = if is_password_key(&k) {
+                                "REDACTED".into()
+                            } else {
+                                v.into_owned()
+                            };
+                            (k.into_owned(), v)
+                        })
+                        .collect();
+                    u.query_pairs_mut().clear().extend_pairs(pairs);
+                }
                 u.to_string()
             }
-            Ok(u) => u.to_string(),
             Err(_) => "(unparseable URL)".into(),
         }
     }
+}
+
+/// A query parameter that carries the database password (`postgres://…?password=…`). The
+/// driver reads exactly `password`; other cases and padded spellings are refused as well.
+fn is_password_key(k: &str) -> bool {
+    k.trim().eq_ignore_ascii_case("password")
 }
 
 fn default_lease() -> String {

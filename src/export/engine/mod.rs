@@ -51,12 +51,18 @@ pub enum EngineError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// The outcome of one ingest batch.
+/// The outcome of one ingest batch. `errors` lists the first rejected lines (at most
+/// [`crate::profile::update::MAX_REPORTED_ERRORS`]); `errors_omitted` counts the rest, so the
+/// answer stays small whatever the body.
 #[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct IngestReport {
     pub accepted: usize,
+    /// Every rejected line.
     pub rejected: usize,
     pub errors: Vec<LineError>,
+    /// Rejected lines not listed in `errors`.
+    pub errors_omitted: usize,
 }
 
 struct Inner {
@@ -209,7 +215,8 @@ impl Engine {
         let parsed = parse_ndjson(ndjson);
         let report = IngestReport {
             accepted: parsed.updates.len(),
-            rejected: parsed.errors.len(),
+            rejected: parsed.rejected,
+            errors_omitted: parsed.errors_omitted(),
             errors: parsed.errors,
         };
         if parsed.updates.is_empty() {
