@@ -14,6 +14,7 @@
 # tests/fuzz-inputs/NAME/ so tests/fuzz_regressions.rs replays it on every test run.
 # Stable toolchain: cargo-fuzz's nightly flags are allowed through RUSTC_BOOTSTRAP=1.
 # FUZZ_TIMEOUT (default 10) is how many seconds one input may take before it counts as a hang.
+# FUZZ_TARGETS="a b" runs only those targets (e.g. to run groups side by side on more cores).
 set -uo pipefail
 
 secs=${1:-60}
@@ -37,6 +38,9 @@ targets=()
 for f in fuzz_targets/*.rs; do
     targets+=("$(basename "$f" .rs)")
 done
+if [[ -n ${FUZZ_TARGETS:-} ]]; then
+    read -r -a targets <<<"$FUZZ_TARGETS"
+fi
 if ((${#targets[@]} == 0)); then
     echo "no fuzz targets in fuzz/fuzz_targets" >&2
     exit 2

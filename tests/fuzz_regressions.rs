@@ -54,6 +54,16 @@ fn audit_file_inputs_do_not_panic() {
     assert!(run_dir("audit_file", sallyport::audit::file::fuzz_entry) >= 3);
 }
 
+#[test]
+fn oauth_token_response_inputs_do_not_panic() {
+    assert!(run_dir("oauth_token", sallyport::delivery::auth::fuzz_entry) >= 3);
+}
+
+#[test]
+fn sidecar_path_inputs_stay_under_the_base_path() {
+    assert!(run_dir("sidecar_path", sallyport::sidecar::path::fuzz_entry) >= 3);
+}
+
 /// Each fuzz target's inputs are replayed here: a target added to fuzz/fuzz_targets needs its
 /// directory in tests/fuzz-inputs and a `run_dir` test above.
 #[test]
