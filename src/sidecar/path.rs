@@ -15,6 +15,9 @@ pub enum PathError {
     EncodedSeparator,
     /// A `\`, which some servers take for `/`.
     Backslash,
+    /// A control character, plain or escaped: URL parsers drop tabs and newlines, which can
+    /// join what is left into a dot segment (`\n..` becomes `..`).
+    ControlCharacter,
 }
 
 impl PathError {
@@ -28,6 +31,7 @@ impl PathError {
             PathError::DotSegment => "the path holds a dot segment ('.' or '..', plain or percent-escaped)",
             PathError::EncodedSeparator => "the path holds an escaped '/' or '\\' (%2f, %5c)",
             PathError::Backslash => "the path holds a backslash",
+            PathError::ControlCharacter => "the path holds a control character (plain or percent-escaped)",
         }
     }
 }
@@ -62,6 +66,9 @@ fn check_segment(segment: &str) -> Result<(), PathError> {
     if segment.contains('\\') {
         return Err(PathError::Backslash);
     }
+    if segment.chars().any(|c| c.is_ascii_control()) {
+        return Err(PathError::ControlCharacter);
+    }
     if !segment.contains('%') {
         return match segment {
             "." | ".." => Err(PathError::DotSegment),
@@ -75,6 +82,9 @@ fn check_segment(segment: &str) -> Result<(), PathError> {
         let decoded = percent_decode(&text);
         if decoded.contains('/') || decoded.contains('\\') {
             return Err(PathError::EncodedSeparator);
+        }
+        if decoded.chars().any(|c| c.is_ascii_control()) {
+            return Err(PathError::ControlCharacter);
         }
         if decoded == "." || decoded == ".." {
             return Err(PathError::DotSegment);
@@ -170,6 +180,9 @@ mod tests {
             ("/x%5c..", PathError::EncodedSeparator),
             ("/x\\..\\y", PathError::Backslash),
             ("/..", PathError::DotSegment),
+            ("/\n..", PathError::ControlCharacter),
+            ("/.\t./x", PathError::ControlCharacter),
+            ("/%0a../x", PathError::ControlCharacter),
         ] {
             assert_eq!(join(base, rest), Err(err), "{rest}");
         }
