@@ -85,6 +85,22 @@ fn ndjson(n: usize) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// Wait until every `sallyport_outbox_pending` gauge in `/metrics` reads 0.
+async fn drained_all(metrics: &str) {
+    for _ in 0..200 {
+        let (_, m) = http("GET", metrics, Some(TOKEN), b"").await;
+        let gauges: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("sallyport_outbox_pending{"))
+            .collect();
+        if !gauges.is_empty() && gauges.iter().all(|l| l.ends_with(" 0")) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the outbox never drained");
+}
+
 fn profiles_seen(rx: &Receiver) -> std::collections::BTreeSet<i64> {
     rx.received()
         .iter()
@@ -404,8 +420,20 @@ async fn dataflows_managed_over_the_admin_api_backfill_persist_and_delete() {
     let url = |p: &str| format!("{}{p}", gw.admin);
     let (_, b) = http("GET", &url("/v1/dataflows/second"), Some(TOKEN), b"").await;
     assert!(b.contains("\"source\":\"api\""), "{b}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(rx2.received().len(), 5, "no second backfill after a restart");
+    // Evidence that the restarted engine is past any backfill: one new profile reaches rx2 and
+    // nothing is left pending. A backfill queued at start would be older in the outbox
+    // (claimed in order) and delivered first; one queued later would still be pending.
+    let one =
+        json!({"profileId": "p50", "attributes": {"n": 50}, "segments": [{"id": "s1", "status": "realized"}]})
+            .to_string() + "\n";
+    let (s, _) = http("POST", &url("/v1/profiles"), Some(TOKEN), one.as_bytes()).await;
+    assert_eq!(s, 200);
+    wait_until("p50 to rx2", Duration::from_secs(10), || {
+        profiles_seen(&rx2).contains(&50)
+    })
+    .await;
+    drained_all(&url("/metrics")).await;
+    assert_eq!(rx2.received().len(), 5 + 1, "no second backfill after a restart");
 
     // New updates go to both; after DELETE, only to the configured one.
     let (s, _) = http("POST", &url("/v1/profiles"), Some(TOKEN), &ndjson(6)).await;
@@ -413,7 +441,7 @@ async fn dataflows_managed_over_the_admin_api_backfill_persist_and_delete() {
     // All six (five re-exports: `n` is mapped, and each line writes it) to the API-managed
     // one before it is deleted, so none is still in flight after.
     wait_until("profile 5 to both", Duration::from_secs(10), || {
-        rx2.received().len() >= 5 + 6 && profiles_seen(&rx).contains(&5)
+        rx2.received().len() >= 5 + 1 + 6 && profiles_seen(&rx).contains(&5)
     })
     .await;
     let (s, _) = http("DELETE", &url("/v1/dataflows/second"), Some(TOKEN), b"").await;
@@ -430,7 +458,9 @@ async fn dataflows_managed_over_the_admin_api_backfill_persist_and_delete() {
         || profiles_seen(&rx).contains(&102),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every dataflow the engine runs has nothing pending: had the deleted one still been
+    // mapped, its rows for p100..p102 (queued with rx's) would have been delivered by now.
+    drained_all(&url("/metrics")).await;
     assert_eq!(
         rx2.received().len(),
         before,
