@@ -123,7 +123,8 @@ async fn every_attempt_is_recorded_and_the_untouched_log_verifies() {
         out.contains("6 record(s) verified in 1 chain(s) (hash chain and HMAC)"),
         "{out}"
     );
-    let (_, export, _) = sallyport(&["audit", "export", "--config", cfg.to_str().unwrap()]);
+    let (code, export, err) = sallyport(&["audit", "export", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "audit export failed: {err}");
     let records: Vec<serde_json::Value> = export.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(records.len(), 6);
     let outcomes: Vec<&str> = records
@@ -219,7 +220,15 @@ async fn tampering_is_found_at_the_exact_record() {
 async fn no_configured_secret_appears_in_the_log_or_its_export() {
     let pki = RcgenPki::new();
     let (cfg, db) = audited_log(&pki).await;
-    let (_, export, _) = sallyport(&["audit", "export", "--config", cfg.to_str().unwrap()]);
+    let (code, export, err) = sallyport(&["audit", "export", "--config", cfg.to_str().unwrap()]);
+    // The export searched below is the whole log, not an error's empty output.
+    assert_eq!(code, 0, "audit export failed: {err}");
+    let records = export
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("record").is_some())
+        .count();
+    assert_eq!(records, 6, "{export}");
     let mut everything = std::fs::read(&db).unwrap();
     if let Ok(wal) = std::fs::read(db.with_extension("db-wal")) {
         everything.extend(wal);
@@ -232,7 +241,42 @@ async fn no_configured_secret_appears_in_the_log_or_its_export() {
             "secret found in the audit store or export"
         );
     }
+    // The gateway's private key, searched for by what only this key has: the first PEM line
+    // (and any prefix of it) is the PKCS#8 P-256 header every such key shares, so it would
+    // find any key, or none of this one's. Every later line holds bytes of this key alone;
+    // the private scalar is searched for raw, in hex and in base64.
+    use base64::Engine as _;
     let key = std::fs::read_to_string(&pki.files.client_key).unwrap();
-    let key_body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
-    assert!(!haystack.contains(&key_body[..40]), "private key material found");
+    let lines: Vec<&str> = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(lines.len() >= 2, "a PEM body of {} line(s)", lines.len());
+    for line in &lines[1..] {
+        assert!(!haystack.contains(line), "a line of the private key's PEM found");
+    }
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(lines.concat())
+        .unwrap();
+    // ECPrivateKey (RFC 5915) inside the PKCS#8: version 1, then the 32-byte private key.
+    let at = der
+        .windows(5)
+        .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
+        .expect("a P-256 PKCS#8 key")
+        + 5;
+    let scalar = &der[at..at + 32];
+    let hex: String = scalar.iter().map(|b| format!("{b:02x}")).collect();
+    let forms = [
+        hex.clone(),
+        hex.to_uppercase(),
+        base64::engine::general_purpose::STANDARD.encode(scalar),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(scalar),
+    ];
+    for (i, form) in forms.iter().enumerate() {
+        assert!(
+            !haystack.contains(form.as_str()),
+            "the private key's scalar found (form {i}: hex, HEX, base64, base64url)"
+        );
+    }
+    assert!(
+        !everything.windows(32).any(|w| w == scalar),
+        "the private key's scalar found in raw bytes"
+    );
 }

@@ -319,6 +319,10 @@ fn cert_facts_match_openssl() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    // A SHA-256 fingerprint is 32 bytes: 64 hex digits and 31 colons (an empty one is
+    // contained in anything).
+    assert_eq!(facts.sha256_fingerprint.len(), 95, "{}", facts.sha256_fingerprint);
+    assert!(!facts.serial.is_empty());
     assert!(
         text.contains(&facts.sha256_fingerprint),
         "{text} vs {}",

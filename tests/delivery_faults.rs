@@ -54,9 +54,30 @@ fn one_profile() -> Vec<u8> {
 
 /// Start a receiver that fails with `fault` until `healthy` is set, deliver one profile, and
 /// check: 3 attempts, one dead letter with 3 errors of `kind`, same key on every attempt.
-async fn three_attempts_then_dead_letter(fault: Action, extra: &str, kind: &str) {
+/// Returns the instant each request reached the receiver (its head, before any answer).
+async fn three_attempts_then_dead_letter(fault: Action, extra: &str, kind: &str) -> Vec<Instant> {
     let pki = RcgenPki::new();
-    let (rx, healthy) = pki.receiver_failing_until_healthy(fault).await;
+    // As `receiver_failing_until_healthy`, also noting when each request arrives.
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (h, a) = (healthy.clone(), arrivals.clone());
+    let f = &pki.files;
+    let rx = Receiver::start_with(
+        &f.server_cert,
+        &f.server_key,
+        &f.ca_cert,
+        ClientAuth::Required,
+        std::sync::Arc::new(move |_| {
+            a.lock().unwrap().push(Instant::now());
+            if h.load(Ordering::SeqCst) {
+                Action::Respond(StatusCode::OK, vec![])
+            } else {
+                fault.clone()
+            }
+        }),
+    )
+    .await
+    .unwrap();
     let engine = Engine::open(&config(&pki, &rx.url("/in"), extra)).await.unwrap();
     let workers = engine.spawn_workers();
     engine.ingest(&one_profile()).await.unwrap();
@@ -102,6 +123,8 @@ async fn three_attempts_then_dead_letter(fault: Action, extra: &str, kind: &str)
         .iter()
         .any(|(k, v)| k == "idempotency-key" && *v == d.idempotency_key));
     assert_eq!(&last.body[..], &d.payload[..]);
+    let arrivals = arrivals.lock().unwrap().clone();
+    arrivals
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,19 +139,26 @@ async fn http_500_is_retried_then_dead_lettered_then_replayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_503_with_retry_after_is_honoured() {
-    let started = Instant::now();
-    three_attempts_then_dead_letter(
+    let arrivals = three_attempts_then_dead_letter(
         Action::Respond(StatusCode::SERVICE_UNAVAILABLE, vec![("retry-after", "1".into())]),
         "",
         "http_status",
     )
     .await;
-    // Two retries, each after the receiver's 1 s: the retries waited as asked.
-    assert!(
-        started.elapsed() >= Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
+    // Three failed attempts and the replay reached the receiver.
+    assert_eq!(arrivals.len(), 4, "{arrivals:?}");
+    // Each retry came at least the receiver's 1 s after the attempt before it reached the
+    // receiver (the retry is scheduled from when the 503 came back, later still). Without
+    // Retry-After the policy's own backoff (base 500 ms, full jitter) would send the first
+    // retry within 500 ms. 5 ms of slack: the store schedules in whole milliseconds.
+    for (i, pair) in arrivals[..3].windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(995),
+            "retry {} came {gap:?} after the attempt before it",
+            i + 1
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

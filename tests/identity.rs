@@ -258,11 +258,28 @@ async fn hot_reload_switches_new_connections_and_refuses_a_corrupt_file() {
         "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
+    let generation = store.generation();
+    // Six polls' worth; the positive evidence that the watcher got past the bad file (rather
+    // than dying on it) is that it picks up the good one written after.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(store.presented().facts.subject_cn.as_deref(), Some("gw-new"));
+    assert_eq!(store.generation(), generation, "a refused file is no reload");
     engine.ingest(&profiles(10, 5)).await.unwrap();
     wait_until("15 deliveries", Duration::from_secs(10), || {
         rx.received().len() == 15
+    })
+    .await;
+    // A good file after the bad one is picked up: the watcher lives on.
+    s.client("current", "gw-newest");
+    wait_until(
+        "the reload after the refused file",
+        Duration::from_secs(10),
+        || store.presented().facts.subject_cn.as_deref() == Some("gw-newest"),
+    )
+    .await;
+    engine.ingest(&profiles(15, 5)).await.unwrap();
+    wait_until("20 deliveries", Duration::from_secs(10), || {
+        rx.received().len() == 20
     })
     .await;
     watcher.abort();
@@ -270,7 +287,8 @@ async fn hot_reload_switches_new_connections_and_refuses_a_corrupt_file() {
 
     let seen = cns(&rx);
     assert!(seen[..5].iter().all(|c| c == "gw-old"), "{seen:?}");
-    assert!(seen[5..].iter().all(|c| c == "gw-new"), "{seen:?}");
+    assert!(seen[5..15].iter().all(|c| c == "gw-new"), "{seen:?}");
+    assert!(seen[15..].iter().all(|c| c == "gw-newest"), "{seen:?}");
     assert_eq!(engine.stats().failed, 0, "no delivery failed across the reloads");
 }
 

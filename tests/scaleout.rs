@@ -372,6 +372,19 @@ async fn a_dataflow_put_on_one_instance_runs_on_the_other() {
     while received(&s.rx).len() < 10 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(received(&s.rx).len(), 10, "the configured dataflow got each once");
+    assert_eq!(received(&s.rx).len(), 10, "the configured dataflow got all ten");
+    // Every outcome recorded (nothing left to send again), then each profile arrived exactly
+    // once at each receiver: one 200 per idempotency key, and no other request.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pending(&s) > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pending(&s), 0, "every delivery recorded");
+    for (what, rx) in [("the configured dataflow", &s.rx), ("the new dataflow", &*rx2)] {
+        let seen = received(rx);
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).collect();
+        assert!(twice.is_empty(), "{what} got each once: {twice:?}");
+        assert_eq!(other_statuses(rx), Vec::<String>::new(), "{what}");
+    }
     b.kill();
 }

@@ -85,6 +85,22 @@ fn ndjson(n: usize) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// Wait until every `sallyport_outbox_pending` gauge in `/metrics` reads 0.
+async fn drained_all(metrics: &str) {
+    for _ in 0..200 {
+        let (_, m) = http("GET", metrics, Some(TOKEN), b"").await;
+        let gauges: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("sallyport_outbox_pending{"))
+            .collect();
+        if !gauges.is_empty() && gauges.iter().all(|l| l.ends_with(" 0")) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the outbox never drained");
+}
+
 fn profiles_seen(rx: &Receiver) -> std::collections::BTreeSet<i64> {
     rx.received()
         .iter()
@@ -252,9 +268,13 @@ async fn without_a_token_the_admin_api_refuses_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_accepted_is_lost_to_kill_9() {
     let pki = RcgenPki::new();
-    // The receiver sits on every request (longer than the timeout) until told to answer.
+    // Until told otherwise the receiver sits on every request for 60 s, far past the 2 s
+    // delivery timeout and past the kill below: no delivery can be acknowledged (answered 2xx)
+    // before the kill, so every accepted profile is at risk and must reach the receiver again
+    // from the restarted instance. (The receiver records a request when it arrives, before its
+    // delay: arrival is "seen", never "acknowledged".)
     let (rx, healthy) = pki
-        .receiver_failing_until_healthy(Action::Delay(Duration::from_secs(5), StatusCode::OK))
+        .receiver_failing_until_healthy(Action::Delay(Duration::from_secs(60), StatusCode::OK))
         .await;
     let (cfg, public, admin) =
         write_config(&pki, &rx.url("/in"), "timeout = \"2s\"\nmax_attempts = 10", true);
@@ -269,23 +289,55 @@ async fn nothing_accepted_is_lost_to_kill_9() {
     assert_eq!(s, 200, "{b}");
     // Accepted; deliveries are in flight (the receiver holds them). Kill without warning.
     wait_until("deliveries in flight", Duration::from_secs(10), || {
-        !rx.received().is_empty() || rx.connections() > 0
+        !rx.received().is_empty()
     })
     .await;
     gw.child.kill().await.unwrap();
+    // Requests the dead process had already written may still be read from the sockets:
+    // wait until nothing more arrives, so that everything recorded from here on was sent by
+    // the restarted instance.
+    let mut seen_before_kill = rx.received().len();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = rx.received().len();
+        if now == seen_before_kill {
+            break;
+        }
+        seen_before_kill = now;
+    }
     // At most one in-flight window (64) reached the receiver before the kill: the rest existed
-    // only in the store, so the restarted instance must deliver them from there.
-    let before = profiles_seen(&rx).len();
-    assert!(before <= 64, "{before} seen before the kill");
+    // only in the store.
+    let before = profiles_seen(&rx);
+    assert!(
+        !before.is_empty() && before.len() <= 64,
+        "{} seen before the kill",
+        before.len()
+    );
 
     healthy.store(true, Ordering::SeqCst);
     let _gw = start(&cfg, public, admin).await;
-    wait_until(
-        "every accepted profile delivered after restart",
-        Duration::from_secs(30),
-        || profiles_seen(&rx).len() == 200,
-    )
+    let after = || -> std::collections::BTreeSet<i64> {
+        rx.received()[seen_before_kill..]
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+            .filter_map(|v| v["n"].as_i64())
+            .collect()
+    };
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        while after().len() < 200 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
     .await;
+    // Seen before the kill is not delivered: those requests were cut off unanswered.
+    let missing: Vec<i64> = (0..200).filter(|n| !after().contains(n)).collect();
+    let in_flight_lost: Vec<&i64> = missing.iter().filter(|n| before.contains(n)).collect();
+    assert!(
+        waited.is_ok() && missing.is_empty(),
+        "{} accepted profiles never received after the restart ({} of them were in flight at the kill): {missing:?}",
+        missing.len(),
+        in_flight_lost.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,8 +420,20 @@ async fn dataflows_managed_over_the_admin_api_backfill_persist_and_delete() {
     let url = |p: &str| format!("{}{p}", gw.admin);
     let (_, b) = http("GET", &url("/v1/dataflows/second"), Some(TOKEN), b"").await;
     assert!(b.contains("\"source\":\"api\""), "{b}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(rx2.received().len(), 5, "no second backfill after a restart");
+    // Evidence that the restarted engine is past any backfill: one new profile reaches rx2 and
+    // nothing is left pending. A backfill queued at start would be older in the outbox
+    // (claimed in order) and delivered first; one queued later would still be pending.
+    let one =
+        json!({"profileId": "p50", "attributes": {"n": 50}, "segments": [{"id": "s1", "status": "realized"}]})
+            .to_string() + "\n";
+    let (s, _) = http("POST", &url("/v1/profiles"), Some(TOKEN), one.as_bytes()).await;
+    assert_eq!(s, 200);
+    wait_until("p50 to rx2", Duration::from_secs(10), || {
+        profiles_seen(&rx2).contains(&50)
+    })
+    .await;
+    drained_all(&url("/metrics")).await;
+    assert_eq!(rx2.received().len(), 5 + 1, "no second backfill after a restart");
 
     // New updates go to both; after DELETE, only to the configured one.
     let (s, _) = http("POST", &url("/v1/profiles"), Some(TOKEN), &ndjson(6)).await;
@@ -377,7 +441,7 @@ async fn dataflows_managed_over_the_admin_api_backfill_persist_and_delete() {
     // All six (five re-exports: `n` is mapped, and each line writes it) to the API-managed
     // one before it is deleted, so none is still in flight after.
     wait_until("profile 5 to both", Duration::from_secs(10), || {
-        rx2.received().len() >= 5 + 6 && profiles_seen(&rx).contains(&5)
+        rx2.received().len() >= 5 + 1 + 6 && profiles_seen(&rx).contains(&5)
     })
     .await;
     let (s, _) = http("DELETE", &url("/v1/dataflows/second"), Some(TOKEN), b"").await;
@@ -394,7 +458,9 @@ async fn dataflows_managed_over_the_admin_api_backfill_persist_and_delete() {
         || profiles_seen(&rx).contains(&102),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every dataflow the engine runs has nothing pending: had the deleted one still been
+    // mapped, its rows for p100..p102 (queued with rx's) would have been delivered by now.
+    drained_all(&url("/metrics")).await;
     assert_eq!(
         rx2.received().len(),
         before,

@@ -643,7 +643,15 @@ async fn the_sidecar_command_runs_on_one_thread_or_as_many_as_configured() {
         .unwrap();
         path
     };
-    // The default (one thread) and a multi-thread runtime both carry requests out.
+    // The default (one thread) and a multi-thread runtime both carry requests out. Threads
+    // are counted by name from /proc/PID/task: ours are `sallyport` (main), `sallyport-audit`
+    // and `sallyport-fsync`; tokio names both its runtime workers and its blocking-pool
+    // threads `tokio-rt-worker`. A current-thread runtime has no workers (it runs on the main
+    // thread), so in the default case every `tokio-rt-worker` is a blocking-pool thread: at
+    // most one, since the blocking work here (opening the audit sink at start, then one
+    // address lookup at a time) is sequential and an idle pool thread is reused. The same work
+    // in the multi-thread case needs the same pool threads, so the workers are the difference.
+    let mut tokio_threads = Vec::new();
     for (threads, path) in [("", "/one"), ("threads = 3", "/three")] {
         let port = free_port();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
@@ -654,22 +662,49 @@ async fn the_sidecar_command_runs_on_one_thread_or_as_many_as_configured() {
             .spawn()
             .unwrap();
         let _tx = posted(port, path, 3).await;
-        // The audit log is appended by a thread of its own at nice 10, below the proxying.
         let pid = child.id().unwrap();
-        let audit: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        let tasks: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
-            .filter_map(|t| {
+            .map(|t| {
                 let t = t.unwrap().path();
-                let comm = std::fs::read_to_string(t.join("comm")).unwrap();
-                (comm.trim() == "sallyport-audit").then(|| std::fs::read_to_string(t.join("stat")).unwrap())
+                let comm = std::fs::read_to_string(t.join("comm")).unwrap().trim().to_owned();
+                (comm, std::fs::read_to_string(t.join("stat")).unwrap())
             })
             .collect();
-        assert_eq!(audit.len(), 1, "one audit writer thread");
+        let names: Vec<String> = tasks.iter().map(|(n, _)| n.clone()).collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| n.starts_with("sallyport") || n == "tokio-rt-worker"),
+            "a thread nobody accounted for: {names:?}"
+        );
+        tokio_threads.push((
+            threads,
+            names.iter().filter(|n| *n == "tokio-rt-worker").count(),
+            names.clone(),
+        ));
+        // The audit log is appended by a thread of its own at nice 10, below the proxying.
+        let audit: Vec<&String> = tasks
+            .iter()
+            .filter(|(n, _)| n == "sallyport-audit")
+            .map(|(_, stat)| stat)
+            .collect();
+        assert_eq!(audit.len(), 1, "one audit writer thread: {names:?}");
         // The nice value is field 19 of /proc/PID/task/TID/stat: the 17th after the name.
         let after_name = audit[0].rsplit_once(')').unwrap().1;
         assert_eq!(after_name.split_whitespace().nth(16), Some("10"), "{after_name}");
         child.kill().await.unwrap();
     }
+    let (one, three) = (tokio_threads[0].1, tokio_threads[1].1);
+    assert!(
+        one <= 1,
+        "the default runs on the main thread, no runtime workers: {tokio_threads:?}"
+    );
+    assert_eq!(
+        three,
+        one + 3,
+        "threads = 3 runs three runtime workers: {tokio_threads:?}"
+    );
     let paths: Vec<String> = rx.received().iter().map(|r| r.path_and_query.clone()).collect();
     assert_eq!(paths, ["/one", "/one", "/one", "/three", "/three", "/three"]);
 
