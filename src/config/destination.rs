@@ -486,6 +486,9 @@ impl Config {
                 SecretSource::from_pair(declared.env.as_ref(), file.as_ref(), "secret")
                     .map_err(|e| format!("[secrets.{name}]: {e}"))
             }
+            (None, None, None) if origin == Origin::Stored => {
+                Err(format!("{what}_ref (a secret declared in [secrets]) is required"))
+            }
             (_, _, _) if origin == Origin::Stored && (f.env.is_some() || f.file.is_some()) => Err(format!(
                 "a dataflow defined through the admin API names its secrets from [secrets] only: \
                  use {what}_ref, not {what}_env or {what}_file"
