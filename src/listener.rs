@@ -15,7 +15,8 @@
 //! A connection past its deadline is closed; one with a request in flight is never closed by
 //! the watchdog (bodies and handlers have limits of their own). hyper's own HTTP/1
 //! `header_read_timeout` is not used: it restarts when an exchange ends, so it would bound
-//! the keep-alive wait and the head together with one value (hyper#3828), and HTTP/2 has none.
+//! the keep-alive wait and the head together with one value, and HTTP/2 has none
+//! (docs/design-notes.md, "Why not hyper's `header_read_timeout`").
 //!
 //! At `max_connections`, a new connection makes room by closing the connection that has
 //! waited longest without a request in flight (as nginx reuses idle keep-alive connections),

@@ -50,7 +50,7 @@ async fn ingest(admin: u16) {
         "POST",
         &format!("http://127.0.0.1:{admin}/v1/profiles"),
         Some(TOKEN),
-        &profiles(),
+        &s1_profiles(0, 3),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -62,17 +62,6 @@ fn dataflow(name: &str, endpoint: &str, extra: serde_json::Value) -> Vec<u8> {
         df[k] = v.clone();
     }
     df.to_string().into_bytes()
-}
-
-fn profiles() -> Vec<u8> {
-    (0..3)
-        .map(|i| {
-            json!({"profileId": format!("p{i}"), "segments": [{"id": "s1", "status": "realized"}]})
-                .to_string()
-                + "\n"
-        })
-        .collect::<String>()
-        .into_bytes()
 }
 
 fn authorizations(rx: &sallyport::receiver::Receiver) -> Vec<String> {

@@ -23,17 +23,6 @@ fn write(dir: &Path, name: &str, pem: &sallyport::pki::Pem) {
     std::fs::write(dir.join(format!("{name}.key")), &pem.key).unwrap();
 }
 
-fn profiles(n: usize) -> Vec<u8> {
-    (0..n)
-        .map(|i| {
-            json!({"profileId": format!("p{i}"), "segments": [{"id": "s1", "status": "realized"}]})
-                .to_string()
-                + "\n"
-        })
-        .collect::<String>()
-        .into_bytes()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_receiver_sees_only_its_own_identity() {
     let tmp = tempfile::tempdir().unwrap();
@@ -249,7 +238,7 @@ async fn csr_signed_by_the_receivers_openssl_ca_then_delivery_to_nginx() {
 
     let engine = Engine::open(&Config::load(&cfg_path).unwrap()).await.unwrap();
     let workers = engine.spawn_workers();
-    engine.ingest(&profiles(3)).await.unwrap();
+    engine.ingest(&s1_profiles(0, 3)).await.unwrap();
     wait_until("3 deliveries to nginx", Duration::from_secs(15), || {
         engine.stats().delivered == 3
     })

@@ -45,17 +45,6 @@ impl Setup for IssuingCa {
     }
 }
 
-fn profiles(from: usize, n: usize) -> Vec<u8> {
-    (from..from + n)
-        .map(|i| {
-            json!({"profileId": format!("p{i}"), "segments": [{"id": "s1", "status": "realized"}]})
-                .to_string()
-                + "\n"
-        })
-        .collect::<String>()
-        .into_bytes()
-}
-
 fn cns(rx: &Receiver) -> Vec<String> {
     rx.received()
         .iter()
@@ -170,33 +159,24 @@ async fn cert_fetch_writes_a_pem_that_openssl_reads_back() {
     s.client("current", "gw-current");
     let (_child, port) = serve(&s, "").await;
     let out_pem = s.path("fetched.pem");
+    let fetch = |extra: &'static [&'static str]| {
+        let url = format!("http://127.0.0.1:{port}");
+        let out_pem = out_pem.clone();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+                .args(["cert", "fetch", &url, "--out", out_pem.to_str().unwrap()])
+                .args(extra)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
     // Over plain http a trust bundle is written only when the operator says so.
-    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
-        .args([
-            "cert",
-            "fetch",
-            &format!("http://127.0.0.1:{port}"),
-            "--out",
-            out_pem.to_str().unwrap(),
-        ])
-        .output()
-        .await
-        .unwrap();
+    let refused = fetch(&[]).await;
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--insecure-http"));
     assert!(!out_pem.exists(), "nothing written without --insecure-http");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
-        .args([
-            "cert",
-            "fetch",
-            &format!("http://127.0.0.1:{port}"),
-            "--out",
-            out_pem.to_str().unwrap(),
-            "--insecure-http",
-        ])
-        .output()
-        .await
-        .unwrap();
+    let out = fetch(&["--insecure-http"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -234,7 +214,7 @@ async fn hot_reload_switches_new_connections_and_refuses_a_corrupt_file() {
     let engine = Engine::open(&cfg).await.unwrap();
     let workers = engine.spawn_workers();
     let watcher = tokio::spawn(engine.identity_store().unwrap().watch(Duration::from_millis(50)));
-    engine.ingest(&profiles(0, 5)).await.unwrap();
+    engine.ingest(&s1_profiles(0, 5)).await.unwrap();
     wait_until("5 deliveries", Duration::from_secs(10), || {
         rx.received().len() == 5
     })
@@ -246,7 +226,7 @@ async fn hot_reload_switches_new_connections_and_refuses_a_corrupt_file() {
         store.presented().facts.subject_cn.as_deref() == Some("gw-new")
     })
     .await;
-    engine.ingest(&profiles(5, 5)).await.unwrap();
+    engine.ingest(&s1_profiles(5, 5)).await.unwrap();
     wait_until("10 deliveries", Duration::from_secs(10), || {
         rx.received().len() == 10
     })
@@ -264,7 +244,7 @@ async fn hot_reload_switches_new_connections_and_refuses_a_corrupt_file() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(store.presented().facts.subject_cn.as_deref(), Some("gw-new"));
     assert_eq!(store.generation(), generation, "a refused file is no reload");
-    engine.ingest(&profiles(10, 5)).await.unwrap();
+    engine.ingest(&s1_profiles(10, 5)).await.unwrap();
     wait_until("15 deliveries", Duration::from_secs(10), || {
         rx.received().len() == 15
     })
@@ -277,7 +257,7 @@ async fn hot_reload_switches_new_connections_and_refuses_a_corrupt_file() {
         || store.presented().facts.subject_cn.as_deref() == Some("gw-newest"),
     )
     .await;
-    engine.ingest(&profiles(15, 5)).await.unwrap();
+    engine.ingest(&s1_profiles(15, 5)).await.unwrap();
     wait_until("20 deliveries", Duration::from_secs(10), || {
         rx.received().len() == 20
     })
@@ -324,7 +304,7 @@ async fn rotation_publishes_next_ahead_and_switches_at_the_set_time() {
         "next is published ahead of use"
     );
     let workers = engine.spawn_workers();
-    engine.ingest(&profiles(0, 3)).await.unwrap();
+    engine.ingest(&s1_profiles(0, 3)).await.unwrap();
     wait_until("3 deliveries", Duration::from_secs(10), || {
         rx.received().len() == 3
     })
@@ -333,7 +313,7 @@ async fn rotation_publishes_next_ahead_and_switches_at_the_set_time() {
         time::OffsetDateTime::now_utc() > switch
     })
     .await;
-    engine.ingest(&profiles(3, 3)).await.unwrap();
+    engine.ingest(&s1_profiles(3, 3)).await.unwrap();
     wait_until("6 deliveries", Duration::from_secs(10), || {
         rx.received().len() == 6
     })

@@ -18,7 +18,7 @@ use sallyport::config::Config;
 use sallyport::export::Engine;
 use sallyport::pki::CertAuthority;
 use sallyport::receiver::{Action, ClientAuth, Receiver};
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::*;
 
 /// What these tests need of an [`IssuingCa`]: receivers trusting a chosen client CA.
@@ -173,14 +173,7 @@ async fn the_alert_webhook_presents_the_identity_in_force_after_a_rotation() {
     s.client("gw", "gw-rotated");
     assert!(engine.identity_store().unwrap().reload(false).unwrap());
     let workers = engine.spawn_workers();
-    let batch: String = (0..3)
-        .map(|i| {
-            json!({"profileId": format!("p{i}"), "segments": [{"id": "s1", "status": "realized"}]})
-                .to_string()
-                + "\n"
-        })
-        .collect();
-    engine.ingest(batch.as_bytes()).await.unwrap();
+    engine.ingest(&s1_profiles(0, 3)).await.unwrap();
     wait_until("the failure alerts", Duration::from_secs(15), || {
         hook.received().len() >= 3
     })

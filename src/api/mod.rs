@@ -42,13 +42,7 @@ pub fn json_reply(status: StatusCode, body: &serde_json::Value) -> Reply {
 
 /// A JSON error: `{"error": {"status": …, "message": …}}`.
 pub fn error_reply(status: StatusCode, message: impl std::fmt::Display) -> Reply {
-    let mut r = Response::new(Full::new(error_body(status, None, &message.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    r
+    json_reply(status, &error_value(status, None, &message.to_string()))
 }
 
 /// The body of every error Sallyport answers with, the admin API's and the sidecar's alike:

@@ -102,20 +102,6 @@ pub enum AuthConfig {
     },
 }
 
-impl AuthConfig {
-    /// The auth kind as audit records and metrics name it.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            AuthConfig::None => "none",
-            AuthConfig::Bearer { .. } => "bearer",
-            AuthConfig::OAuth2 { password: None, .. } => "oauth2_client_credentials",
-            AuthConfig::OAuth2 {
-                password: Some(_), ..
-            } => "oauth2_password",
-        }
-    }
-}
-
 /// Where a destination was written: what it may read differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Origin {
@@ -196,14 +182,6 @@ impl Config {
     /// A configured dataflow as a destination.
     pub fn dataflow_destination(&self, df: &Dataflow) -> Result<DestinationConfig, String> {
         self.destination(&df.name, &Written::dataflow(df, Origin::ConfigFile))
-            .map_err(|issues| joined(&format!("dataflow {}", df.name), issues))
-    }
-
-    /// A dataflow defined through the admin API or read from a shared database, as a
-    /// destination: it may name secrets only from `[secrets]`, and a CA file only inside
-    /// `[admin] dataflow_ca_dir`.
-    pub fn stored_dataflow_destination(&self, df: &Dataflow) -> Result<DestinationConfig, String> {
-        self.destination(&df.name, &Written::dataflow(df, Origin::Stored))
             .map_err(|issues| joined(&format!("dataflow {}", df.name), issues))
     }
 
@@ -482,8 +460,7 @@ impl Config {
                     .secrets
                     .get(name)
                     .ok_or_else(|| format!("{what}_ref '{name}' is not declared in [secrets]"))?;
-                let file = declared.file.as_ref().map(|p| self.path(p));
-                SecretSource::from_pair(declared.env.as_ref(), file.as_ref(), "secret")
+                self.secret_source(declared.env.as_ref(), declared.file.as_ref(), "secret")
                     .map_err(|e| format!("[secrets.{name}]: {e}"))
             }
             (None, None, None) if origin == Origin::Stored => {
@@ -493,10 +470,7 @@ impl Config {
                 "a dataflow defined through the admin API names its secrets from [secrets] only: \
                  use {what}_ref, not {what}_env or {what}_file"
             )),
-            (env, file, None) => {
-                let file = file.map(|p| self.path(p));
-                SecretSource::from_pair(env, file.as_ref(), what)
-            }
+            (env, file, None) => self.secret_source(env, file, what),
             _ => Err(format!("set only one of {what}_env, {what}_file and {what}_ref")),
         }
     }

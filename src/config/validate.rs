@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::destination::{Origin, Written};
+use super::destination::{DestinationConfig, Origin, Written};
 use super::parse::parse_duration;
 use super::secret::SecretSource;
 use super::{Config, Dataflow, IdentityConfig, Issue, SidecarListener};
@@ -207,7 +207,7 @@ impl Config {
                     format!("'{}' is used by another dataflow", df.name),
                 );
             }
-            self.validate_dataflow(&mut out, &key, df, Origin::ConfigFile);
+            self.validate_dataflow(&mut out, &key, df);
         }
         for (i, s) in self.segments.iter().enumerate() {
             for (field, v) in [("created_at", &s.created_at), ("updated_at", &s.updated_at)] {
@@ -254,18 +254,11 @@ impl Config {
         }
     }
 
-    /// The identity config a dataflow presents: its named one, else the gateway's.
-    pub fn identity_for(&self, df: &Dataflow) -> Option<&IdentityConfig> {
-        match &df.identity {
-            Some(name) => self.identities.get(name),
-            None => self.identity.as_ref(),
-        }
-    }
-
-    /// Every problem of a dataflow defined through the admin API or read from a shared
-    /// database, keyed `dataflow.…`: the rules of a configured one, plus those of its origin
-    /// (secrets only by `[secrets]` name, a CA file only inside `[admin] dataflow_ca_dir`).
-    pub fn validate_stored_dataflow(&self, df: &Dataflow) -> Vec<Issue> {
+    /// A dataflow defined through the admin API or read from a shared database, checked and
+    /// made a destination in one pass: the rules of a configured one (issues keyed
+    /// `dataflow.…`), plus those of its origin (secrets only by `[secrets]` name, a CA file
+    /// only inside `[admin] dataflow_ca_dir`).
+    pub fn stored_dataflow(&self, df: &Dataflow) -> Result<DestinationConfig, Vec<Issue>> {
         let mut out = Issues(Vec::new());
         if df.name.is_empty()
             || df.name.len() > 128
@@ -279,12 +272,26 @@ impl Config {
                 format!("'{}' must be 1-128 letters, digits, '-' or '_'", df.name),
             );
         }
-        self.validate_dataflow(&mut out, "dataflow", df, Origin::Stored);
-        out.0
+        self.validate_mapping(&mut out, "dataflow", df);
+        match self.destination(&df.name, &Written::dataflow(df, Origin::Stored)) {
+            Ok(d) if out.0.is_empty() => Ok(d),
+            Ok(_) => Err(out.0),
+            Err(issues) => {
+                for i in issues {
+                    out.push(format!("dataflow.{}", i.key), i.reason);
+                }
+                Err(out.0)
+            }
+        }
     }
 
-    fn validate_dataflow(&self, out: &mut Issues, key: &str, df: &Dataflow, origin: Origin) {
-        self.validate_destination(out, key, &Written::dataflow(df, origin));
+    fn validate_dataflow(&self, out: &mut Issues, key: &str, df: &Dataflow) {
+        self.validate_destination(out, key, &Written::dataflow(df, Origin::ConfigFile));
+        self.validate_mapping(out, key, df);
+    }
+
+    /// A dataflow's mapped attributes and segments.
+    fn validate_mapping(&self, out: &mut Issues, key: &str, df: &Dataflow) {
         for (j, a) in df.attributes.iter().enumerate() {
             for (field, path) in [("source", &a.source), ("target", &a.target)] {
                 if path.is_empty() || path.split('.').any(str::is_empty) {

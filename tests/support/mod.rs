@@ -413,6 +413,18 @@ pub async fn spawn_sallyport(args: &[&str], envs: &[(&str, &str)], port: u16) ->
     child
 }
 
+/// NDJSON updates for profiles `p{from}`..`p{from+n-1}`, each realized in segment `s1`.
+pub fn s1_profiles(from: usize, n: usize) -> Vec<u8> {
+    (from..from + n)
+        .map(|i| {
+            serde_json::json!({"profileId": format!("p{i}"), "segments": [{"id": "s1", "status": "realized"}]})
+                .to_string()
+                + "\n"
+        })
+        .collect::<String>()
+        .into_bytes()
+}
+
 /// Poll `done` every 20 ms until it holds, failing after `limit`.
 pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;

@@ -165,11 +165,8 @@ impl Engine {
 /// only from `[secrets]`, a CA only inside `[admin] dataflow_ca_dir` or inline) and made a
 /// destination; every problem, keyed `dataflow.…`, when it cannot run.
 pub(super) fn stored_destination(cfg: &Config, df: &Dataflow) -> Result<DestinationConfig, Vec<String>> {
-    let issues = cfg.validate_stored_dataflow(df);
-    if !issues.is_empty() {
-        return Err(issues.iter().map(ToString::to_string).collect());
-    }
-    cfg.stored_dataflow_destination(df).map_err(|e| vec![e])
+    cfg.stored_dataflow(df)
+        .map_err(|issues| issues.iter().map(ToString::to_string).collect())
 }
 
 /// Build one dataflow's runtime: its delivery client (made by the core from `destination`,
