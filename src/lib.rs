@@ -29,6 +29,7 @@ pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod egress;
+pub mod events;
 pub mod export;
 pub mod listener;
 pub mod metrics;

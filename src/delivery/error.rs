@@ -49,6 +49,91 @@ pub enum ErrorKind {
     Internal,
 }
 
+/// The class of a failed attempt, as operators act on it: filter dead letters by it, replay
+/// by it, and let it decide whether a dataflow pauses (docs/design-notes.md, "Endpoint
+/// health").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    /// The receiver answered and refused (4xx other than 408 and 429): resending as is will
+    /// not help.
+    Refused,
+    /// The receiver could not be reached or could not answer now (5xx, 408, 429, timeout,
+    /// reset, refused connection, DNS).
+    Unavailable,
+    /// TLS or a certificate: the receiver's is untrusted or wrong, or it rejected ours.
+    Certificate,
+    /// Our own policy refused the attempt (egress denied, mTLS not requested, no source
+    /// address of the destination's family).
+    Policy,
+    /// The gateway failed inside, or could not build the request.
+    Internal,
+}
+
+impl FailureClass {
+    pub const ALL: [FailureClass; 5] = [
+        FailureClass::Refused,
+        FailureClass::Unavailable,
+        FailureClass::Certificate,
+        FailureClass::Policy,
+        FailureClass::Internal,
+    ];
+
+    /// The stable name used in dead letters, filters, events and `--json` output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Refused => "refused",
+            FailureClass::Unavailable => "unavailable",
+            FailureClass::Certificate => "certificate",
+            FailureClass::Policy => "policy",
+            FailureClass::Internal => "internal",
+        }
+    }
+
+    /// The class of an attempt that failed with `kind` (and `status`, for HTTP answers).
+    pub fn of(kind: ErrorKind, status: Option<u16>) -> FailureClass {
+        let refused = |s: u16| (400..500).contains(&s) && s != 408 && s != 429;
+        match kind {
+            ErrorKind::HttpStatus | ErrorKind::Auth => match status {
+                Some(s) if refused(s) => FailureClass::Refused,
+                _ => FailureClass::Unavailable,
+            },
+            ErrorKind::ResponseTooLarge => FailureClass::Refused,
+            ErrorKind::Dns | ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Protocol => {
+                FailureClass::Unavailable
+            }
+            ErrorKind::TlsHandshake | ErrorKind::ServerCertificate | ErrorKind::ClientCertRejected => {
+                FailureClass::Certificate
+            }
+            ErrorKind::MtlsNotRequested | ErrorKind::EgressDenied | ErrorKind::NoSourceAddress => {
+                FailureClass::Policy
+            }
+            ErrorKind::InvalidUrl | ErrorKind::InvalidRequest | ErrorKind::Internal => FailureClass::Internal,
+        }
+    }
+}
+
+impl fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for FailureClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        FailureClass::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown failure class '{s}' (one of: {})",
+                    FailureClass::ALL.map(FailureClass::as_str).join(", ")
+                )
+            })
+    }
+}
+
 /// Who must act to fix it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -171,6 +256,10 @@ impl DeliveryError {
 
     pub fn retryable(&self) -> bool {
         self.kind.retryable()
+    }
+
+    pub fn class(&self) -> FailureClass {
+        FailureClass::of(self.kind, self.status)
     }
 
     /// Classify an error that came out of hyper or the connector by walking its cause chain:

@@ -32,7 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use retry::RetryPolicy;
 
 pub use connector::{connect_tcp, PeerInfo};
-pub use error::{Blame, DeliveryError, ErrorKind};
+pub use error::{Blame, DeliveryError, ErrorKind, FailureClass};
 
 use connector::Connector;
 

@@ -91,6 +91,61 @@ pub struct AttemptError {
     pub message: String,
 }
 
+impl AttemptError {
+    /// The failure class of this attempt, from its kind and status.
+    pub fn class(&self) -> crate::delivery::FailureClass {
+        let kind = serde_json::from_value(serde_json::Value::String(self.kind.clone()))
+            .unwrap_or(crate::delivery::ErrorKind::Internal);
+        crate::delivery::FailureClass::of(kind, self.status)
+    }
+}
+
+/// Why a dataflow is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseReason {
+    /// An operator paused it; only an operator resumes it.
+    Manual,
+    /// The circuit breaker tripped; a successful probe resumes it.
+    Breaker,
+}
+
+impl PauseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::Manual => "manual",
+            PauseReason::Breaker => "breaker",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "manual" => Ok(PauseReason::Manual),
+            "breaker" => Ok(PauseReason::Breaker),
+            other => Err(StoreError::Corrupt(format!("pause reason '{other}'"))),
+        }
+    }
+}
+
+/// A paused dataflow, as stored: it survives a restart and is shared by every instance on
+/// the same store. A running dataflow has no row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pause {
+    pub dataflow: String,
+    pub reason: PauseReason,
+    /// The failure class that tripped the breaker (`None` for a manual pause).
+    pub class: Option<String>,
+    /// Why, in a sentence (the error that tripped the breaker, or the operator's note).
+    pub message: String,
+    /// UNIX ms when paused.
+    pub since: i64,
+    /// UNIX ms of the next probe delivery (breaker pauses only).
+    pub probe_at: i64,
+    /// The wait before the probe after next, ms (it grows up to a cap).
+    pub probe_interval_ms: i64,
+}
+
 /// What happened to a claimed item.
 #[derive(Debug, Clone)]
 pub enum Completion {
@@ -102,6 +157,9 @@ pub enum Completion {
         retry_at: i64,
         error: AttemptError,
     },
+    /// Not sent, or failed while the dataflow is paused: back in line at `retry_at` without
+    /// counting an attempt (a pause never makes a dead letter).
+    Requeue { id: i64, retry_at: i64 },
     /// Failed for the last time: park `payload` as a dead letter under `idempotency_key`.
     /// If the row changed while in flight, the newer state stays queued for a fresh try.
     Dead {
@@ -118,6 +176,7 @@ impl Completion {
         match self {
             Completion::Delivered { id, .. }
             | Completion::Failed { id, .. }
+            | Completion::Requeue { id, .. }
             | Completion::Dead { id, .. } => *id,
         }
     }
@@ -223,6 +282,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Record a failed replay attempt on a dead letter.
     fn dead_letter_failed(&self, id: i64, error: &AttemptError) -> Result<(), StoreError>;
+
+    /// Every paused dataflow.
+    fn pauses(&self) -> Result<Vec<Pause>, StoreError>;
+
+    /// Pause a dataflow, or update its pause. A breaker pause never replaces a manual one
+    /// (the operator's word stands); a manual pause replaces a breaker one. Returns whether
+    /// the stored pause is now `pause`.
+    fn pause(&self, pause: &Pause) -> Result<bool, StoreError>;
+
+    /// Resume a dataflow: remove its pause (only a breaker pause when `breaker_only`).
+    /// Returns whether it was paused (and is now resumed).
+    fn resume(&self, dataflow: &str, breaker_only: bool) -> Result<bool, StoreError>;
 
     /// Dataflows managed through the admin API: (name, JSON).
     fn api_dataflows(&self) -> Result<Vec<(String, String)>, StoreError>;

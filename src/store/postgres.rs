@@ -30,7 +30,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 
-use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, StoreError};
+use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Pause, PauseReason, Store, StoreError};
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
 use crate::profile::state::{Membership, Profile};
 use crate::profile::trigger::Reasons;
@@ -39,8 +39,9 @@ use crate::profile::MappedSegment;
 
 /// Schema migrations, applied in order on start under an advisory lock; each version is
 /// recorded in `schema_migrations`.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
     "
 CREATE TABLE profiles (
   id TEXT PRIMARY KEY,
@@ -102,7 +103,22 @@ CREATE TABLE audit (
   PRIMARY KEY (chain, seq)
 );
 ",
-)];
+    ),
+    (
+        2,
+        "
+CREATE TABLE dataflow_pauses (
+  dataflow TEXT PRIMARY KEY,
+  reason TEXT NOT NULL,
+  class TEXT,
+  message TEXT NOT NULL,
+  since BIGINT NOT NULL,
+  probe_at BIGINT NOT NULL,
+  probe_interval_ms BIGINT NOT NULL
+);
+",
+    ),
+];
 
 /// Advisory lock key that serialises migrations across instances starting together.
 const MIGRATION_LOCK: i64 = 0x5a11_9027;
@@ -766,6 +782,13 @@ impl Store for PgStore {
                             &[id, retry_at, &to_json(error)?, &self.chain_id],
                         )?;
                     }
+                    Completion::Requeue { id, retry_at } => {
+                        tx.execute(
+                            "UPDATE outbox SET next_attempt_at = $2, lease_owner = NULL, lease_until = 0
+                             WHERE id = $1 AND lease_owner = $3",
+                            &[id, retry_at, &self.chain_id],
+                        )?;
+                    }
                     Completion::Dead {
                         id,
                         version,
@@ -928,6 +951,64 @@ impl Store for PgStore {
         })
     }
 
+    fn pauses(&self) -> Result<Vec<Pause>, StoreError> {
+        self.transaction(|tx| {
+            tx.query(
+                "SELECT dataflow, reason, class, message, since, probe_at, probe_interval_ms
+                 FROM dataflow_pauses ORDER BY dataflow",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(Pause {
+                    dataflow: r.get(0),
+                    reason: PauseReason::parse(r.get(1))?,
+                    class: r.get(2),
+                    message: r.get(3),
+                    since: r.get(4),
+                    probe_at: r.get(5),
+                    probe_interval_ms: r.get(6),
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn pause(&self, p: &Pause) -> Result<bool, StoreError> {
+        self.transaction(|tx| {
+            let n = tx.execute(
+                "INSERT INTO dataflow_pauses (dataflow, reason, class, message, since, probe_at, probe_interval_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (dataflow) DO UPDATE SET reason = excluded.reason, class = excluded.class,
+                   message = excluded.message, probe_at = excluded.probe_at,
+                   probe_interval_ms = excluded.probe_interval_ms,
+                   since = CASE WHEN dataflow_pauses.reason = excluded.reason
+                           THEN dataflow_pauses.since ELSE excluded.since END
+                 WHERE dataflow_pauses.reason = 'breaker' OR excluded.reason = 'manual'",
+                &[
+                    &p.dataflow,
+                    &p.reason.as_str(),
+                    &p.class,
+                    &p.message,
+                    &p.since,
+                    &p.probe_at,
+                    &p.probe_interval_ms,
+                ],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn resume(&self, dataflow: &str, breaker_only: bool) -> Result<bool, StoreError> {
+        self.transaction(|tx| {
+            let n = tx.execute(
+                "DELETE FROM dataflow_pauses WHERE dataflow = $1 AND (NOT $2 OR reason = 'breaker')",
+                &[&dataflow, &breaker_only],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
     fn api_dataflows(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.transaction(|tx| {
             Ok(tx
@@ -954,6 +1035,7 @@ impl Store for PgStore {
             let n = tx.execute("DELETE FROM api_dataflows WHERE name = $1", &[&name])?;
             tx.execute("DELETE FROM outbox WHERE dataflow = $1", &[&name])?;
             tx.execute("DELETE FROM mappings WHERE dataflow = $1", &[&name])?;
+            tx.execute("DELETE FROM dataflow_pauses WHERE dataflow = $1", &[&name])?;
             Ok(n > 0)
         })
     }

@@ -16,14 +16,27 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
-use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Store, StoreError};
+use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Pause, PauseReason, Store, StoreError};
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
 use crate::profile::state::{Membership, Profile};
 use crate::profile::trigger::{Reasons, Trigger};
 use crate::profile::update::{ProfileUpdate, SegmentStatus};
 use crate::profile::MappedSegment;
 
-const SCHEMA_VERSION: i64 = 1;
+/// Changes after the first schema (version 1, [`SCHEMA`]), applied in order on open; the
+/// version reached is kept in `meta.schema_version`.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    2,
+    "CREATE TABLE IF NOT EXISTS dataflow_pauses (
+       dataflow TEXT PRIMARY KEY,
+       reason TEXT NOT NULL,
+       class TEXT,
+       message TEXT NOT NULL,
+       since INTEGER NOT NULL,
+       probe_at INTEGER NOT NULL,
+       probe_interval_ms INTEGER NOT NULL
+     );",
+)];
 
 /// The one audit chain of the embedded store (one gateway process writes it).
 const CHAIN: &str = "local";
@@ -120,7 +133,7 @@ impl SqliteStore {
                 std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
             }
         }
-        let conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
+        let mut conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;
              PRAGMA cache_size = -65536;",
@@ -131,19 +144,28 @@ impl SqliteStore {
                 r.get(0)
             })
             .optional()?;
-        match version.as_deref().map(str::parse::<i64>) {
-            None => {
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
-                    [SCHEMA_VERSION.to_string()],
-                )?;
-            }
-            Some(Ok(SCHEMA_VERSION)) => {}
+        let newest = MIGRATIONS.last().map_or(1, |m| m.0);
+        let current = match version.as_deref().map(str::parse::<i64>) {
+            None => 1,
+            Some(Ok(v)) if (1..=newest).contains(&v) => v,
             Some(other) => {
                 return Err(err(format!(
-                    "schema version {other:?} is not {SCHEMA_VERSION}; this build cannot use it"
+                    "schema version {other:?} is newer than this build's ({newest}); upgrade sallyport"
                 )))
             }
+        };
+        {
+            let tx = conn.transaction()?;
+            for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+                tx.execute_batch(sql)?;
+                tracing::debug!(version = v, "store schema migrated");
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [newest.to_string()],
+            )?;
+            tx.commit()?;
         }
         let head: (i64, String) = conn
             .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
@@ -203,6 +225,10 @@ impl SqliteStore {
                         "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, errors = ?3 WHERE id = ?1",
                     )?
                     .execute(params![id, retry_at, errors])?;
+                }
+                Completion::Requeue { id, retry_at } => {
+                    tx.prepare_cached("UPDATE outbox SET next_attempt_at = ?2 WHERE id = ?1")?
+                        .execute(params![id, retry_at])?;
                 }
                 Completion::Dead {
                     id,
@@ -771,6 +797,69 @@ impl Store for SqliteStore {
             > 0)
     }
 
+    fn pauses(&self) -> Result<Vec<Pause>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT dataflow, reason, class, message, since, probe_at, probe_interval_ms
+             FROM dataflow_pauses ORDER BY dataflow",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (dataflow, reason, class, message, since, probe_at, probe_interval_ms) = row?;
+            out.push(Pause {
+                dataflow,
+                reason: PauseReason::parse(&reason)?,
+                class,
+                message,
+                since,
+                probe_at,
+                probe_interval_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    fn pause(&self, p: &Pause) -> Result<bool, StoreError> {
+        let n = self.lock().execute(
+            "INSERT INTO dataflow_pauses (dataflow, reason, class, message, since, probe_at, probe_interval_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (dataflow) DO UPDATE SET reason = excluded.reason, class = excluded.class,
+               message = excluded.message, probe_at = excluded.probe_at,
+               probe_interval_ms = excluded.probe_interval_ms,
+               since = CASE WHEN dataflow_pauses.reason = excluded.reason THEN dataflow_pauses.since ELSE excluded.since END
+             WHERE dataflow_pauses.reason = 'breaker' OR excluded.reason = 'manual'",
+            params![
+                p.dataflow,
+                p.reason.as_str(),
+                p.class,
+                p.message,
+                p.since,
+                p.probe_at,
+                p.probe_interval_ms
+            ],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn resume(&self, dataflow: &str, breaker_only: bool) -> Result<bool, StoreError> {
+        let n = self.lock().execute(
+            "DELETE FROM dataflow_pauses WHERE dataflow = ?1 AND (NOT ?2 OR reason = 'breaker')",
+            params![dataflow, breaker_only],
+        )?;
+        Ok(n > 0)
+    }
+
     fn api_dataflows(&self) -> Result<Vec<(String, String)>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn.prepare("SELECT name, json FROM api_dataflows ORDER BY name")?;
@@ -792,6 +881,7 @@ impl Store for SqliteStore {
         let n = tx.execute("DELETE FROM api_dataflows WHERE name = ?1", [name])?;
         tx.execute("DELETE FROM outbox WHERE dataflow = ?1", [name])?;
         tx.execute("DELETE FROM mappings WHERE dataflow = ?1", [name])?;
+        tx.execute("DELETE FROM dataflow_pauses WHERE dataflow = ?1", [name])?;
         tx.commit()?;
         Ok(n > 0)
     }

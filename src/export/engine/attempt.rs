@@ -84,6 +84,7 @@ pub(super) async fn deliver(
         Completion::Delivered { .. } => Outcome::Delivered,
         Completion::Failed { .. } => Outcome::Retry,
         Completion::Dead { .. } => Outcome::DeadLetter,
+        Completion::Requeue { .. } => Outcome::Retry,
     };
     let audit = flow.audit_record(&item.profile.id, &key, &body, attempt, outcome, &sent);
     (completion, audit)

@@ -83,6 +83,8 @@ struct Inner {
     /// Stored dataflows this instance could not run (name → JSON), so a bad one is logged
     /// once per change, not on every poll.
     api_rejected: Mutex<std::collections::HashMap<String, String>>,
+    /// Where operational events go (logged only until [`Engine::set_events`]).
+    events: std::sync::RwLock<crate::events::Events>,
 }
 
 /// The ingest-to-delivered latency histogram (microseconds).
@@ -205,6 +207,7 @@ impl Engine {
                 },
                 api_known: Mutex::new(api_known),
                 api_rejected: Mutex::new(api_rejected),
+                events: Default::default(),
             }),
         })
     }
@@ -404,6 +407,11 @@ impl Engine {
             .reset();
     }
 
+    /// Send operational events (pauses, resumptions, dead letters) to `events`.
+    pub fn set_events(&self, events: crate::events::Events) {
+        *self.inner.events.write().unwrap_or_else(|p| p.into_inner()) = events;
+    }
+
     /// The store, for inspection.
     pub fn store(&self) -> Arc<dyn Store> {
         self.inner.store.clone()
@@ -441,6 +449,10 @@ impl Engine {
 }
 
 impl Inner {
+    fn events(&self) -> crate::events::Events {
+        self.events.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn flows(&self) -> Vec<Arc<Flow>> {
         self.flows
             .read()

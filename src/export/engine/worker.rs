@@ -205,8 +205,27 @@ async fn complete_loop(
     while crate::batch::recv_batch(&mut rx, &mut buf, OUTCOME_BATCH).await > 0 {
         let mut results = Vec::with_capacity(buf.len());
         let mut audit = Vec::with_capacity(buf.len());
+        let events = inner.events();
         for (c, a) in buf.drain(..) {
             flow.counters.record(a.outcome, a.error_kind, a.latency_ms);
+            if let Completion::Dead {
+                idempotency_key,
+                error,
+                ..
+            } = &c
+            {
+                events.emit(
+                    crate::events::EventType::DeliveryDeadLettered,
+                    serde_json::json!({
+                        "dataflow": flow.spec.name,
+                        "idempotencyKey": idempotency_key,
+                        "class": error.class(),
+                        "kind": error.kind,
+                        "status": error.status,
+                        "attempts": error.attempt,
+                    }),
+                );
+            }
             results.push(c);
             audit.push(a);
         }
