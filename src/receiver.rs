@@ -100,6 +100,20 @@ impl Receiver {
         auth: ClientAuth,
         responder: Responder,
     ) -> Result<Self, TlsError> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_on(any, cert, key, client_ca, auth, responder).await
+    }
+
+    /// As [`Receiver::start_with`], listening on `addr` (a receiver restarted on its old
+    /// port, say, with other settings).
+    pub async fn start_on(
+        addr: SocketAddr,
+        cert: &Path,
+        key: &Path,
+        client_ca: &Path,
+        auth: ClientAuth,
+        responder: Responder,
+    ) -> Result<Self, TlsError> {
         let chain = pem::load_certs(cert)?;
         let key = pem::load_key(key)?;
         let builder = ServerConfig::builder_with_provider(provider())
@@ -126,12 +140,10 @@ impl Receiver {
         let mut cfg = builder.with_single_cert(chain, key)?;
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(cfg));
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|source| TlsError::Read {
-                path: "127.0.0.1:0".into(),
-                source,
-            })?;
+        let listener = TcpListener::bind(addr).await.map_err(|source| TlsError::Read {
+            path: addr.to_string().into(),
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| TlsError::Read {
             path: "127.0.0.1:0".into(),
             source,

@@ -1,6 +1,7 @@
 //! Delivery guarantees against a receiver that misbehaves on real sockets: every failure is
 //! retried until 3 attempts, then parked as a dead letter with each attempt's error; a replay
-//! delivers it with the same idempotency key; nothing is lost.
+//! delivers it with the same idempotency key; nothing is lost. The breaker is off here (it
+//! would pause the dataflow instead: tests/endpoint_health.rs).
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -78,7 +79,8 @@ async fn three_attempts_then_dead_letter(fault: Action, extra: &str, kind: &str)
     )
     .await
     .unwrap();
-    let engine = Engine::open(&config(&pki, &rx.url("/in"), extra)).await.unwrap();
+    let extra = format!("{extra}\nbreaker = {{ enabled = false }}");
+    let engine = Engine::open(&config(&pki, &rx.url("/in"), &extra)).await.unwrap();
     let workers = engine.spawn_workers();
     engine.ingest(&one_profile()).await.unwrap();
     let store = engine.store();
@@ -191,7 +193,9 @@ async fn a_tls_alert_from_a_receiver_that_rejects_our_certificate() {
     )
     .await
     .unwrap();
-    let engine = Engine::open(&config(&pki, &rx.url("/in"), "")).await.unwrap();
+    let engine = Engine::open(&config(&pki, &rx.url("/in"), "breaker = { enabled = false }"))
+        .await
+        .unwrap();
     let workers = engine.spawn_workers();
     engine.ingest(&one_profile()).await.unwrap();
     let store = engine.store();

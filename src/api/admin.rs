@@ -157,6 +157,59 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
             }
             Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
         },
+        (Method::GET, ["v1", "status"]) => match engine.dataflow_statuses().await {
+            Ok(all) => json_reply(StatusCode::OK, &json!({ "dataflows": all })),
+            Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
+        },
+        (Method::GET, ["v1", "dataflows", name, "status"]) => match engine.dataflow_statuses().await {
+            Ok(all) => match all.into_iter().find(|s| s.dataflow == *name) {
+                Some(s) => json_reply(StatusCode::OK, &json!(s)),
+                None => error_reply(StatusCode::NOT_FOUND, format!("no dataflow named '{name}'")),
+            },
+            Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
+        },
+        (Method::POST, ["v1", "dataflows", name, action @ ("pause" | "resume")]) => {
+            let name = name.to_string();
+            let pause = *action == "pause";
+            let body = match read_body(req.into_body(), 16 * 1024).await {
+                Ok(b) => b,
+                Err(reply) => return reply,
+            };
+            let message = if body.is_empty() {
+                None
+            } else {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct PauseBody {
+                    message: Option<String>,
+                }
+                match serde_json::from_slice::<PauseBody>(&body) {
+                    Ok(b) => b.message,
+                    Err(e) => {
+                        return error_reply(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            format!("expected {{\"message\": \"…\"}} or no body: {e}"),
+                        )
+                    }
+                }
+            };
+            let done = if pause {
+                engine
+                    .pause_dataflow(&name, message)
+                    .await
+                    .map(|p| json!({ "paused": p }))
+            } else {
+                engine
+                    .resume_dataflow(&name)
+                    .await
+                    .map(|was| json!({ "dataflow": name, "resumed": was }))
+            };
+            match done {
+                Ok(v) => json_reply(StatusCode::OK, &v),
+                Err(e @ EngineError::UnknownDataflow(_)) => error_reply(StatusCode::NOT_FOUND, e),
+                Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
+        }
         (Method::GET, ["v1", "dead-letters"]) => match engine.store().dead_letters(None, 1000) {
             Ok(list) => json_reply(StatusCode::OK, &json!({"deadLetters": list})),
             Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),

@@ -38,6 +38,9 @@ pub enum Command {
     /// List, show, replay and purge dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Pause, resume and show the delivery state of dataflows.
+    #[command(subcommand)]
+    Dataflow(super::dataflow::DataflowCommand),
     /// Ingest an NDJSON file of profile updates into the store (offline; `serve` delivers).
     Ingest(IngestArgs),
     /// Send one request through the delivery core (curl-like, mTLS-only by default).

@@ -130,6 +130,7 @@ pub(super) struct Written<'a> {
     pub signing: SecretFields<'a>,
     pub max_attempts: u32,
     pub no_retry_on_4xx: bool,
+    pub retry_schedule: Option<&'a Vec<String>>,
     pub origin: Origin,
 }
 
@@ -153,6 +154,7 @@ impl<'a> Written<'a> {
             },
             max_attempts: df.max_attempts,
             no_retry_on_4xx: df.no_retry_on_4xx,
+            retry_schedule: df.retry_schedule.as_ref(),
             origin,
         }
     }
@@ -173,6 +175,7 @@ impl<'a> Written<'a> {
             signing: NO_SECRET,
             max_attempts: 1,
             no_retry_on_4xx: false,
+            retry_schedule: None,
             origin: Origin::ConfigFile,
         }
     }
@@ -202,6 +205,7 @@ impl Config {
             no_retry_on_4xx: true,
             base: Duration::from_millis(50),
             cap: Duration::from_secs(1),
+            schedule: None,
         };
         if forward {
             d.endpoint = None;
@@ -232,6 +236,7 @@ impl Config {
             signing: NO_SECRET,
             max_attempts: 1,
             no_retry_on_4xx: false,
+            retry_schedule: None,
             origin: Origin::ConfigFile,
         };
         Some(self.destination("alerts", &written))
@@ -321,6 +326,33 @@ impl Config {
         if !(1..=10).contains(&w.max_attempts) {
             out.push("max_attempts", format!("{} is outside 1..=10", w.max_attempts));
         }
+        let schedule = w.retry_schedule.map(|steps| {
+            if steps.is_empty() || steps.len() > 20 {
+                out.push("retry_schedule", "give 1 to 20 waits, like [\"1s\", \"10s\", \"1m\"]");
+            }
+            if w.max_attempts != 3 {
+                out.push(
+                    "retry_schedule",
+                    "give max_attempts or retry_schedule, not both (a schedule tries once plus once per wait)",
+                );
+            }
+            let parsed: Vec<Duration> = steps
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| match parse_duration(s) {
+                    Ok(d) if d <= Duration::from_secs(7 * 24 * 3600) => Some(d),
+                    Ok(_) => {
+                        out.push(format!("retry_schedule[{i}]"), format!("'{s}' is longer than 7 days"));
+                        None
+                    }
+                    Err(e) => {
+                        out.push(format!("retry_schedule[{i}]"), e);
+                        None
+                    }
+                })
+                .collect();
+            std::sync::Arc::<[Duration]>::from(parsed)
+        });
         let signing = if w.signing.env.is_some() || w.signing.file.is_some() || w.signing.named.is_some() {
             match self.secret(&w.signing, w.origin) {
                 Ok(source) => {
@@ -356,8 +388,9 @@ impl Config {
             identity: w.identity.cloned(),
             signing,
             retry: RetryPolicy {
-                max_attempts: w.max_attempts,
+                max_attempts: schedule.as_ref().map_or(w.max_attempts, |s| s.len() as u32 + 1),
                 no_retry_on_4xx: w.no_retry_on_4xx,
+                schedule,
                 ..RetryPolicy::default()
             },
         })

@@ -290,8 +290,13 @@ impl Config {
         self.validate_mapping(out, key, df);
     }
 
-    /// A dataflow's mapped attributes and segments.
+    /// A dataflow's mapped attributes and segments, its pacing and its breaker.
     fn validate_mapping(&self, out: &mut Issues, key: &str, df: &Dataflow) {
+        if let Err(issues) = df.health_settings() {
+            for (k, reason) in issues {
+                out.push(format!("{key}.{k}"), reason);
+            }
+        }
         for (j, a) in df.attributes.iter().enumerate() {
             for (field, path) in [("source", &a.source), ("target", &a.target)] {
                 if path.is_empty() || path.split('.').any(str::is_empty) {

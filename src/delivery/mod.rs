@@ -117,7 +117,7 @@ impl Core {
         };
         Ok(DeliveryClient::new(
             DestinationSettings { auth, ..base },
-            d.retry,
+            d.retry.clone(),
             signer,
         ))
     }

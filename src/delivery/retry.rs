@@ -15,12 +15,15 @@ use super::error::{DeliveryError, ErrorKind};
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// Retry settings of one dataflow.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
     pub no_retry_on_4xx: bool,
     pub base: Duration,
     pub cap: Duration,
+    /// A fixed wait before each retry (`retry_schedule`), instead of the jittered backoff;
+    /// then `max_attempts` is its length plus one.
+    pub schedule: Option<std::sync::Arc<[Duration]>>,
 }
 
 impl Default for RetryPolicy {
@@ -30,6 +33,7 @@ impl Default for RetryPolicy {
             no_retry_on_4xx: false,
             base: Duration::from_millis(500),
             cap: Duration::from_secs(60),
+            schedule: None,
         }
     }
 }
@@ -47,8 +51,15 @@ impl RetryPolicy {
         if attempt >= self.max_attempts || !self.is_retriable(err) {
             return Verdict::GiveUp;
         }
-        if let Some(after) = err.retry_after() {
-            return Verdict::RetryAfter(after.min(MAX_RETRY_AFTER));
+        let asked = err.retry_after().map(|a| a.min(MAX_RETRY_AFTER));
+        if let Some(step) = self.schedule.as_ref().and_then(|s| s.get(attempt as usize - 1)) {
+            // Within ±10 % of the step, so a receiver's backlog is not all retried at once;
+            // never sooner than the receiver asked.
+            let wait = step.mul_f64(0.9 + 0.2 * jitter.clamp(0.0, 1.0));
+            return Verdict::RetryAfter(asked.map_or(wait, |a| a.max(wait)));
+        }
+        if let Some(after) = asked {
+            return Verdict::RetryAfter(after);
         }
         let exp = self
             .base
@@ -179,7 +190,7 @@ mod tests {
         assert!(matches!(p.decide(1, &status(404), 0.5), Verdict::RetryAfter(_)));
         let strict = RetryPolicy {
             no_retry_on_4xx: true,
-            ..p
+            ..p.clone()
         };
         assert_eq!(strict.decide(1, &status(404), 0.5), Verdict::GiveUp);
         assert!(matches!(
@@ -190,6 +201,38 @@ mod tests {
             strict.decide(1, &status(408), 0.5),
             Verdict::RetryAfter(_)
         ));
+    }
+
+    #[test]
+    fn a_schedule_sets_each_wait_and_the_number_of_attempts() {
+        let steps = [
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        ];
+        let p = RetryPolicy {
+            max_attempts: 4,
+            schedule: Some(steps.to_vec().into()),
+            ..RetryPolicy::default()
+        };
+        let e = status(503);
+        for (i, step) in steps.iter().enumerate() {
+            let Verdict::RetryAfter(lo) = p.decide(i as u32 + 1, &e, 0.0) else {
+                panic!("attempt {} retried", i + 1)
+            };
+            let Verdict::RetryAfter(hi) = p.decide(i as u32 + 1, &e, 0.999) else {
+                panic!()
+            };
+            assert_eq!(lo, step.mul_f64(0.9));
+            assert!(hi <= step.mul_f64(1.1) && hi > *step);
+        }
+        assert_eq!(p.decide(4, &e, 0.5), Verdict::GiveUp);
+        // The receiver's Retry-After wins when it asks for longer.
+        let asked = status(503).with_retry_after(Some(Duration::from_secs(30)));
+        assert_eq!(
+            p.decide(1, &asked, 0.5),
+            Verdict::RetryAfter(Duration::from_secs(30))
+        );
     }
 
     #[test]

@@ -30,7 +30,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 
-use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Pause, PauseReason, Store, StoreError};
+use super::{
+    AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Pause, PauseReason, Store, StoreError,
+};
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
 use crate::profile::state::{Membership, Profile};
 use crate::profile::trigger::Reasons;
@@ -42,7 +44,7 @@ use crate::profile::MappedSegment;
 const MIGRATIONS: &[(i64, &str)] = &[
     (
         1,
-    "
+        "
 CREATE TABLE profiles (
   id TEXT PRIMARY KEY,
   merge_policy TEXT NOT NULL,

@@ -16,7 +16,9 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
-use super::{AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Pause, PauseReason, Store, StoreError};
+use super::{
+    AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Pause, PauseReason, Store, StoreError,
+};
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
 use crate::profile::state::{Membership, Profile};
 use crate::profile::trigger::{Reasons, Trigger};

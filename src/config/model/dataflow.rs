@@ -61,9 +61,200 @@ pub struct Dataflow {
     /// The receiver's CA bundle as PEM text, instead of `ca` (for API-defined dataflows, which
     /// may name a file only inside `[admin] dataflow_ca_dir`). Default: none.
     pub ca_pem: Option<String>,
+    /// Waits before each retry of a stored failure, e.g. `["1s", "10s", "1m", "10m", "1h"]`:
+    /// a delivery is tried once plus once per entry (so not with `max_attempts`). Default: none
+    /// (`max_attempts` with jittered backoff from 0.5 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_schedule: Option<Vec<String>>,
+    /// Requests per second to this receiver, with a burst. Default: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Deliveries in flight at once, at most (each over a connection of its own). Default 64;
+    /// 1..=1024.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// When the dataflow pauses itself, and how it probes for recovery.
+    #[serde(default)]
+    pub breaker: Breaker,
+}
+
+/// A dataflow's request rate: `per_second`, with bursts of up to `burst` (default: one
+/// second's worth).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: Option<u32>,
+}
+
+/// The circuit breaker: the dataflow pauses after `consecutive_failures` receiver-unavailable
+/// failures in a row, or when they are `failure_ratio` of at least `min_attempts` attempts in
+/// `window`; at once on a certificate or policy failure. Paused, it keeps queueing and sends one
+/// probe delivery after `probe_interval`, doubling up to `max_probe_interval`; a probe that
+/// succeeds resumes it.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Breaker {
+    /// Default `true`. Off, failures go through retries to dead letters as they come.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Default 3 (with the default three attempts, a receiver that is down pauses the
+    /// dataflow before any delivery becomes a dead letter).
+    #[serde(default = "default_consecutive")]
+    pub consecutive_failures: u32,
+    /// Default 0.5.
+    #[serde(default = "default_ratio")]
+    pub failure_ratio: f64,
+    /// Default 20.
+    #[serde(default = "default_min_attempts")]
+    pub min_attempts: u32,
+    /// Default `"30s"`.
+    #[serde(default = "default_window")]
+    pub window: String,
+    /// Default `"1s"`.
+    #[serde(default = "default_probe")]
+    pub probe_interval: String,
+    /// Default `"10s"`.
+    #[serde(default = "default_max_probe")]
+    pub max_probe_interval: String,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            enabled: true,
+            consecutive_failures: default_consecutive(),
+            failure_ratio: default_ratio(),
+            min_attempts: default_min_attempts(),
+            window: default_window(),
+            probe_interval: default_probe(),
+            max_probe_interval: default_max_probe(),
+        }
+    }
+}
+
+fn default_max_in_flight() -> usize {
+    64
+}
+fn default_consecutive() -> u32 {
+    3
+}
+fn default_ratio() -> f64 {
+    0.5
+}
+fn default_min_attempts() -> u32 {
+    20
+}
+fn default_window() -> String {
+    "30s".into()
+}
+fn default_probe() -> String {
+    "1s".into()
+}
+fn default_max_probe() -> String {
+    "10s".into()
+}
+
+/// A dataflow's pacing and breaker settings, checked and parsed.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// (per second, burst).
+    pub rate_limit: Option<(u32, u32)>,
+    pub max_in_flight: usize,
+    /// `None` when the breaker is off.
+    pub breaker: Option<BreakerSettings>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerSettings {
+    pub consecutive_failures: u32,
+    pub failure_ratio: f64,
+    pub min_attempts: u32,
+    pub window: Duration,
+    pub probe_interval: Duration,
+    pub max_probe_interval: Duration,
 }
 
 impl Dataflow {
+    /// Pacing and breaker settings, or every problem as (key under the dataflow, reason).
+    pub fn health_settings(&self) -> Result<HealthSettings, Vec<(String, String)>> {
+        let mut issues = Vec::new();
+        let rate_limit = match &self.rate_limit {
+            None => None,
+            Some(r) => {
+                let burst = r.burst.unwrap_or(r.per_second);
+                if r.per_second == 0 || r.per_second > 1_000_000 {
+                    issues.push((
+                        "rate_limit.per_second".into(),
+                        format!("{} is outside 1..=1000000", r.per_second),
+                    ));
+                }
+                if burst == 0 || burst > 1_000_000 {
+                    issues.push((
+                        "rate_limit.burst".into(),
+                        format!("{burst} is outside 1..=1000000"),
+                    ));
+                }
+                Some((r.per_second.max(1), burst.max(1)))
+            }
+        };
+        if !(1..=1024).contains(&self.max_in_flight) {
+            issues.push((
+                "max_in_flight".into(),
+                format!("{} is outside 1..=1024", self.max_in_flight),
+            ));
+        }
+        let b = &self.breaker;
+        let mut duration = |key: &str, v: &str| match parse_duration(v) {
+            Ok(d) if d >= Duration::from_millis(10) && d <= Duration::from_secs(24 * 3600) => d,
+            Ok(_) => {
+                issues.push((format!("breaker.{key}"), format!("'{v}' is outside 10ms..=24h")));
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                issues.push((format!("breaker.{key}"), e));
+                Duration::from_secs(1)
+            }
+        };
+        let settings = BreakerSettings {
+            consecutive_failures: b.consecutive_failures,
+            failure_ratio: b.failure_ratio,
+            min_attempts: b.min_attempts,
+            window: duration("window", &b.window),
+            probe_interval: duration("probe_interval", &b.probe_interval),
+            max_probe_interval: duration("max_probe_interval", &b.max_probe_interval),
+        };
+        if !(1..=10_000).contains(&b.consecutive_failures) {
+            issues.push((
+                "breaker.consecutive_failures".into(),
+                format!("{} is outside 1..=10000", b.consecutive_failures),
+            ));
+        }
+        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+            issues.push((
+                "breaker.failure_ratio".into(),
+                format!("{} is outside (0, 1]", b.failure_ratio),
+            ));
+        }
+        if b.min_attempts == 0 {
+            issues.push(("breaker.min_attempts".into(), "must be at least 1".into()));
+        }
+        if settings.max_probe_interval < settings.probe_interval {
+            issues.push((
+                "breaker.max_probe_interval".into(),
+                "must not be shorter than probe_interval".into(),
+            ));
+        }
+        if !issues.is_empty() {
+            return Err(issues);
+        }
+        Ok(HealthSettings {
+            rate_limit,
+            max_in_flight: self.max_in_flight,
+            breaker: b.enabled.then_some(settings),
+        })
+    }
+
     /// The validated timeout (validation guarantees it parses).
     pub fn timeout(&self) -> Duration {
         parse_duration(&self.timeout).unwrap_or(crate::delivery::DEFAULT_TIMEOUT)

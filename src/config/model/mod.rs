@@ -19,7 +19,10 @@ mod sidecar;
 mod store;
 
 pub use alerts::{AlertsConfig, AuditConfig};
-pub use dataflow::{AttributeMapping, Auth, CredentialsIn, Dataflow, SecretFields, Segment};
+pub use dataflow::{
+    AttributeMapping, Auth, Breaker, BreakerSettings, CredentialsIn, Dataflow, HealthSettings, RateLimit,
+    SecretFields, Segment,
+};
 pub use egress::EgressConfig;
 pub use identity::{IdentityConfig, PkiConfig};
 pub use listeners::{limit_errors, AdminConfig, PublicConfig};

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method};
 use tokio::sync::Notify;
 
+use super::health::{Health, Transition};
 use crate::audit::{payload_sha256, AuditRecord, Outcome};
 use crate::delivery::retry::{jitter, Verdict};
 use crate::delivery::{DeliveryClient, DeliveryError, ErrorKind, OutboundRequest, PeerInfo, Session};
@@ -23,14 +24,18 @@ pub(super) struct Flow {
     pub(super) destination: String,
     pub(super) counters: crate::metrics::FlowCounters,
     pub(super) wake: Notify,
+    pub(super) health: Health,
 }
 
+/// Deliver one claimed item (`probe`: as the breaker's probe while paused). Returns what to
+/// record, the audit record, and the pause state this attempt changed, if any.
 pub(super) async fn deliver(
     flow: &Flow,
     catalog: &Catalog,
     item: OutboxItem,
     session: &Session,
-) -> (Completion, AuditRecord<'static>) {
+    probe: bool,
+) -> (Completion, AuditRecord<'static>, Option<Transition>) {
     let key = idempotency_key(&flow.spec.name, item.id, item.version);
     let attempt = item.attempts + 1;
     let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -56,14 +61,39 @@ pub(super) async fn deliver(
             )
         }
     };
+    let now = now_ms();
+    let mut transition = None;
     let completion = match &sent.result {
-        Ok(()) => Completion::Delivered {
-            id: item.id,
-            version: item.version,
-        },
+        Ok(()) => {
+            flow.health.succeeded(now);
+            if probe {
+                flow.health.set(None, now);
+                transition = Some(Transition::Resumed);
+            }
+            Completion::Delivered {
+                id: item.id,
+                version: item.version,
+            }
+        }
         Err(error) => {
             tracing::warn!(dataflow = %flow.spec.name, kind = %error.kind(), attempt, "delivery failed");
             let record = attempt_error(attempt, error);
+            transition = if probe {
+                flow.health.probe_failed(error, now).map(Transition::Probed)
+            } else {
+                flow.health.failed(error, now).map(Transition::Paused)
+            };
+            if flow.health.paused().is_some() {
+                // Paused: back in line, uncounted; a pause never makes a dead letter.
+                return (
+                    Completion::Requeue {
+                        id: item.id,
+                        retry_at: now,
+                    },
+                    flow.audit_record(&item.profile.id, &key, &body, attempt, Outcome::Retry, &sent),
+                    transition,
+                );
+            }
             match flow.client.retry().decide(attempt, error, jitter()) {
                 Verdict::RetryAfter(after) => Completion::Failed {
                     id: item.id,
@@ -87,7 +117,7 @@ pub(super) async fn deliver(
         Completion::Requeue { .. } => Outcome::Retry,
     };
     let audit = flow.audit_record(&item.profile.id, &key, &body, attempt, outcome, &sent);
-    (completion, audit)
+    (completion, audit, transition)
 }
 
 pub(super) fn attempt_error(attempt: u32, e: &DeliveryError) -> AttemptError {

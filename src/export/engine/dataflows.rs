@@ -192,6 +192,14 @@ pub(super) async fn build_flow(
     let endpoint = destination
         .endpoint
         .ok_or_else(|| EngineError::Setup(format!("dataflow {}: no endpoint", df.name)))?;
+    let settings = df
+        .health_settings()
+        .map_err(|issues| EngineError::Setup(format!("dataflow {}: {issues:?}", df.name)))?;
+    let (s, name) = (store.clone(), df.name.clone());
+    let paused = blocking(move || s.pauses())
+        .await?
+        .into_iter()
+        .find(|p| p.dataflow == name);
     Ok(Flow {
         spec: DataflowSpec::from_config(df, &times),
         client,
@@ -199,5 +207,6 @@ pub(super) async fn build_flow(
         endpoint,
         counters: Default::default(),
         wake: Notify::new(),
+        health: super::health::Health::new(&df.name, &settings, paused),
     })
 }

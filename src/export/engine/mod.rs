@@ -9,6 +9,7 @@
 
 mod attempt;
 mod dataflows;
+mod health;
 mod worker;
 
 use std::sync::atomic::Ordering;
@@ -32,10 +33,14 @@ pub use attempt::idempotency_key;
 use attempt::{attempt_error, Flow};
 use dataflows::build_flow;
 pub use dataflows::DataflowChange;
+pub use health::DataflowStatus;
 use worker::worker;
 
 /// How often an instance on a shared store looks for dataflow changes made elsewhere.
 const DATAFLOW_POLL: Duration = Duration::from_secs(2);
+
+/// How often the engine reads pauses set elsewhere (the CLI, another instance).
+const PAUSE_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -45,6 +50,8 @@ pub enum EngineError {
     Setup(String),
     #[error("no dead letter {0}")]
     NoDeadLetter(i64),
+    #[error("no dataflow named '{0}'")]
+    UnknownDataflow(String),
     #[error("dead letter {id}: dataflow '{dataflow}' is not configured")]
     NoDataflow { id: i64, dataflow: String },
     #[error("store task failed: {0}")]
@@ -432,6 +439,16 @@ impl Engine {
             .collect();
         *self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
         let mut handles = handles;
+        // Pauses set by the CLI or another instance reach the running dataflows.
+        let engine = self.clone();
+        handles.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PAUSE_POLL).await;
+                if let Err(e) = engine.sync_pauses().await {
+                    tracing::warn!(error = %e, "reading dataflow pauses failed");
+                }
+            }
+        }));
         if self.inner.store.shared() {
             // Other instances may change API-managed dataflows: poll for their changes.
             let engine = self.clone();

@@ -7,17 +7,18 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::attempt::{deliver, Flow};
+use super::health::{Gate, Transition};
 use super::{blocking, EngineError, Inner, Stats};
 use crate::audit::AuditRecord;
 use crate::delivery::Session;
 use crate::store::{now_ms, Completion, OutboxItem};
 
+/// An outcome for the completer: what to record, and the attempt's audit record (none for an
+/// item handed back unsent).
+type Done = (Completion, Option<AuditRecord<'static>>);
+
 /// Rows claimed per round trip to the store.
 const BATCH: usize = 512;
-
-/// Deliveries in flight per dataflow: that many couriers, each sending one at a time over a
-/// connection of its own, as a proxy's keep-alive pool would hold them.
-const IN_FLIGHT: usize = 64;
 
 /// Outcomes recorded per store transaction, at most: outcomes get the writer only between
 /// ingest batches, and smaller transactions fell behind the deliveries, leaving leased rows
@@ -29,8 +30,7 @@ const OUTCOME_BATCH: usize = 8192;
 /// completion, so a profile never has two deliveries in flight. The couriers stop when the
 /// claimer does, after the delivery each holds.
 pub(super) async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
-    let (done_tx, done_rx) =
-        tokio::sync::mpsc::channel::<(Completion, AuditRecord<'static>)>(OUTCOME_BATCH * 2);
+    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<Done>(OUTCOME_BATCH * 2);
     let completer = tokio::spawn(complete_loop(inner.clone(), flow.clone(), done_rx));
     let mut couriers = Couriers {
         queues: Vec::new(),
@@ -38,16 +38,33 @@ pub(super) async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
         freed: Arc::default(),
         inner: inner.clone(),
         flow: flow.clone(),
-        done: done_tx,
+        done: done_tx.clone(),
     };
+    let in_flight = flow.health.max_in_flight;
     let lease_ms = i64::try_from(inner.cfg.store.lease().as_millis()).unwrap_or(30_000);
     let claim = || {
         let (s, name) = (inner.store.clone(), flow.spec.name.clone());
         tokio::task::spawn_blocking(move || s.claim(&name, BATCH, now_ms(), lease_ms))
     };
     // The claim of the next batch, started while the current one's last deliveries go out.
-    let mut next = None;
+    let mut next: Option<tokio::task::JoinHandle<Result<Vec<OutboxItem>, crate::store::StoreError>>> = None;
     loop {
+        match flow.health.gate(now_ms()) {
+            Gate::Go => {}
+            Gate::Probe => {
+                probe(&inner, &flow, &done_tx, lease_ms).await;
+                continue;
+            }
+            gate => {
+                if let Some(early) = next.take() {
+                    if let Ok(Ok(items)) = early.await {
+                        release(&done_tx, items, gate).await;
+                    }
+                }
+                wait_at(&flow, gate).await;
+                continue;
+            }
+        }
         let claimed = match next.take() {
             Some(handle) => handle.await,
             None => claim().await,
@@ -67,17 +84,27 @@ pub(super) async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
             }
             continue;
         }
-        // A full batch means more are probably due. Claim them while the last IN_FLIGHT of
-        // this one go out, so the connections are not left idle during the claim (which
-        // takes about as long as a round of deliveries). Claimed rows stay leased, so the
-        // early claim never returns a row of this batch; it is at most IN_FLIGHT deliveries
-        // ahead, far inside the lease.
+        // A full batch means more are probably due. Claim them while the last in-flight
+        // round of this one goes out, so the connections are not left idle during the claim
+        // (which takes about as long as a round of deliveries). Claimed rows stay leased, so
+        // the early claim never returns a row of this batch; it is at most one round of
+        // deliveries ahead, far inside the lease.
         let prefetch_at = if items.len() == BATCH {
-            Some(items.len().saturating_sub(IN_FLIGHT))
+            Some(items.len().saturating_sub(in_flight))
         } else {
             None
         };
-        for (i, item) in items.into_iter().enumerate() {
+        let mut items = items.into_iter().enumerate();
+        while let Some((i, item)) = items.next() {
+            // A pause or a receiver's Retry-After stops the batch: the rest goes back in line
+            // unsent, so no row stays leased while the dataflow waits.
+            let gate = flow.health.gate(now_ms());
+            if gate != Gate::Go {
+                let rest = std::iter::once(item).chain(items.map(|(_, it)| it)).collect();
+                release(&done_tx, rest, gate).await;
+                break;
+            }
+            flow.health.pace().await;
             if Some(i) == prefetch_at {
                 next = Some(claim());
             }
@@ -92,7 +119,108 @@ pub(super) async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
     }
 }
 
-/// A dataflow's couriers: up to [`IN_FLIGHT`] tasks, each delivering one item at a time over
+/// Hand claimed `items` back unsent: due again when the gate opens (at once for a pause, so
+/// the probe takes the head of the line).
+async fn release(done: &tokio::sync::mpsc::Sender<Done>, items: Vec<OutboxItem>, gate: Gate) {
+    let retry_at = match gate {
+        Gate::Hold(until) => until,
+        _ => now_ms(),
+    };
+    for item in items {
+        if done
+            .send((
+                Completion::Requeue {
+                    id: item.id,
+                    retry_at,
+                },
+                None,
+            ))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Wait while the gate is shut: until a hold or the next probe is due, or the pause changes
+/// (checked at least every second, for changes made by other processes).
+async fn wait_at(flow: &Flow, gate: Gate) {
+    let max = Duration::from_secs(1);
+    let wait = match gate {
+        Gate::Hold(until) | Gate::Paused(Some(until)) => {
+            Duration::from_millis(u64::try_from(until - now_ms()).unwrap_or(0)).min(max)
+        }
+        _ => max,
+    };
+    tokio::select! {
+        _ = flow.health.changed.notified() => {}
+        _ = tokio::time::sleep(wait) => {}
+    }
+}
+
+/// While paused by the breaker: deliver the head of the line as a probe. It succeeds: the
+/// dataflow resumes. It fails: it goes back in line, uncounted, and the next probe waits longer.
+async fn probe(inner: &Arc<Inner>, flow: &Arc<Flow>, done: &tokio::sync::mpsc::Sender<Done>, lease_ms: i64) {
+    let (s, name) = (inner.store.clone(), flow.spec.name.clone());
+    let item = match blocking(move || s.claim(&name, 1, now_ms(), lease_ms)).await {
+        Ok(mut items) => items.pop(),
+        Err(e) => {
+            tracing::error!(dataflow = %flow.spec.name, error = %e, "claiming a probe failed");
+            None
+        }
+    };
+    let Some(item) = item else {
+        // Nothing queued to probe with: wait for ingest (or a resume).
+        wait_at(flow, Gate::Paused(None)).await;
+        return;
+    };
+    let session = Session::new();
+    let (c, audit, transition) = session
+        .run(deliver(flow, &inner.catalog, item, &session, true))
+        .await;
+    if let Some(t) = transition {
+        announce(inner, flow, t);
+    }
+    let _ = done.send((c, Some(audit))).await;
+}
+
+/// Store a pause state this instance changed, and tell the operators. The store keeps an
+/// operator's pause over the breaker's: when it refuses ours, the next sync brings it back.
+pub(super) fn announce(inner: &Arc<Inner>, flow: &Arc<Flow>, t: Transition) {
+    let (inner, name) = (inner.clone(), flow.spec.name.clone());
+    tokio::spawn(async move {
+        let s = inner.store.clone();
+        let (event, stored) = match &t {
+            Transition::Paused(p) | Transition::Probed(p) => {
+                let p2 = p.clone();
+                let r = blocking(move || s.pause(&p2)).await;
+                (
+                    matches!(t, Transition::Paused(_)).then_some(crate::events::EventType::DataflowPaused),
+                    r,
+                )
+            }
+            Transition::Resumed => {
+                let n = name.clone();
+                let r = blocking(move || s.resume(&n, true)).await;
+                (Some(crate::events::EventType::DataflowResumed), r)
+            }
+        };
+        match stored {
+            Ok(true) => {
+                if let Some(kind) = event {
+                    inner.events().emit(kind, super::health::event_data(&name, &t));
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(dataflow = %name, error = %e, "storing the dataflow's pause state failed")
+            }
+        }
+    });
+}
+
+/// A dataflow's couriers: up to `max_in_flight` tasks, each delivering one item at a time over
 /// a connection of its own (a lane, driven in the courier's task). They start as the load
 /// needs them, and the one idle most recently gets the next item, so a light load keeps
 /// using the same few connections.
@@ -105,12 +233,12 @@ struct Couriers {
     freed: Arc<Notify>,
     inner: Arc<Inner>,
     flow: Arc<Flow>,
-    done: tokio::sync::mpsc::Sender<(Completion, AuditRecord<'static>)>,
+    done: tokio::sync::mpsc::Sender<Done>,
 }
 
 impl Couriers {
     /// Hand `item` to an idle courier, starting one when none is idle and fewer than
-    /// [`IN_FLIGHT`] run, or else waiting for one. `false` when the couriers have stopped
+    /// `max_in_flight` run, or else waiting for one. `false` when the couriers have stopped
     /// (the completer is gone).
     async fn dispatch(&mut self, mut item: OutboxItem) -> bool {
         loop {
@@ -121,7 +249,7 @@ impl Couriers {
             let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let courier = match idle {
                 Some(i) => i,
-                None if self.queues.len() < IN_FLIGHT => self.start(None),
+                None if self.queues.len() < self.flow.health.max_in_flight => self.start(None),
                 // A courier that ended early (it cannot, short of a panic) is replaced, so
                 // the dataflow never runs out of couriers and waits forever.
                 None => match self.queues.iter().position(|q| q.is_closed()) {
@@ -176,16 +304,19 @@ async fn courier(
     freed: Arc<Notify>,
     inner: Arc<Inner>,
     flow: Arc<Flow>,
-    done: tokio::sync::mpsc::Sender<(Completion, AuditRecord<'static>)>,
+    done: tokio::sync::mpsc::Sender<Done>,
 ) {
     let session = Session::new();
     let run = async {
         while let Some(item) = work.recv().await {
             let enqueued_at = item.enqueued_at;
-            let (c, audit) = deliver(&flow, &inner.catalog, item, &session).await;
+            let (c, audit, transition) = deliver(&flow, &inner.catalog, item, &session, false).await;
+            if let Some(t) = transition {
+                announce(&inner, &flow, t);
+            }
             // Latency ends when the receiver answered, not when the outcome is committed.
             inner.stats.record(&c, enqueued_at);
-            if done.send((c, audit)).await.is_err() {
+            if done.send((c, Some(audit))).await.is_err() {
                 return;
             }
             idle.lock().unwrap_or_else(|p| p.into_inner()).push(index);
@@ -195,11 +326,7 @@ async fn courier(
     session.run(run).await;
 }
 
-async fn complete_loop(
-    inner: Arc<Inner>,
-    flow: Arc<Flow>,
-    mut rx: tokio::sync::mpsc::Receiver<(Completion, AuditRecord<'static>)>,
-) {
+async fn complete_loop(inner: Arc<Inner>, flow: Arc<Flow>, mut rx: tokio::sync::mpsc::Receiver<Done>) {
     let mut buf = Vec::with_capacity(OUTCOME_BATCH);
     // Rows stay leased while their outcomes gather.
     while crate::batch::recv_batch(&mut rx, &mut buf, OUTCOME_BATCH).await > 0 {
@@ -207,6 +334,10 @@ async fn complete_loop(
         let mut audit = Vec::with_capacity(buf.len());
         let events = inner.events();
         for (c, a) in buf.drain(..) {
+            let Some(a) = a else {
+                results.push(c);
+                continue;
+            };
             flow.counters.record(a.outcome, a.error_kind, a.latency_ms);
             if let Completion::Dead {
                 idempotency_key,

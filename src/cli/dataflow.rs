@@ -1,0 +1,154 @@
+//! `sallyport dataflow pause|resume|status`: an operator's hold on a dataflow. The pause is
+//! written to the store, so running instances (this machine's `serve`, or every instance on a
+//! shared PostgreSQL store) take it within a second, and it outlives restarts.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+use super::Failure;
+use crate::config::Config;
+use crate::store::{self, now_ms, Pause, PauseReason, Store};
+
+#[derive(Debug, Subcommand)]
+pub enum DataflowCommand {
+    /// Stop delivering to a dataflow (ingest keeps queueing; nothing becomes a dead letter).
+    Pause {
+        #[arg(long, short, default_value = "config/sallyport.toml")]
+        config: PathBuf,
+        name: String,
+        /// Why, for whoever reads the status.
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// Resume a paused dataflow (paused by an operator or by its breaker).
+    Resume {
+        #[arg(long, short, default_value = "config/sallyport.toml")]
+        config: PathBuf,
+        name: String,
+    },
+    /// Each dataflow's state: running or paused (why, since when, next probe), and its queue.
+    Status {
+        #[arg(long, short, default_value = "config/sallyport.toml")]
+        config: PathBuf,
+        /// Only this dataflow.
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(super) fn run(cmd: DataflowCommand) -> Result<(), Failure> {
+    match cmd {
+        DataflowCommand::Pause {
+            config,
+            name,
+            message,
+        } => {
+            let (_, store) = open(&config, Some(&name))?;
+            let pause = Pause {
+                dataflow: name.clone(),
+                reason: PauseReason::Manual,
+                class: None,
+                message: message.unwrap_or_else(|| "paused by an operator".into()),
+                since: now_ms(),
+                probe_at: 0,
+                probe_interval_ms: 0,
+            };
+            store.pause(&pause).map_err(Failure::failed)?;
+            println!("{name}: paused; running instances stop delivering to it within a second, ingest keeps queueing");
+            Ok(())
+        }
+        DataflowCommand::Resume { config, name } => {
+            let (_, store) = open(&config, Some(&name))?;
+            if store.resume(&name, false).map_err(Failure::failed)? {
+                println!("{name}: resumed; queued deliveries go out within a second");
+            } else {
+                println!("{name}: was not paused");
+            }
+            Ok(())
+        }
+        DataflowCommand::Status { config, name, json } => {
+            let (names, store) = open(&config, name.as_deref())?;
+            let pauses = store.pauses().map_err(Failure::failed)?;
+            let mut rows = Vec::new();
+            for n in names
+                .iter()
+                .filter(|n| name.as_ref().is_none_or(|only| only == *n))
+            {
+                let pause = pauses.iter().find(|p| &p.dataflow == n).cloned();
+                let pending = store.pending(Some(n)).map_err(Failure::failed)?;
+                rows.push(serde_json::json!({
+                    "dataflow": n,
+                    "state": if pause.is_some() { "paused" } else { "running" },
+                    "pause": pause,
+                    "pending": pending,
+                }));
+            }
+            if json {
+                println!("{}", serde_json::Value::Array(rows));
+                return Ok(());
+            }
+            println!("{:<24} {:<8} {:>9}  why", "dataflow", "state", "queued");
+            for r in &rows {
+                let n = r["dataflow"].as_str().unwrap_or_default();
+                let why = match pauses.iter().find(|p| p.dataflow == n) {
+                    None => String::new(),
+                    Some(p) => describe(p),
+                };
+                println!(
+                    "{:<24} {:<8} {:>9}  {why}",
+                    n,
+                    r["state"].as_str().unwrap_or_default(),
+                    r["pending"]
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One line on a pause: who, why, since when, and the next probe.
+fn describe(p: &Pause) -> String {
+    let at = |ms: i64| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .ok()
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_else(|| ms.to_string())
+    };
+    match p.reason {
+        PauseReason::Manual => format!("by an operator since {}: {}", at(p.since), p.message),
+        PauseReason::Breaker => format!(
+            "by the breaker ({}) since {}, next probe {}: {}",
+            p.class.as_deref().unwrap_or("?"),
+            at(p.since),
+            at(p.probe_at),
+            p.message
+        ),
+    }
+}
+
+/// The config's and the store's dataflow names, and the store; `name`, when given, must be
+/// one of them.
+fn open(
+    config: &std::path::Path,
+    name: Option<&str>,
+) -> Result<(Vec<String>, std::sync::Arc<dyn Store>), Failure> {
+    let cfg = Config::load(config).map_err(Failure::usage)?;
+    let store = store::open(&cfg).map_err(Failure::failed)?;
+    let mut names: Vec<String> = cfg.dataflows.iter().map(|d| d.name.clone()).collect();
+    for (n, _) in store.api_dataflows().map_err(Failure::failed)? {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    if let Some(n) = name {
+        if !names.iter().any(|k| k == n) {
+            return Err(Failure::usage(format!(
+                "no dataflow named '{n}' (known: {})",
+                names.join(", ")
+            )));
+        }
+    }
+    Ok((names, store))
+}
