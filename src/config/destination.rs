@@ -237,6 +237,36 @@ impl Config {
         Some(self.destination("alerts", &written))
     }
 
+    /// The operational events webhook as a destination, when `[events]` is configured. Its
+    /// retry policy is the sender's: `max_attempts`, backoff from 500 ms, capped at 30 s.
+    pub fn events_destination(&self) -> Option<Result<DestinationConfig, String>> {
+        self.events_destination_issues()
+            .map(|r| r.map_err(|issues| joined("events", issues)))
+    }
+
+    pub(super) fn events_destination_issues(&self) -> Option<Result<DestinationConfig, Vec<Issue>>> {
+        let e = self.events.as_ref()?;
+        let written = Written {
+            endpoint: Some(&e.webhook),
+            mtls: e.mtls,
+            ca: e.ca.as_ref(),
+            ca_pem: None,
+            timeout: &e.timeout,
+            headers: None,
+            query: None,
+            auth: &Auth::None,
+            identity: None,
+            signing: e.signing_secret(),
+            max_attempts: e.max_attempts,
+            no_retry_on_4xx: false,
+            origin: Origin::ConfigFile,
+        };
+        Some(self.destination("events", &written).map(|mut d| {
+            d.retry.cap = Duration::from_secs(30);
+            d
+        }))
+    }
+
     /// The one conversion from what the config file says to a [`DestinationConfig`]: every
     /// problem is reported, keyed relative to the destination's table (`endpoint`,
     /// `auth.token`, …).
