@@ -152,6 +152,8 @@ async fn send_one(client: &DeliveryClient, url: &url::Url, event: &Event) {
         };
         match client.retry().decide(attempt, &error, jitter()) {
             Verdict::RetryAfter(after) => {
+                // A long Retry-After would hold up every event behind this one.
+                let after = after.min(client.retry().cap);
                 tracing::info!(event = event.kind.as_str(), id = %id, attempt, kind = %error.kind(),
                     status = ?error.status(), retry_in_ms = after.as_millis() as u64,
                     "the events webhook did not take an event; trying again");

@@ -1,6 +1,6 @@
 //! One receiver, as the delivery core needs it: dataflows, sidecar routes, the forward proxy
-//! and the alert webhook are each turned into a [`DestinationConfig`] by the one function
-//! here, which also validates them (so `config check` and start-up can never disagree about
+//! and the alert and events webhooks are each turned into a [`DestinationConfig`] by the one
+//! function here, which also validates them (so `config check` and start-up can never disagree about
 //! what a destination means). `delivery::Core::destination` turns it into a ready client.
 
 use std::path::PathBuf;
@@ -26,7 +26,8 @@ use crate::delivery::retry::RetryPolicy;
 /// How to reach one receiver: typed and checked, paths resolved against the config file.
 #[derive(Debug, Clone)]
 pub struct DestinationConfig {
-    /// Its name in logs and audit records (the dataflow's name, `sidecar:/prefix`, `alerts`).
+    /// Its name in logs and audit records (the dataflow's name, `sidecar:/prefix`, `alerts`,
+    /// `events`).
     pub name: String,
     /// Where requests go; `None` for the forward proxy, whose app names the host per request.
     pub endpoint: Option<url::Url>,
