@@ -344,8 +344,8 @@ async fn serve_with_events_sends_the_expiry_event_of_its_identity() {
 #[tokio::test]
 async fn config_check_refuses_a_bad_events_table_with_the_key_at_fault() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = pki::init(tmp.path(), &InitOptions::default()).unwrap();
-    let _ = f;
+    // The identity's files, which the [identity] table below names.
+    pki::init(tmp.path(), &InitOptions::default()).unwrap();
     std::fs::write(tmp.path().join("events.secret"), SECRET).unwrap();
     let check = |name: &str, events: &str| {
         let path = tmp.path().join(name);
