@@ -22,6 +22,10 @@ if [ ! -d tests/oauth/node_modules/oauth2-mock-server ]; then
   (cd tests/oauth && npm ci --no-audit --no-fund --silent)
 fi
 
+# The Standard Webhooks reference library (PyPI `standardwebhooks`), in a venv under target/:
+# tests/events.rs verifies our event signatures with it.
+scripts/standardwebhooks.sh >/dev/null
+
 # The PostgreSQL store's tests need a server: the machine's (127.0.0.1:5432, database test) or
 # SALLYPORT_TEST_PG. Say so plainly instead of failing forty tests with connection errors.
 pg_url=${SALLYPORT_TEST_PG:-postgres://postgres@127.0.0.1:5432/test}

@@ -51,7 +51,16 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         .limits()
         .map_err(|e| crate::config::limit_errors("admin", e))?;
     let alerts = crate::alerts::Alerts::from_config(&cfg, &core)?;
+    // Operational events: logged, and sent to the [events] webhook when one is configured.
+    let (events, sender) = crate::events::Events::from_config(&cfg, &core)?;
+    engine.set_events(events.clone());
     let mut workers = engine.spawn_workers();
+    workers.extend(sender);
+    workers.push(events.watch_certificates(
+        core.identities(),
+        crate::events::cert_expiry_days(&cfg),
+        crate::events::CERT_CHECK_INTERVAL,
+    ));
     workers.push(tokio::spawn(core.clone().watch(crate::sidecar::IDENTITY_POLL)));
     workers.push(tokio::spawn(alerts.run(engine.clone())));
     if cfg.sidecar.is_some() {

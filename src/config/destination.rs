@@ -1,6 +1,6 @@
 //! One receiver, as the delivery core needs it: dataflows, sidecar routes, the forward proxy
-//! and the alert webhook are each turned into a [`DestinationConfig`] by the one function
-//! here, which also validates them (so `config check` and start-up can never disagree about
+//! and the alert and events webhooks are each turned into a [`DestinationConfig`] by the one
+//! function here, which also validates them (so `config check` and start-up can never disagree about
 //! what a destination means). `delivery::Core::destination` turns it into a ready client.
 
 use std::path::PathBuf;
@@ -26,7 +26,8 @@ use crate::delivery::retry::RetryPolicy;
 /// How to reach one receiver: typed and checked, paths resolved against the config file.
 #[derive(Debug, Clone)]
 pub struct DestinationConfig {
-    /// Its name in logs and audit records (the dataflow's name, `sidecar:/prefix`, `alerts`).
+    /// Its name in logs and audit records (the dataflow's name, `sidecar:/prefix`, `alerts`,
+    /// `events`).
     pub name: String,
     /// Where requests go; `None` for the forward proxy, whose app names the host per request.
     pub endpoint: Option<url::Url>,
@@ -240,6 +241,36 @@ impl Config {
             origin: Origin::ConfigFile,
         };
         Some(self.destination("alerts", &written))
+    }
+
+    /// The operational events webhook as a destination, when `[events]` is configured. Its
+    /// retry policy is the sender's: `max_attempts`, backoff from 500 ms, capped at 30 s.
+    pub fn events_destination(&self) -> Option<Result<DestinationConfig, String>> {
+        self.events_destination_issues()
+            .map(|r| r.map_err(|issues| joined("events", issues)))
+    }
+
+    pub(super) fn events_destination_issues(&self) -> Option<Result<DestinationConfig, Vec<Issue>>> {
+        let e = self.events.as_ref()?;
+        let written = Written {
+            endpoint: Some(&e.webhook),
+            mtls: e.mtls,
+            ca: e.ca.as_ref(),
+            ca_pem: None,
+            timeout: &e.timeout,
+            headers: None,
+            query: None,
+            auth: &Auth::None,
+            identity: None,
+            signing: e.signing_secret(),
+            max_attempts: e.max_attempts,
+            no_retry_on_4xx: false,
+            origin: Origin::ConfigFile,
+        };
+        Some(self.destination("events", &written).map(|mut d| {
+            d.retry.cap = Duration::from_secs(30);
+            d
+        }))
     }
 
     /// The one conversion from what the config file says to a [`DestinationConfig`]: every

@@ -103,6 +103,35 @@ impl Config {
                 out.push(key, e);
             }
         }
+        if let Some(e) = &self.events {
+            if let Some(Err(issues)) = self.events_destination_issues() {
+                for i in issues {
+                    let key = if i.key == "endpoint" {
+                        "webhook"
+                    } else {
+                        i.key.as_str()
+                    };
+                    out.push(format!("events.{key}"), i.reason);
+                }
+            }
+            let signing = e.signing_secret();
+            if signing.env.is_none() && signing.file.is_none() && signing.named.is_none() {
+                out.push(
+                    "events",
+                    "set signing_secret_env, signing_secret_file or signing_secret_ref: \
+                     events are always signed (Standard Webhooks), so the receiver can tell them from forgeries",
+                );
+            }
+            if !(1..=1_000_000).contains(&e.queue) {
+                out.push("events.queue", format!("{} is outside 1..=1000000", e.queue));
+            }
+            if e.cert_expiry_days.iter().any(|d| !(1..=3650).contains(d)) {
+                out.push(
+                    "events.cert_expiry_days",
+                    "each threshold must be between 1 and 3650 days",
+                );
+            }
+        }
         if self.audit.key_env.is_some() || self.audit.key_file.is_some() {
             self.check_secret(
                 &mut out,

@@ -647,6 +647,14 @@ pub async fn start(cfg: &Config, core: &Core) -> Result<Vec<tokio::task::JoinHan
 pub async fn run(cfg: Config) -> Result<(), String> {
     let core = Core::from_config(&cfg)?;
     let mut tasks = start(&cfg, &core).await?;
+    // The sidecar owns the identities: their rotation and expiry are its events to send.
+    let (events, sender) = crate::events::Events::from_config(&cfg, &core)?;
+    tasks.extend(sender);
+    tasks.push(events.watch_certificates(
+        core.identities(),
+        crate::events::cert_expiry_days(&cfg),
+        crate::events::CERT_CHECK_INTERVAL,
+    ));
     tasks.push(tokio::spawn(core.watch(IDENTITY_POLL)));
     crate::signals::shutdown().await;
     tasks.iter().for_each(|t| t.abort());

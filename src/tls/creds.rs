@@ -51,7 +51,27 @@ pub struct IdentityStore {
     stamps: RwLock<Vec<Option<Vec<u8>>>>,
     /// Successful reloads so far.
     reloads: std::sync::atomic::AtomicU64,
+    /// The fingerprint of the certificate last presented, as rotation hooks were last told.
+    announced: std::sync::Mutex<String>,
+    /// Called when the presented certificate changes (see [`IdentityStore::on_rotation`]).
+    hooks: RwLock<Vec<RotationHook>>,
 }
+
+/// The presented certificate of an identity changed: renewed files were loaded, or the switch
+/// to the `next` certificate came.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// SHA-256 of the certificate presented before (colon-separated upper-case hex).
+    pub old_fingerprint: String,
+    /// The certificate presented from now on.
+    pub new: super::CertFacts,
+}
+
+/// A rotation hook: quick and non-blocking (it runs on the reloading task).
+pub type RotationHook = Arc<dyn Fn(&Rotation) + Send + Sync>;
+
+/// A rotation hook for every identity of a registry, told the identity's name.
+pub type NamedRotationHook = Arc<dyn Fn(&str, &Rotation) + Send + Sync>;
 
 impl std::fmt::Debug for IdentityStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -118,12 +138,17 @@ impl IdentityStore {
 
     fn from_paths(paths: Paths) -> Result<Arc<Self>, String> {
         let active = Self::load(&paths).map_err(|e| format!("identity: {e}"))?;
-        Ok(Arc::new(IdentityStore {
+        let store = IdentityStore {
             stamps: RwLock::new(stamps(&paths)),
             paths,
             active: RwLock::new(Arc::new(active)),
             reloads: std::sync::atomic::AtomicU64::new(0),
-        }))
+            announced: std::sync::Mutex::new(String::new()),
+            hooks: RwLock::new(Vec::new()),
+        };
+        let presented = store.presented().facts.sha256_fingerprint;
+        *store.announced.lock().unwrap_or_else(|p| p.into_inner()) = presented;
+        Ok(Arc::new(store))
     }
 
     fn load(p: &Paths) -> Result<Active, TlsError> {
@@ -183,9 +208,43 @@ impl IdentityStore {
         }
     }
 
+    /// Call `hook` whenever the presented certificate changes from now on: after a reload
+    /// that changed it, or at the first reload check after the switch to `next`.
+    pub fn on_rotation(&self, hook: RotationHook) {
+        self.hooks.write().unwrap_or_else(|p| p.into_inner()).push(hook);
+    }
+
+    /// Tell the rotation hooks if the presented certificate is not the one last announced.
+    fn announce(&self) {
+        let presented = self.presented();
+        let old = {
+            let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+            if *announced == presented.facts.sha256_fingerprint {
+                return;
+            }
+            std::mem::replace(&mut *announced, presented.facts.sha256_fingerprint.clone())
+        };
+        let rotation = Rotation {
+            old_fingerprint: old,
+            new: presented.facts,
+        };
+        let hooks = self.hooks.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for hook in hooks {
+            hook(&rotation);
+        }
+    }
+
     /// Reload the files if they changed (or when `force`). A valid set is swapped in; an
     /// invalid one is refused and the old material stays. Returns whether it changed.
+    /// Rotation hooks hear of a change in the presented certificate (a time-based switch to
+    /// `next` included, at the first call after it).
     pub fn reload(&self, force: bool) -> Result<bool, String> {
+        let result = self.reload_files(force);
+        self.announce();
+        result
+    }
+
+    fn reload_files(&self, force: bool) -> Result<bool, String> {
         let now = stamps(&self.paths);
         let unchanged = self.stamps.read().map(|s| *s == now).unwrap_or(false);
         if unchanged && !force {
@@ -266,6 +325,15 @@ impl Identities {
     /// Every identity, by name.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<IdentityStore>)> {
         self.by_name.iter()
+    }
+
+    /// Call `hook` with the identity's name whenever one's presented certificate changes
+    /// (see [`IdentityStore::on_rotation`]).
+    pub fn on_rotation(&self, hook: NamedRotationHook) {
+        for (name, store) in &self.by_name {
+            let (name, hook) = (name.clone(), hook.clone());
+            store.on_rotation(Arc::new(move |r| hook(&name, r)));
+        }
     }
 
     /// Poll every identity's files each `every` and reload them all on SIGHUP, until aborted.

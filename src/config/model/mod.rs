@@ -12,6 +12,7 @@ use serde::Deserialize;
 mod alerts;
 mod dataflow;
 mod egress;
+mod events;
 mod identity;
 mod listeners;
 mod secrets;
@@ -24,6 +25,7 @@ pub use dataflow::{
     SecretFields, Segment,
 };
 pub use egress::EgressConfig;
+pub use events::{default_cert_days as default_event_cert_days, EventsConfig};
 pub use identity::{IdentityConfig, PkiConfig};
 pub use listeners::{limit_errors, AdminConfig, PublicConfig};
 pub use secrets::SecretConfig;
@@ -68,6 +70,9 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// The operational events webhook (paused/resumed dataflows, dead letters, certificates
+    /// expiring or rotated). Default: none (events are logged only).
+    pub events: Option<EventsConfig>,
     /// Named client identities for dataflows that present their own certificate (a
     /// receiver's own CA, one identity per receiver). Same keys as `[identity]`.
     #[serde(default)]
