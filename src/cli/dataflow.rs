@@ -8,6 +8,7 @@ use clap::Subcommand;
 
 use super::Failure;
 use crate::config::Config;
+use crate::events::EventType;
 use crate::store::{self, now_ms, Pause, PauseReason, Store};
 
 #[derive(Debug, Subcommand)]
@@ -38,14 +39,14 @@ pub enum DataflowCommand {
     },
 }
 
-pub(super) fn run(cmd: DataflowCommand) -> Result<(), Failure> {
+pub(super) async fn run(cmd: DataflowCommand) -> Result<(), Failure> {
     match cmd {
         DataflowCommand::Pause {
             config,
             name,
             message,
         } => {
-            let (_, store) = open(&config, Some(&name))?;
+            let (cfg, _, store) = open(&config, Some(&name))?;
             let pause = Pause {
                 dataflow: name.clone(),
                 reason: PauseReason::Manual,
@@ -57,19 +58,24 @@ pub(super) fn run(cmd: DataflowCommand) -> Result<(), Failure> {
             };
             store.pause(&pause).map_err(Failure::failed)?;
             println!("{name}: paused; running instances stop delivering to it within a second, ingest keeps queueing");
-            Ok(())
+            let data = serde_json::json!({
+                "dataflow": name, "reason": pause.reason, "class": null,
+                "message": pause.message, "since": pause.since, "nextProbeAt": null,
+            });
+            announce(&cfg, EventType::DataflowPaused, data).await
         }
         DataflowCommand::Resume { config, name } => {
-            let (_, store) = open(&config, Some(&name))?;
-            if store.resume(&name, false).map_err(Failure::failed)? {
-                println!("{name}: resumed; queued deliveries go out within a second");
-            } else {
+            let (cfg, _, store) = open(&config, Some(&name))?;
+            if !store.resume(&name, false).map_err(Failure::failed)? {
                 println!("{name}: was not paused");
+                return Ok(());
             }
-            Ok(())
+            println!("{name}: resumed; queued deliveries go out within a second");
+            let data = serde_json::json!({ "dataflow": name, "by": "operator" });
+            announce(&cfg, EventType::DataflowResumed, data).await
         }
         DataflowCommand::Status { config, name, json } => {
-            let (names, store) = open(&config, name.as_deref())?;
+            let (_, names, store) = open(&config, name.as_deref())?;
             let pauses = store.pauses().map_err(Failure::failed)?;
             let mut rows = Vec::new();
             for n in names
@@ -130,10 +136,7 @@ fn describe(p: &Pause) -> String {
 
 /// The config's and the store's dataflow names, and the store; `name`, when given, must be
 /// one of them.
-fn open(
-    config: &std::path::Path,
-    name: Option<&str>,
-) -> Result<(Vec<String>, std::sync::Arc<dyn Store>), Failure> {
+fn open(config: &std::path::Path, name: Option<&str>) -> Result<Opened, Failure> {
     let cfg = Config::load(config).map_err(Failure::usage)?;
     let store = store::open(&cfg).map_err(Failure::failed)?;
     let mut names: Vec<String> = cfg.dataflows.iter().map(|d| d.name.clone()).collect();
@@ -150,5 +153,28 @@ fn open(
             )));
         }
     }
-    Ok((names, store))
+    Ok((cfg, names, store))
+}
+
+type Opened = (Config, Vec<String>, std::sync::Arc<dyn Store>);
+
+/// Tell the `[events]` webhook (when configured) what the operator did, and wait for it to be
+/// sent: this process ends next.
+async fn announce(cfg: &Config, kind: EventType, data: serde_json::Value) -> Result<(), Failure> {
+    let core = crate::delivery::Core::from_config(cfg).map_err(Failure::failed)?;
+    let (events, task) = crate::events::Events::from_config(cfg, &core).map_err(Failure::failed)?;
+    events.emit(kind, data);
+    drop(events);
+    if let Some(task) = task {
+        if tokio::time::timeout(std::time::Duration::from_secs(30), task)
+            .await
+            .is_err()
+        {
+            return Err(Failure::failed(format!(
+                "the {} event could not be sent within 30 s (the change itself is stored)",
+                kind.as_str()
+            )));
+        }
+    }
+    Ok(())
 }

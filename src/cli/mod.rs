@@ -82,7 +82,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Verify(args) => return verify::run(args).await,
         Command::Audit(cmd) => audit::run(cmd),
         Command::Dlq(cmd) => dlq::run(cmd).await,
-        Command::Dataflow(cmd) => dataflow::run(cmd),
+        Command::Dataflow(cmd) => dataflow::run(cmd).await,
         Command::Ingest(args) => ingest::run(args).await,
         Command::Send(args) => return send::run(args).await,
         Command::Config(ConfigCommand::Check(a)) => config_check::run(&a.config),

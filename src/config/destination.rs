@@ -265,6 +265,7 @@ impl Config {
             signing: e.signing_secret(),
             max_attempts: e.max_attempts,
             no_retry_on_4xx: false,
+            retry_schedule: None,
             origin: Origin::ConfigFile,
         };
         Some(self.destination("events", &written).map(|mut d| {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use sallyport::pki::{self, DevPki, InitOptions};
 
+pub mod events;
 pub mod oauth;
 pub mod pg;
 
