@@ -73,7 +73,10 @@ impl Events {
             })
             .is_err()
         {
-            tracing::warn!(event = kind.as_str(), "event queue full or closed; event not sent");
+            tracing::warn!(
+                event = kind.as_str(),
+                "event queue full or closed; event not sent"
+            );
         }
     }
 }

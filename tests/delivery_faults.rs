@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
+use sallyport::audit::ReplayTrigger;
 use sallyport::config::Config;
 use sallyport::export::Engine;
 use sallyport::receiver::{Action, ClientAuth, Receiver};
@@ -115,7 +116,11 @@ async fn three_attempts_then_dead_letter(fault: Action, extra: &str, kind: &str)
 
     // Replay once the receiver is healthy: delivered with the same key, and the letter is gone.
     healthy.store(true, Ordering::SeqCst);
-    assert!(engine.replay_dead_letter(d.id).await.unwrap().is_ok());
+    assert!(engine
+        .replay_dead_letter(d.id, ReplayTrigger::Cli)
+        .await
+        .unwrap()
+        .is_ok());
     assert!(store.dead_letters(None, 10).unwrap().is_empty());
     let last = rx.received().pop().unwrap();
     assert!(last
