@@ -97,7 +97,7 @@ pub struct AttemptError {
 struct ShownAttemptError<'a> {
     #[serde(flatten)]
     error: &'a AttemptError,
-    class: crate::delivery::FailureClass,
+    class: FailureClass,
 }
 
 /// Attempt errors serialised with their class (stored histories keep the plain form).
@@ -243,7 +243,7 @@ pub struct DeadLetterFilter {
     pub until_ms: Option<i64>,
     /// Ids above this one only (to page through a list).
     pub after_id: Option<i64>,
-    /// At most this many, oldest first.
+    /// At most this many, oldest first (100 by default).
     pub limit: usize,
 }
 
