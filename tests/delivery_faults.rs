@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
+use sallyport::audit::ReplayTrigger;
 use sallyport::config::Config;
 use sallyport::export::Engine;
 use sallyport::receiver::{Action, ClientAuth, Receiver};
@@ -117,7 +118,11 @@ async fn three_attempts_then_dead_letter(fault: Action, extra: &str, kind: &str)
 
     // Replay once the receiver is healthy: delivered with the same key, and the letter is gone.
     healthy.store(true, Ordering::SeqCst);
-    assert!(engine.replay_dead_letter(d.id).await.unwrap().is_ok());
+    assert!(engine
+        .replay_dead_letter(d.id, ReplayTrigger::Cli)
+        .await
+        .unwrap()
+        .is_ok());
     assert!(store.dead_letters(None, 10).unwrap().is_empty());
     let last = rx.received().pop().unwrap();
     assert!(last
@@ -323,4 +328,167 @@ async fn the_dlq_command_lists_and_purges_dead_letters() {
     let out = run(&["dlq", "purge", "--config", cfg, "--all"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("purged 1 dead letter(s)"));
     assert!(store.dead_letters(None, 5).unwrap().is_empty());
+}
+
+/// Two dataflows, each with `max_attempts = 1`: `a` (segment s1) to `a_url`, `b` (segment s2)
+/// to `b_url`.
+fn two_dataflows_text(pki: &RcgenPki, a_url: &str, b_url: &str) -> String {
+    let f = &pki.files;
+    let ca = f.ca_cert.display();
+    format!(
+        "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://classes.db\"\n\
+         [[segments]]\nid = \"s1\"\nname = \"S1\"\n[[segments]]\nid = \"s2\"\nname = \"S2\"\n\
+         [[dataflows]]\nname = \"a\"\nendpoint = \"{a_url}\"\nca = \"{ca}\"\nsegments = [\"s1\"]\nmax_attempts = 1\n\
+         [[dataflows]]\nname = \"b\"\nendpoint = \"{b_url}\"\nca = \"{ca}\"\nsegments = [\"s2\"]\nmax_attempts = 1\n",
+        f.client_cert.display(),
+        f.client_key.display(),
+    )
+}
+
+fn realized_in(profile: &str, segment: &str) -> Vec<u8> {
+    (json!({"profileId": profile, "segments": [{"id": segment, "status": "realized"}]}).to_string() + "\n")
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_by_class_and_time_replays_only_those_and_audits_the_trigger() {
+    let pki = RcgenPki::new();
+    let (rx_a, healthy) = pki
+        .receiver_failing_until_healthy(Action::Respond(StatusCode::SERVICE_UNAVAILABLE, vec![]))
+        .await;
+    let rx_b = pki.receiver(ClientAuth::Required, StatusCode::NOT_FOUND).await;
+    let text = two_dataflows_text(&pki, &rx_a.url("/in"), &rx_b.url("/in"));
+    let cfg_path = pki.dir.path().join("classes.toml");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let engine = Engine::open(&Config::from_toml(&text, &cfg_path, pki.dir.path()).unwrap())
+        .await
+        .unwrap();
+    let workers = engine.spawn_workers();
+    let store = engine.store();
+    let dead = |n: usize| {
+        let store = store.clone();
+        move || store.dead_letters(None, 10).unwrap().len() == n
+    };
+    // p1 fails (503: unavailable) before T; p2 (503) and p3 (404: refused) after.
+    engine.ingest(&realized_in("p1", "s1")).await.unwrap();
+    wait_for("the first dead letter", Duration::from_secs(10), dead(1)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    engine.ingest(&realized_in("p2", "s1")).await.unwrap();
+    engine.ingest(&realized_in("p3", "s2")).await.unwrap();
+    wait_for("three dead letters", Duration::from_secs(10), dead(3)).await;
+    workers.iter().for_each(|w| w.abort());
+
+    let cfg = cfg_path.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let list = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let (code, out, err) = run(&[&["dlq", "list", "--config", cfg, "--json"], extra].concat());
+        assert_eq!(code, Some(0), "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let profile_of = |d: &serde_json::Value| d["profileId"].as_str().unwrap().to_owned();
+    let profiles = |l: Vec<serde_json::Value>| l.iter().map(profile_of).collect::<Vec<_>>();
+
+    // Listed with their class, and selected by it, by time (RFC 3339 or ago) and by dataflow.
+    let all = list(&[]);
+    let classes: Vec<&str> = all.iter().map(|d| d["class"].as_str().unwrap()).collect();
+    assert_eq!(classes, ["unavailable", "unavailable", "refused"]);
+    assert_eq!(all[2]["errors"][0]["class"], "refused");
+    assert_eq!(profiles(list(&["--class", "unavailable"])), ["p1", "p2"]);
+    assert_eq!(profiles(list(&["--since", &t])), ["p2", "p3"]);
+    assert_eq!(profiles(list(&["--since", "10m", "--dataflow", "b"])), ["p3"]);
+    let (code, out, _) = run(&["dlq", "list", "--config", cfg]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.lines().next().unwrap().contains("class") && out.contains("refused"),
+        "{out}"
+    );
+
+    // Usage errors: unknown class (the classes are named), bad time, ids with filters.
+    let (code, _, err) = run(&["dlq", "list", "--config", cfg, "--class", "flaky"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("refused, unavailable, certificate, policy, internal"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["dlq", "replay", "--config", cfg, "--since", "last tuesday"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("RFC 3339"), "{err}");
+    let (code, _, err) = run(&["dlq", "replay", "--config", cfg, "1", "--class", "refused"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("not both"), "{err}");
+    assert_eq!(store.dead_letters(None, 10).unwrap().len(), 3, "nothing replayed");
+
+    // Only p2's letter is unavailable and after T: replayed and delivered; the others stay.
+    healthy.store(true, Ordering::SeqCst);
+    let sent_before = rx_a.received().len();
+    let (code, out, err) = run(&[
+        "dlq",
+        "replay",
+        "--config",
+        cfg,
+        "--since",
+        &t,
+        "--class",
+        "unavailable",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("replayed 1 dead letter(s): 1 delivered, 0 failed"),
+        "{out}"
+    );
+    assert_eq!(rx_a.received().len(), sent_before + 1);
+    assert_eq!(profiles(list(&[])), ["p1", "p3"]);
+
+    // The refused one fails again: counted, exit 1, still a dead letter with the attempt added.
+    let (code, out, _) = run(&["dlq", "replay", "--config", cfg, "--class", "refused"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("replayed 1 dead letter(s): 0 delivered, 1 failed"),
+        "{out}"
+    );
+    let left = list(&["--class", "refused"]);
+    assert_eq!(
+        (profile_of(&left[0]), left[0]["attempts"].as_u64()),
+        ("p3".into(), Some(2))
+    );
+
+    // Both replays are in the audit chain with their trigger, and the chain verifies.
+    let (code, out, err) = run(&["audit", "export", "--config", cfg]);
+    assert_eq!(code, Some(0), "{err}");
+    let replays: Vec<(String, String, String)> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
+        .filter(|r| r.get("trigger").is_some())
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            (s("profileId"), s("outcome"), s("trigger"))
+        })
+        .collect();
+    assert_eq!(
+        replays,
+        [
+            ("p2".into(), "replay_delivered".into(), "replay:cli".into()),
+            ("p3".into(), "replay_failed".into(), "replay:cli".into())
+        ]
+    );
+    let (code, out, err) = run(&["audit", "verify", "--config", cfg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("audit log intact: 5 record(s)"), "{out}");
+
+    // Purge by filter takes only what it selects.
+    let (code, out, _) = run(&["dlq", "purge", "--config", cfg, "--dataflow", "a"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("purged 1 dead letter(s)"), "{out}");
+    assert_eq!(profiles(list(&[])), ["p3"]);
 }

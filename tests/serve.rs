@@ -469,3 +469,135 @@ async fn dataflows_managed_over_the_admin_api_backfill_persist_and_delete() {
     let (s, _) = http("DELETE", &url("/v1/dataflows/rx"), Some(TOKEN), b"").await;
     assert_eq!(s, 409);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_over_the_admin_api_filter_by_class_and_replay_in_bulk() {
+    let pki = RcgenPki::new();
+    let (rx, healthy) = pki
+        .receiver_failing_until_healthy(Action::Respond(StatusCode::SERVICE_UNAVAILABLE, vec![]))
+        .await;
+    let refusing = pki.receiver(ClientAuth::Required, StatusCode::NOT_FOUND).await;
+    // Every profile goes to `rx` (503 until healthy: unavailable) and to `b` (404: refused).
+    let b = format!(
+        "max_attempts = 1\n[[dataflows]]\nname = \"b\"\nendpoint = \"{}\"\nca = \"{}\"\nsegments = [\"s1\"]\nmax_attempts = 1\n",
+        refusing.url("/in"),
+        pki.files.ca_cert.display()
+    );
+    let (cfg, public, admin) = write_config(&pki, &rx.url("/in"), &b, true);
+    let gw = start(&cfg, public, admin).await;
+    let (s, _) = http(
+        "POST",
+        &format!("{}/v1/profiles", gw.admin),
+        Some(TOKEN),
+        &ndjson(2),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let get = |query: &str| {
+        let url = format!("{}/v1/dead-letters{query}", gw.admin);
+        async move {
+            let (s, b) = http("GET", &url, Some(TOKEN), b"").await;
+            (s, serde_json::from_str::<serde_json::Value>(&b).unwrap())
+        }
+    };
+    let letters = |v: &serde_json::Value| -> Vec<(String, String)> {
+        v["deadLetters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let s = |k: &str| d[k].as_str().unwrap().to_owned();
+                (s("dataflow"), s("class"))
+            })
+            .collect()
+    };
+    for _ in 0..200 {
+        if letters(&get("").await.1).len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let unavailable = || ("rx".to_owned(), "unavailable".to_owned());
+    let refused = || ("b".to_owned(), "refused".to_owned());
+    let (s, v) = get("?class=unavailable").await;
+    assert_eq!((s, letters(&v)), (200, vec![unavailable(), unavailable()]));
+    let (s, v) = get("?class=refused&dataflow=b&since=10m").await;
+    assert_eq!((s, letters(&v)), (200, vec![refused(), refused()]));
+    let (s, v) = get("?since=2000-01-01T00:00:00Z&limit=1").await;
+    assert_eq!((s, letters(&v).len()), (200, 1));
+
+    // Bad filters are refused with a JSON error that says what is wrong.
+    let (s, v) = get("?class=flaky").await;
+    assert_eq!(s, 400);
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("refused, unavailable, certificate, policy, internal"),
+        "{v}"
+    );
+    let (s, v) = get("?since=soon").await;
+    assert_eq!(s, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("since"), "{v}");
+    let (s, _) = get("?colour=red").await;
+    assert_eq!(s, 400);
+    let replay = format!("{}/v1/dead-letters/replay", gw.admin);
+    let (s, b) = http("POST", &replay, Some(TOKEN), b"").await;
+    assert_eq!(s, 400, "a bulk replay needs filters or all=true: {b}");
+    let (s, _) = http("POST", &format!("{replay}?class=flaky"), Some(TOKEN), b"").await;
+    assert_eq!(s, 400);
+    let (s, _) = http("POST", &replay, None, br#"{"class":"unavailable"}"#).await;
+    assert_eq!(s, 401);
+    assert_eq!(letters(&get("").await.1).len(), 4, "nothing replayed yet");
+
+    // The unavailable ones are replayed (filters in a JSON body) and delivered.
+    healthy.store(true, Ordering::SeqCst);
+    let (s, b) = http("POST", &replay, Some(TOKEN), br#"{"class":"unavailable"}"#).await;
+    assert_eq!(s, 200, "{b}");
+    let counts: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(
+        counts,
+        json!({"replayed": 2, "delivered": 2, "failed": 0, "skipped": 0})
+    );
+    assert_eq!(letters(&get("").await.1), vec![refused(), refused()]);
+    // A refused one fails again (filters in the query) and stays.
+    let (s, b) = http(
+        "POST",
+        &format!("{replay}?class=refused&limit=1"),
+        Some(TOKEN),
+        b"",
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let counts: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(
+        counts,
+        json!({"replayed": 1, "delivered": 0, "failed": 1, "skipped": 0})
+    );
+    assert_eq!(letters(&get("").await.1), vec![refused(), refused()]);
+
+    // The audit chain holds the three replays with their trigger, and verifies.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["audit", "export"]);
+    assert!(out.status.success());
+    let triggers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
+        .filter_map(|r| Some(format!("{} {}", r["outcome"].as_str()?, r["trigger"].as_str()?)))
+        .collect();
+    assert_eq!(
+        triggers,
+        [
+            "replay_delivered replay:api",
+            "replay_delivered replay:api",
+            "replay_failed replay:api"
+        ]
+    );
+    let out = cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

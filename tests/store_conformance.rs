@@ -83,10 +83,16 @@ conformance!(
     api_dataflows_are_stored_and_deleting_drops_their_queue,
     state_survives_reopening,
     a_claimed_identity_map_is_sent_as_its_canonical_json,
+    dead_letters_carry_their_class_and_filters_select_in_the_store,
 );
 
 /// Apply NDJSON lines; every update with a segment event or attributes enqueues for `DF`.
 fn ingest(store: &dyn Store, lines: &[serde_json::Value]) {
+    ingest_for(store, DF, lines)
+}
+
+/// As [`ingest`], enqueuing for `dataflow`.
+fn ingest_for(store: &dyn Store, dataflow: &str, lines: &[serde_json::Value]) {
     let updates: Vec<_> = lines
         .iter()
         .map(|l| parse_line(l.to_string().as_bytes()).unwrap())
@@ -105,7 +111,7 @@ fn ingest(store: &dyn Store, lines: &[serde_json::Value]) {
             if t.reasons.is_empty() {
                 vec![]
             } else {
-                vec![(DF.to_owned(), t)]
+                vec![(dataflow.to_owned(), t)]
             }
         })
         .unwrap();
@@ -147,6 +153,7 @@ fn record(profile: &str, outcome: Outcome) -> AuditRecord<'static> {
         latency_ms: 1.5,
         peer_cert_sha256: None,
         auth: "none".into(),
+        trigger: None,
     }
 }
 
@@ -317,6 +324,209 @@ fn failures_back_off_then_become_dead_letters(b: Backend) {
     assert!(s.remove_dead_letter(d.id).unwrap());
     assert!(!s.remove_dead_letter(d.id).unwrap());
     assert!(s.dead_letter(d.id).unwrap().is_none());
+}
+
+fn failure(kind: &str, status: Option<u16>, at: i64) -> AttemptError {
+    AttemptError {
+        at,
+        attempt: 1,
+        kind: kind.into(),
+        status,
+        message: format!("{kind} {status:?}"),
+    }
+}
+
+/// Claim `dataflow`'s one due row and make it a dead letter whose attempts failed with
+/// `errors` (the last one at its `at`, which is when it is dead-lettered). Returns its id.
+fn dead_letter(s: &dyn Store, dataflow: &str, errors: &[AttemptError]) -> i64 {
+    let now = sallyport::store::now_ms();
+    let (last, earlier) = errors.split_last().unwrap();
+    for (i, e) in earlier.iter().enumerate() {
+        let item = s
+            .claim(dataflow, 1, now + i as i64 * 10_000, LEASE)
+            .unwrap()
+            .remove(0);
+        s.complete(
+            &[Completion::Failed {
+                id: item.id,
+                retry_at: now + (i as i64 + 1) * 10_000,
+                error: e.clone(),
+            }],
+            &[],
+        )
+        .unwrap();
+    }
+    let item = s.claim(dataflow, 1, now + 1_000_000, LEASE).unwrap().remove(0);
+    s.complete(
+        &[Completion::Dead {
+            id: item.id,
+            version: item.version,
+            idempotency_key: format!("key-{}", item.profile.id),
+            payload: b"{}".to_vec(),
+            error: last.clone(),
+        }],
+        &[],
+    )
+    .unwrap();
+    s.dead_letters(Some(dataflow), 100).unwrap().last().unwrap().id
+}
+
+/// A dead letter carries the class of its last attempt (and of a failed replay after); the
+/// store selects by dataflow, class, time and id.
+fn dead_letters_carry_their_class_and_filters_select_in_the_store(b: Backend) {
+    use sallyport::delivery::FailureClass::{self, *};
+    use sallyport::store::DeadLetterFilter;
+    let s = &*b.store;
+    let mut ids = Vec::new();
+    for (i, (df, errors)) in [
+        (
+            DF,
+            vec![
+                failure("http_status", Some(404), NOW - 1),
+                failure("http_status", Some(503), NOW),
+            ],
+        ),
+        (
+            DF,
+            vec![
+                failure("http_status", Some(503), NOW),
+                failure("http_status", Some(404), NOW + 1_000),
+            ],
+        ),
+        (DF, vec![failure("timeout", None, NOW + 2_000)]),
+        (DF, vec![failure("server_certificate", None, NOW + 3_000)]),
+        ("other", vec![failure("http_status", Some(429), NOW + 4_000)]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        ingest_for(s, df, &[realized(&format!("p{i}"), "s1")]);
+        ids.push(dead_letter(s, df, &errors));
+    }
+    let select = |f: DeadLetterFilter| -> Vec<i64> {
+        s.dead_letters_where(&f).unwrap().iter().map(|d| d.id).collect()
+    };
+    let pick = |is: &[usize]| -> Vec<i64> { is.iter().map(|&i| ids[i]).collect() };
+    let all = s.dead_letters_where(&DeadLetterFilter::default()).unwrap();
+    let classes: Vec<FailureClass> = all.iter().map(|d| d.class).collect();
+    assert_eq!(
+        classes,
+        [Unavailable, Refused, Unavailable, Certificate, Unavailable]
+    );
+    let class = |c| DeadLetterFilter {
+        class: Some(c),
+        ..DeadLetterFilter::default()
+    };
+    assert_eq!(select(class(Unavailable)), pick(&[0, 2, 4]));
+    assert_eq!(
+        select(DeadLetterFilter {
+            dataflow: Some(DF.into()),
+            ..class(Unavailable)
+        }),
+        pick(&[0, 2])
+    );
+    assert_eq!(
+        select(DeadLetterFilter {
+            since_ms: Some(NOW + 1_000),
+            ..class(Unavailable)
+        }),
+        pick(&[2, 4])
+    );
+    assert_eq!(
+        select(DeadLetterFilter {
+            since_ms: Some(NOW + 1_000),
+            until_ms: Some(NOW + 3_000),
+            ..DeadLetterFilter::default()
+        }),
+        pick(&[1, 2])
+    );
+    assert_eq!(
+        select(DeadLetterFilter {
+            after_id: Some(ids[1]),
+            limit: 2,
+            ..DeadLetterFilter::default()
+        }),
+        pick(&[2, 3])
+    );
+    assert!(select(class(Policy)).is_empty());
+    // Shown with the class, on the letter and on each attempt's error.
+    let shown = serde_json::to_value(s.dead_letter(ids[1]).unwrap().unwrap()).unwrap();
+    assert_eq!(shown["class"], "refused");
+    assert_eq!(
+        (&shown["errors"][0]["class"], &shown["errors"][1]["class"]),
+        (&json!("unavailable"), &json!("refused"))
+    );
+    // A replay that fails differently moves the letter to that class.
+    s.dead_letter_failed(ids[3], &failure("connect", None, NOW + 5_000))
+        .unwrap();
+    assert!(select(class(Certificate)).is_empty());
+    drop(b.store);
+    let s = (b.reopen)();
+    assert_eq!(s.dead_letter(ids[3]).unwrap().unwrap().class, Unavailable);
+    assert_eq!(s.dead_letters_where(&class(Unavailable)).unwrap().len(), 4);
+}
+
+/// A database whose dead letters were stored before classes were (schema version 2) gets
+/// each one's class from its last error when it is opened by this build.
+#[test]
+fn sqlite_dead_letters_stored_before_classes_get_theirs_on_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let open = || SqliteStore::open(&path, Chain::new(None)).unwrap();
+    let s = open();
+    ingest(&s, &[realized("p1", "s1"), realized("p2", "s1")]);
+    let ids = [
+        dead_letter(&s, DF, &[failure("http_status", Some(400), NOW)]),
+        dead_letter(&s, DF, &[failure("client_cert_rejected", None, NOW)]),
+    ];
+    drop(s);
+    // Back to version 2: no class column, no class indexes.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DROP INDEX dead_letters_by_class; DROP INDEX dead_letters_by_class_any_dataflow;
+         ALTER TABLE dead_letters DROP COLUMN class;
+         UPDATE meta SET value = '2' WHERE key = 'schema_version';",
+    )
+    .unwrap();
+    drop(conn);
+    let s = open();
+    let classes: Vec<_> = ids
+        .iter()
+        .map(|id| s.dead_letter(*id).unwrap().unwrap().class.as_str())
+        .collect();
+    assert_eq!(classes, ["refused", "certificate"]);
+    let refused = sallyport::store::DeadLetterFilter {
+        class: Some(sallyport::delivery::FailureClass::Refused),
+        ..Default::default()
+    };
+    assert_eq!(s.dead_letters_where(&refused).unwrap()[0].id, ids[0]);
+}
+
+/// As the SQLite upgrade above, on PostgreSQL (migration 3).
+#[test]
+fn postgres_dead_letters_stored_before_classes_get_theirs_on_upgrade() {
+    let schema = PgSchema::new();
+    let s = pg_store(&schema, "u", 2).unwrap();
+    ingest(&s, &[realized("p1", "s1"), realized("p2", "s1")]);
+    let ids = [
+        dead_letter(&s, DF, &[failure("http_status", Some(400), NOW)]),
+        dead_letter(&s, DF, &[failure("client_cert_rejected", None, NOW)]),
+    ];
+    drop(s);
+    schema.execute(
+        "ALTER TABLE dead_letters DROP COLUMN class; DELETE FROM schema_migrations WHERE version = 3",
+    );
+    let s = pg_store(&schema, "u", 2).unwrap();
+    let classes: Vec<_> = ids
+        .iter()
+        .map(|id| s.dead_letter(*id).unwrap().unwrap().class.as_str())
+        .collect();
+    assert_eq!(classes, ["refused", "certificate"]);
+    let refused = sallyport::store::DeadLetterFilter {
+        class: Some(sallyport::delivery::FailureClass::Refused),
+        ..Default::default()
+    };
+    assert_eq!(s.dead_letters_where(&refused).unwrap()[0].id, ids[0]);
 }
 
 fn audit_records_chain_and_verify(b: Backend) {
@@ -501,7 +711,7 @@ fn postgres_migrations_are_recorded_and_a_newer_schema_is_refused() {
     drop(open().unwrap());
     drop(open().unwrap()); // a second start applies nothing
     let versions = schema.query_i64("SELECT version FROM schema_migrations ORDER BY version");
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2, 3]);
     schema.execute("INSERT INTO schema_migrations (version) VALUES (999)");
     let err = open().unwrap_err().to_string();
     assert!(err.contains("newer than this build"), "{err}");

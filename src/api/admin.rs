@@ -9,9 +9,11 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::{error_reply, json_reply, read_body, Handler, Reply};
+use crate::audit::ReplayTrigger;
 use crate::config::{Config, Secret};
 use crate::export::engine::EngineError;
 use crate::export::Engine;
+use crate::store::DeadLetterFilter;
 
 /// Largest ingest body accepted in one request.
 pub const MAX_INGEST_BODY: usize = 64 * 1024 * 1024;
@@ -210,10 +212,53 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
                 Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
             }
         }
-        (Method::GET, ["v1", "dead-letters"]) => match engine.store().dead_letters(None, 1000) {
-            Ok(list) => json_reply(StatusCode::OK, &json!({"deadLetters": list})),
-            Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
-        },
+        (Method::GET, ["v1", "dead-letters"]) => {
+            let filter = match FilterParams::from_query(req.uri().query()).and_then(|p| p.filter()) {
+                Ok((filter, _)) => filter,
+                Err(e) => return error_reply(StatusCode::BAD_REQUEST, e),
+            };
+            let store = engine.store();
+            match tokio::task::spawn_blocking(move || store.dead_letters_where(&filter)).await {
+                Ok(Ok(list)) => json_reply(StatusCode::OK, &json!({"deadLetters": list})),
+                Ok(Err(e)) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
+                Err(e) => error_reply(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
+        (Method::POST, ["v1", "dead-letters", "replay"]) => {
+            let query = req.uri().query().map(str::to_owned);
+            let body = match read_body(req.into_body(), 64 * 1024).await {
+                Ok(b) => b,
+                Err(reply) => return reply,
+            };
+            let params = match (query.as_deref().filter(|q| !q.is_empty()), body.is_empty()) {
+                (Some(_), false) => {
+                    return error_reply(
+                        StatusCode::BAD_REQUEST,
+                        "give the filters in the query or in the body, not both",
+                    )
+                }
+                (q, true) => FilterParams::from_query(q),
+                (None, false) => serde_json::from_slice::<FilterParams>(&body)
+                    .map_err(|e| format!("the body is not a dead-letter filter: {e}")),
+            };
+            let (filter, all) = match params.and_then(|p| p.filter()) {
+                Ok(f) => f,
+                Err(e) => return error_reply(StatusCode::BAD_REQUEST, e),
+            };
+            if !all && !filter.selects() {
+                return error_reply(
+                    StatusCode::BAD_REQUEST,
+                    "give filters (dataflow, class, since, until), or all=true to replay every dead letter",
+                );
+            }
+            match engine
+                .replay_dead_letters(&filter, ReplayTrigger::Api, |_, _| {})
+                .await
+            {
+                Ok(summary) => json_reply(StatusCode::OK, &json!(summary)),
+                Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
+        }
         (Method::GET, ["v1", "dead-letters", id]) => {
             match id.parse::<i64>().map(|id| engine.store().dead_letter(id)) {
                 Ok(Ok(Some(d))) => json_reply(StatusCode::OK, &json!(d)),
@@ -234,7 +279,7 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
             let Ok(id) = id.parse::<i64>() else {
                 return error_reply(StatusCode::BAD_REQUEST, "a dead letter id is a number");
             };
-            match engine.replay_dead_letter(id).await {
+            match engine.replay_dead_letter(id, ReplayTrigger::Api).await {
                 Ok(Ok(())) => json_reply(StatusCode::OK, &json!({"id": id, "delivered": true})),
                 Ok(Err(e)) => json_reply(
                     StatusCode::BAD_GATEWAY,
@@ -257,6 +302,97 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
             r
         }
         _ => error_reply(StatusCode::NOT_FOUND, "no such resource"),
+    }
+}
+
+/// Dead letters listed or replayed at once, when the request does not say.
+const DEFAULT_DEAD_LETTER_LIMIT: usize = 1000;
+/// The most a request may ask for.
+const MAX_DEAD_LETTER_LIMIT: usize = 10_000;
+
+/// Dead-letter filters as a request gives them: in the query string
+/// (`?class=unavailable&since=2h&dataflow=crm`) or, for a bulk replay, as a JSON body.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterParams {
+    dataflow: Option<String>,
+    class: Option<String>,
+    /// RFC 3339, or a duration back from now (`10m`, `2h`).
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+    /// Ids above this one only (paging).
+    after: Option<i64>,
+    /// Replay every dead letter (a bulk replay with no filter must say so).
+    all: Option<bool>,
+}
+
+impl FilterParams {
+    fn from_query(query: Option<&str>) -> Result<FilterParams, String> {
+        let mut p = FilterParams::default();
+        for (name, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            let value = value.into_owned();
+            let taken = match name.as_ref() {
+                "dataflow" => p.dataflow.replace(value).is_some(),
+                "class" => p.class.replace(value).is_some(),
+                "since" => p.since.replace(value).is_some(),
+                "until" => p.until.replace(value).is_some(),
+                "limit" => {
+                    let n = value
+                        .parse()
+                        .map_err(|_| format!("limit: '{value}' is not a count"))?;
+                    p.limit.replace(n).is_some()
+                }
+                "after" => {
+                    let n = value
+                        .parse()
+                        .map_err(|_| format!("after: '{value}' is not a dead letter id"))?;
+                    p.after.replace(n).is_some()
+                }
+                "all" => {
+                    let b = value
+                        .parse()
+                        .map_err(|_| format!("all: '{value}' is not true or false"))?;
+                    p.all.replace(b).is_some()
+                }
+                other => {
+                    return Err(format!(
+                        "unknown query parameter '{other}' (expected dataflow, class, since, until, limit, after or all)"
+                    ))
+                }
+            };
+            if taken {
+                return Err(format!("query parameter '{name}' is given twice"));
+            }
+        }
+        Ok(p)
+    }
+
+    /// The store filter, and whether every dead letter was asked for.
+    fn filter(self) -> Result<(DeadLetterFilter, bool), String> {
+        let now = crate::store::now_ms();
+        let time = |name: &str, v: Option<String>| {
+            v.map(|s| crate::store::parse_time_or_ago(&s, now).map_err(|e| format!("{name}: {e}")))
+                .transpose()
+        };
+        let limit = self.limit.unwrap_or(DEFAULT_DEAD_LETTER_LIMIT);
+        if limit == 0 || limit > MAX_DEAD_LETTER_LIMIT {
+            return Err(format!(
+                "limit: {limit} is not between 1 and {MAX_DEAD_LETTER_LIMIT}"
+            ));
+        }
+        let filter = DeadLetterFilter {
+            dataflow: self.dataflow,
+            class: self
+                .class
+                .map(|c| c.parse().map_err(|e| format!("class: {e}")))
+                .transpose()?,
+            since_ms: time("since", self.since)?,
+            until_ms: time("until", self.until)?,
+            after_id: self.after,
+            limit,
+        };
+        Ok((filter, self.all.unwrap_or(false)))
     }
 }
 

@@ -492,6 +492,7 @@ mod tests {
             latency_ms: 0.5,
             peer_cert_sha256: None,
             auth: "none".into(),
+            trigger: None,
         }
     }
 

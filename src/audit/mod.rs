@@ -82,6 +82,31 @@ pub struct AuditRecord<'a> {
     pub peer_cert_sha256: Option<Cow<'a, str>>,
     /// The auth kind used (`none`, `bearer`, …), never the credential.
     pub auth: Cow<'a, str>,
+    /// What started an attempt made outside the delivery loop ([`ReplayTrigger`]: an
+    /// operator's replay from the CLI or the admin API). Absent from every other record, and
+    /// from records written before it existed: their canonical JSON, and so the chain, is
+    /// unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Cow<'a, str>>,
+}
+
+/// Who asked for a dead letter's replay, as its audit record names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayTrigger {
+    /// `sallyport dlq replay`.
+    Cli,
+    /// The admin API (`POST /v1/dead-letters/…/replay`).
+    Api,
+}
+
+impl ReplayTrigger {
+    /// The name in audit records' `trigger`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplayTrigger::Cli => "replay:cli",
+            ReplayTrigger::Api => "replay:api",
+        }
+    }
 }
 
 /// A record as stored: its place in the chain.
@@ -303,6 +328,7 @@ mod tests {
             latency_ms: 1.0,
             peer_cert_sha256: None,
             auth: "none".into(),
+            trigger: None,
         }
     }
 
@@ -356,6 +382,31 @@ mod tests {
         assert!(text.contains(r#""errorKind":"client_cert_rejected""#), "{text}");
         let back: AuditRecord<'_> = serde_json::from_str(&text).expect("parses");
         assert_eq!(back, owned);
+    }
+
+    #[test]
+    fn a_trigger_is_written_only_when_set_so_chains_from_before_it_still_verify() {
+        let c = Chain::new(Some(b"audit-key-0123456789abcdef"));
+        let mut records = chain(&c, 2);
+        assert!(
+            records.iter().all(|r| !r.record.contains("trigger")),
+            "absent when None"
+        );
+        let replay = AuditRecord {
+            outcome: Outcome::ReplayDelivered,
+            trigger: Some(ReplayTrigger::Api.as_str().into()),
+            ..rec(3)
+        };
+        let last = records[1].clone();
+        records.push(c.link(last.seq, &last.hash, &replay));
+        assert!(
+            records[2].record.contains(r#""trigger":"replay:api""#),
+            "{}",
+            records[2].record
+        );
+        assert_eq!(verify(&records, &c), Ok(3));
+        let back: AuditRecord<'_> = serde_json::from_str(&records[2].record).expect("parses");
+        assert_eq!(back, replay);
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use super::send;
+use crate::delivery::FailureClass;
+use crate::store::DeadLetterFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -76,40 +78,85 @@ pub enum AuditCommand {
     },
 }
 
-/// Which dead letters a command acts on.
+/// Conditions on dead letters (each one given must hold).
 #[derive(Debug, Args)]
-pub struct DlqSelection {
-    /// Dead letter ids; none with --all.
-    pub ids: Vec<i64>,
-    /// Every dead letter (of --dataflow when given).
-    #[arg(long)]
-    pub all: bool,
+pub struct DlqFilterArgs {
+    /// Only this dataflow's.
     #[arg(long)]
     pub dataflow: Option<String>,
+    /// Only this failure class's (of the last attempt): refused, unavailable, certificate,
+    /// policy or internal.
+    #[arg(long, value_parser = parse_class)]
+    pub class: Option<FailureClass>,
+    /// Only those dead-lettered at or after this time: RFC 3339 (2026-12-04T10:00:00Z) or a
+    /// duration back from now (10m, 2h, 1d).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<i64>,
+    /// Only those dead-lettered before this time (as --since).
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<i64>,
+}
+
+impl DlqFilterArgs {
+    /// Whether any condition is given.
+    pub fn any(&self) -> bool {
+        self.dataflow.is_some() || self.class.is_some() || self.since.is_some() || self.until.is_some()
+    }
+
+    /// The store filter for these conditions, at most `limit` letters.
+    pub fn filter(self, limit: usize) -> DeadLetterFilter {
+        DeadLetterFilter {
+            dataflow: self.dataflow,
+            class: self.class,
+            since_ms: self.since,
+            until_ms: self.until,
+            after_id: None,
+            limit,
+        }
+    }
+}
+
+fn parse_class(s: &str) -> Result<FailureClass, String> {
+    s.parse()
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    crate::store::parse_time_or_ago(s, crate::store::now_ms())
+}
+
+/// Which dead letters a command acts on: ids, or every one the filters (or --all) select.
+#[derive(Debug, Args)]
+pub struct DlqSelection {
+    /// Dead letter ids; none with --all or filters.
+    pub ids: Vec<i64>,
+    /// Every dead letter (that the filters select, when given).
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub filter: DlqFilterArgs,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// List dead letters (oldest first).
+    /// List dead letters (oldest first), with the failure class of each one's last attempt.
     List {
         #[arg(long, short, default_value = "config/sallyport.toml")]
         config: PathBuf,
-        /// Only this dataflow's.
-        #[arg(long)]
-        dataflow: Option<String>,
+        #[command(flatten)]
+        filter: DlqFilterArgs,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
         #[arg(long)]
         json: bool,
     },
-    /// Show one dead letter with every attempt's error (never the payload).
+    /// Show one dead letter with every attempt's error and class (never the payload).
     Show {
         #[arg(long, short, default_value = "config/sallyport.toml")]
         config: PathBuf,
         id: i64,
     },
-    /// Re-send dead letters with their original idempotency keys.
+    /// Re-send dead letters with their original idempotency keys (audited as replay:cli).
     Replay {
         #[arg(long, short, default_value = "config/sallyport.toml")]
         config: PathBuf,

@@ -22,7 +22,7 @@ use crate::config::Config;
 
 pub use args::{
     AuditCommand, CertCommand, CertFetchArgs, Cli, Command, ConfigArg, ConfigCommand, DemoArgs, DlqCommand,
-    DlqSelection, IngestArgs, PkiCommand, TargetArgs, VerifyArgs,
+    DlqFilterArgs, DlqSelection, IngestArgs, PkiCommand, TargetArgs, VerifyArgs,
 };
 
 /// Exit code for usage and configuration errors.

@@ -261,6 +261,7 @@ impl crate::audit::writer::Record for Attempt {
             latency_ms: self.latency_ms,
             peer_cert_sha256: peer_cert_sha256.map(Cow::Borrowed),
             auth: text(self.auth),
+            trigger: None,
         }
     }
 }

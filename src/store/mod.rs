@@ -15,6 +15,7 @@ pub mod sqlite;
 use std::collections::HashMap;
 
 use crate::audit::{AuditRecord, Chain, ChainedRecord};
+use crate::delivery::FailureClass;
 use crate::profile::state::Profile;
 use crate::profile::trigger::Reasons;
 use crate::profile::update::ProfileUpdate;
@@ -89,6 +90,22 @@ pub struct AttemptError {
     pub kind: String,
     pub status: Option<u16>,
     pub message: String,
+}
+
+/// An attempt error as shown (`dlq show`, the admin API): with its failure class.
+#[derive(serde::Serialize)]
+struct ShownAttemptError<'a> {
+    #[serde(flatten)]
+    error: &'a AttemptError,
+    class: FailureClass,
+}
+
+/// Attempt errors serialised with their class (stored histories keep the plain form).
+fn errors_with_class<S: serde::Serializer>(errors: &[AttemptError], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(errors.iter().map(|error| ShownAttemptError {
+        error,
+        class: error.class(),
+    }))
 }
 
 impl AttemptError {
@@ -194,9 +211,122 @@ pub struct DeadLetter {
     pub payload: Vec<u8>,
     pub payload_bytes: usize,
     pub attempts: u32,
+    /// The class of its last attempt's failure.
+    pub class: FailureClass,
+    #[serde(serialize_with = "errors_with_class")]
     pub errors: Vec<AttemptError>,
     /// UNIX ms.
     pub created_at: i64,
+}
+
+impl DeadLetter {
+    /// The class a stored row carries, or, when it has none (written before classes were
+    /// stored), that of its last error.
+    fn stored_class(class: Option<&str>, errors: &[AttemptError]) -> Result<FailureClass, StoreError> {
+        match class {
+            Some(c) => c
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("dead letter class '{c}'"))),
+            None => Ok(errors.last().map_or(FailureClass::Internal, AttemptError::class)),
+        }
+    }
+}
+
+/// Which dead letters to list (and so replay or purge): every given condition holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    pub dataflow: Option<String>,
+    pub class: Option<FailureClass>,
+    /// Created at or after (UNIX ms).
+    pub since_ms: Option<i64>,
+    /// Created before (UNIX ms).
+    pub until_ms: Option<i64>,
+    /// Ids above this one only (to page through a list).
+    pub after_id: Option<i64>,
+    /// At most this many, oldest first (100 by default).
+    pub limit: usize,
+}
+
+impl Default for DeadLetterFilter {
+    fn default() -> Self {
+        DeadLetterFilter {
+            dataflow: None,
+            class: None,
+            since_ms: None,
+            until_ms: None,
+            after_id: None,
+            limit: 100,
+        }
+    }
+}
+
+impl DeadLetterFilter {
+    /// Whether any condition other than the limit is set.
+    pub fn selects(&self) -> bool {
+        self.dataflow.is_some()
+            || self.class.is_some()
+            || self.since_ms.is_some()
+            || self.until_ms.is_some()
+            || self.after_id.is_some()
+    }
+
+    /// The limit as SQL takes it.
+    fn sql_limit(&self) -> i64 {
+        i64::try_from(self.limit).unwrap_or(i64::MAX)
+    }
+
+    /// The conditions as SQL (`WHERE …`, or nothing) with placeholders `{mark}1`, `{mark}2`, …
+    /// (`?` for SQLite, `$` for PostgreSQL), and the values they stand for, in order. Only the
+    /// conditions given are written, so the database can use an index for each.
+    fn sql_where(&self, mark: char) -> (String, Vec<SqlValue>) {
+        let mut conditions: Vec<String> = Vec::new();
+        let mut values = Vec::new();
+        let mut add = |condition: &str, value: SqlValue| {
+            values.push(value);
+            conditions.push(format!("{condition} {mark}{}", values.len()));
+        };
+        if let Some(d) = &self.dataflow {
+            add("dataflow =", SqlValue::Text(d.clone()));
+        }
+        if let Some(c) = self.class {
+            add("class =", SqlValue::Text(c.as_str().to_owned()));
+        }
+        if let Some(t) = self.since_ms {
+            add("created_at >=", SqlValue::Int(t));
+        }
+        if let Some(t) = self.until_ms {
+            add("created_at <", SqlValue::Int(t));
+        }
+        if let Some(id) = self.after_id {
+            add("id >", SqlValue::Int(id));
+        }
+        let clause = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        (clause, values)
+    }
+}
+
+/// A value bound to a filter's placeholder.
+enum SqlValue {
+    Text(String),
+    Int(i64),
+}
+
+/// A point in time given as RFC 3339 (`2026-12-04T10:00:00Z`) or as a duration back from
+/// `now_ms` (`10m`, `2h`, `1d`): UNIX ms.
+pub fn parse_time_or_ago(s: &str, now_ms: i64) -> Result<i64, String> {
+    if let Some(t) = crate::profile::update::rfc3339_to_unix_ms(s.trim()) {
+        return Ok(t);
+    }
+    match crate::config::parse_duration(s) {
+        Ok(d) => Ok(now_ms.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))),
+        Err(_) => Err(format!(
+            "'{s}' is neither an RFC 3339 time (2026-12-04T10:00:00Z) nor a duration back from now (10m, 2h)"
+        )),
+    }
 }
 
 /// The decision for one update: which dataflows to enqueue the profile for, and why.
@@ -272,7 +402,16 @@ pub trait Store: Send + Sync + 'static {
     fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError>;
 
     /// Dead letters, oldest first (one dataflow's when given).
-    fn dead_letters(&self, dataflow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+    fn dead_letters(&self, dataflow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.dead_letters_where(&DeadLetterFilter {
+            dataflow: dataflow.map(str::to_owned),
+            limit,
+            ..DeadLetterFilter::default()
+        })
+    }
+
+    /// Dead letters that match `filter`, oldest first (selected by the database).
+    fn dead_letters_where(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError>;
 
     /// One dead letter.
     fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError>;
@@ -280,7 +419,7 @@ pub trait Store: Send + Sync + 'static {
     /// Remove a dead letter (replayed or purged). Returns whether it existed.
     fn remove_dead_letter(&self, id: i64) -> Result<bool, StoreError>;
 
-    /// Record a failed replay attempt on a dead letter.
+    /// Record a failed replay attempt on a dead letter (its class becomes that attempt's).
     fn dead_letter_failed(&self, id: i64, error: &AttemptError) -> Result<(), StoreError>;
 
     /// Every paused dataflow.

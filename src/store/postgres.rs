@@ -31,7 +31,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 
 use super::{
-    AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Pause, PauseReason, Store, StoreError,
+    AttemptError, Completion, DeadLetter, DeadLetterFilter, Enqueues, OutboxItem, Pause, PauseReason,
+    SqlValue, Store, StoreError,
 };
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
 use crate::profile::state::{Membership, Profile};
@@ -120,7 +121,21 @@ CREATE TABLE dataflow_pauses (
 );
 ",
     ),
+    // Dead letters carry the failure class of their last attempt; rows already stored get
+    // theirs from their last error right after (`fill_dead_letter_classes`).
+    (
+        3,
+        "
+ALTER TABLE dead_letters ADD COLUMN class TEXT;
+CREATE INDEX dead_letters_by_class ON dead_letters (dataflow, class, created_at);
+CREATE INDEX dead_letters_by_class_any_dataflow ON dead_letters (class, created_at);
+",
+    ),
 ];
+
+/// The columns a dead letter is read from, in [`dead_letter`]'s order.
+const DEAD_LETTER_COLUMNS: &str =
+    "id, dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at, class";
 
 /// Advisory lock key that serialises migrations across instances starting together.
 const MIGRATION_LOCK: i64 = 0x5a11_9027;
@@ -440,6 +455,9 @@ impl PgStore {
             }
             for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
                 tx.tx_batch(sql)?;
+                if *version == 3 {
+                    fill_dead_letter_classes(tx)?;
+                }
                 tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version])?;
             }
             Ok(())
@@ -556,6 +574,9 @@ fn dead_letter(r: &Row) -> Result<DeadLetter, StoreError> {
     let payload: Vec<u8> = r.get(4);
     let errors: String = r.get(6);
     let attempts: i32 = r.get(5);
+    let class: Option<String> = r.get(8);
+    let errors: Vec<AttemptError> =
+        serde_json::from_str(&errors).map_err(|e| StoreError::Corrupt(format!("dead letter errors: {e}")))?;
     Ok(DeadLetter {
         id: r.get(0),
         dataflow: r.get(1),
@@ -564,10 +585,28 @@ fn dead_letter(r: &Row) -> Result<DeadLetter, StoreError> {
         payload_bytes: payload.len(),
         payload,
         attempts: attempts.max(0) as u32,
-        errors: serde_json::from_str(&errors)
-            .map_err(|e| StoreError::Corrupt(format!("dead letter errors: {e}")))?,
+        class: DeadLetter::stored_class(class.as_deref(), &errors)?,
+        errors,
         created_at: r.get(7),
     })
+}
+
+/// Give every dead letter stored without a class the class of its last error (the mapping of
+/// kind and status to class lives in Rust, [`AttemptError::class`], not in SQL).
+fn fill_dead_letter_classes(tx: &mut Tx<'_, '_>) -> Result<(), StoreError> {
+    let rows = tx.query("SELECT id, errors FROM dead_letters WHERE class IS NULL", &[])?;
+    let (mut ids, mut classes) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+    for r in rows {
+        let errors: Vec<AttemptError> = serde_json::from_str(r.get::<_, &str>(1)).unwrap_or_default();
+        ids.push(r.get::<_, i64>(0));
+        classes.push(DeadLetter::stored_class(None, &errors)?.as_str());
+    }
+    tx.execute(
+        "UPDATE dead_letters d SET class = c.class FROM unnest($1::int8[], $2::text[]) AS c(id, class)
+         WHERE d.id = c.id",
+        &[&ids, &classes],
+    )?;
+    Ok(())
 }
 
 impl Store for PgStore {
@@ -799,11 +838,19 @@ impl Store for PgStore {
                         error,
                     } => {
                         tx.execute(
-                            "INSERT INTO dead_letters (dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at)
+                            "INSERT INTO dead_letters (dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at, class)
                              SELECT dataflow, profile_id, $2, $3, attempts + 1,
-                               (errors::jsonb || jsonb_build_array($4::text::jsonb))::text, $5
+                               (errors::jsonb || jsonb_build_array($4::text::jsonb))::text, $5, $7
                              FROM outbox WHERE id = $1 AND lease_owner = $6",
-                            &[id, idempotency_key, payload, &to_json(error)?, &error.at, &self.chain_id],
+                            &[
+                                id,
+                                idempotency_key,
+                                payload,
+                                &to_json(error)?,
+                                &error.at,
+                                &self.chain_id,
+                                &error.class().as_str(),
+                            ],
                         )?;
                         let n = tx.execute(
                             "DELETE FROM outbox WHERE id = $1 AND version = $2 AND lease_owner = $3",
@@ -909,24 +956,34 @@ impl Store for PgStore {
         self.transaction(|tx| Ok(load_profiles(tx, &ids, false)?.remove(id)))
     }
 
-    fn dead_letters(&self, dataflow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let limit = limit as i64;
-        self.transaction(|tx| {
-            tx.query(
-                "SELECT id, dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at
-                 FROM dead_letters WHERE $1::text IS NULL OR dataflow = $1 ORDER BY id LIMIT $2",
-                &[&dataflow, &limit],
-            )?
+    fn dead_letters_where(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
+        let (clause, values) = filter.sql_where('$');
+        let sql = format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters {clause} ORDER BY id LIMIT ${}",
+            values.len() + 1
+        );
+        let limit = filter.sql_limit();
+        let mut params: Vec<&(dyn ToSql + Sync)> = values
             .iter()
-            .map(dead_letter)
-            .collect()
+            .map(|v| match v {
+                SqlValue::Text(t) => t as &(dyn ToSql + Sync),
+                SqlValue::Int(i) => i as &(dyn ToSql + Sync),
+            })
+            .collect();
+        params.push(&limit);
+        self.transaction(|tx| {
+            // Prepared afresh: the statement depends on which conditions are given.
+            wait(tx.tx.query(sql.as_str(), &params))?
+                .iter()
+                .map(dead_letter)
+                .collect()
         })
     }
 
     fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
         self.transaction(|tx| {
             tx.query(
-                "SELECT id, dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at
+                "SELECT id, dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at, class
                  FROM dead_letters WHERE id = $1",
                 &[&id],
             )?
@@ -941,13 +998,14 @@ impl Store for PgStore {
     }
 
     fn dead_letter_failed(&self, id: i64, error: &AttemptError) -> Result<(), StoreError> {
+        let class = error.class().as_str();
         let error = to_json(error)?;
         self.transaction(|tx| {
             tx.execute(
                 "UPDATE dead_letters SET attempts = attempts + 1,
-                   errors = (errors::jsonb || jsonb_build_array($2::text::jsonb))::text
+                   errors = (errors::jsonb || jsonb_build_array($2::text::jsonb))::text, class = $3
                  WHERE id = $1",
-                &[&id, &error],
+                &[&id, &error, &class],
             )?;
             Ok(())
         })

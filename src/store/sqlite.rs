@@ -17,7 +17,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
 use super::{
-    AttemptError, Completion, DeadLetter, Enqueues, OutboxItem, Pause, PauseReason, Store, StoreError,
+    AttemptError, Completion, DeadLetter, DeadLetterFilter, Enqueues, OutboxItem, Pause, PauseReason,
+    SqlValue, Store, StoreError,
 };
 use crate::audit::{AuditRecord, Chain, ChainedRecord, GENESIS};
 use crate::profile::state::{Membership, Profile};
@@ -27,9 +28,10 @@ use crate::profile::MappedSegment;
 
 /// Changes after the first schema (version 1, [`SCHEMA`]), applied in order on open; the
 /// version reached is kept in `meta.schema_version`.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    2,
-    "CREATE TABLE IF NOT EXISTS dataflow_pauses (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        2,
+        "CREATE TABLE IF NOT EXISTS dataflow_pauses (
        dataflow TEXT PRIMARY KEY,
        reason TEXT NOT NULL,
        class TEXT,
@@ -38,7 +40,20 @@ const MIGRATIONS: &[(i64, &str)] = &[(
        probe_at INTEGER NOT NULL,
        probe_interval_ms INTEGER NOT NULL
      );",
-)];
+    ),
+    // Dead letters carry the failure class of their last attempt; rows already stored get
+    // theirs from their last error right after (`fill_dead_letter_classes`).
+    (
+        3,
+        "ALTER TABLE dead_letters ADD COLUMN class TEXT;
+     CREATE INDEX IF NOT EXISTS dead_letters_by_class ON dead_letters (dataflow, class, created_at);
+     CREATE INDEX IF NOT EXISTS dead_letters_by_class_any_dataflow ON dead_letters (class, created_at);",
+    ),
+];
+
+/// The columns a dead letter is read from, in [`dead_letter_row`]'s order.
+const DEAD_LETTER_COLUMNS: &str =
+    "id, dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at, class";
 
 /// The one audit chain of the embedded store (one gateway process writes it).
 const CHAIN: &str = "local";
@@ -160,6 +175,9 @@ impl SqliteStore {
             let tx = conn.transaction()?;
             for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
                 tx.execute_batch(sql)?;
+                if *v == 3 {
+                    fill_dead_letter_classes(&tx)?;
+                }
                 tracing::debug!(version = v, "store schema migrated");
             }
             tx.execute(
@@ -241,10 +259,17 @@ impl SqliteStore {
                 } => {
                     let errors = with_error(tx, *id, error)?;
                     tx.prepare_cached(
-                        "INSERT INTO dead_letters (dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at)
-                         SELECT dataflow, profile_id, ?2, ?3, attempts + 1, ?4, ?5 FROM outbox WHERE id = ?1",
+                        "INSERT INTO dead_letters (dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at, class)
+                         SELECT dataflow, profile_id, ?2, ?3, attempts + 1, ?4, ?5, ?6 FROM outbox WHERE id = ?1",
                     )?
-                    .execute(params![id, idempotency_key, payload, errors, error.at])?;
+                    .execute(params![
+                        id,
+                        idempotency_key,
+                        payload,
+                        errors,
+                        error.at,
+                        error.class().as_str()
+                    ])?;
                     // The history went with the dead letter.
                     sent_version_done(
                         tx,
@@ -261,6 +286,23 @@ impl SqliteStore {
     fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<i64, i64>> {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Give every dead letter stored without a class the class of its last error (the mapping of
+/// kind and status to class lives in Rust, [`AttemptError::class`], not in SQL).
+fn fill_dead_letter_classes(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let rows: Vec<(i64, String)> = {
+        let mut stmt = tx.prepare("SELECT id, errors FROM dead_letters WHERE class IS NULL")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut update = tx.prepare("UPDATE dead_letters SET class = ?2 WHERE id = ?1")?;
+    for (id, errors) in rows {
+        let errors: Vec<AttemptError> = serde_json::from_str(&errors).unwrap_or_default();
+        let class = DeadLetter::stored_class(None, &errors)?;
+        update.execute(params![id, class.as_str()])?;
+    }
+    Ok(())
 }
 
 /// The `version` sent from row `id` is finished: remove the row, or, when it changed while in
@@ -486,6 +528,15 @@ type DeadLetterRow = Result<DeadLetter, StoreError>;
 fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterRow> {
     let payload: Vec<u8> = r.get(4)?;
     let errors: String = r.get(6)?;
+    let class: Option<String> = r.get(8)?;
+    let errors: Vec<AttemptError> = match serde_json::from_str(&errors) {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(StoreError::Corrupt(format!("dead letter errors: {e}")))),
+    };
+    let class = match DeadLetter::stored_class(class.as_deref(), &errors) {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
     Ok(Ok(DeadLetter {
         id: r.get(0)?,
         dataflow: r.get(1)?,
@@ -494,10 +545,8 @@ fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterRow> {
         payload_bytes: payload.len(),
         payload,
         attempts: r.get(5)?,
-        errors: match serde_json::from_str(&errors) {
-            Ok(e) => e,
-            Err(e) => return Ok(Err(StoreError::Corrupt(format!("dead letter errors: {e}")))),
-        },
+        class,
+        errors,
         created_at: r.get(7)?,
     }))
 }
@@ -772,22 +821,31 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    fn dead_letters(&self, dataflow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    fn dead_letters_where(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
+        let (clause, values) = filter.sql_where('?');
+        let sql = format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters {clause} ORDER BY id LIMIT ?{}",
+            values.len() + 1
+        );
+        let mut bound: Vec<rusqlite::types::Value> = values
+            .into_iter()
+            .map(|v| match v {
+                SqlValue::Text(t) => rusqlite::types::Value::Text(t),
+                SqlValue::Int(i) => rusqlite::types::Value::Integer(i),
+            })
+            .collect();
+        bound.push(rusqlite::types::Value::Integer(filter.sql_limit()));
         let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at FROM dead_letters
-             WHERE ?1 IS NULL OR dataflow = ?1 ORDER BY id LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![dataflow, limit as i64], dead_letter_row)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(bound), dead_letter_row)?;
         rows.map(|r| r?).collect()
     }
 
     fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at FROM dead_letters
-             WHERE id = ?1",
-        )?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?1"
+        ))?;
         let row = stmt.query_row([id], dead_letter_row).optional()?;
         row.transpose()
     }
@@ -897,10 +955,11 @@ impl Store for SqliteStore {
         let mut errors: Vec<AttemptError> = serde_json::from_str(&existing).unwrap_or_default();
         errors.push(error.clone());
         tx.execute(
-            "UPDATE dead_letters SET attempts = attempts + 1, errors = ?2 WHERE id = ?1",
+            "UPDATE dead_letters SET attempts = attempts + 1, errors = ?2, class = ?3 WHERE id = ?1",
             params![
                 id,
-                serde_json::to_string(&errors).map_err(|e| StoreError::Corrupt(e.to_string()))?
+                serde_json::to_string(&errors).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                error.class().as_str()
             ],
         )?;
         tx.commit()?;

@@ -259,6 +259,7 @@ impl Flow {
             latency_ms: sent.latency_ms,
             peer_cert_sha256: peer_cert_sha256.map(Into::into),
             auth: self.client.auth_kind().into(),
+            trigger: None,
         }
     }
 }

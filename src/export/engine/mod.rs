@@ -23,11 +23,11 @@ use serde::Serialize;
 
 use super::spec::Catalog;
 use super::trigger::evaluate;
-use crate::audit::Outcome;
+use crate::audit::{Outcome, ReplayTrigger};
 use crate::config::Config;
 use crate::delivery::Core;
 use crate::profile::update::{parse_ndjson, LineError};
-use crate::store::{self, AttemptError, Store, StoreError};
+use crate::store::{self, AttemptError, DeadLetterFilter, Store, StoreError};
 
 pub use attempt::idempotency_key;
 use attempt::{attempt_error, Flow};
@@ -121,6 +121,31 @@ pub struct DeliveryStats {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+}
+
+/// How one dead letter's replay went, in a bulk replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// Delivered: the dead letter is gone.
+    Delivered,
+    /// Failed again: it stays, with this attempt added.
+    Failed(AttemptError),
+    /// Not replayed: purged (or replayed by someone else) meanwhile.
+    Gone,
+    /// Not replayed: its dataflow is not configured any more.
+    NoDataflow(String),
+}
+
+/// The counts of a bulk replay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplaySummary {
+    /// Dead letters sent again.
+    pub replayed: usize,
+    pub delivered: usize,
+    pub failed: usize,
+    /// Selected but not sent (gone meanwhile, or their dataflow is not configured).
+    pub skipped: usize,
 }
 
 /// The export engine. Cheap to clone.
@@ -277,8 +302,13 @@ impl Engine {
     }
 
     /// Re-send a dead letter with its original idempotency key (fresh signature timestamp).
-    /// Delivered → removed; failed → the attempt is added to its history.
-    pub async fn replay_dead_letter(&self, id: i64) -> Result<Result<(), AttemptError>, EngineError> {
+    /// Delivered → removed; failed → the attempt is added to its history (and its class
+    /// becomes that attempt's). The audit record names `trigger`.
+    pub async fn replay_dead_letter(
+        &self,
+        id: i64,
+        trigger: ReplayTrigger,
+    ) -> Result<Result<(), AttemptError>, EngineError> {
         let s = self.inner.store.clone();
         let dl = blocking(move || s.dead_letter(id))
             .await?
@@ -301,7 +331,7 @@ impl Engine {
         } else {
             Outcome::ReplayFailed
         };
-        let audit = flow.audit_record(
+        let mut audit = flow.audit_record(
             &dl.profile_id,
             &dl.idempotency_key,
             &body,
@@ -309,6 +339,7 @@ impl Engine {
             outcome,
             &sent,
         );
+        audit.trigger = Some(trigger.as_str().into());
         let a = s.clone();
         blocking(move || a.append_audit(&[audit])).await?;
         match sent.result {
@@ -323,6 +354,66 @@ impl Engine {
                 Ok(Err(record))
             }
         }
+    }
+
+    /// Replay every dead letter `filter` selects (at most `filter.limit`), oldest first, one
+    /// at a time, calling `each` after each one. Letters are read from the store a page at a
+    /// time, so a long dead-letter queue is never loaded whole. A letter purged meanwhile or
+    /// whose dataflow is gone is skipped; a store failure stops the run.
+    pub async fn replay_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        trigger: ReplayTrigger,
+        mut each: impl FnMut(i64, &Replayed),
+    ) -> Result<ReplaySummary, EngineError> {
+        const PAGE: usize = 100;
+        let mut summary = ReplaySummary::default();
+        let mut page = DeadLetterFilter {
+            limit: PAGE,
+            ..filter.clone()
+        };
+        loop {
+            let left = filter.limit.saturating_sub(summary.replayed + summary.skipped);
+            if left == 0 {
+                break;
+            }
+            page.limit = left.min(PAGE);
+            let s = self.inner.store.clone();
+            let q = page.clone();
+            let ids: Vec<i64> = blocking(move || s.dead_letters_where(&q))
+                .await?
+                .iter()
+                .map(|d| d.id)
+                .collect();
+            let Some(last) = ids.last() else { break };
+            // Failed replays stay dead letters: go on after this page, not from the start.
+            page.after_id = Some(*last);
+            for id in ids {
+                let replayed = match self.replay_dead_letter(id, trigger).await {
+                    Ok(Ok(())) => {
+                        summary.replayed += 1;
+                        summary.delivered += 1;
+                        Replayed::Delivered
+                    }
+                    Ok(Err(e)) => {
+                        summary.replayed += 1;
+                        summary.failed += 1;
+                        Replayed::Failed(e)
+                    }
+                    Err(EngineError::NoDeadLetter(_)) => {
+                        summary.skipped += 1;
+                        Replayed::Gone
+                    }
+                    Err(EngineError::NoDataflow { dataflow, .. }) => {
+                        summary.skipped += 1;
+                        Replayed::NoDataflow(dataflow)
+                    }
+                    Err(e) => return Err(e),
+                };
+                each(id, &replayed);
+            }
+        }
+        Ok(summary)
     }
 
     /// The gateway's client identities, for the public endpoints and the reload watcher.
