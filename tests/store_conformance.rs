@@ -11,7 +11,7 @@ use std::sync::Arc;
 use sallyport::audit::{AuditRecord, Chain, Outcome};
 use sallyport::profile::trigger::{Reasons, Trigger};
 use sallyport::profile::update::{parse_line, SegmentStatus};
-use sallyport::store::{AttemptError, Completion, PgStore, SqliteStore, Store};
+use sallyport::store::{AttemptError, Completion, Pause, PauseReason, PgStore, SqliteStore, Store};
 use serde_json::json;
 use support::pg::PgSchema;
 
@@ -84,6 +84,8 @@ conformance!(
     state_survives_reopening,
     a_claimed_identity_map_is_sent_as_its_canonical_json,
     dead_letters_carry_their_class_and_filters_select_in_the_store,
+    pauses_are_stored_and_an_operators_pause_stands_over_the_breakers,
+    a_requeued_row_keeps_its_attempts_and_is_due_again,
 );
 
 /// Apply NDJSON lines; every update with a segment event or attributes enqueues for `DF`.
@@ -621,6 +623,76 @@ fn state_survives_reopening(b: Backend) {
         .map(|c| s.audit_chain_records(c, 0, 100).unwrap().len())
         .sum();
     assert_eq!(total, 1);
+}
+
+fn pause(reason: PauseReason, since: i64) -> Pause {
+    Pause {
+        dataflow: DF.into(),
+        reason,
+        class: (reason == PauseReason::Breaker).then(|| "unavailable".into()),
+        message: "m".into(),
+        since,
+        probe_at: since + 1000,
+        probe_interval_ms: 1000,
+    }
+}
+
+fn pauses_are_stored_and_an_operators_pause_stands_over_the_breakers(b: Backend) {
+    let s = &*b.store;
+    assert!(s.pauses().unwrap().is_empty());
+    // The breaker pauses; a later probe moves its next probe but keeps when it began.
+    assert!(s.pause(&pause(PauseReason::Breaker, 10)).unwrap());
+    let mut later = pause(PauseReason::Breaker, 99);
+    later.probe_at = 5000;
+    assert!(s.pause(&later).unwrap());
+    let stored = s.pauses().unwrap();
+    assert_eq!((stored[0].since, stored[0].probe_at), (10, 5000));
+    // An operator's pause replaces it; the breaker can then neither replace nor end it.
+    assert!(s.pause(&pause(PauseReason::Manual, 20)).unwrap());
+    assert!(!s.pause(&pause(PauseReason::Breaker, 30)).unwrap());
+    assert!(
+        !s.resume(DF, true).unwrap(),
+        "a probe does not end an operator's pause"
+    );
+    let stored = s.pauses().unwrap();
+    assert_eq!((stored[0].reason, stored[0].since), (PauseReason::Manual, 20));
+    // It outlives the process; the operator ends it.
+    drop(b.store);
+    let s = (b.reopen)();
+    assert_eq!(s.pauses().unwrap().len(), 1);
+    assert!(s.resume(DF, false).unwrap());
+    assert!(!s.resume(DF, false).unwrap());
+    assert!(s.pauses().unwrap().is_empty());
+}
+
+fn a_requeued_row_keeps_its_attempts_and_is_due_again(b: Backend) {
+    let s = &*b.store;
+    ingest(s, &[realized("p1", "s1")]);
+    let now = sallyport::store::now_ms();
+    let item = s.claim(DF, 1, now, LEASE).unwrap().remove(0);
+    s.complete(
+        &[Completion::Failed {
+            id: item.id,
+            retry_at: now,
+            error: error(1),
+        }],
+        &[],
+    )
+    .unwrap();
+    let item = s.claim(DF, 1, now, LEASE).unwrap().remove(0);
+    assert_eq!(item.attempts, 1);
+    // Handed back while paused: not an attempt, and due at the time given.
+    s.complete(
+        &[Completion::Requeue {
+            id: item.id,
+            retry_at: now + 500,
+        }],
+        &[],
+    )
+    .unwrap();
+    assert!(s.claim(DF, 1, now, LEASE).unwrap().is_empty(), "not due yet");
+    let again = s.claim(DF, 1, now + 500, LEASE).unwrap();
+    assert_eq!((again.len(), again[0].attempts), (1, 1));
 }
 
 /// Two PostgreSQL stores on one schema (two gateway instances): concurrent claims never hand
