@@ -146,10 +146,12 @@ pre = max((p for t, p, s in samples if t < rx_stopped_at and p is not None), def
 peak = max((p for t, p, s in samples if p is not None), default=0)
 paused = [t for t, p, s in samples if s == "paused"]
 backlog_done = next((t for t, p, s in samples if t > rx_back_at and p is not None and p <= max(pre, BATCH)), None)
-# The backlog's drain rate: what was queued at the return, plus what came in meanwhile.
-at_return = next((p for t, p, s in samples if t >= rx_back_at and p is not None), 0)
+# The drain rate once resumed: what was queued then, plus what came in until it was down.
+resumed_at = next((t for t, p, s in samples if t > rx_back_at and s == "running"), None)
+at_resume = next((p for t, p, s in samples if resumed_at and t >= resumed_at and p is not None), 0)
 drain_secs = (backlog_done - rx_back_at) if backlog_done else None
-drain_rate = (at_return + rate * drain_secs) / drain_secs if drain_secs else None
+catch_up = (backlog_done - resumed_at) if backlog_done and resumed_at else None
+drain_rate = (at_resume + rate * catch_up) / catch_up if catch_up else None
 print(f"| measure ({time.strftime('%Y-%m-%d')}, {rate:,}/s offered, receiver down {down} s) | value |")
 print("| --- | --- |")
 print(f"| profiles ingested (achieved {sent / ingest_secs:,.0f}/s) | {sent:,} |")
@@ -159,6 +161,6 @@ print(f"| paused after the receiver stopped / resumed after it returned | {pause
 print(f"| backlog delivered (outbox back under its pre-outage depth of {pre:,}) after the return | {drain_secs:.1f} s |" if drain_secs else "| backlog delivered | not within the run |")
 print(f"| peak outbox depth | {peak:,} |")
 if drain_rate:
-    print(f"| drain rate while catching up | {drain_rate:,.0f} profiles/s = {drain_rate / peer:.2f}× the nginx proxy's {peer:,.0f} req/s |")
+    print(f"| drain rate from resuming until caught up ({catch_up:.1f} s) | {drain_rate:,.0f} profiles/s = {drain_rate / peer:.2f}× the nginx proxy's {peer:,.0f} req/s |")
 print(f"| everything delivered, after ingest stopped | {drained_at - ingest_secs:.1f} s |")
 PY

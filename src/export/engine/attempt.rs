@@ -67,7 +67,7 @@ pub(super) async fn deliver(
         Ok(()) => {
             flow.health.succeeded(now);
             if probe {
-                flow.health.set(None, now);
+                flow.health.probe_succeeded(now);
                 transition = Some(Transition::Resumed);
             }
             Completion::Delivered {

@@ -82,6 +82,9 @@ struct State {
     /// When this instance last changed the pause (UNIX ms): a stored state read before that
     /// is older than ours and is not applied.
     local_change_at: i64,
+    /// Changes made here and not yet written to the store: until they are, what the store
+    /// says is older than ours.
+    unwritten: u32,
 }
 
 impl Health {
@@ -183,6 +186,7 @@ impl Health {
         };
         s.pause = Some(pause.clone());
         s.local_change_at = now;
+        s.unwritten += 1;
         s.consecutive = 0;
         s.window.clear();
         Some(pause)
@@ -204,10 +208,25 @@ impl Health {
         p.message = err.to_string();
         let out = p.clone();
         s.local_change_at = now;
+        s.unwritten += 1;
         Some(out)
     }
 
-    /// Set or end the pause here (this instance made the change).
+    /// A probe succeeded: the pause ends here now, and in the store once written.
+    pub(super) fn probe_succeeded(&self, now: i64) {
+        self.set(None, now);
+        self.state().unwritten += 1;
+    }
+
+    /// A change made here reached the store (or failed to): from now on, what the store says
+    /// is news again.
+    pub(super) fn written(&self, now: i64) {
+        let mut s = self.state();
+        s.unwritten = s.unwritten.saturating_sub(1);
+        s.local_change_at = now;
+    }
+
+    /// Set or end the pause here (this instance made the change, and has stored it).
     pub(super) fn set(&self, pause: Option<Pause>, now: i64) {
         let mut s = self.state();
         s.pause = pause;
@@ -222,7 +241,7 @@ impl Health {
     /// whether it changed.
     pub(super) fn sync(&self, stored: Option<&Pause>, read_at: i64) -> bool {
         let mut s = self.state();
-        if s.local_change_at >= read_at || s.pause.as_ref() == stored {
+        if s.unwritten > 0 || s.local_change_at >= read_at || s.pause.as_ref() == stored {
             return false;
         }
         // A stored breaker pause keeps our probe schedule when only that differs.
@@ -331,6 +350,17 @@ mod tests {
         h.set(Some(manual), 50_000);
         assert!(h.probe_failed(&unavailable(), 60_000).is_none());
         assert_eq!(h.gate(1 << 40), Gate::Paused(None));
+    }
+
+    #[test]
+    fn a_stored_state_read_before_our_own_change_was_written_is_not_applied() {
+        let h = health(1);
+        h.failed(&unavailable(), 100).unwrap();
+        assert!(!h.sync(None, 200), "not yet written: the store's answer is older");
+        h.written(300);
+        assert!(!h.sync(None, 250), "read before the write");
+        assert!(h.sync(None, 400), "resumed elsewhere after our write");
+        assert_eq!(h.gate(500), Gate::Go);
     }
 
     #[test]

@@ -49,21 +49,19 @@ pub(super) async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
     // The claim of the next batch, started while the current one's last deliveries go out.
     let mut next: Option<tokio::task::JoinHandle<Result<Vec<OutboxItem>, crate::store::StoreError>>> = None;
     loop {
-        match flow.health.gate(now_ms()) {
-            Gate::Go => {}
-            Gate::Probe => {
-                probe(&inner, &flow, &done_tx, lease_ms).await;
-                continue;
-            }
-            gate => {
-                if let Some(early) = next.take() {
-                    if let Ok(Ok(items)) = early.await {
-                        release(&done_tx, items, gate).await;
-                    }
+        let gate = flow.health.gate(now_ms());
+        if gate != Gate::Go {
+            // The early claim of the last batch goes back in line unsent.
+            if let Some(early) = next.take() {
+                if let Ok(Ok(items)) = early.await {
+                    release(&done_tx, items, gate).await;
                 }
-                wait_at(&flow, gate).await;
-                continue;
             }
+            match gate {
+                Gate::Probe => probe(&inner, &flow, &done_tx, lease_ms).await,
+                _ => wait_at(&flow, gate).await,
+            }
+            continue;
         }
         let claimed = match next.take() {
             Some(handle) => handle.await,
@@ -188,7 +186,7 @@ async fn probe(inner: &Arc<Inner>, flow: &Arc<Flow>, done: &tokio::sync::mpsc::S
 /// Store a pause state this instance changed, and tell the operators. The store keeps an
 /// operator's pause over the breaker's: when it refuses ours, the next sync brings it back.
 pub(super) fn announce(inner: &Arc<Inner>, flow: &Arc<Flow>, t: Transition) {
-    let (inner, name) = (inner.clone(), flow.spec.name.clone());
+    let (inner, flow, name) = (inner.clone(), flow.clone(), flow.spec.name.clone());
     tokio::spawn(async move {
         let s = inner.store.clone();
         let (event, stored) = match &t {
@@ -206,6 +204,7 @@ pub(super) fn announce(inner: &Arc<Inner>, flow: &Arc<Flow>, t: Transition) {
                 (Some(crate::events::EventType::DataflowResumed), r)
             }
         };
+        flow.health.written(now_ms());
         match stored {
             Ok(true) => {
                 if let Some(kind) = event {
