@@ -25,8 +25,13 @@ const SEG: &str = "s1";
 
 fn config(pki: &RcgenPki, url: &str, extra_df: &str, tables: &str) -> Config {
     let f = &pki.files;
+    let store = if tables.contains("[store]") {
+        ""
+    } else {
+        "[store]\nurl = \"sqlite://health.db\"\n"
+    };
     let text = format!(
-        "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://health.db\"\n\
+        "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n{store}\
          {tables}\n[[segments]]\nid = \"{SEG}\"\nname = \"S\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{url}\"\nca = \"{}\"\n\
          segments = [\"{SEG}\"]\nattributes = [{{ source = \"n\", target = \"n\" }}]\n{extra_df}\n",
         f.client_cert.display(),
@@ -492,4 +497,90 @@ async fn pacing_settings_are_checked() {
         issues("retry_schedule = [\"1s\", \"10s\", \"1m\", \"10m\", \"1h\"]"),
         ""
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_and_an_in_flight_cap_pace_the_receiver() {
+    let pki = RcgenPki::new();
+    let f = &pki.files;
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let a = arrivals.clone();
+    let rx = Receiver::start_with(
+        &f.server_cert,
+        &f.server_key,
+        &f.ca_cert,
+        ClientAuth::Required,
+        Arc::new(move |_| {
+            a.lock().unwrap().push(Instant::now());
+            Action::Respond(StatusCode::OK, vec![])
+        }),
+    )
+    .await
+    .unwrap();
+    // Ten requests a second, no burst beyond one, at most two connections.
+    let engine = Engine::open(&config(
+        &pki,
+        &rx.url("/in"),
+        "rate_limit = { per_second = 10, burst = 1 }\nmax_in_flight = 2",
+        "",
+    ))
+    .await
+    .unwrap();
+    let workers = engine.spawn_workers();
+    engine.ingest(&profiles(0, 21)).await.unwrap();
+    wait_until("every profile", Duration::from_secs(15), || {
+        distinct(&rx.received()).len() == 21
+    })
+    .await;
+    workers.iter().for_each(|w| w.abort());
+    let arrivals = arrivals.lock().unwrap().clone();
+    // 21 requests at 10/s with no burst: the last comes two seconds after the first at least.
+    let spread = arrivals[20] - arrivals[0];
+    assert!(spread >= Duration::from_millis(1900), "{spread:?}");
+    assert!(rx.connections() <= 2, "{} connections", rx.connections());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_on_postgresql_share_a_pause() {
+    let pki = RcgenPki::new();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let schema = support::pg::PgSchema::new();
+    let on = |instance: &str| {
+        config(
+            &pki,
+            &rx.url("/in"),
+            "",
+            &format!(
+                "[store]\nurl = \"{}\"\nschema = \"{}\"\ninstance = \"{instance}\"\n",
+                schema.url, schema.name
+            ),
+        )
+    };
+    let a = Engine::open(&on("a")).await.unwrap();
+    let b = Engine::open(&on("b")).await.unwrap();
+    let (wa, wb) = (a.spawn_workers(), b.spawn_workers());
+    let state = |e: &Engine| {
+        let e = e.clone();
+        async move { status(&e).await["state"].as_str().unwrap().to_owned() }
+    };
+    a.pause_dataflow("rx", Some("deploy".into())).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state(&b).await != "paused" {
+        assert!(Instant::now() < deadline, "b never saw a's pause");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.ingest(&profiles(0, 10)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(rx.received().is_empty(), "neither instance delivers while paused");
+    assert!(b.resume_dataflow("rx").await.unwrap());
+    wait_until("the queue delivered", Duration::from_secs(15), || {
+        distinct(&rx.received()).len() == 10
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state(&a).await != "running" {
+        assert!(Instant::now() < deadline, "a never saw b's resume");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wa.iter().chain(wb.iter()).for_each(|w| w.abort());
 }
