@@ -50,7 +50,8 @@ async fn failing_dataflow_and_expiring_certificate_raise_alerts_once() {
         "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"gateway.pem\"\nkey = \"gateway.key\"\n[store]\nurl = \"sqlite://a.db\"\n\
          [alerts]\nwebhook = \"{}\"\nca = \"ca.pem\"\nwindow = \"30s\"\ninterval = \"100ms\"\nmin_attempts = 3\n\
          failure_ratio = 0.5\ndead_letters = 0\n[[segments]]\nid = \"s1\"\nname = \"S\"\n\
-         [[dataflows]]\nname = \"flaky\"\nendpoint = \"{}\"\nca = \"ca.pem\"\nsegments = [\"s1\"]\nmax_attempts = 1\n",
+         [[dataflows]]\nname = \"flaky\"\nendpoint = \"{}\"\nca = \"ca.pem\"\nsegments = [\"s1\"]\nmax_attempts = 1\n\
+         breaker = {{ enabled = false }}\n",
         hook.url("/alerts"),
         failing.url("/in")
     );

@@ -284,7 +284,7 @@ fn policy_decisions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_denied_delivery_becomes_a_dead_letter_at_once_and_is_audited() {
+async fn a_denied_delivery_pauses_the_dataflow_at_once_and_is_audited() {
     let pki = RcgenPki::new();
     let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
     // "localhost" is allowed by name, but it resolves to loopback, which has no CIDR allow.
@@ -302,17 +302,25 @@ async fn a_denied_delivery_becomes_a_dead_letter_at_once_and_is_audited() {
         .await
         .unwrap();
     let store = engine.store();
-    wait_until("a dead letter", Duration::from_secs(10), || {
-        !store.dead_letters(None, 5).unwrap().is_empty()
-    })
-    .await;
+    // No retry or next profile can pass the policy: the dataflow pauses at once, the profile
+    // stays queued (not a dead letter) until the config is fixed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let s = serde_json::to_value(&engine.dataflow_statuses().await.unwrap()[0]).unwrap();
+        if s["state"] == "paused" {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "never paused: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     workers.iter().for_each(|w| w.abort());
-    let d = &store.dead_letters(None, 5).unwrap()[0];
-    assert_eq!(d.attempts, 1, "not retried");
-    assert_eq!(d.errors[0].kind, "egress_denied");
-    assert!(d.errors[0]
-        .message
+    assert_eq!(status["pause"]["class"], "policy", "{status}");
+    assert!(status["pause"]["message"]
+        .as_str()
+        .unwrap()
         .contains("destination denied by egress policy"));
+    assert!(store.dead_letters(None, 5).unwrap().is_empty());
+    assert_eq!(store.pending(None).unwrap(), 1);
     assert_eq!(rx.connections(), 0);
     let audit = store.audit_records(0, 10).unwrap();
     assert_eq!(audit.len(), 1);
