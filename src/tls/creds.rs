@@ -341,33 +341,47 @@ impl Identities {
     /// Installing the SIGHUP handler also replaces the signal's default action (ending the
     /// process), so a gateway with no identity at all still survives `kill -HUP`.
     pub async fn watch(&self, every: Duration) {
+        watch_files(every, |forced| self.reload_all(forced)).await
+    }
+
+    /// Reload every identity whose files changed (all of them when `force`).
+    pub fn reload_all(&self, force: bool) {
+        for store in self.by_name.values() {
+            let _ = store.reload(force);
+        }
+    }
+}
+
+/// Call `reload(false)` every `every` and `reload(true)` on SIGHUP, until aborted: the one
+/// loop that keeps identities and watched CA bundles current.
+///
+/// Installing the SIGHUP handler also replaces the signal's default action (ending the
+/// process), so a gateway with nothing to reload still survives `kill -HUP`.
+pub async fn watch_files(every: Duration, mut reload: impl FnMut(bool)) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(every);
+    loop {
         #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut tick = tokio::time::interval(every);
-        loop {
-            #[cfg(unix)]
-            let forced = match hup.as_mut() {
-                Some(h) => tokio::select! {
-                    _ = tick.tick() => false,
-                    _ = h.recv() => true,
-                },
-                None => {
-                    tick.tick().await;
-                    false
-                }
-            };
-            #[cfg(not(unix))]
-            let forced = {
+        let forced = match hup.as_mut() {
+            Some(h) => tokio::select! {
+                _ = tick.tick() => false,
+                _ = h.recv() => true,
+            },
+            None => {
                 tick.tick().await;
                 false
-            };
-            if forced {
-                tracing::info!("SIGHUP: reloading every client identity");
             }
-            for store in self.by_name.values() {
-                let _ = store.reload(forced);
-            }
+        };
+        #[cfg(not(unix))]
+        let forced = {
+            tick.tick().await;
+            false
+        };
+        if forced {
+            tracing::info!("SIGHUP: reloading every client identity and CA bundle");
         }
+        reload(forced);
     }
 }
 

@@ -12,6 +12,7 @@ pub mod creds;
 pub mod facts;
 pub mod identity;
 pub mod pem;
+pub mod trust;
 
 use std::path::PathBuf;
 use std::sync::Arc;
