@@ -11,6 +11,7 @@ pub mod client;
 pub mod creds;
 pub mod facts;
 pub mod identity;
+pub mod p12;
 pub mod pem;
 pub mod trust;
 
@@ -67,6 +68,8 @@ pub enum TlsError {
     },
     #[error("{path}: no usable trust anchor: {reason}")]
     BadTrustAnchor { path: PathBuf, reason: String },
+    #[error("{path}: PKCS#12: {reason}")]
+    P12 { path: PathBuf, reason: String },
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }
