@@ -249,6 +249,14 @@ async fn verify_and_cert_fetch_connect_from_the_pinned_source_address() {
     );
     let (code, v) = verify_dataflow(&rx.url("/in"), &cfg, "rx").await;
     assert_eq!(code, Some(0), "{v:#}");
+    // The report names the source address and finds it in the published egress list.
+    assert_eq!(v["diagnostics"]["source_address"], "127.0.0.2", "{v:#}");
+    assert_eq!(
+        v["diagnostics"]["egress_list"],
+        serde_json::json!(["127.0.0.2"]),
+        "{v:#}"
+    );
+    assert_eq!(v["diagnostics"]["source_in_egress_list"], true, "{v:#}");
     let peers = rx.peers();
     assert!(!peers.is_empty());
     assert!(
@@ -320,6 +328,14 @@ async fn verify_makes_no_connection_to_an_address_the_policy_denies() {
             .as_str()
             .unwrap()
             .contains("denied by egress policy"),
+        "{v:#}"
+    );
+    assert_eq!(v["diagnostics"]["failure"]["class"], "network", "{v:#}");
+    assert!(
+        v["diagnostics"]["failure"]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("[egress] allow"),
         "{v:#}"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -82,9 +82,11 @@ async fn a_rustls_receiver_requiring_client_certs_passes_every_check() {
         assert_eq!(status(&v, check), "pass", "{check}: {v:#}");
     }
     assert!(
-        detail(&v, "client_cert_requested").contains("our issuer is listed"),
+        detail(&v, "client_cert_requested").contains("our chain leads to"),
         "{v:#}"
     );
+    assert_eq!(v["diagnostics"]["chain_leads_to_requested_ca"], true, "{v:#}");
+    assert!(v["diagnostics"]["failure"].is_null(), "{v:#}");
     assert!(detail(&v, "tls_handshake").contains("TLSv1_3"));
 }
 
@@ -120,6 +122,13 @@ async fn nginx_with_ssl_verify_client_on_passes_and_optional_fails() {
     // nginx completes the handshake and refuses the certless request with HTTP 400.
     assert!(detail(&v, "mtls_only").contains("HTTP 400"), "{v:#}");
     assert_eq!(status(&v, "foreign_cert_refused"), "pass", "{v:#}");
+
+    assert_eq!(v["diagnostics"]["chain_leads_to_requested_ca"], true, "{v:#}");
+    assert_eq!(
+        v["diagnostics"]["requested_cas"],
+        serde_json::json!(["CN=ng Test CA"]),
+        "{v:#}"
+    );
 
     let optional = nginx(tmp.path(), &nginx_block(&p, "optional"));
     let (code, v) = verify(&optional.url("/"), &p.client, &p.client_key, &p.ca, &[]).await;
@@ -263,4 +272,161 @@ async fn usage_errors_exit_2() {
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_asking_for_another_ca_is_named_and_our_chain_does_not_lead_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = OpensslPki::new(tmp.path(), "ours");
+    let theirs = OpensslPki::new(tmp.path(), "theirs");
+    // The receiver's certificate is from our trusted CA; it accepts clients of another CA.
+    let rx = nginx_mtls(tmp.path(), &ours.server, &ours.server_key, &theirs.ca);
+    let (code, v) = verify(&rx.url("/"), &ours.client, &ours.client_key, &ours.ca, &[]).await;
+    assert_eq!(code, 1, "{v:#}");
+    let d = &v["diagnostics"];
+    assert_eq!(
+        d["requested_cas"],
+        serde_json::json!(["CN=theirs Test CA"]),
+        "{v:#}"
+    );
+    assert_eq!(d["chain_leads_to_requested_ca"], false, "{v:#}");
+    assert_eq!(status(&v, "client_cert_requested"), "warn", "{v:#}");
+    assert!(
+        detail(&v, "client_cert_requested").contains("CN=theirs Test CA")
+            && detail(&v, "client_cert_requested").contains("does NOT lead"),
+        "{v:#}"
+    );
+    // nginx completes the handshake and refuses the request: our certificate is the problem.
+    assert_eq!(status(&v, "client_cert_accepted"), "fail", "{v:#}");
+    assert_eq!(d["failure"]["check"], "client_cert_accepted", "{v:#}");
+    assert_eq!(d["failure"]["class"], "our_certificate_rejected", "{v:#}");
+    assert!(d["failure"]["fix"].as_str().unwrap().contains("CA"), "{v:#}");
+    assert_eq!(d["source_address"], "127.0.0.1", "{v:#}");
+    // Without --config there is no published list to judge the source address by.
+    assert!(d["source_in_egress_list"].is_null(), "{v:#}");
+
+    // The table says the same to a person.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+        .arg("verify")
+        .arg(rx.url("/"))
+        .arg("--client-cert")
+        .arg(&ours.client)
+        .arg("--client-key")
+        .arg(&ours.client_key)
+        .arg("--ca")
+        .arg(&ours.ca)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("requested CAs: CN=theirs Test CA; our chain leads to NONE of them"),
+        "{table}"
+    );
+    assert!(table.contains("our certificate rejected:"), "{table}");
+}
+
+/// OpenSSL 3.0 (Debian 12) has no ML-KEM, and this build's ring provider does not offer
+/// X25519MLKEM768 either: the report says so, and names the classical group the receiver
+/// chose. (With an OpenSSL ≥ 3.5 and a provider that offers it, `-groups X25519MLKEM768`
+/// would show `accepted: true`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_exchange_group_is_reported_against_openssl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = OpensslPki::new(tmp.path(), "kx");
+    for (groups, expect) in [("X25519", "X25519"), ("P-256", "secp256r1")] {
+        let srv = openssl_s_server(
+            tmp.path(),
+            &p.server,
+            &p.server_key,
+            &p.ca,
+            Some("-Verify"),
+            &["-groups", groups],
+        );
+        let (_, v) = verify(&srv.url("/"), &p.client, &p.client_key, &p.ca, &[]).await;
+        let d = &v["diagnostics"];
+        assert_eq!(d["key_exchange_group"], expect, "{v:#}");
+        assert_eq!(d["post_quantum"]["group"], "X25519MLKEM768", "{v:#}");
+        assert_eq!(d["post_quantum"]["offered"], false, "{v:#}");
+        assert_eq!(d["post_quantum"]["accepted"], false, "{v:#}");
+        assert!(
+            d["post_quantum"]["note"]
+                .as_str()
+                .unwrap()
+                .contains("not offered by this build"),
+            "{v:#}"
+        );
+        assert!(detail(&v, "tls_handshake").contains("TLSv1_3"), "{v:#}");
+    }
+}
+
+/// A TLS 1.2 receiver that refuses our certificate does it inside the handshake, with an
+/// alert the report names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_alert_is_named_and_classed_as_our_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = OpensslPki::new(tmp.path(), "al");
+    let stranger = OpensslPki::new(tmp.path(), "stranger");
+    let srv = openssl_s_server(
+        tmp.path(),
+        &p.server,
+        &p.server_key,
+        &p.ca,
+        Some("-Verify"),
+        &["-verify_return_error", "-tls1_2"],
+    );
+    let (code, v) = verify(&srv.url("/"), &stranger.client, &stranger.client_key, &p.ca, &[]).await;
+    assert_eq!(code, 1, "{v:#}");
+    let d = &v["diagnostics"];
+    let alert = d["alert"].as_str().unwrap_or_default();
+    assert!(
+        [
+            "unknown_ca (48)",
+            "bad_certificate (42)",
+            "certificate_unknown (46)"
+        ]
+        .contains(&alert),
+        "{v:#}"
+    );
+    assert_eq!(status(&v, "tls_handshake"), "fail", "{v:#}");
+    assert!(detail(&v, "tls_handshake").contains(alert), "{v:#}");
+    assert_eq!(d["failure"]["class"], "our_certificate_rejected", "{v:#}");
+}
+
+/// A receiver whose certificate we do not trust, and one we cannot reach: each failure has
+/// one class and a fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_receivers_and_closed_ports_get_their_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = OpensslPki::new(tmp.path(), "cl");
+    let other = OpensslPki::new(tmp.path(), "other");
+    let rx = nginx_mtls(tmp.path(), &p.server, &p.server_key, &p.ca);
+    let (code, v) = verify(&rx.url("/"), &p.client, &p.client_key, &other.ca, &[]).await;
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(
+        v["diagnostics"]["failure"]["check"], "server_certificate",
+        "{v:#}"
+    );
+    assert_eq!(
+        v["diagnostics"]["failure"]["class"], "receiver_certificate",
+        "{v:#}"
+    );
+
+    let closed = free_port();
+    let (code, v) = verify(
+        &format!("https://localhost:{closed}/"),
+        &p.client,
+        &p.client_key,
+        &p.ca,
+        &[],
+    )
+    .await;
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(v["diagnostics"]["failure"]["class"], "network", "{v:#}");
+    assert!(
+        v["diagnostics"]["failure"]["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("localhost:{closed}")),
+        "{v:#}"
+    );
 }

@@ -318,6 +318,29 @@ pub enum PkiCommand {
         #[arg(long)]
         as_next: bool,
     },
+    /// Write the certificate chain and private key (0600) of a PKCS#12 file as PEM: to
+    /// --out-cert/--out-key, or where --config's identity (--identity NAME, `default` for
+    /// [identity]) expects them. Checked first: the key matches, the certificate is valid now.
+    Import {
+        /// The PKCS#12 file (.p12/.pfx), e.g. from `openssl pkcs12 -export`.
+        #[arg(long)]
+        p12: PathBuf,
+        /// Environment variable holding its password (default: no password).
+        #[arg(long)]
+        password_env: Option<String>,
+        /// Where to write the chain (PEM, leaf first).
+        #[arg(long, requires = "out_key")]
+        out_cert: Option<PathBuf>,
+        /// Where to write the key (PEM PKCS#8, mode 0600).
+        #[arg(long, requires = "out_cert")]
+        out_key: Option<PathBuf>,
+        /// Write where this config's identity expects them.
+        #[arg(long, short, conflicts_with_all = ["out_cert", "out_key"], requires = "identity")]
+        config: Option<PathBuf>,
+        /// The identity in --config (`default` for [identity]).
+        #[arg(long, requires = "config")]
+        identity: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

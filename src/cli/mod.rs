@@ -107,6 +107,19 @@ pub async fn run(cli: Cli) -> ExitCode {
             signed,
             as_next,
         }) => pki::install(&config, &identity, &signed, as_next),
+        Command::Pki(PkiCommand::Import {
+            p12,
+            password_env,
+            out_cert,
+            out_key,
+            config,
+            identity,
+        }) => pki::import(pki::Import {
+            p12,
+            password_env,
+            out: out_cert.zip(out_key),
+            config: config.zip(identity),
+        }),
         Command::Demo(args) => return crate::demo::run(args.profiles).await,
     };
     exit(result)

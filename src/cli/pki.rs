@@ -140,3 +140,77 @@ fn pending_key(cfg: &Config, identity: &str) -> Result<PathBuf, Failure> {
     }
     Ok(cfg.path(&cfg.pki.key_dir).join(format!("{identity}.pending.key")))
 }
+
+/// `pki import`: what to read and where to write it.
+pub(super) struct Import {
+    pub(super) p12: PathBuf,
+    pub(super) password_env: Option<String>,
+    /// `--out-cert`, `--out-key`.
+    pub(super) out: Option<(PathBuf, PathBuf)>,
+    /// `--config`, `--identity`.
+    pub(super) config: Option<(PathBuf, String)>,
+}
+
+pub(super) fn import(a: Import) -> Result<(), Failure> {
+    let password = match &a.password_env {
+        Some(var) => std::env::var(var).map_err(|_| {
+            Failure::usage(format!(
+                "--password-env {var}: the variable is not set (or not UTF-8)"
+            ))
+        })?,
+        None => String::new(),
+    };
+    let (cert_dst, key_dst) = match (a.out, a.config) {
+        (Some(out), _) => out,
+        (None, Some((config, identity))) => {
+            let cfg = Config::parse_unvalidated(&config).map_err(Failure::usage)?;
+            let table = if identity == crate::tls::creds::DEFAULT {
+                cfg.identity.as_ref()
+            } else {
+                cfg.identities.get(&identity)
+            };
+            let Some(table) = table else {
+                return Err(Failure::usage(format!(
+                    "no identity '{identity}' in {} ([identity] is `default`, else [identities.{identity}])",
+                    config.display()
+                )));
+            };
+            if table.p12.is_some() || table.cert.as_os_str().is_empty() {
+                return Err(Failure::usage(format!(
+                    "identity '{identity}' reads a PKCS#12 file itself (p12 = …): point p12 at the new file instead"
+                )));
+            }
+            (cfg.path(&table.cert), cfg.path(&table.key))
+        }
+        (None, None) => {
+            return Err(Failure::usage(
+                "say where to write: --out-cert and --out-key, or --config and --identity",
+            ))
+        }
+    };
+    let contents = crate::tls::p12::load(&a.p12, &password).map_err(Failure::failed)?;
+    drop(password);
+    // Checked as an identity is when loaded: the key matches the leaf, valid now.
+    let (chain_pem, key_pem) = (contents.chain_pem(), contents.key_pem());
+    let id = crate::tls::Identity::load_p12_parts(&a.p12, contents).map_err(Failure::failed)?;
+    // Key first, then certificate, each by rename: a reload between the two sees a mismatch
+    // and keeps the old identity until both are in place.
+    let tmp_key = key_dst.with_extension("key.importing");
+    crate::pki::write_private(&tmp_key, &key_pem).map_err(Failure::failed)?;
+    std::fs::rename(&tmp_key, &key_dst)
+        .map_err(|e| Failure::failed(format!("{}: {e}", key_dst.display())))?;
+    let tmp_cert = cert_dst.with_extension("pem.importing");
+    crate::pki::write_public(&tmp_cert, &chain_pem).map_err(Failure::failed)?;
+    std::fs::rename(&tmp_cert, &cert_dst)
+        .map_err(|e| Failure::failed(format!("{}: {e}", cert_dst.display())))?;
+    println!(
+        "imported '{}' (issuer {}, expires {}; {} certificate(s)): chain → {}, key (0600) → {}",
+        id.facts.display_name(),
+        id.facts.issuer,
+        id.facts.not_after,
+        id.chain.len(),
+        cert_dst.display(),
+        key_dst.display()
+    );
+    Ok(())
+}

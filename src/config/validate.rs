@@ -255,8 +255,29 @@ impl Config {
     }
 
     fn validate_identity(&self, out: &mut Issues, key: &str, id: &IdentityConfig) {
-        self.check_file(out, &format!("{key}.cert"), &id.cert);
-        self.check_file(out, &format!("{key}.key"), &id.key);
+        let pem_set = !id.cert.as_os_str().is_empty() || !id.key.as_os_str().is_empty();
+        match &id.p12 {
+            Some(p12) => {
+                self.check_file(out, &format!("{key}.p12"), p12);
+                if pem_set {
+                    out.push(key, "set p12, or cert and key, not both");
+                }
+                if id.p12_password_env.is_some() && id.p12_password_file.is_some() {
+                    out.push(key, "set only one of p12_password_env and p12_password_file");
+                }
+            }
+            None => {
+                if id.p12_password_env.is_some() || id.p12_password_file.is_some() {
+                    out.push(key, "p12_password_env/_file need p12");
+                }
+                if id.cert.as_os_str().is_empty() || id.key.as_os_str().is_empty() {
+                    out.push(key, "cert and key are required (or p12)");
+                } else {
+                    self.check_file(out, &format!("{key}.cert"), &id.cert);
+                    self.check_file(out, &format!("{key}.key"), &id.key);
+                }
+            }
+        }
         match (&id.next_cert, &id.next_key) {
             (Some(c), Some(k)) => {
                 self.check_file(out, &format!("{key}.next_cert"), c);

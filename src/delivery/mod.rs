@@ -57,6 +57,8 @@ pub const MAX_RESPONSE_BODY: usize = 1024 * 1024;
 pub struct Core {
     identities: Arc<Identities>,
     egress: Arc<Egress>,
+    /// CA bundle files named by destinations, watched with the identities.
+    trusts: Arc<crate::tls::trust::TrustFiles>,
 }
 
 impl Core {
@@ -69,7 +71,11 @@ impl Core {
     }
 
     pub fn new(identities: Arc<Identities>, egress: Arc<Egress>) -> Core {
-        Core { identities, egress }
+        Core {
+            identities,
+            egress,
+            trusts: Arc::default(),
+        }
     }
 
     pub fn identities(&self) -> &Arc<Identities> {
@@ -84,7 +90,16 @@ impl Core {
     /// force when each connection starts), mTLS rule, timeout, headers, query, auth (secrets
     /// read now), signing and retry policy.
     pub fn destination(&self, d: &DestinationConfig) -> Result<DeliveryClient, String> {
-        let trust = d.trust().map_err(|e| format!("{}: {e}", d.name))?;
+        // A bundle file is watched (reloaded when it changes, shared by the destinations that
+        // name it); inline PEM and the webpki roots are fixed.
+        let trust = match (&d.ca_pem, &d.ca) {
+            (None, Some(path)) => self
+                .trusts
+                .get(path)
+                .map(crate::tls::Trust::Watched)
+                .map_err(|e| format!("{}: {e}", d.name))?,
+            _ => d.trust().map_err(|e| format!("{}: {e}", d.name))?,
+        };
         let mut tls =
             ClientTlsConfig::new(trust, None, crate::tls::client::ALPN_H2_H1).map_err(|e| e.to_string())?;
         if let Some(store) = self.identities.get(d.identity.as_deref()) {
@@ -122,10 +137,15 @@ impl Core {
         ))
     }
 
-    /// Reload every identity when its files change (polled each `every`) or on SIGHUP, until
-    /// aborted. One watcher per process: every destination presents what it loads.
+    /// Reload every identity and every destination's CA bundle file when it changes (polled
+    /// each `every`) or on SIGHUP, until aborted. One watcher per process: every destination
+    /// presents and trusts what it loads; a broken file is refused and the old one kept.
     pub async fn watch(self, every: Duration) {
-        self.identities.watch(every).await
+        crate::tls::creds::watch_files(every, |forced| {
+            self.identities.reload_all(forced);
+            self.trusts.reload_all(forced);
+        })
+        .await
     }
 }
 

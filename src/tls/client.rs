@@ -26,6 +26,9 @@ pub enum Trust {
         path: PathBuf,
         roots: Arc<RootCertStore>,
     },
+    /// A CA bundle file watched for changes: new connections verify with the bundle in force
+    /// when they start (see [`super::trust`]).
+    Watched(Arc<super::trust::TrustFile>),
 }
 
 impl Trust {
@@ -69,6 +72,15 @@ impl Trust {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
             }),
             Trust::Bundle { roots, .. } => roots.clone(),
+            Trust::Watched(t) => t.roots(),
+        }
+    }
+
+    /// Changes each time a watched bundle is reloaded (0 for a fixed trust).
+    pub fn generation(&self) -> u64 {
+        match self {
+            Trust::Watched(t) => t.generation(),
+            _ => 0,
         }
     }
 
@@ -77,6 +89,7 @@ impl Trust {
         match self {
             Trust::WebPki => "webpki roots".into(),
             Trust::Bundle { path, .. } => path.display().to_string(),
+            Trust::Watched(t) => t.path().display().to_string(),
         }
     }
 }
@@ -189,6 +202,10 @@ impl ClientTlsConfig {
             .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         cfg.resumption = Resumption::disabled();
+        if let Trust::Watched(t) = &trust {
+            cfg.dangerous()
+                .set_certificate_verifier(Arc::new(super::trust::ReloadingVerifier(t.clone())));
+        }
         Ok(ClientTlsConfig {
             base: Arc::new(cfg),
             key,
@@ -224,12 +241,15 @@ impl ClientTlsConfig {
         !matches!(self.key, KeySource::Fixed(None))
     }
 
-    /// Changes when the identity presented on new connections changes (0 when fixed).
+    /// Changes when the identity presented on new connections changes, or the trust they
+    /// verify the receiver with (0 when both are fixed): pools and lanes start afresh when it
+    /// does, so no connection made under the old identity or trust is reused.
     pub fn identity_generation(&self) -> u64 {
-        match &self.key {
+        let identity = match &self.key {
             KeySource::Fixed(_) => 0,
             KeySource::Store(s) => s.generation(),
-        }
+        };
+        identity.wrapping_add(self.trust.generation().wrapping_shl(32))
     }
 
     /// Present the identity `store` has in force when each connection starts.

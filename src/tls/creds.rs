@@ -36,6 +36,9 @@ struct Active {
 struct Paths {
     cert: PathBuf,
     key: PathBuf,
+    /// A PKCS#12 file instead of `cert` and `key`, and where its password comes from (none:
+    /// no password).
+    p12: Option<(PathBuf, Option<crate::config::SecretSource>)>,
     next: Option<(PathBuf, PathBuf)>,
     switch_at: Option<OffsetDateTime>,
     switch_before_expiry: Option<Duration>,
@@ -110,6 +113,7 @@ impl IdentityStore {
         Self::from_paths(Paths {
             cert: cert.to_owned(),
             key: key.to_owned(),
+            p12: None,
             next: None,
             switch_at: None,
             switch_before_expiry: None,
@@ -118,9 +122,24 @@ impl IdentityStore {
 
     /// Load one identity table.
     pub fn from_identity(cfg: &Config, id: &crate::config::IdentityConfig) -> Result<Arc<Self>, String> {
+        let p12 = match &id.p12 {
+            Some(p) => {
+                let password = match (&id.p12_password_env, &id.p12_password_file) {
+                    (None, None) => None,
+                    (env, file) => Some(crate::config::SecretSource::from_pair(
+                        env.as_ref(),
+                        file.as_ref().map(|f| cfg.path(f)).as_ref(),
+                        "p12_password",
+                    )?),
+                };
+                Some((cfg.path(p), password))
+            }
+            None => None,
+        };
         Self::from_paths(Paths {
             cert: cfg.path(&id.cert),
             key: cfg.path(&id.key),
+            p12,
             next: match (&id.next_cert, &id.next_key) {
                 (Some(c), Some(k)) => Some((cfg.path(c), cfg.path(k))),
                 _ => None,
@@ -152,7 +171,19 @@ impl IdentityStore {
     }
 
     fn load(p: &Paths) -> Result<Active, TlsError> {
-        let current = Identity::load(&p.cert, &p.key)?;
+        let current = match &p.p12 {
+            Some((file, password)) => {
+                let password = match password {
+                    Some(source) => source.read().map_err(|reason| TlsError::P12 {
+                        path: file.clone(),
+                        reason: format!("password: {reason}"),
+                    })?,
+                    None => crate::config::Secret::new(""),
+                };
+                Identity::load_p12(file, password.expose())?
+            }
+            None => Identity::load(&p.cert, &p.key)?,
+        };
         let next = match &p.next {
             Some((c, k)) => Some(Identity::load(c, k)?),
             None => None,
@@ -341,33 +372,47 @@ impl Identities {
     /// Installing the SIGHUP handler also replaces the signal's default action (ending the
     /// process), so a gateway with no identity at all still survives `kill -HUP`.
     pub async fn watch(&self, every: Duration) {
+        watch_files(every, |forced| self.reload_all(forced)).await
+    }
+
+    /// Reload every identity whose files changed (all of them when `force`).
+    pub fn reload_all(&self, force: bool) {
+        for store in self.by_name.values() {
+            let _ = store.reload(force);
+        }
+    }
+}
+
+/// Call `reload(false)` every `every` and `reload(true)` on SIGHUP, until aborted: the one
+/// loop that keeps identities and watched CA bundles current.
+///
+/// Installing the SIGHUP handler also replaces the signal's default action (ending the
+/// process), so a gateway with nothing to reload still survives `kill -HUP`.
+pub async fn watch_files(every: Duration, mut reload: impl FnMut(bool)) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(every);
+    loop {
         #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut tick = tokio::time::interval(every);
-        loop {
-            #[cfg(unix)]
-            let forced = match hup.as_mut() {
-                Some(h) => tokio::select! {
-                    _ = tick.tick() => false,
-                    _ = h.recv() => true,
-                },
-                None => {
-                    tick.tick().await;
-                    false
-                }
-            };
-            #[cfg(not(unix))]
-            let forced = {
+        let forced = match hup.as_mut() {
+            Some(h) => tokio::select! {
+                _ = tick.tick() => false,
+                _ = h.recv() => true,
+            },
+            None => {
                 tick.tick().await;
                 false
-            };
-            if forced {
-                tracing::info!("SIGHUP: reloading every client identity");
             }
-            for store in self.by_name.values() {
-                let _ = store.reload(forced);
-            }
+        };
+        #[cfg(not(unix))]
+        let forced = {
+            tick.tick().await;
+            false
+        };
+        if forced {
+            tracing::info!("SIGHUP: reloading every client identity and CA bundle");
         }
+        reload(forced);
     }
 }
 
@@ -377,7 +422,10 @@ fn stamps(p: &Paths) -> Vec<Option<Vec<u8>>> {
             .ok()
             .map(|b| ring::digest::digest(&ring::digest::SHA256, &b).as_ref().to_vec())
     };
-    let mut v = vec![m(&p.cert), m(&p.key)];
+    let mut v = match &p.p12 {
+        Some((file, _)) => vec![m(file)],
+        None => vec![m(&p.cert), m(&p.key)],
+    };
     if let Some((c, k)) = &p.next {
         v.push(m(c));
         v.push(m(k));

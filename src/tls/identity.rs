@@ -45,6 +45,33 @@ impl Identity {
     pub fn load_at(cert_path: &Path, key_path: &Path, now: OffsetDateTime) -> Result<Self, TlsError> {
         let chain = pem::load_certs(cert_path)?;
         let key = pem::load_key(key_path)?;
+        Self::from_parts(cert_path, key_path, chain, key, now)
+    }
+
+    /// Load and validate the chain and key of a PKCS#12 file (`password` never appears in
+    /// an error).
+    pub fn load_p12(path: &Path, password: &str) -> Result<Self, TlsError> {
+        Self::load_p12_parts(path, super::p12::load(path, password)?)
+    }
+
+    /// Validate what a PKCS#12 file at `path` held.
+    pub fn load_p12_parts(path: &Path, p: super::p12::P12Contents) -> Result<Self, TlsError> {
+        Self::from_parts(
+            path,
+            path,
+            p.chain,
+            rustls_pki_types::PrivateKeyDer::Pkcs8(p.key),
+            OffsetDateTime::now_utc(),
+        )
+    }
+
+    fn from_parts(
+        cert_path: &Path,
+        key_path: &Path,
+        chain: Vec<CertificateDer<'static>>,
+        key: rustls_pki_types::PrivateKeyDer<'static>,
+        now: OffsetDateTime,
+    ) -> Result<Self, TlsError> {
         let facts = CertFacts::from_der(&chain[0]).map_err(|reason| TlsError::BadCertificate {
             path: cert_path.to_owned(),
             index: 0,

@@ -11,7 +11,9 @@ pub mod client;
 pub mod creds;
 pub mod facts;
 pub mod identity;
+pub mod p12;
 pub mod pem;
+pub mod trust;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -66,6 +68,8 @@ pub enum TlsError {
     },
     #[error("{path}: no usable trust anchor: {reason}")]
     BadTrustAnchor { path: PathBuf, reason: String },
+    #[error("{path}: PKCS#12: {reason}")]
+    P12 { path: PathBuf, reason: String },
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }

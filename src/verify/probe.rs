@@ -34,6 +34,8 @@ pub struct TlsInfo {
     pub elapsed: Duration,
     pub client_cert_requested: bool,
     pub acceptable_issuers: Vec<Vec<u8>>,
+    /// The key-exchange group negotiated (`X25519`, `secp256r1`, `X25519MLKEM768`…).
+    pub key_exchange_group: Option<String>,
 }
 
 /// What one probe saw.
@@ -50,6 +52,8 @@ pub struct ProbeOutcome {
     /// The HTTP status of `GET /`, or why there was none.
     pub http: Option<Result<u16, String>>,
     pub error: Option<String>,
+    /// The TLS alert the server sent, during the handshake or right after it.
+    pub alert: Option<rustls::AlertDescription>,
 }
 
 impl ProbeOutcome {
@@ -148,6 +152,31 @@ fn describe(e: &rustls::Error) -> String {
     }
 }
 
+/// The TLS alert inside an I/O error from rustls, if that is what it is.
+fn alert_of(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(a)) => Some(*a),
+        _ => None,
+    }
+}
+
+/// An alert as RFC 8446 names it (`bad_certificate`), with its number.
+pub fn alert_name(a: rustls::AlertDescription) -> String {
+    let camel: Vec<char> = format!("{a:?}").chars().collect();
+    let mut snake = String::with_capacity(camel.len() + 4);
+    for (i, &ch) in camel.iter().enumerate() {
+        // A word starts at an upper-case letter after a lower-case one, or at the last
+        // capital of an acronym (`UnknownPSKIdentity` → `unknown_psk_identity`).
+        let prev_lower = i > 0 && !camel[i - 1].is_ascii_uppercase();
+        let ends_acronym = i > 0 && camel.get(i + 1).is_some_and(char::is_ascii_lowercase);
+        if ch.is_ascii_uppercase() && i > 0 && (prev_lower || ends_acronym) {
+            snake.push('_');
+        }
+        snake.push(ch.to_ascii_lowercase());
+    }
+    format!("{snake} ({})", u8::from(a))
+}
+
 fn alert_text(e: &std::io::Error) -> String {
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         Some(rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion))
@@ -155,7 +184,7 @@ fn alert_text(e: &std::io::Error) -> String {
             "the server offers no TLS version Sallyport accepts (TLS 1.2 or 1.3); TLS 1.0/1.1 are refused"
                 .into()
         }
-        Some(rustls::Error::AlertReceived(a)) => format!("the server sent TLS alert {a:?}"),
+        Some(rustls::Error::AlertReceived(a)) => format!("the server sent TLS alert {}", alert_name(*a)),
         Some(other) => other.to_string(),
         None if e.kind() == std::io::ErrorKind::UnexpectedEof => "the server closed the connection".into(),
         None => e.to_string(),
@@ -182,6 +211,7 @@ impl Probe {
             chain_verdict: None,
             http: None,
             error: None,
+            alert: None,
         };
         let started = Instant::now();
         let connect = crate::delivery::connect_tcp(egress, host, port);
@@ -238,6 +268,7 @@ impl Probe {
         let mut stream = match handshake {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
+                out.alert = alert_of(&e);
                 out.error = Some(format!("TLS handshake failed: {}", alert_text(&e)));
                 return out;
             }
@@ -258,6 +289,9 @@ impl Probe {
             elapsed: hs_started.elapsed(),
             client_cert_requested: probe.requested(),
             acceptable_issuers: probe.acceptable_issuers(),
+            key_exchange_group: conn
+                .negotiated_key_exchange_group()
+                .map(|g| format!("{:?}", g.name())),
         });
 
         let request = format!(
@@ -282,7 +316,10 @@ impl Probe {
         };
         out.http = Some(match tokio::time::timeout(self.timeout, exchange).await {
             Err(_) => Err(format!("no HTTP answer within {:?}", self.timeout)),
-            Ok(Err(e)) => Err(alert_text(&e)),
+            Ok(Err(e)) => {
+                out.alert = alert_of(&e);
+                Err(alert_text(&e))
+            }
             Ok(Ok(bytes)) if bytes.is_empty() => {
                 Err("the server closed the connection before any HTTP answer".into())
             }
@@ -296,5 +333,20 @@ impl Probe {
             }
         });
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::alert_name;
+    use rustls::AlertDescription as A;
+
+    #[test]
+    fn alerts_are_named_as_the_rfcs_name_them() {
+        assert_eq!(alert_name(A::UnknownCA), "unknown_ca (48)");
+        assert_eq!(alert_name(A::BadCertificate), "bad_certificate (42)");
+        assert_eq!(alert_name(A::CertificateRequired), "certificate_required (116)");
+        assert_eq!(alert_name(A::UnknownPSKIdentity), "unknown_psk_identity (115)");
+        assert_eq!(alert_name(A::ProtocolVersion), "protocol_version (70)");
     }
 }

@@ -7,10 +7,19 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
-    /// PEM chain, leaf first.
+    /// PEM chain, leaf first (or `p12`).
+    #[serde(default)]
     pub cert: PathBuf,
-    /// PEM private key (PKCS#8, SEC1 EC or PKCS#1 RSA), unencrypted, mode 0600.
+    /// PEM private key (PKCS#8, SEC1 EC or PKCS#1 RSA), unencrypted, mode 0600 (or `p12`).
+    #[serde(default)]
     pub key: PathBuf,
+    /// A PKCS#12 file holding the chain and key, instead of `cert` and `key`; re-read when it
+    /// changes, like them.
+    pub p12: Option<PathBuf>,
+    /// Environment variable holding the PKCS#12 password. Default: no password.
+    pub p12_password_env: Option<String>,
+    /// File holding the PKCS#12 password (trailing newline dropped).
+    pub p12_password_file: Option<PathBuf>,
     /// The certificate to rotate to, published at once so receivers can trust it ahead of
     /// use. Default: none.
     pub next_cert: Option<PathBuf>,
