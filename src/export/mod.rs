@@ -8,9 +8,11 @@
 //! Must never: export an unmapped attribute, drop an accepted update, or deliver a profile's
 //! changes out of order.
 
+pub mod aggregate;
 pub mod engine;
 pub mod payload;
 pub mod spec;
+pub mod template;
 pub mod trigger;
 
 pub use engine::{DeliveryStats, Engine, IngestReport};

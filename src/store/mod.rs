@@ -177,6 +177,20 @@ pub enum Completion {
     /// Not sent, or failed while the dataflow is paused: back in line at `retry_at` without
     /// counting an attempt (a pause never makes a dead letter).
     Requeue { id: i64, retry_at: i64 },
+    /// One member of a request that became a dead letter of its own ([`Completion::DeadBatch`]):
+    /// remove the row if its version is still `version` (the letter holds what was sent).
+    Parked { id: i64, version: i64 },
+    /// A request of several profiles failed for the last time: park its body as one dead
+    /// letter under its key. Its rows end with [`Completion::Parked`].
+    DeadBatch {
+        dataflow: String,
+        /// Who was in it: the profile ids, or their count and hash when many.
+        members: String,
+        idempotency_key: String,
+        payload: Vec<u8>,
+        attempts: u32,
+        error: AttemptError,
+    },
     /// Failed for the last time: park `payload` as a dead letter under `idempotency_key`.
     /// If the row changed while in flight, the newer state stays queued for a fresh try.
     Dead {
@@ -189,12 +203,15 @@ pub enum Completion {
 }
 
 impl Completion {
-    pub fn id(&self) -> i64 {
+    /// The outbox row it completes (none for a batch's dead letter).
+    pub fn id(&self) -> Option<i64> {
         match self {
             Completion::Delivered { id, .. }
             | Completion::Failed { id, .. }
             | Completion::Requeue { id, .. }
-            | Completion::Dead { id, .. } => *id,
+            | Completion::Parked { id, .. }
+            | Completion::Dead { id, .. } => Some(*id),
+            Completion::DeadBatch { .. } => None,
         }
     }
 }

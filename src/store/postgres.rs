@@ -830,6 +830,43 @@ impl Store for PgStore {
                             &[id, retry_at, &self.chain_id],
                         )?;
                     }
+                    Completion::Parked { id, version } => {
+                        let n = tx.execute(
+                            "DELETE FROM outbox WHERE id = $1 AND version = $2 AND lease_owner = $3",
+                            &[id, version, &self.chain_id],
+                        )?;
+                        if n == 0 {
+                            tx.execute(
+                                "UPDATE outbox SET attempts = 0, errors = '[]', lease_owner = NULL, lease_until = 0
+                                 WHERE id = $1 AND lease_owner = $2",
+                                &[id, &self.chain_id],
+                            )?;
+                        }
+                    }
+                    Completion::DeadBatch {
+                        dataflow,
+                        members,
+                        idempotency_key,
+                        payload,
+                        attempts,
+                        error,
+                    } => {
+                        let attempts = i32::try_from(*attempts).unwrap_or(i32::MAX);
+                        tx.execute(
+                            "INSERT INTO dead_letters (dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at, class)
+                             VALUES ($1, $2, $3, $4, $5, jsonb_build_array($6::text::jsonb)::text, $7, $8)",
+                            &[
+                                dataflow,
+                                members,
+                                idempotency_key,
+                                payload,
+                                &attempts,
+                                &to_json(error)?,
+                                &error.at,
+                                &error.class().as_str(),
+                            ],
+                        )?;
+                    }
                     Completion::Dead {
                         id,
                         version,

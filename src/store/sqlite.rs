@@ -250,6 +250,39 @@ impl SqliteStore {
                     tx.prepare_cached("UPDATE outbox SET next_attempt_at = ?2 WHERE id = ?1")?
                         .execute(params![id, retry_at])?;
                 }
+                Completion::Parked { id, version } => {
+                    sent_version_done(
+                        tx,
+                        *id,
+                        *version,
+                        "UPDATE outbox SET attempts = 0, errors = '[]' WHERE id = ?1",
+                    )?;
+                }
+                Completion::DeadBatch {
+                    dataflow,
+                    members,
+                    idempotency_key,
+                    payload,
+                    attempts,
+                    error,
+                } => {
+                    let errors =
+                        serde_json::to_string(&[error]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    tx.prepare_cached(
+                        "INSERT INTO dead_letters (dataflow, profile_id, idempotency_key, payload, attempts, errors, created_at, class)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )?
+                    .execute(params![
+                        dataflow,
+                        members,
+                        idempotency_key,
+                        payload,
+                        attempts,
+                        errors,
+                        error.at,
+                        error.class().as_str()
+                    ])?;
+                }
                 Completion::Dead {
                     id,
                     version,
@@ -759,7 +792,9 @@ impl Store for SqliteStore {
         drop(conn);
         let mut l = self.leases();
         for r in results {
-            l.remove(&r.id());
+            if let Some(id) = r.id() {
+                l.remove(&id);
+            }
         }
         Ok(())
     }

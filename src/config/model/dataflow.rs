@@ -76,6 +76,83 @@ pub struct Dataflow {
     /// When the dataflow pauses itself, and how it probes for recovery.
     #[serde(default)]
     pub breaker: Breaker,
+    /// How profiles are combined into requests. Default `{ kind = "none" }`: one per request.
+    #[serde(default, skip_serializing_if = "Aggregation::is_none")]
+    pub aggregation: Aggregation,
+    /// A minijinja (Jinja) template file that renders each request's body. Default: none (the
+    /// HTTP API destination's JSON). API-defined dataflows give `template_inline` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<PathBuf>,
+    /// The template's text, instead of a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_inline: Option<String>,
+    /// The request's `Content-Type`. Default `application/json` (a template's output must then
+    /// parse as JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+}
+
+/// How a dataflow combines profiles into requests, as the Destination SDK's aggregation
+/// policies do.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Aggregation {
+    /// One profile per request.
+    #[default]
+    None,
+    /// As many profiles as are due, up to `max_users_per_request` per request, sent at once.
+    BestEffort {
+        /// 1..=1000. Default 10.
+        #[serde(default = "default_max_users")]
+        max_users_per_request: u32,
+        /// One identity per request: a profile with several identities is split. Default false.
+        #[serde(default)]
+        split_user_by_id: bool,
+        /// Profiles in one request share this key. Default: none (any profiles together).
+        #[serde(default)]
+        aggregation_key: AggregationKey,
+    },
+    /// Batches that wait up to `max_batch_age` to fill to `max_events_in_batch`.
+    Configurable {
+        /// How long a batch may wait, e.g. `"30s"`, `"30m"` (1 s ..= 24 h).
+        max_batch_age: String,
+        /// 1..=10000.
+        max_events_in_batch: u32,
+        #[serde(default)]
+        aggregation_key: AggregationKey,
+    },
+}
+
+impl Aggregation {
+    pub fn is_none(&self) -> bool {
+        matches!(self, Aggregation::None)
+    }
+}
+
+fn default_max_users() -> u32 {
+    10
+}
+
+/// What the profiles of one request share (the Destination SDK's `aggregationKey`).
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AggregationKey {
+    /// One request per mapped segment. Default false.
+    #[serde(default)]
+    pub include_segment_id: bool,
+    /// …and per segment status (`realized`, `exited`). Default false.
+    #[serde(default)]
+    pub include_segment_status: bool,
+    /// Group by identity namespace. Default false.
+    #[serde(default)]
+    pub include_identity: bool,
+    /// With `include_identity`: one identity namespace per request. Default false.
+    #[serde(default)]
+    pub one_identity_per_group: bool,
+    /// With `include_identity`: namespaces that travel together, e.g. `[["IDFA", "GAID"],
+    /// ["EMAIL"]]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<Vec<String>>,
 }
 
 /// A dataflow's request rate: `per_second`, with bursts of up to `burst` (default: one

@@ -21,8 +21,8 @@ mod store;
 
 pub use alerts::{AlertsConfig, AuditConfig};
 pub use dataflow::{
-    AttributeMapping, Auth, Breaker, BreakerSettings, CredentialsIn, Dataflow, HealthSettings, RateLimit,
-    SecretFields, Segment,
+    Aggregation, AggregationKey, AttributeMapping, Auth, Breaker, BreakerSettings, CredentialsIn, Dataflow,
+    HealthSettings, RateLimit, SecretFields, Segment,
 };
 pub use egress::EgressConfig;
 pub use events::{default_cert_days as default_event_cert_days, EventsConfig};

@@ -115,6 +115,7 @@ pub(super) async fn deliver(
         Completion::Failed { .. } => Outcome::Retry,
         Completion::Dead { .. } => Outcome::DeadLetter,
         Completion::Requeue { .. } => Outcome::Retry,
+        Completion::Parked { .. } | Completion::DeadBatch { .. } => Outcome::DeadLetter,
     };
     let audit = flow.audit_record(&item.profile.id, &key, &body, attempt, outcome, &sent);
     (completion, audit, transition)
