@@ -25,6 +25,9 @@ fi
 # The Standard Webhooks reference library (PyPI `standardwebhooks`), in a venv under target/:
 # tests/events.rs verifies our event signatures with it.
 scripts/standardwebhooks.sh >/dev/null
+# prometheus_client (reads /metrics) and opentelemetry-proto (decodes our OTLP traces), in a
+# venv under target/: tests/observe.rs checks us against them.
+scripts/observe-tools.sh >/dev/null
 
 # The PostgreSQL store's tests need a server: the machine's (127.0.0.1:5432, database test) or
 # SALLYPORT_TEST_PG. Say so plainly instead of failing forty tests with connection errors.

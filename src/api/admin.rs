@@ -292,12 +292,17 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
             }
         }
         (Method::GET, ["metrics"]) => {
+            let format = crate::metrics::Format::from_accept(
+                req.headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
             let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
-                engine.metrics_text().await,
+                engine.metrics_text_as(format).await,
             )));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                http::HeaderValue::from_static(format.content_type()),
             );
             r
         }
