@@ -8,6 +8,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+# Headless Chromium for the status page's browser test (tests/observe.rs).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -20,6 +22,11 @@ export PATH="$PATH:/usr/sbin"
 # A real OAuth2 server for the auth tests (oauth2-mock-server, pinned by tests/oauth/package-lock.json).
 if [ ! -d tests/oauth/node_modules/oauth2-mock-server ]; then
   (cd tests/oauth && npm ci --no-audit --no-fund --silent)
+fi
+
+# playwright-core (pinned by tests/browser/package-lock.json) drives that Chromium.
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
 # The Standard Webhooks reference library (PyPI `standardwebhooks`), in a venv under target/:

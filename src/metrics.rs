@@ -39,6 +39,8 @@ pub struct FlowCounters {
     pub retried: AtomicU64,
     pub dead: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Failed attempts by failure class.
+    classes: Mutex<BTreeMap<&'static str, u64>>,
     /// Bucket counts (not cumulative) for the status page's quantiles; the last is +Inf.
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency: HistogramWithExemplars<TraceExemplar>,
@@ -51,6 +53,7 @@ impl Default for FlowCounters {
             retried: AtomicU64::new(0),
             dead: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
+            classes: Mutex::new(BTreeMap::new()),
             buckets: Default::default(),
             latency: HistogramWithExemplars::new(LATENCY_BUCKETS.into_iter()),
         }
@@ -62,6 +65,26 @@ impl FlowCounters {
     /// latency.
     pub fn record(&self, outcome: Outcome, error_kind: Option<ErrorKind>, latency_ms: f64) {
         self.record_traced(outcome, error_kind, latency_ms, None)
+    }
+
+    /// Count one attempt from its audit record (its HTTP status tells a refusal from an
+    /// outage; its trace id becomes the latency bucket's exemplar).
+    pub fn record_attempt(&self, a: &crate::audit::AuditRecord<'_>) {
+        if let Some(k) = a.error_kind {
+            if let Ok(mut c) = self.classes.lock() {
+                *c.entry(crate::delivery::FailureClass::of(k, a.http_status).as_str())
+                    .or_default() += 1;
+            }
+        }
+        self.record_traced(a.outcome, a.error_kind, a.latency_ms, a.trace_id.as_deref());
+    }
+
+    /// Failed attempts by failure class (counted by [`FlowCounters::record_attempt`]).
+    pub fn failures_by_class(&self) -> Vec<(&'static str, u64)> {
+        self.classes
+            .lock()
+            .map(|e| e.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
     }
 
     /// [`FlowCounters::record`], keeping `trace_id` as the latency bucket's exemplar.
@@ -125,6 +148,34 @@ impl FlowCounters {
             }
         }
         Some(f64::INFINITY)
+    }
+}
+
+/// A copy of one dataflow's counters, for the status page.
+#[derive(Debug, Clone, Default)]
+pub struct CountersSnapshot {
+    pub delivered: u64,
+    pub retried: u64,
+    pub dead: u64,
+    pub errors_by_kind: Vec<(&'static str, u64)>,
+    pub failures_by_class: Vec<(&'static str, u64)>,
+    /// Attempt latency quantiles, seconds (see [`FlowCounters::attempt_quantile`]).
+    pub attempt_p50_s: Option<f64>,
+    pub attempt_p99_s: Option<f64>,
+}
+
+impl FlowCounters {
+    /// Copy the counters now.
+    pub fn snapshot(&self) -> CountersSnapshot {
+        CountersSnapshot {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead: self.dead.load(Ordering::Relaxed),
+            errors_by_kind: self.errors_by_kind(),
+            failures_by_class: self.failures_by_class(),
+            attempt_p50_s: self.attempt_quantile(0.5),
+            attempt_p99_s: self.attempt_quantile(0.99),
+        }
     }
 }
 

@@ -25,7 +25,6 @@ fn python() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-#[allow(dead_code)] // the status page tests use them
 /// Two dataflows: `rx` delivers, `bad` is refused (400, no retries) until `healthy` is set.
 struct Setup {
     pki: RcgenPki,
@@ -256,4 +255,130 @@ async fn metrics_parse_with_prometheus_client_and_keep_every_series_name() {
     )
     .is_some());
     drop(s.pki);
+}
+
+/// Until `bad` has a dead letter (its receiver refuses), then make its receiver healthy.
+async fn dead_letter_then_heal(s: &Setup, admin: &str) {
+    let (st, b) = http(
+        "POST",
+        &format!("{admin}/v1/profiles"),
+        Some(TOKEN),
+        &s1_profiles(100, 2),
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    let mut found = false;
+    for _ in 0..200 {
+        let (_, b) = http(
+            "GET",
+            &format!("{admin}/v1/dead-letters?dataflow=bad"),
+            Some(TOKEN),
+            b"",
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        if v["deadLetters"].as_array().is_some_and(|a| !a.is_empty()) {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(found, "no dead letter for 'bad'");
+    assert!(!s.bad.received().is_empty());
+    s.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_in_headless_chromium() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let s = setup("").await;
+    let _gw = serve(&s).await;
+    let admin = format!("http://127.0.0.1:{}", s.admin);
+    dead_letter_then_heal(&s, &admin).await;
+    // The page is not on the public listener's side of anything: no cookie, no page.
+    let (st, b) = http("GET", &format!("{admin}/ui"), None, b"").await;
+    assert_eq!(st, 303, "{b}");
+    let (st, _) = http("POST", &format!("{admin}/ui/logout"), None, b"csrf=x").await;
+    assert_eq!(st, 401);
+    let screenshot = format!("{root}/target/ui-status.png");
+    let out = tokio::process::Command::new("node")
+        .arg("tests/browser/status_page.mjs")
+        .current_dir(root)
+        .env("ADMIN", &admin)
+        .env("TOKEN", TOKEN)
+        .env("DATAFLOW", "rx")
+        .env("SCREENSHOT", &screenshot)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "the browser test failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::metadata(&screenshot).unwrap().len() > 0);
+    // The replay was audited as an operator's (API) replay.
+    let (_, b) = http("GET", &format!("{admin}/v1/overview"), Some(TOKEN), b"").await;
+    let o: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert!(
+        o["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["trigger"] == "replay:api" && a["outcome"] == "replay_delivered"),
+        "{b}"
+    );
+    assert!(!b.contains(TOKEN) && !b.contains("query-secret-77"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_command_prints_the_same_facts() {
+    let s = setup("").await;
+    let _gw = serve(&s).await;
+    let admin = format!("http://127.0.0.1:{}", s.admin);
+    dead_letter_then_heal(&s, &admin).await;
+    let run = |json: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_sallyport"));
+        c.args(["status", "--config", s.cfg.to_str().unwrap()])
+            .env("OBSERVE_ADMIN_TOKEN", TOKEN);
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let out = run(false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.lines().next().unwrap().starts_with("DATAFLOW"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("bad ") && l.contains("refused=")),
+        "{text}"
+    );
+    assert!(
+        text.contains("DEAD_LETTER") && text.contains("IDENTITY"),
+        "{text}"
+    );
+    assert!(!text.contains(TOKEN));
+    let out = run(true);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bad = v["dataflows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "bad")
+        .unwrap();
+    assert!(bad["dead"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["identities"][0]["role"], "current");
+    // Without the token the command says so instead of printing anything.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+        .args(["status", "--config", s.cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }

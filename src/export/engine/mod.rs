@@ -473,6 +473,15 @@ impl Engine {
         )
     }
 
+    /// Every dataflow's live counters (the status page reads what `/metrics` reads).
+    pub fn flow_counters(&self) -> Vec<(String, crate::metrics::CountersSnapshot)> {
+        self.inner
+            .flows()
+            .iter()
+            .map(|f| (f.spec.name.clone(), f.counters.snapshot()))
+            .collect()
+    }
+
     /// Per identity: seconds until its presented certificate expires (negative once expired).
     pub fn cert_expiry_seconds(&self) -> Vec<(String, i64)> {
         self.inner
