@@ -8,6 +8,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+# Headless Chromium for the status page's browser test (tests/observe.rs).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -22,9 +24,17 @@ if [ ! -d tests/oauth/node_modules/oauth2-mock-server ]; then
   (cd tests/oauth && npm ci --no-audit --no-fund --silent)
 fi
 
+# playwright-core (pinned by tests/browser/package-lock.json) drives that Chromium.
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --silent)
+fi
+
 # The Standard Webhooks reference library (PyPI `standardwebhooks`), in a venv under target/:
 # tests/events.rs verifies our event signatures with it.
 scripts/standardwebhooks.sh >/dev/null
+# prometheus_client (reads /metrics) and opentelemetry-proto (decodes our OTLP traces), in a
+# venv under target/: tests/observe.rs checks us against them.
+scripts/observe-tools.sh >/dev/null
 
 # The PostgreSQL store's tests need a server: the machine's (127.0.0.1:5432, database test) or
 # SALLYPORT_TEST_PG. Say so plainly instead of failing forty tests with connection errors.

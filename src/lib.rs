@@ -16,7 +16,8 @@
 //! - [`listener`]: how every listener accepts and holds connections (cap, timeouts, back-off);
 //! - [`sidecar`]: plain HTTP in on loopback, out through the core;
 //! - [`verify`]: receiver readiness checks; [`alerts`]: alert rules and the webhook;
-//! - [`metrics`]: Prometheus text; [`signals`]: SIGINT/SIGTERM/SIGHUP;
+//! - [`metrics`]: Prometheus/OpenMetrics text; [`status`]: the overview the status page and
+//!   `sallyport status` show; [`signals`]: SIGINT/SIGTERM/SIGHUP;
 //! - [`pki`]: dev certificates; [`receiver`]: an in-process mTLS receiver for demos and tests;
 //! - [`cli`] and [`demo`]: the command line.
 
@@ -39,6 +40,7 @@ pub mod receiver;
 pub mod serve;
 pub mod sidecar;
 pub mod signals;
+pub mod status;
 pub mod store;
 pub mod tls;
 pub mod verify;

@@ -156,6 +156,7 @@ fn record(profile: &str, outcome: Outcome) -> AuditRecord<'static> {
         peer_cert_sha256: None,
         auth: "none".into(),
         trigger: None,
+        trace_id: None,
     }
 }
 

@@ -34,6 +34,18 @@ impl TokenCheck {
         Ok(TokenCheck { key, tag })
     }
 
+    /// Whether a token is configured at all.
+    pub fn configured(&self) -> bool {
+        self.tag.is_some()
+    }
+
+    /// Whether `presented` is the configured token (compared in constant time).
+    pub fn accepts(&self, presented: &str) -> bool {
+        self.tag
+            .as_ref()
+            .is_some_and(|tag| ring::hmac::verify(&self.key, presented.as_bytes(), tag.as_ref()).is_ok())
+    }
+
     /// The refusal for `req`, or `None` when its token is valid.
     fn denial(&self, req: &Request<Incoming>) -> Option<Reply> {
         let Some(tag) = &self.tag else {
@@ -56,11 +68,24 @@ impl TokenCheck {
 
 /// The admin API's handler.
 pub fn handler(engine: Engine, cfg: Arc<Config>, tokens: Arc<TokenCheck>) -> Handler {
+    let ui = super::ui::state();
     Arc::new(move |req| {
-        let (engine, cfg, tokens) = (engine.clone(), cfg.clone(), tokens.clone());
+        let (engine, cfg, tokens, ui) = (engine.clone(), cfg.clone(), tokens.clone(), ui.clone());
         Box::pin(async move {
+            // The status page logs in with the token once and then holds a login session
+            // cookie: it checks its own requests.
+            let path = req.uri().path();
+            if path == "/ui" || path.starts_with("/ui/") {
+                return super::ui::route(req, &ui, &tokens, &engine, &cfg).await;
+            }
             if let Some(denied) = tokens.denial(&req) {
                 return denied;
+            }
+            if req.method() == Method::GET && path == "/v1/overview" {
+                return match crate::status::overview(&engine, &cfg, &ui.rates).await {
+                    Ok(o) => json_reply(StatusCode::OK, &json!(o)),
+                    Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
+                };
             }
             route(req, &engine, &cfg).await
         })
@@ -292,12 +317,17 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
             }
         }
         (Method::GET, ["metrics"]) => {
+            let format = crate::metrics::Format::from_accept(
+                req.headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
             let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
-                engine.metrics_text().await,
+                engine.metrics_text_as(format).await,
             )));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                http::HeaderValue::from_static(format.content_type()),
             );
             r
         }

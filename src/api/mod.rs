@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod public;
+pub mod ui;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -493,6 +493,7 @@ mod tests {
             peer_cert_sha256: None,
             auth: "none".into(),
             trigger: None,
+            trace_id: None,
         }
     }
 

@@ -88,6 +88,12 @@ pub struct AuditRecord<'a> {
     /// unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<Cow<'a, str>>,
+    /// The W3C trace id (32 hex digits) of the attempt's span, when traces are exported
+    /// (`[telemetry] otlp_endpoint`), so an auditor can go from a record to its trace. Absent
+    /// otherwise, and from older records: their canonical JSON, and so the chain, is
+    /// unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<Cow<'a, str>>,
 }
 
 /// Who asked for a dead letter's replay, as its audit record names it.
@@ -329,6 +335,7 @@ mod tests {
             peer_cert_sha256: None,
             auth: "none".into(),
             trigger: None,
+            trace_id: None,
         }
     }
 
@@ -407,6 +414,28 @@ mod tests {
         assert_eq!(verify(&records, &c), Ok(3));
         let back: AuditRecord<'_> = serde_json::from_str(&records[2].record).expect("parses");
         assert_eq!(back, replay);
+    }
+
+    #[test]
+    fn a_trace_id_is_written_only_when_set_so_chains_from_before_it_still_verify() {
+        let c = Chain::new(None);
+        let mut records = chain(&c, 2);
+        assert!(
+            records.iter().all(|r| !r.record.contains("traceId")),
+            "absent when None"
+        );
+        let traced = AuditRecord {
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            ..rec(3)
+        };
+        let last = records[1].clone();
+        records.push(c.link(last.seq, &last.hash, &traced));
+        assert!(records[2]
+            .record
+            .contains(r#""traceId":"4bf92f3577b34da6a3ce929d0e0e4736""#));
+        assert_eq!(verify(&records, &c), Ok(3));
+        let back: AuditRecord<'_> = serde_json::from_str(&records[2].record).expect("parses");
+        assert_eq!(back, traced);
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub enum Command {
     /// Pause, resume and show the delivery state of dataflows.
     #[command(subcommand)]
     Dataflow(super::dataflow::DataflowCommand),
+    /// The gateway at a glance (asks the running `serve`'s admin API): dataflows, dead
+    /// letters, identities, egress addresses, latest audit records.
+    Status(super::status::StatusArgs),
     /// Ingest an NDJSON file of profile updates into the store (offline; `serve` delivers).
     Ingest(IngestArgs),
     /// Send one request through the delivery core (curl-like, mTLS-only by default).

@@ -13,6 +13,7 @@ mod dlq;
 mod ingest;
 mod pki;
 mod send;
+mod status;
 mod target;
 mod verify;
 
@@ -84,6 +85,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Dlq(cmd) => dlq::run(cmd).await,
         Command::Dataflow(cmd) => dataflow::run(cmd).await,
         Command::Ingest(args) => ingest::run(args).await,
+        Command::Status(args) => status::run(args).await,
         Command::Send(args) => return send::run(args).await,
         Command::Config(ConfigCommand::Check(a)) => config_check::run(&a.config),
         Command::Pki(PkiCommand::Init {

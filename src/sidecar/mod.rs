@@ -262,6 +262,7 @@ impl crate::audit::writer::Record for Attempt {
             peer_cert_sha256: peer_cert_sha256.map(Cow::Borrowed),
             auth: text(self.auth),
             trigger: None,
+            trace_id: None,
         }
     }
 }

@@ -261,6 +261,7 @@ impl Flow {
             peer_cert_sha256: peer_cert_sha256.map(Into::into),
             auth: self.client.auth_kind().into(),
             trigger: None,
+            trace_id: None,
         }
     }
 }

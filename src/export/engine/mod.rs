@@ -443,29 +443,43 @@ impl Engine {
 
     /// Prometheus text for `/metrics`.
     pub async fn metrics_text(&self) -> String {
+        self.metrics_text_as(crate::metrics::Format::Prometheus).await
+    }
+
+    /// `/metrics` in `format` (OpenMetrics or the Prometheus text format).
+    pub async fn metrics_text_as(&self, format: crate::metrics::Format) -> String {
         let flows = self.inner.flows();
-        let mut pending = Vec::new();
-        for f in &flows {
-            let (s, name) = (self.inner.store.clone(), f.spec.name.clone());
-            pending.push(blocking(move || s.pending(Some(&name))).await.unwrap_or(0));
-        }
+        let statuses = self.dataflow_statuses().await.unwrap_or_default();
         let snaps: Vec<crate::metrics::FlowSnapshot<'_>> = flows
             .iter()
-            .zip(pending)
-            .map(|(f, pending)| crate::metrics::FlowSnapshot {
-                name: &f.spec.name,
-                counters: &f.counters,
-                pending,
-                token_requests: f.client.token_requests(),
+            .map(|f| {
+                let status = statuses.iter().find(|s| s.dataflow == f.spec.name);
+                crate::metrics::FlowSnapshot {
+                    name: &f.spec.name,
+                    counters: &f.counters,
+                    pending: status.map_or(0, |s| s.pending),
+                    token_requests: f.client.token_requests(),
+                    state: status.map(|s| s.state),
+                }
             })
             .collect();
         let s = self.stats();
-        crate::metrics::render(
+        crate::metrics::render_as(
+            format,
             &snaps,
             &self.cert_expiry_seconds(),
             s.p50_ms / 1000.0,
             s.p99_ms / 1000.0,
         )
+    }
+
+    /// Every dataflow's live counters (the status page reads what `/metrics` reads).
+    pub fn flow_counters(&self) -> Vec<(String, crate::metrics::CountersSnapshot)> {
+        self.inner
+            .flows()
+            .iter()
+            .map(|f| (f.spec.name.clone(), f.counters.snapshot()))
+            .collect()
     }
 
     /// Per identity: seconds until its presented certificate expires (negative once expired).

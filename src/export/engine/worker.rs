@@ -337,7 +337,7 @@ async fn complete_loop(inner: Arc<Inner>, flow: Arc<Flow>, mut rx: tokio::sync::
                 results.push(c);
                 continue;
             };
-            flow.counters.record(a.outcome, a.error_kind, a.latency_ms);
+            flow.counters.record_attempt(&a);
             if let Completion::Dead {
                 idempotency_key,
                 error,
