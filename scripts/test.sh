@@ -36,6 +36,10 @@ scripts/standardwebhooks.sh >/dev/null
 # venv under target/: tests/observe.rs checks us against them.
 scripts/observe-tools.sh >/dev/null
 
+# grpcio and grpcio-tools (PyPI), in a venv under target/, with the Workload API stubs compiled
+# from the published workload.proto: tests/spiffe.rs runs our minimal Workload API server on it.
+scripts/spiffe-workload-api.sh >/dev/null
+
 # The PostgreSQL store's tests need a server: the machine's (127.0.0.1:5432, database test) or
 # SALLYPORT_TEST_PG. Say so plainly instead of failing forty tests with connection errors.
 pg_url=${SALLYPORT_TEST_PG:-postgres://postgres@127.0.0.1:5432/test}

@@ -95,6 +95,11 @@ pub(super) fn install(
     let Some(table) = cfg.identities.get(identity) else {
         return Err(Failure::usage(format!("no [identities.{identity}]")));
     };
+    if table.spiffe.is_some() {
+        return Err(Failure::usage(format!(
+            "identity '{identity}' comes from a SPIFFE Workload API agent (spiffe = …), which renews it: there are no files to install into"
+        )));
+    }
     let (cert_dst, key_dst) = if as_next {
         match (&table.next_cert, &table.next_key) {
             (Some(c), Some(k)) => (cfg.path(c), cfg.path(k)),
@@ -175,6 +180,11 @@ pub(super) fn import(a: Import) -> Result<(), Failure> {
                     config.display()
                 )));
             };
+            if table.spiffe.is_some() {
+                return Err(Failure::usage(format!(
+                    "identity '{identity}' comes from a SPIFFE Workload API agent (spiffe = …), which renews it: there are no files to write"
+                )));
+            }
             if table.p12.is_some() || table.cert.as_os_str().is_empty() {
                 return Err(Failure::usage(format!(
                     "identity '{identity}' reads a PKCS#12 file itself (p12 = …): point p12 at the new file instead"

@@ -256,6 +256,31 @@ impl Config {
 
     fn validate_identity(&self, out: &mut Issues, key: &str, id: &IdentityConfig) {
         let pem_set = !id.cert.as_os_str().is_empty() || !id.key.as_os_str().is_empty();
+        if let Some(spiffe) = &id.spiffe {
+            let files = pem_set
+                || id.p12.is_some()
+                || id.p12_password_env.is_some()
+                || id.p12_password_file.is_some()
+                || id.next_cert.is_some()
+                || id.next_key.is_some()
+                || id.switch_at.is_some()
+                || id.switch_before_expiry.is_some();
+            if files {
+                out.push(
+                    key,
+                    "spiffe takes the identity from the agent, which also renews it: set no cert, key, p12, next_* or switch_*",
+                );
+            }
+            if let Err(e) = crate::tls::spiffe::check_socket(&spiffe.socket) {
+                out.push(format!("{key}.spiffe.socket"), e);
+            }
+            if let Some(wanted) = &spiffe.spiffe_id {
+                if let Err(e) = crate::tls::spiffe::check_spiffe_id(wanted) {
+                    out.push(format!("{key}.spiffe.spiffe_id"), e);
+                }
+            }
+            return;
+        }
         match &id.p12 {
             Some(p12) => {
                 self.check_file(out, &format!("{key}.p12"), p12);

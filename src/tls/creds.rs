@@ -3,6 +3,8 @@
 //! `current` is within N days of expiry), and hot reload of the files. A new certificate is
 //! validated first, then swapped in atomically; connections take the identity in force when
 //! they start, and a bad file is refused with a log line while the old material stays.
+//! An identity may instead come from a SPIFFE Workload API agent ([`super::spiffe`]): each
+//! X.509-SVID the agent pushes is checked and swapped in the same way.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -42,6 +44,8 @@ struct Paths {
     next: Option<(PathBuf, PathBuf)>,
     switch_at: Option<OffsetDateTime>,
     switch_before_expiry: Option<Duration>,
+    /// A SPIFFE Workload API agent instead of files.
+    spiffe: Option<super::spiffe::Source>,
 }
 
 /// The identities of one gateway, shared by every connection and the public endpoints.
@@ -58,6 +62,10 @@ pub struct IdentityStore {
     announced: std::sync::Mutex<String>,
     /// Called when the presented certificate changes (see [`IdentityStore::on_rotation`]).
     hooks: RwLock<Vec<RotationHook>>,
+    /// The SPIFFE feed of an agent-sourced identity (stops when the store is dropped).
+    feed: std::sync::OnceLock<super::spiffe::Feed>,
+    /// The X.509 authorities of the SVID's trust domain, as the agent last sent them.
+    spiffe_bundle: RwLock<Vec<rustls_pki_types::CertificateDer<'static>>>,
 }
 
 /// The presented certificate of an identity changed: renewed files were loaded, or the switch
@@ -117,6 +125,7 @@ impl IdentityStore {
             next: None,
             switch_at: None,
             switch_before_expiry: None,
+            spiffe: None,
         })
     }
 
@@ -152,22 +161,91 @@ impl IdentityStore {
                 .switch_before_expiry
                 .as_deref()
                 .and_then(|s| crate::config::parse_duration(s).ok()),
+            spiffe: id.spiffe.as_ref().map(|s| super::spiffe::Source {
+                socket: s.socket.clone(),
+                spiffe_id: s.spiffe_id.clone(),
+            }),
         })
     }
 
     fn from_paths(paths: Paths) -> Result<Arc<Self>, String> {
-        let active = Self::load(&paths).map_err(|e| format!("identity: {e}"))?;
-        let store = IdentityStore {
+        let (active, bundle, pending) = match &paths.spiffe {
+            Some(source) => {
+                let (first, pending) = super::spiffe::start(source, super::spiffe::FIRST_SVID_TIMEOUT)
+                    .map_err(|e| format!("identity: {e}"))?;
+                tracing::info!(spiffe_id = %first.spiffe_id, socket = %source.socket,
+                    "X.509-SVID received from the SPIFFE Workload API");
+                let active = Active {
+                    current: first.identity,
+                    next: None,
+                };
+                (active, first.bundle, Some(pending))
+            }
+            None => (
+                Self::load(&paths).map_err(|e| format!("identity: {e}"))?,
+                Vec::new(),
+                None,
+            ),
+        };
+        let store = Arc::new(IdentityStore {
             stamps: RwLock::new(stamps(&paths)),
             paths,
             active: RwLock::new(Arc::new(active)),
             reloads: std::sync::atomic::AtomicU64::new(0),
             announced: std::sync::Mutex::new(String::new()),
             hooks: RwLock::new(Vec::new()),
-        };
+            feed: std::sync::OnceLock::new(),
+            spiffe_bundle: RwLock::new(bundle),
+        });
         let presented = store.presented().facts.sha256_fingerprint;
         *store.announced.lock().unwrap_or_else(|p| p.into_inner()) = presented;
-        Ok(Arc::new(store))
+        if let Some(pending) = pending {
+            let weak = Arc::downgrade(&store);
+            let feed = pending.attach(Box::new(move |svid| match weak.upgrade() {
+                Some(store) => {
+                    store.apply_svid(svid);
+                    true
+                }
+                None => false,
+            }));
+            let _ = store.feed.set(feed);
+        }
+        Ok(store)
+    }
+
+    /// Swap in an X.509-SVID the agent pushed (already checked), and tell the rotation hooks
+    /// when the presented certificate changed.
+    fn apply_svid(&self, svid: super::spiffe::Svid) {
+        let old = self.active().current.facts.sha256_fingerprint.clone();
+        let changed = old != svid.identity.facts.sha256_fingerprint;
+        if let Ok(mut b) = self.spiffe_bundle.write() {
+            *b = svid.bundle;
+        }
+        if changed {
+            if let Ok(mut w) = self.active.write() {
+                *w = Arc::new(Active {
+                    current: svid.identity,
+                    next: None,
+                });
+            }
+            self.reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        tracing::info!(spiffe_id = %svid.spiffe_id, changed, "X.509-SVID received from the SPIFFE Workload API");
+        self.announce();
+    }
+
+    /// The SPIFFE Workload API agent this identity comes from, if it does.
+    pub fn spiffe_source(&self) -> Option<&super::spiffe::Source> {
+        self.paths.spiffe.as_ref()
+    }
+
+    /// For an agent-sourced identity, the X.509 authorities of its trust domain as the agent
+    /// last sent them (empty for file identities).
+    pub fn spiffe_bundle(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        self.spiffe_bundle
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     fn load(p: &Paths) -> Result<Active, TlsError> {
@@ -276,6 +354,10 @@ impl IdentityStore {
     }
 
     fn reload_files(&self, force: bool) -> Result<bool, String> {
+        if self.paths.spiffe.is_some() {
+            // The agent pushes renewals; there are no files to poll.
+            return Ok(false);
+        }
         let now = stamps(&self.paths);
         let unchanged = self.stamps.read().map(|s| *s == now).unwrap_or(false);
         if unchanged && !force {
@@ -417,6 +499,9 @@ pub async fn watch_files(every: Duration, mut reload: impl FnMut(bool)) {
 }
 
 fn stamps(p: &Paths) -> Vec<Option<Vec<u8>>> {
+    if p.spiffe.is_some() {
+        return Vec::new();
+    }
     let m = |f: &PathBuf| {
         std::fs::read(f)
             .ok()

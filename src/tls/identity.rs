@@ -65,6 +65,16 @@ impl Identity {
         )
     }
 
+    /// Validate an X.509-SVID pushed by a SPIFFE Workload API agent; `origin` (the agent's
+    /// socket and the SPIFFE ID) stands for the file in errors and in `cert_path`.
+    pub fn from_svid(
+        origin: &Path,
+        chain: Vec<CertificateDer<'static>>,
+        key: rustls_pki_types::PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
+        Self::from_parts(origin, origin, chain, key, OffsetDateTime::now_utc())
+    }
+
     fn from_parts(
         cert_path: &Path,
         key_path: &Path,

@@ -2,7 +2,8 @@
 //!
 //! Owns: loading certificate chains and private keys from PEM ([`pem`]), reading the facts
 //! of a certificate ([`facts`]), the gateway's client identity ([`identity`]) and the rustls
-//! client configuration with its client-auth probe ([`client`]).
+//! client configuration with its client-auth probe ([`client`]); identities streamed by a SPIFFE
+//! Workload API agent ([`spiffe`]).
 //!
 //! Must never: log key material, accept an expired identity, or build a rustls config with
 //! a crypto provider other than ring (two providers make `ClientConfig::builder()` panic).
@@ -13,6 +14,7 @@ pub mod facts;
 pub mod identity;
 pub mod p12;
 pub mod pem;
+pub mod spiffe;
 pub mod trust;
 
 use std::path::PathBuf;

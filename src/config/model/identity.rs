@@ -29,6 +29,21 @@ pub struct IdentityConfig {
     pub switch_at: Option<String>,
     /// Switch when `current` is within this of expiry, e.g. `"14d"`. Default: none.
     pub switch_before_expiry: Option<String>,
+    /// Take the identity from a SPIFFE Workload API agent instead of files:
+    /// `spiffe = { socket = "unix:///run/spire/agent.sock" }`. The agent pushes each renewed
+    /// X.509-SVID; no `cert`, `key`, `p12` or `next_*` then.
+    pub spiffe: Option<SpiffeSourceConfig>,
+}
+
+/// Where a SPIFFE Workload API agent listens, and which of its SVIDs to present.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpiffeSourceConfig {
+    /// The agent's Workload API socket, `unix:///absolute/path` (local only).
+    pub socket: String,
+    /// The SPIFFE ID of the SVID to present when the agent serves several
+    /// (`spiffe://trust.domain/path`). Default: the agent's first (default) SVID.
+    pub spiffe_id: Option<String>,
 }
 
 /// Where `sallyport pki csr` keeps the keys it generates until `pki install`.

@@ -26,7 +26,7 @@ pub use dataflow::{
 };
 pub use egress::EgressConfig;
 pub use events::{default_cert_days as default_event_cert_days, EventsConfig};
-pub use identity::{IdentityConfig, PkiConfig};
+pub use identity::{IdentityConfig, PkiConfig, SpiffeSourceConfig};
 pub use listeners::{limit_errors, AdminConfig, PublicConfig};
 pub use secrets::SecretConfig;
 pub use sidecar::{SidecarConfig, SidecarListener, SidecarRoute};
