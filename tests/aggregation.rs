@@ -210,3 +210,240 @@ fn segment_status_and_split_by_id_as_the_render_template_example_groups() {
         ]
     );
 }
+
+// ---- end to end, through the engine, to real mTLS receivers ----
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use sallyport::config::Config;
+use sallyport::export::Engine;
+use sallyport::receiver::{ClientAuth, Receiver};
+use support::*;
+
+const SEG: &str = "s1";
+
+/// A config with dataflow `rx` to `url` (its extra keys in `df`), more TOML in `tables`.
+fn config(pki: &RcgenPki, url: &str, df: &str, tables: &str) -> Config {
+    let f = &pki.files;
+    let text = format!(
+        "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://agg.db\"\n\
+         [[segments]]\nid = \"{SEG}\"\nname = \"Segment one\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{url}\"\nca = \"{}\"\n\
+         segments = [\"{SEG}\"]\nattributes = [{{ source = \"name\", target = \"firstName\" }}]\n{df}\n{tables}\n",
+        f.client_cert.display(),
+        f.client_key.display(),
+        f.ca_cert.display()
+    );
+    Config::from_toml(&text, std::path::Path::new("t.toml"), pki.dir.path()).unwrap()
+}
+
+fn config_result(pki: &RcgenPki, df: &str) -> Result<Config, sallyport::config::ConfigError> {
+    let f = &pki.files;
+    let text = format!(
+        "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [[segments]]\nid = \"{SEG}\"\nname = \"S\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"https://127.0.0.1:9/in\"\n\
+         ca = \"{}\"\nsegments = [\"{SEG}\"]\nattributes = [{{ source = \"name\", target = \"firstName\" }}]\n{df}\n",
+        f.client_cert.display(),
+        f.client_key.display(),
+        f.ca_cert.display()
+    );
+    Config::from_toml(&text, std::path::Path::new("t.toml"), pki.dir.path())
+}
+
+fn updates(from: usize, n: usize, with_name: bool) -> Vec<u8> {
+    let mut out = String::new();
+    for i in from..from + n {
+        let mut v = json!({"profileId": format!("p{i}"), "segments": [{"id": SEG, "status": "realized"}],
+                           "identityMap": {"email": [{"id": format!("u{i}@example.com")}]}});
+        if with_name {
+            v["attributes"] = json!({"name": format!("N{i}")});
+        }
+        out += &(v.to_string() + "\n");
+    }
+    out.into_bytes()
+}
+
+const USERS_TEMPLATE: &str = r#"{"segment": "{{ input.aggregationKey.segmentId }}", "users": [
+{%- for p in input.profiles %}{"name": "{{ p.attributes.firstName.value }}", "email": "{{ p.identityMap.email[0].id }}"}{% if not loop.last %},{% endif %}{% endfor -%}
+]}"#;
+
+fn bodies(rx: &Receiver) -> Vec<Value> {
+    rx.received()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_effort_sends_ten_per_request_rendered_by_the_template() {
+    let pki = RcgenPki::new();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let df = format!(
+        "aggregation = {{ kind = \"best_effort\", max_users_per_request = 10, aggregation_key = {{ include_segment_id = true }} }}\n\
+         template_inline = '''{USERS_TEMPLATE}'''"
+    );
+    let engine = Engine::open(&config(&pki, &rx.url("/in"), &df, ""))
+        .await
+        .unwrap();
+    engine.ingest(&updates(0, 25, true)).await.unwrap();
+    let workers = engine.spawn_workers();
+    let store = engine.store();
+    wait_until("every row delivered", Duration::from_secs(15), || {
+        store.pending(None).unwrap() == 0
+    })
+    .await;
+    workers.iter().for_each(|w| w.abort());
+    let got = bodies(&rx);
+    let mut sizes: Vec<usize> = got.iter().map(|b| b["users"].as_array().unwrap().len()).collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, [5, 10, 10], "25 profiles, 10 per request");
+    assert!(got.iter().all(|b| b["segment"] == SEG));
+    let names: std::collections::BTreeSet<String> = got
+        .iter()
+        .flat_map(|b| b["users"].as_array().unwrap().clone())
+        .map(|u| u["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names.len(), 25, "every profile, once");
+    // One key per request, and one audit record per request naming its members.
+    let keys: std::collections::BTreeSet<String> = rx
+        .received()
+        .iter()
+        .map(|r| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == "idempotency-key")
+                .unwrap()
+                .1
+                .clone()
+        })
+        .collect();
+    assert_eq!(keys.len(), 3);
+    let audit = store.audit_records(0, 100).unwrap();
+    assert_eq!(audit.len(), 3, "an attempt is a request");
+    assert!(
+        audit.iter().any(|r| r.record.contains("\"profileId\":\"p0,p1,")),
+        "{}",
+        audit[0].record
+    );
+    assert!(rx.received().iter().all(|r| r
+        .headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && v == "application/json")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_error_at_render_time_sends_nothing_and_parks_the_batch_while_other_dataflows_deliver() {
+    let pki = RcgenPki::new();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let other = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let df = format!(
+        "aggregation = {{ kind = \"best_effort\", max_users_per_request = 10, aggregation_key = {{ include_segment_id = true }} }}\ntemplate_inline = '''{USERS_TEMPLATE}'''"
+    );
+    // A second dataflow, plain, to another receiver.
+    let tables = format!(
+        "[[dataflows]]\nname = \"plain\"\nendpoint = \"{}\"\nca = \"{}\"\nsegments = [\"{SEG}\"]\n",
+        other.url("/in"),
+        pki.files.ca_cert.display()
+    );
+    let engine = Engine::open(&config(&pki, &rx.url("/in"), &df, &tables))
+        .await
+        .unwrap();
+    // Strict templates: a profile without the attribute the template prints fails to render.
+    engine.ingest(&updates(0, 3, false)).await.unwrap();
+    let workers = engine.spawn_workers();
+    let store = engine.store();
+    wait_until("the plain dataflow's deliveries", Duration::from_secs(15), || {
+        other.received().len() == 3
+    })
+    .await;
+    wait_until("a dead letter", Duration::from_secs(15), || {
+        !store.dead_letters(None, 10).unwrap().is_empty()
+    })
+    .await;
+    workers.iter().for_each(|w| w.abort());
+    assert!(rx.received().is_empty(), "nothing sent for the failed rendering");
+    let dead = store.dead_letters(None, 10).unwrap();
+    assert_eq!(dead.len(), 1, "one dead letter for the batch: {dead:?}");
+    assert_eq!(dead[0].class.as_str(), "internal");
+    assert!(
+        dead[0].errors[0].message.contains("rx.template:"),
+        "{:?}",
+        dead[0].errors
+    );
+    assert_eq!(dead[0].profile_id, "p0,p1,p2");
+    assert_eq!(store.pending(Some("rx")).unwrap(), 0);
+    let audit = store.audit_records(0, 100).unwrap();
+    assert!(audit
+        .iter()
+        .any(|r| r.record.contains("\"outcome\":\"dead_letter\"") && r.record.contains("invalid_request")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configurable_batches_wait_for_age_or_size() {
+    let pki = RcgenPki::new();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let template = USERS_TEMPLATE.replace("{{ input.aggregationKey.segmentId }}", "all");
+    let df = format!(
+        "aggregation = {{ kind = \"configurable\", max_batch_age = \"2s\", max_events_in_batch = 50 }}\n\
+         template_inline = '''{template}'''"
+    );
+    let engine = Engine::open(&config(&pki, &rx.url("/in"), &df, ""))
+        .await
+        .unwrap();
+    let workers = engine.spawn_workers();
+    // Fewer than a batch: held until the oldest has waited two seconds.
+    let started = Instant::now();
+    engine.ingest(&updates(0, 20, true)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(rx.received().is_empty(), "a small batch waits");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    eprintln!(
+        "DEBUG audit {:?} dead {:?}",
+        engine
+            .store()
+            .audit_records(0, 5)
+            .unwrap()
+            .iter()
+            .map(|r| r.record.clone())
+            .collect::<Vec<_>>(),
+        engine.store().dead_letters(None, 5).unwrap()
+    );
+    wait_until("the aged batch", Duration::from_secs(10), || {
+        rx.received().len() == 1
+    })
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(1900));
+    assert_eq!(bodies(&rx)[0]["users"].as_array().unwrap().len(), 20);
+    // A full batch goes at once.
+    engine.ingest(&updates(100, 50, true)).await.unwrap();
+    wait_until("the full batch", Duration::from_secs(1), || {
+        rx.received().len() == 2
+    })
+    .await;
+    workers.iter().for_each(|w| w.abort());
+    assert_eq!(bodies(&rx)[1]["users"].as_array().unwrap().len(), 50);
+}
+
+#[test]
+fn a_broken_template_file_is_refused_at_load_with_its_line() {
+    let pki = RcgenPki::new();
+    std::fs::create_dir_all(pki.dir.path().join("templates")).unwrap();
+    std::fs::write(
+        pki.dir.path().join("templates/acme.j2"),
+        "{\n  \"users\": [\n  {% for p in input.profiles %}{{ p.attributes.firstName.value }{% endfor %}\n]}\n",
+    )
+    .unwrap();
+    let refused = |df: &str| format!("{:?}", config_result(&pki, df).unwrap_err());
+    let e = refused("template = \"templates/acme.j2\"");
+    assert!(
+        e.contains("dataflows[0].template") && e.contains("templates/acme.j2:3: syntax error"),
+        "{e}"
+    );
+    let e = refused("template_inline = '{\"a\": \"{{ env.HOME }}\"}'");
+    assert!(e.contains("unknown variable 'env'"), "{e}");
+    // Reading a part of the aggregation key the dataflow does not group by fails at load too.
+    let e = refused("template_inline = '{\"a\": \"{{ input.aggregationKey.segmentId }}\"}'");
+    assert!(e.contains("segmentId") && e.contains("undefined"), "{e}");
+}

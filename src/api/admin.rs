@@ -195,6 +195,25 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
             },
             Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, e),
         },
+        (Method::POST, ["v1", "dataflows", name, "render"]) => {
+            let name = name.to_string();
+            let body = match read_body(req.into_body(), MAX_INGEST_BODY).await {
+                Ok(b) => b,
+                Err(reply) => return reply,
+            };
+            let Some(df) = all_dataflows(engine, cfg)
+                .await
+                .into_iter()
+                .find(|(d, _)| d.name == name)
+            else {
+                return error_reply(StatusCode::NOT_FOUND, format!("no dataflow named '{name}'"));
+            };
+            let profiles = (!body.is_empty()).then_some(&body[..]);
+            match crate::export::engine::preview(cfg, &df.0, profiles) {
+                Ok(requests) => json_reply(StatusCode::OK, &json!({ "requests": requests })),
+                Err(e) => error_reply(StatusCode::UNPROCESSABLE_ENTITY, e),
+            }
+        }
         (Method::POST, ["v1", "dataflows", name, action @ ("pause" | "resume")]) => {
             let name = name.to_string();
             let pause = *action == "pause";

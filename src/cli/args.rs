@@ -46,6 +46,9 @@ pub enum Command {
     /// The gateway at a glance (asks the running `serve`'s admin API): dataflows, dead
     /// letters, identities, egress addresses, latest audit records.
     Status(super::status::StatusArgs),
+    /// Render what a dataflow would send (its aggregation and template), or make sample profiles.
+    #[command(subcommand)]
+    Template(super::template::TemplateCommand),
     /// Ingest an NDJSON file of profile updates into the store (offline; `serve` delivers).
     Ingest(IngestArgs),
     /// Send one request through the delivery core (curl-like, mTLS-only by default).

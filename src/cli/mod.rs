@@ -15,6 +15,7 @@ mod pki;
 mod send;
 mod status;
 mod target;
+mod template;
 mod verify;
 
 use std::process::ExitCode;
@@ -84,6 +85,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Audit(cmd) => audit::run(cmd),
         Command::Dlq(cmd) => dlq::run(cmd).await,
         Command::Dataflow(cmd) => dataflow::run(cmd).await,
+        Command::Template(cmd) => template::run(cmd),
         Command::Ingest(args) => ingest::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Send(args) => return send::run(args).await,

@@ -140,3 +140,9 @@ pub fn fuzz_entry(data: &[u8]) {
         let _ = Config::from_toml(text, Path::new("fuzz.toml"), Path::new("/nonexistent"));
     }
 }
+
+/// Whether a `Content-Type` says JSON (`application/json`, or any `+json` type).
+pub fn is_json_content_type(ct: &str) -> bool {
+    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || essence.ends_with("+json")
+}

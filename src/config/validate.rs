@@ -20,6 +20,51 @@ impl Issues {
     }
 }
 
+/// The largest template accepted (file or inline).
+const MAX_TEMPLATE: usize = 256 * 1024;
+
+/// `type/subtype`, each an RFC 9110 token, with any parameters after a `;`.
+fn is_media_type(ct: &str) -> bool {
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    let token = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    matches!(essence.split_once('/'), Some((t, s)) if token(t) && token(s))
+}
+
+/// An aggregation key's groups make sense only with `include_identity`, and name namespaces.
+fn check_aggregation_key(out: &mut Issues, key: &str, k: &crate::config::AggregationKey) {
+    if k.include_segment_status && !k.include_segment_id {
+        out.push(
+            format!("{key}.aggregation.aggregation_key.include_segment_status"),
+            "needs include_segment_id = true (statuses are grouped within a segment)",
+        );
+    }
+    if !k.groups.is_empty() && !k.include_identity {
+        out.push(
+            format!("{key}.aggregation.aggregation_key.groups"),
+            "needs include_identity = true",
+        );
+    }
+    if !k.groups.is_empty() && k.one_identity_per_group {
+        out.push(
+            format!("{key}.aggregation.aggregation_key.groups"),
+            "give groups or one_identity_per_group = true, not both",
+        );
+    }
+    if k.groups
+        .iter()
+        .any(|g| g.is_empty() || g.iter().any(|ns| ns.trim().is_empty()))
+    {
+        out.push(
+            format!("{key}.aggregation.aggregation_key.groups"),
+            "each group names at least one identity namespace",
+        );
+    }
+}
+
 impl Config {
     /// Every problem in the config, each with its key path. Empty means valid.
     pub fn validate(&self) -> Vec<Issue> {
@@ -348,6 +393,12 @@ impl Config {
             );
         }
         self.validate_mapping(&mut out, "dataflow", df);
+        if df.template.is_some() {
+            out.push(
+                "dataflow.template",
+                "an API-defined dataflow gives its template's text as template_inline, not a file",
+            );
+        }
         match self.destination(&df.name, &Written::dataflow(df, Origin::Stored)) {
             Ok(d) if out.0.is_empty() => Ok(d),
             Ok(_) => Err(out.0),
@@ -365,8 +416,109 @@ impl Config {
         self.validate_mapping(out, key, df);
     }
 
+    /// A dataflow's template: its text (from `template_inline`, or the `template` file read
+    /// now), named as its errors will name it. `None` without one.
+    pub fn dataflow_template(&self, df: &Dataflow) -> Result<Option<(String, String)>, String> {
+        match (&df.template, &df.template_inline) {
+            (None, None) => Ok(None),
+            (Some(_), Some(_)) => Err("give template or template_inline, not both".into()),
+            (None, Some(text)) => {
+                if text.len() > MAX_TEMPLATE {
+                    return Err(format!("template_inline is over {} KiB", MAX_TEMPLATE >> 10));
+                }
+                Ok(Some((format!("{}.template", df.name), text.clone())))
+            }
+            (Some(path), None) => {
+                let full = self.path(path);
+                let meta =
+                    std::fs::metadata(&full).map_err(|e| format!("template {}: {e}", full.display()))?;
+                if meta.len() > MAX_TEMPLATE as u64 {
+                    return Err(format!(
+                        "template {}: over {} KiB",
+                        full.display(),
+                        MAX_TEMPLATE >> 10
+                    ));
+                }
+                let text = std::fs::read_to_string(&full)
+                    .map_err(|e| format!("template {}: {e}", full.display()))?;
+                Ok(Some((path.display().to_string(), text)))
+            }
+        }
+    }
+
+    /// A dataflow's aggregation, content type and template (compiled and tried on sample
+    /// profiles, so a broken template is refused here with its file and line).
+    fn validate_shaping(&self, out: &mut Issues, key: &str, df: &Dataflow) {
+        use crate::config::Aggregation;
+        match &df.aggregation {
+            Aggregation::None => {}
+            Aggregation::BestEffort {
+                max_users_per_request,
+                aggregation_key,
+                ..
+            } => {
+                if !(1..=1000).contains(max_users_per_request) {
+                    out.push(
+                        format!("{key}.aggregation.max_users_per_request"),
+                        format!("{max_users_per_request} is outside 1..=1000"),
+                    );
+                }
+                check_aggregation_key(out, key, aggregation_key);
+            }
+            Aggregation::Configurable {
+                max_batch_age,
+                max_events_in_batch,
+                aggregation_key,
+            } => {
+                match parse_duration(max_batch_age) {
+                    Ok(d)
+                        if d >= std::time::Duration::from_secs(1)
+                            && d <= std::time::Duration::from_secs(86_400) => {}
+                    Ok(_) => out.push(
+                        format!("{key}.aggregation.max_batch_age"),
+                        format!("'{max_batch_age}' is outside 1s..=24h"),
+                    ),
+                    Err(e) => out.push(format!("{key}.aggregation.max_batch_age"), e),
+                }
+                if !(1..=10_000).contains(max_events_in_batch) {
+                    out.push(
+                        format!("{key}.aggregation.max_events_in_batch"),
+                        format!("{max_events_in_batch} is outside 1..=10000"),
+                    );
+                }
+                check_aggregation_key(out, key, aggregation_key);
+            }
+        }
+        if let Some(ct) = &df.content_type {
+            if http::HeaderValue::from_str(ct).is_err() || !is_media_type(ct) {
+                out.push(
+                    format!("{key}.content_type"),
+                    format!("'{ct}' is not a media type like application/json"),
+                );
+            }
+        }
+        let template = match self.dataflow_template(df) {
+            Ok(t) => t,
+            Err(e) => {
+                out.push(format!("{key}.template"), e);
+                return;
+            }
+        };
+        if let Some((name, source)) = template {
+            let json =
+                crate::config::is_json_content_type(df.content_type.as_deref().unwrap_or("application/json"));
+            let names: Vec<(String, String)> =
+                df.segments.iter().map(|id| (id.clone(), id.clone())).collect();
+            let sample = crate::export::template::sample_context(df, &names, 2);
+            if let Err(e) = crate::export::template::Template::compile(&name, source, json, &sample) {
+                out.push(format!("{key}.template"), e);
+            }
+        }
+    }
+
     /// A dataflow's mapped attributes and segments, its pacing and its breaker.
     fn validate_mapping(&self, out: &mut Issues, key: &str, df: &Dataflow) {
+        self.validate_shaping(out, key, df);
         if let Err(issues) = df.health_settings() {
             for (k, reason) in issues {
                 out.push(format!("{key}.{k}"), reason);

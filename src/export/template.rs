@@ -220,6 +220,98 @@ pub fn payload_of_view(view: &Value) -> Value {
     Value::Object(root)
 }
 
+/// `n` sample profiles for a dataflow's mapping, as a template sees them (the Destination
+/// SDK's sample-profile generation): every mapped attribute with a made-up value, an email
+/// identity, and every mapped segment — realized in the first profile, exited in the second.
+pub fn sample_views(df: &crate::config::Dataflow, n: usize) -> Vec<Value> {
+    (0..n.max(1))
+        .map(|i| {
+            let attributes: Map<String, Value> = df
+                .attributes
+                .iter()
+                .map(|a| {
+                    let leaf = a.target.rsplit('.').next().unwrap_or(&a.target);
+                    (a.target.clone(), json!({ "value": format!("{leaf}-{}", i + 1) }))
+                })
+                .collect();
+            let status = if i % 2 == 0 { "realized" } else { "exited" };
+            let ups: Map<String, Value> = df
+                .segments
+                .iter()
+                .map(|s| {
+                    (
+                        s.clone(),
+                        json!({ "status": status, "lastQualificationTime": "2026-01-01T00:00:00Z" }),
+                    )
+                })
+                .collect();
+            json!({
+                "attributes": Value::Object(attributes),
+                "identityMap": { "email": [{ "id": format!("user{}@example.com", i + 1) }] },
+                "segmentMembership": { "ups": Value::Object(ups) },
+            })
+        })
+        .collect()
+}
+
+/// `n` sample profile updates for a dataflow's mapping, as NDJSON lines `ingest` and
+/// `template render --profiles` take: every mapped source attribute with a made-up value, an
+/// email identity, every mapped segment (realized, or exited for every second profile).
+pub fn sample_updates(df: &crate::config::Dataflow, n: usize) -> Vec<String> {
+    (0..n.max(1))
+        .map(|i| {
+            let mut attributes = Map::new();
+            for a in &df.attributes {
+                let parts: Vec<&str> = a.source.split('.').collect();
+                let leaf = parts.last().copied().unwrap_or("value");
+                set_at(&mut attributes, &parts, json!(format!("{leaf}-{}", i + 1)));
+            }
+            let status = if i % 2 == 0 { "realized" } else { "exited" };
+            let segments: Vec<Value> = df
+                .segments
+                .iter()
+                .map(|s| json!({ "id": s, "status": status }))
+                .collect();
+            json!({
+                "profileId": format!("sample-{}", i + 1),
+                "attributes": Value::Object(attributes),
+                "identityMap": { "email": [{ "id": format!("user{}@example.com", i + 1) }] },
+                "segments": segments,
+            })
+            .to_string()
+        })
+        .collect()
+}
+
+/// The context of one request of `n` sample profiles for `df`.
+pub fn sample_context(df: &crate::config::Dataflow, names: &[(String, String)], n: usize) -> Value {
+    use crate::config::Aggregation;
+    // The key holds what the policy groups by, and nothing else: a template that reads a
+    // part its dataflow does not group by fails here, at load.
+    let policy = match &df.aggregation {
+        Aggregation::None => None,
+        Aggregation::BestEffort { aggregation_key, .. }
+        | Aggregation::Configurable { aggregation_key, .. } => Some(aggregation_key),
+    };
+    let mut key = Map::new();
+    if let Some(k) = policy {
+        if k.include_segment_id {
+            let s = df.segments.first().cloned().unwrap_or_default();
+            key.insert("segmentId".into(), json!(s));
+            key.insert("segmentNamespace".into(), json!("ups"));
+            key.insert("segmentAlias".into(), json!(s));
+            if k.include_segment_status {
+                key.insert("segmentStatus".into(), json!("realized"));
+            }
+        }
+        if k.include_identity {
+            let ns = k.groups.first().cloned().unwrap_or_else(|| vec!["email".into()]);
+            key.insert("identityNamespaces".into(), json!(ns));
+        }
+    }
+    context(sample_views(df, n), Value::Object(key), &df.name, names)
+}
+
 /// Place `v` at `path` under `root`, making objects on the way (a leaf in the way is replaced).
 fn set_at(root: &mut Map<String, Value>, path: &[&str], v: Value) {
     match path {

@@ -412,6 +412,11 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// The head of a dataflow's queue: how many rows are due now (counting up to `cap`), and
+    /// when the oldest due one was first enqueued (UNIX ms).
+    fn queue_head(&self, dataflow: &str, now_ms: i64, cap: usize)
+        -> Result<(usize, Option<i64>), StoreError>;
+
     /// Rows waiting (all dataflows when `None`).
     fn pending(&self, dataflow: Option<&str>) -> Result<u64, StoreError>;
 

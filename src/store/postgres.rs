@@ -1048,6 +1048,25 @@ impl Store for PgStore {
         })
     }
 
+    fn queue_head(
+        &self,
+        dataflow: &str,
+        now_ms: i64,
+        cap: usize,
+    ) -> Result<(usize, Option<i64>), StoreError> {
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+        self.transaction(|tx| {
+            let rows = tx.query(
+                "SELECT COUNT(*), MIN(enqueued_at) FROM (SELECT enqueued_at FROM outbox
+                 WHERE dataflow = $1 AND next_attempt_at <= $2 AND (lease_owner IS NULL OR lease_until < $2)
+                 ORDER BY id LIMIT $3) AS head",
+                &[&dataflow, &now_ms, &cap],
+            )?;
+            let (n, oldest): (i64, Option<i64>) = rows.first().map_or((0, None), |r| (r.get(0), r.get(1)));
+            Ok((usize::try_from(n).unwrap_or(0), oldest))
+        })
+    }
+
     fn pauses(&self) -> Result<Vec<Pause>, StoreError> {
         self.transaction(|tx| {
             tx.query(

@@ -892,6 +892,24 @@ impl Store for SqliteStore {
             > 0)
     }
 
+    fn queue_head(
+        &self,
+        dataflow: &str,
+        now_ms: i64,
+        cap: usize,
+    ) -> Result<(usize, Option<i64>), StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, oldest): (i64, Option<i64>) = conn
+            .prepare_cached(
+                "SELECT COUNT(*), MIN(enqueued_at) FROM (SELECT enqueued_at FROM outbox
+                 WHERE dataflow = ?1 AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3)",
+            )?
+            .query_row(params![dataflow, now_ms, cap as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        Ok((usize::try_from(n).unwrap_or(0), oldest))
+    }
+
     fn pauses(&self) -> Result<Vec<Pause>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(

@@ -25,6 +25,8 @@ pub(super) struct Flow {
     pub(super) counters: crate::metrics::FlowCounters,
     pub(super) wake: Notify,
     pub(super) health: Health,
+    /// Aggregation and template, when the dataflow shapes its requests.
+    pub(super) shaping: Option<super::shaped::Shaping>,
 }
 
 /// Deliver one claimed item (`probe`: as the breaker's probe while paused). Returns what to
@@ -140,6 +142,16 @@ pub(super) struct Sent {
 }
 
 impl Sent {
+    /// An attempt that failed before anything was sent.
+    pub(super) fn failed(error: DeliveryError) -> Sent {
+        Sent {
+            result: Err(error),
+            status: None,
+            peer: None,
+            latency_ms: 0.0,
+        }
+    }
+
     /// An attempt that failed inside the gateway, before or while sending.
     fn internal(message: String) -> Sent {
         Sent {
@@ -212,7 +224,10 @@ impl Flow {
         let mut headers = HeaderMap::new();
         headers.insert(
             http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+            match &self.shaping {
+                Some(s) => s.content_type.clone(),
+                None => HeaderValue::from_static("application/json"),
+            },
         );
         let key_value = HeaderValue::from_str(key).map_err(invalid)?;
         headers.insert("idempotency-key", key_value.clone());

@@ -36,9 +36,15 @@ impl Engine {
         }
         let destination = stored_destination(&self.inner.cfg, &df).map_err(DataflowChange::Invalid)?;
         let flow = Arc::new(
-            build_flow(&self.inner.store, &self.inner.core, &df, destination)
-                .await
-                .map_err(|e| DataflowChange::Invalid(vec![e.to_string()]))?,
+            build_flow(
+                &self.inner.cfg,
+                &self.inner.store,
+                &self.inner.core,
+                &df,
+                destination,
+            )
+            .await
+            .map_err(|e| DataflowChange::Invalid(vec![e.to_string()]))?,
         );
         let json = serde_json::to_string(&df).map_err(|e| DataflowChange::Invalid(vec![e.to_string()]))?;
         let (s, name, j) = (self.inner.store.clone(), df.name.clone(), json.clone());
@@ -104,7 +110,7 @@ impl Engine {
                 }
             };
             let built = match stored_destination(&self.inner.cfg, &df) {
-                Ok(d) => build_flow(&self.inner.store, &self.inner.core, &df, d).await,
+                Ok(d) => build_flow(&self.inner.cfg, &self.inner.store, &self.inner.core, &df, d).await,
                 Err(issues) => Err(EngineError::Setup(issues.join("; "))),
             };
             match built {
@@ -173,6 +179,7 @@ pub(super) fn stored_destination(cfg: &Config, df: &Dataflow) -> Result<Destinat
 /// before anything is written), then its mapped segments recorded and the newly mapped ones
 /// backfilled.
 pub(super) async fn build_flow(
+    cfg: &Config,
     store: &Arc<dyn Store>,
     core: &Core,
     df: &Dataflow,
@@ -195,6 +202,21 @@ pub(super) async fn build_flow(
     let settings = df
         .health_settings()
         .map_err(|issues| EngineError::Setup(format!("dataflow {}: {issues:?}", df.name)))?;
+    let template = cfg.dataflow_template(df).map_err(EngineError::Setup)?;
+    let names: Vec<(String, String)> = df
+        .segments
+        .iter()
+        .map(|id| {
+            let name = cfg
+                .segments
+                .iter()
+                .find(|s| &s.id == id)
+                .map_or(id.clone(), |s| s.name.clone());
+            (id.clone(), name)
+        })
+        .collect();
+    let shaping = super::shaped::Shaping::new(df, template, names)
+        .map_err(|e| EngineError::Setup(format!("dataflow {}: {e}", df.name)))?;
     let (s, name) = (store.clone(), df.name.clone());
     let paused = blocking(move || s.pauses())
         .await?
@@ -208,5 +230,6 @@ pub(super) async fn build_flow(
         counters: Default::default(),
         wake: Notify::new(),
         health: super::health::Health::new(&df.name, &settings, paused),
+        shaping,
     })
 }

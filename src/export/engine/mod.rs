@@ -10,6 +10,7 @@
 mod attempt;
 mod dataflows;
 mod health;
+mod shaped;
 mod worker;
 
 use std::sync::atomic::Ordering;
@@ -34,6 +35,7 @@ use attempt::{attempt_error, Flow};
 use dataflows::build_flow;
 pub use dataflows::DataflowChange;
 pub use health::DataflowStatus;
+pub use shaped::{preview, Preview};
 use worker::worker;
 
 /// How often an instance on a shared store looks for dataflow changes made elsewhere.
@@ -187,7 +189,7 @@ impl Engine {
         let mut flows = Vec::new();
         for df in &cfg.dataflows {
             let destination = cfg.dataflow_destination(df).map_err(EngineError::Setup)?;
-            flows.push(Arc::new(build_flow(&store, &core, df, destination).await?));
+            flows.push(Arc::new(build_flow(cfg, &store, &core, df, destination).await?));
         }
         let saved = {
             let s = store.clone();
@@ -201,7 +203,7 @@ impl Engine {
                     // What the database holds is checked like what the API is sent; one
                     // that cannot run is skipped, never a reason not to start.
                     let built = match dataflows::stored_destination(cfg, &df) {
-                        Ok(d) => build_flow(&store, &core, &df, d).await,
+                        Ok(d) => build_flow(cfg, &store, &core, &df, d).await,
                         Err(issues) => Err(EngineError::Setup(issues.join("; "))),
                     };
                     match built {

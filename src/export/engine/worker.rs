@@ -13,9 +13,16 @@ use crate::audit::AuditRecord;
 use crate::delivery::Session;
 use crate::store::{now_ms, Completion, OutboxItem};
 
-/// An outcome for the completer: what to record, and the attempt's audit record (none for an
-/// item handed back unsent).
-type Done = (Completion, Option<AuditRecord<'static>>);
+/// An outcome for the completer: what to record (a row's completion, a batch's dead letter)
+/// and an attempt's audit record; either may be absent (an item handed back unsent has no
+/// attempt; a request's attempt is recorded apart from its rows' completions).
+pub(super) type Done = (Option<Completion>, Option<AuditRecord<'static>>);
+
+/// What a courier delivers: one profile as its payload, or a shaped request.
+enum Work {
+    One(OutboxItem),
+    Shaped(super::shaped::Request),
+}
 
 /// Rows claimed per round trip to the store.
 const BATCH: usize = 512;
@@ -42,9 +49,14 @@ pub(super) async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
     };
     let in_flight = flow.health.max_in_flight;
     let lease_ms = i64::try_from(inner.cfg.store.lease().as_millis()).unwrap_or(30_000);
+    let limit = flow
+        .shaping
+        .as_ref()
+        .and_then(|s| s.configurable)
+        .map_or(BATCH, |(_, n)| n.max(BATCH));
     let claim = || {
         let (s, name) = (inner.store.clone(), flow.spec.name.clone());
-        tokio::task::spawn_blocking(move || s.claim(&name, BATCH, now_ms(), lease_ms))
+        tokio::task::spawn_blocking(move || s.claim(&name, limit, now_ms(), lease_ms))
     };
     // The claim of the next batch, started while the current one's last deliveries go out.
     let mut next: Option<tokio::task::JoinHandle<Result<Vec<OutboxItem>, crate::store::StoreError>>> = None;
@@ -62,6 +74,17 @@ pub(super) async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
                 _ => wait_at(&flow, gate).await,
             }
             continue;
+        }
+        if let Some((age, events)) = flow.shaping.as_ref().and_then(|s| s.configurable) {
+            // Configurable aggregation: claim once a batch is full or its oldest has waited
+            // max_batch_age (docs/design-notes.md, "Aggregation and templates").
+            if let Some(wait) = batch_wait(&inner, &flow, age, events).await {
+                tokio::select! {
+                    _ = flow.wake.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
         }
         let claimed = match next.take() {
             Some(handle) => handle.await,
@@ -87,6 +110,28 @@ pub(super) async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
         // (which takes about as long as a round of deliveries). Claimed rows stay leased, so
         // the early claim never returns a row of this batch; it is at most one round of
         // deliveries ahead, far inside the lease.
+        if let Some(shaping) = &flow.shaping {
+            let requests = super::shaped::plan_round(&inner, &flow, shaping, items, &done_tx).await;
+            for r in requests {
+                // A pause or a hold stops the round: the rest goes back in line unsent.
+                match flow.health.gate(now_ms()) {
+                    Gate::Go => {}
+                    Gate::Hold(until) => {
+                        super::shaped::release(r, until).await;
+                        continue;
+                    }
+                    _ => {
+                        super::shaped::release(r, now_ms()).await;
+                        continue;
+                    }
+                }
+                flow.health.pace().await;
+                if !couriers.dispatch(Work::Shaped(r)).await {
+                    return;
+                }
+            }
+            continue;
+        }
         let prefetch_at = if items.len() == BATCH {
             Some(items.len().saturating_sub(in_flight))
         } else {
@@ -106,7 +151,7 @@ pub(super) async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
             if Some(i) == prefetch_at {
                 next = Some(claim());
             }
-            if !couriers.dispatch(item).await {
+            if !couriers.dispatch(Work::One(item)).await {
                 return;
             }
         }
@@ -127,10 +172,10 @@ async fn release(done: &tokio::sync::mpsc::Sender<Done>, items: Vec<OutboxItem>,
     for item in items {
         if done
             .send((
-                Completion::Requeue {
+                Some(Completion::Requeue {
                     id: item.id,
                     retry_at,
-                },
+                }),
                 None,
             ))
             .await
@@ -174,13 +219,48 @@ async fn probe(inner: &Arc<Inner>, flow: &Arc<Flow>, done: &tokio::sync::mpsc::S
         return;
     };
     let session = Session::new();
+    if let Some(shaping) = &flow.shaping {
+        let requests = super::shaped::plan_round(inner, flow, shaping, vec![item], done).await;
+        for r in requests {
+            let t = session
+                .run(super::shaped::deliver(flow, shaping, r, &session, true))
+                .await;
+            if let Some(t) = t {
+                announce(inner, flow, t);
+            }
+        }
+        return;
+    }
     let (c, audit, transition) = session
         .run(deliver(flow, &inner.catalog, item, &session, true))
         .await;
     if let Some(t) = transition {
         announce(inner, flow, t);
     }
-    let _ = done.send((c, Some(audit))).await;
+    let _ = done.send((Some(c), Some(audit))).await;
+}
+
+/// Under configurable aggregation: how long to wait before the next claim, or `None` to claim
+/// now (a full batch is queued, or the oldest queued row has waited `age`).
+async fn batch_wait(inner: &Arc<Inner>, flow: &Flow, age: Duration, events: usize) -> Option<Duration> {
+    let (s, name) = (inner.store.clone(), flow.spec.name.clone());
+    let now = now_ms();
+    let head = blocking(move || s.queue_head(&name, now, events)).await;
+    let (count, oldest) = match head {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(dataflow = %flow.spec.name, error = %e, "reading the queue failed");
+            return Some(Duration::from_secs(1));
+        }
+    };
+    let oldest = oldest?;
+    let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+    if count >= events || now - oldest >= age_ms {
+        return None;
+    }
+    let until_aged = Duration::from_millis(u64::try_from(oldest + age_ms - now).unwrap_or(0));
+    // Looked at again at least every 250 ms, for rows that fill the batch.
+    Some(until_aged.min(Duration::from_millis(250)))
 }
 
 /// Store a pause state this instance changed, and tell the operators. The store keeps an
@@ -225,7 +305,7 @@ pub(super) fn announce(inner: &Arc<Inner>, flow: &Arc<Flow>, t: Transition) {
 /// using the same few connections.
 struct Couriers {
     /// Each courier's queue (one item at most).
-    queues: Vec<tokio::sync::mpsc::Sender<OutboxItem>>,
+    queues: Vec<tokio::sync::mpsc::Sender<Work>>,
     /// Idle couriers, the most recently idle last.
     idle: Arc<Mutex<Vec<usize>>>,
     /// A courier became idle.
@@ -239,7 +319,7 @@ impl Couriers {
     /// Hand `item` to an idle courier, starting one when none is idle and fewer than
     /// `max_in_flight` run, or else waiting for one. `false` when the couriers have stopped
     /// (the completer is gone).
-    async fn dispatch(&mut self, mut item: OutboxItem) -> bool {
+    async fn dispatch(&mut self, mut item: Work) -> bool {
         loop {
             let notify = self.freed.clone();
             let freed = notify.notified();
@@ -298,7 +378,7 @@ impl Couriers {
 /// (driven in this task); after each, report idle. Stops when its queue closes.
 async fn courier(
     index: usize,
-    mut work: tokio::sync::mpsc::Receiver<OutboxItem>,
+    mut work: tokio::sync::mpsc::Receiver<Work>,
     idle: Arc<Mutex<Vec<usize>>>,
     freed: Arc<Notify>,
     inner: Arc<Inner>,
@@ -307,16 +387,26 @@ async fn courier(
 ) {
     let session = Session::new();
     let run = async {
-        while let Some(item) = work.recv().await {
-            let enqueued_at = item.enqueued_at;
-            let (c, audit, transition) = deliver(&flow, &inner.catalog, item, &session, false).await;
-            if let Some(t) = transition {
-                announce(&inner, &flow, t);
-            }
-            // Latency ends when the receiver answered, not when the outcome is committed.
-            inner.stats.record(&c, enqueued_at);
-            if done.send((c, Some(audit))).await.is_err() {
-                return;
+        while let Some(w) = work.recv().await {
+            match w {
+                Work::One(item) => {
+                    let enqueued_at = item.enqueued_at;
+                    let (c, audit, transition) = deliver(&flow, &inner.catalog, item, &session, false).await;
+                    if let Some(t) = transition {
+                        announce(&inner, &flow, t);
+                    }
+                    // Latency ends when the receiver answered, not when the outcome is committed.
+                    inner.stats.record(&c, enqueued_at);
+                    if done.send((Some(c), Some(audit))).await.is_err() {
+                        return;
+                    }
+                }
+                Work::Shaped(req) => {
+                    let Some(shaping) = &flow.shaping else { continue };
+                    if let Some(t) = super::shaped::deliver(&flow, shaping, req, &session, false).await {
+                        announce(&inner, &flow, t);
+                    }
+                }
             }
             idle.lock().unwrap_or_else(|p| p.into_inner()).push(index);
             freed.notify_one();
@@ -333,12 +423,17 @@ async fn complete_loop(inner: Arc<Inner>, flow: Arc<Flow>, mut rx: tokio::sync::
         let mut audit = Vec::with_capacity(buf.len());
         let events = inner.events();
         for (c, a) in buf.drain(..) {
-            let Some(a) = a else {
-                results.push(c);
-                continue;
-            };
-            flow.counters.record_attempt(&a);
+            if let Some(a) = a {
+                flow.counters.record_attempt(&a);
+                audit.push(a);
+            }
+            let Some(c) = c else { continue };
             if let Completion::Dead {
+                idempotency_key,
+                error,
+                ..
+            }
+            | Completion::DeadBatch {
                 idempotency_key,
                 error,
                 ..
@@ -357,7 +452,6 @@ async fn complete_loop(inner: Arc<Inner>, flow: Arc<Flow>, mut rx: tokio::sync::
                 );
             }
             results.push(c);
-            audit.push(a);
         }
         let s = inner.store.clone();
         if let Err(e) = blocking(move || s.complete(&results, &audit)).await {
