@@ -447,3 +447,155 @@ fn a_broken_template_file_is_refused_at_load_with_its_line() {
     let e = refused("template_inline = '{\"a\": \"{{ input.aggregationKey.segmentId }}\"}'");
     assert!(e.contains("segmentId") && e.contains("undefined"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_batches_in_flight_loses_nothing_and_repeats_only_under_the_same_key() {
+    let pki = RcgenPki::new();
+    let f = &pki.files;
+    // A slow receiver, so batches are in flight when the gateway is killed.
+    let rx = Receiver::start_with(
+        &f.server_cert,
+        &f.server_key,
+        &f.ca_cert,
+        ClientAuth::Required,
+        std::sync::Arc::new(|_| {
+            sallyport::receiver::Action::Delay(Duration::from_millis(300), StatusCode::OK)
+        }),
+    )
+    .await
+    .unwrap();
+    let (public, admin) = (free_port(), free_port());
+    let path = pki.dir.path().join("agg.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n[store]\nurl = \"sqlite://agg.db\"\n\
+             [public]\nlisten = \"127.0.0.1:{public}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken_env = \"SALLYPORT_TEST_ADMIN_TOKEN\"\n\
+             [[segments]]\nid = \"{SEG}\"\nname = \"S\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"{}\"\nca = \"{}\"\n\
+             segments = [\"{SEG}\"]\nattributes = [{{ source = \"n\", target = \"n\" }}]\nmax_in_flight = 4\n\
+             aggregation = {{ kind = \"best_effort\", max_users_per_request = 10 }}\n",
+            f.client_cert.display(),
+            f.client_key.display(),
+            rx.url("/in"),
+            f.ca_cert.display()
+        ),
+    )
+    .unwrap();
+    let token = "agg-token";
+    let gw = serve_process(&path, admin, token).await;
+    let mut body = String::new();
+    for i in 0..300 {
+        body += &(json!({"profileId": format!("p{i}"), "attributes": {"n": i},
+                         "segments": [{"id": SEG, "status": "realized"}]})
+        .to_string()
+            + "\n");
+    }
+    let (s, _) = http(
+        "POST",
+        &format!("http://127.0.0.1:{admin}/v1/profiles"),
+        Some(token),
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    wait_until("batches in flight", Duration::from_secs(10), || {
+        rx.received().len() >= 6
+    })
+    .await;
+    drop(gw); // SIGKILL, with requests in flight and outcomes unrecorded
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _gw = serve_process(&path, admin, token).await;
+    // Every profile reaches the receiver.
+    let seen = |rx: &Receiver| -> std::collections::BTreeMap<i64, std::collections::BTreeSet<String>> {
+        let mut by_profile = std::collections::BTreeMap::<i64, std::collections::BTreeSet<String>>::new();
+        for r in rx.received() {
+            let key = r
+                .headers
+                .iter()
+                .find(|(k, _)| k == "idempotency-key")
+                .unwrap()
+                .1
+                .clone();
+            let arr: Vec<Value> = serde_json::from_slice(&r.body).unwrap();
+            for p in arr {
+                by_profile
+                    .entry(p["n"].as_i64().unwrap())
+                    .or_default()
+                    .insert(key.clone());
+            }
+        }
+        by_profile
+    };
+    wait_until("every profile", Duration::from_secs(30), || {
+        seen(&rx).len() == 300
+    })
+    .await;
+    // A profile sent twice was sent in the same batch under the same key: the receiver can
+    // drop the repeat.
+    let by_profile = seen(&rx);
+    let repeated: Vec<_> = by_profile.iter().filter(|(_, keys)| keys.len() > 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "profiles sent under more than one key: {repeated:?}"
+    );
+}
+
+#[test]
+fn template_sample_and_render_show_what_would_be_sent() {
+    let pki = RcgenPki::new();
+    let path = pki.dir.path().join("t.toml");
+    let f = &pki.files;
+    std::fs::write(
+        &path,
+        format!(
+            "[egress]\nallow = [\"127.0.0.0/8\"]\n[identity]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [[segments]]\nid = \"{SEG}\"\nname = \"S\"\n[[dataflows]]\nname = \"rx\"\nendpoint = \"https://127.0.0.1:9/in\"\n\
+             ca = \"{}\"\nsegments = [\"{SEG}\"]\nattributes = [{{ source = \"person.name\", target = \"firstName\" }}]\n\
+             aggregation = {{ kind = \"best_effort\", max_users_per_request = 10, aggregation_key = {{ include_segment_id = true }} }}\n\
+             template_inline = '''{USERS_TEMPLATE}'''\n",
+            f.client_cert.display(),
+            f.client_key.display(),
+            f.ca_cert.display()
+        ),
+    )
+    .unwrap();
+    let cfg = path.to_str().unwrap();
+    let (ok, samples) = sallyport_cli(&[
+        "template",
+        "sample",
+        "--config",
+        cfg,
+        "--dataflow",
+        "rx",
+        "--count",
+        "3",
+    ]);
+    assert!(ok, "{samples}");
+    assert_eq!(samples.lines().count(), 3);
+    let first: Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    assert_eq!(first["attributes"]["person"]["name"], "name-1");
+    let file = pki.dir.path().join("samples.ndjson");
+    std::fs::write(&file, samples.replace("\"exited\"", "\"realized\"")).unwrap();
+    let (ok, out) = sallyport_cli(&[
+        "template",
+        "render",
+        "--config",
+        cfg,
+        "--dataflow",
+        "rx",
+        "--profiles",
+        file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    let requests: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(requests.len(), 1, "{out}");
+    let body: Value = serde_json::from_str(requests[0]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["segment"], SEG);
+    assert_eq!(
+        body["users"][2],
+        json!({"name": "name-3", "email": "user3@example.com"})
+    );
+    let (ok, out) = sallyport_cli(&["template", "render", "--config", cfg, "--dataflow", "nope"]);
+    assert!(!ok && out.contains("no dataflow named 'nope'"), "{out}");
+}

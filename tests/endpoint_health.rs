@@ -8,7 +8,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -304,36 +303,12 @@ async fn a_429_with_retry_after_holds_the_whole_dataflow() {
 
 const TOKEN: &str = "test-admin-token-health";
 
-struct Gateway(tokio::process::Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
-async fn serve(cfg: &std::path::Path, admin: u16) -> Gateway {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .env("SALLYPORT_TEST_ADMIN_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    tokio::task::spawn_blocking(move || wait_for_port(admin))
-        .await
-        .unwrap();
-    Gateway(child)
+async fn serve(cfg: &std::path::Path, admin: u16) -> ServeProcess {
+    serve_process(cfg, admin, TOKEN).await
 }
 
 fn cli(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    sallyport_cli(args)
 }
 
 fn cli_status(cfg: &str) -> Value {

@@ -434,3 +434,40 @@ pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> b
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `sallyport serve` as a child process; killed (SIGKILL) when dropped.
+pub struct ServeProcess(tokio::process::Child);
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+/// Start `sallyport serve --config cfg` with the admin token in `SALLYPORT_TEST_ADMIN_TOKEN`,
+/// and wait for its admin port.
+pub async fn serve_process(cfg: &Path, admin: u16, token: &str) -> ServeProcess {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .env("SALLYPORT_TEST_ADMIN_TOKEN", token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::task::spawn_blocking(move || wait_for_port(admin))
+        .await
+        .unwrap();
+    ServeProcess(child)
+}
+
+/// Run the `sallyport` CLI; whether it succeeded, and its stdout then stderr.
+pub fn sallyport_cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sallyport"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
