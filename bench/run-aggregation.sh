@@ -96,6 +96,19 @@ if phase == "throughput":
         time.sleep(0.05)
     total = time.monotonic() - t0
     print(json.dumps({"profiles": n, "ingestSecs": ingested, "secs": total, "perSec": n / total}))
+elif phase == "drain":
+    # Delivery alone: queue everything while the dataflow is paused, then resume.
+    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=60)
+    c.request("POST", "/v1/dataflows/rx/pause", body=b"", headers=H); r = c.getresponse(); r.read(); assert r.status == 200
+    for i in range(0, n, 1000):
+        post(c, batch(i, 1000))
+    time.sleep(1.5)
+    t0 = time.monotonic()
+    c.request("POST", "/v1/dataflows/rx/resume", body=b"", headers=H); r = c.getresponse(); r.read(); assert r.status == 200
+    while pending() > 0:
+        time.sleep(0.05)
+    secs = time.monotonic() - t0
+    print(json.dumps({"profiles": n, "secs": secs, "perSec": n / secs}))
 else:
     # A steady rate for 10 s (after 1 s of warm-up, not counted: a fresh process per phase).
     per, tick = max(1, rate // 100), 0.01
@@ -119,18 +132,24 @@ conf best 'aggregation = { kind = "best_effort", max_users_per_request = 10 }'
 peer1=$(peer_rate)
 none=$(run none throughput)
 best=$(run best throughput)
+conf none3 ""
+conf best3 'aggregation = { kind = "best_effort", max_users_per_request = 10 }'
+drain_none=$(run none3 drain)
+drain_best=$(run best3 drain)
 conf none2 ""
 conf best2 'aggregation = { kind = "best_effort", max_users_per_request = 10 }'
 steady_none=$(run none2 steady)
 steady_best=$(run best2 steady)
 peer2=$(peer_rate)
-python3 - "$peer1" "$peer2" "$none" "$best" "$steady_none" "$steady_best" "$N" "$RATE" <<'PY'
+python3 - "$peer1" "$peer2" "$none" "$best" "$steady_none" "$steady_best" "$N" "$RATE" "$drain_none" "$drain_best" <<'PY'
 import json, sys, time
 p1, p2 = float(sys.argv[1]), float(sys.argv[2]); peer = (p1 + p2) / 2
 none, best, sn, sb = (json.loads(a) for a in sys.argv[3:7]); n, rate = int(sys.argv[7]), int(sys.argv[8])
+dn, db = json.loads(sys.argv[9]), json.loads(sys.argv[10])
 print(f"| measure ({time.strftime('%Y-%m-%d')}, {n:,} profiles) | one per request | ten per request (best effort) | ratio |")
 print("| --- | --- | --- | --- |")
 print(f"| end-to-end profiles/s through serve's HTTP ingest | {none['perSec']:,.0f} ({none['perSec']/peer:.2f}× nginx proxy) | {best['perSec']:,.0f} ({best['perSec']/peer:.2f}× nginx proxy) | {best['perSec']/none['perSec']:.2f}× |")
+print(f"| delivery alone: a queue of {n:,} drained, profiles/s | {dn['perSec']:,.0f} ({dn['perSec']/peer:.2f}× nginx proxy) | {db['perSec']:,.0f} ({db['perSec']/peer:.2f}× nginx proxy) | {db['perSec']/dn['perSec']:.2f}× |")
 print(f"| ingest alone, s | {none['ingestSecs']:.1f} | {best['ingestSecs']:.1f} | |")
 print(f"| p99 ingest→delivered at a steady {rate:,}/s (achieved {sn['achievedPerSec']:,.0f} / {sb['achievedPerSec']:,.0f}) | {sn['p99Ms']:.1f} ms | {sb['p99Ms']:.1f} ms | |")
 print(f"\nnginx proxy peer: {p1:,.0f} req/s before, {p2:,.0f} after")
