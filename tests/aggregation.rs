@@ -398,18 +398,6 @@ async fn configurable_batches_wait_for_age_or_size() {
     engine.ingest(&updates(0, 20, true)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(rx.received().is_empty(), "a small batch waits");
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    eprintln!(
-        "DEBUG audit {:?} dead {:?}",
-        engine
-            .store()
-            .audit_records(0, 5)
-            .unwrap()
-            .iter()
-            .map(|r| r.record.clone())
-            .collect::<Vec<_>>(),
-        engine.store().dead_letters(None, 5).unwrap()
-    );
     wait_until("the aged batch", Duration::from_secs(10), || {
         rx.received().len() == 1
     })

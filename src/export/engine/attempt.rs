@@ -64,28 +64,16 @@ pub(super) async fn deliver(
         }
     };
     let now = now_ms();
-    let mut transition = None;
+    let (transition, paused) = flow.health.observe(sent.result.as_ref().map(|_| ()), probe, now);
     let completion = match &sent.result {
-        Ok(()) => {
-            flow.health.succeeded(now);
-            if probe {
-                flow.health.probe_succeeded(now);
-                transition = Some(Transition::Resumed);
-            }
-            Completion::Delivered {
-                id: item.id,
-                version: item.version,
-            }
-        }
+        Ok(()) => Completion::Delivered {
+            id: item.id,
+            version: item.version,
+        },
         Err(error) => {
             tracing::warn!(dataflow = %flow.spec.name, kind = %error.kind(), attempt, "delivery failed");
             let record = attempt_error(attempt, error);
-            transition = if probe {
-                flow.health.probe_failed(error, now).map(Transition::Probed)
-            } else {
-                flow.health.failed(error, now).map(Transition::Paused)
-            };
-            if flow.health.paused().is_some() {
+            if paused {
                 // Paused: back in line, uncounted; a pause never makes a dead letter.
                 return (
                     Completion::Requeue {

@@ -203,18 +203,7 @@ pub(super) async fn build_flow(
         .health_settings()
         .map_err(|issues| EngineError::Setup(format!("dataflow {}: {issues:?}", df.name)))?;
     let template = cfg.dataflow_template(df).map_err(EngineError::Setup)?;
-    let names: Vec<(String, String)> = df
-        .segments
-        .iter()
-        .map(|id| {
-            let name = cfg
-                .segments
-                .iter()
-                .find(|s| &s.id == id)
-                .map_or(id.clone(), |s| s.name.clone());
-            (id.clone(), name)
-        })
-        .collect();
+    let names = super::shaped::segment_names(cfg, df);
     let shaping = super::shaped::Shaping::new(df, template, names)
         .map_err(|e| EngineError::Setup(format!("dataflow {}: {e}", df.name)))?;
     let (s, name) = (store.clone(), df.name.clone());

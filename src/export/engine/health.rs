@@ -212,6 +212,31 @@ impl Health {
         Some(out)
     }
 
+    /// What one attempt's result does to the dataflow (`probe`: it was the breaker's probe):
+    /// the pause state it changed, if any, and whether the dataflow is paused now (a failed
+    /// attempt then goes back in line uncounted).
+    pub(super) fn observe(
+        &self,
+        result: Result<(), &DeliveryError>,
+        probe: bool,
+        now: i64,
+    ) -> (Option<Transition>, bool) {
+        let transition = match (result, probe) {
+            (Ok(()), false) => {
+                self.succeeded(now);
+                None
+            }
+            (Ok(()), true) => {
+                self.succeeded(now);
+                self.probe_succeeded(now);
+                Some(Transition::Resumed)
+            }
+            (Err(e), true) => self.probe_failed(e, now).map(Transition::Probed),
+            (Err(e), false) => self.failed(e, now).map(Transition::Paused),
+        };
+        (transition, self.paused().is_some())
+    }
+
     /// A probe succeeded: the pause ends here now, and in the store once written.
     pub(super) fn probe_succeeded(&self, now: i64) {
         self.set(None, now);

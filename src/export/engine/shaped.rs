@@ -274,25 +274,13 @@ pub(super) async fn deliver(
         }
     };
     let now = now_ms();
-    let mut transition = None;
+    let (transition, paused) = flow.health.observe(sent.result.as_ref().map(|_| ()), probe, now);
     let (row_verdict, outcome, dead) = match &sent.result {
-        Ok(()) => {
-            flow.health.succeeded(now);
-            if probe {
-                flow.health.probe_succeeded(now);
-                transition = Some(Transition::Resumed);
-            }
-            (RowVerdict::Delivered, Outcome::Delivered, None)
-        }
+        Ok(()) => (RowVerdict::Delivered, Outcome::Delivered, None),
         Err(error) => {
             tracing::warn!(dataflow = %flow.spec.name, kind = %error.kind(), attempt, "delivery failed");
             let record = attempt_error(attempt, error);
-            transition = if probe {
-                flow.health.probe_failed(error, now).map(Transition::Probed)
-            } else {
-                flow.health.failed(error, now).map(Transition::Paused)
-            };
-            if flow.health.paused().is_some() {
+            if paused {
                 (RowVerdict::Requeue(now), Outcome::Retry, None)
             } else {
                 match flow.client.retry().decide(attempt, error, jitter()) {
@@ -425,6 +413,21 @@ fn batch_key(dataflow: &str, members: &[(i64, i64)], key: &GroupKey) -> String {
         ctx.update(&version.to_be_bytes());
     }
     format!("sp_{}", crate::audit::hex(&ctx.finish().as_ref()[..16]))
+}
+
+/// A dataflow's mapped segments with their catalog names (the id when the catalog has none).
+pub(super) fn segment_names(cfg: &crate::config::Config, df: &Dataflow) -> Vec<(String, String)> {
+    df.segments
+        .iter()
+        .map(|id| {
+            let name = cfg
+                .segments
+                .iter()
+                .find(|s| &s.id == id)
+                .map_or(id.clone(), |s| s.name.clone());
+            (id.clone(), name)
+        })
+        .collect()
 }
 
 /// Hand a planned request back unsent (the dataflow paused or is held): its rows go back in

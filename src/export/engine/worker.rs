@@ -253,7 +253,10 @@ async fn batch_wait(inner: &Arc<Inner>, flow: &Flow, age: Duration, events: usiz
             return Some(Duration::from_secs(1));
         }
     };
-    let oldest = oldest?;
+    // Nothing due: look again soon (ingest wakes the worker too).
+    let Some(oldest) = oldest else {
+        return Some(Duration::from_millis(250));
+    };
     let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
     if count >= events || now - oldest >= age_ms {
         return None;
