@@ -240,6 +240,9 @@ impl Config {
         if !(1..=64).contains(&self.store.pool_size) {
             out.push("store.pool_size", "must be from 1 to 64");
         }
+        if !(1..=1024).contains(&self.store.cache_mib) {
+            out.push("store.cache_mib", "must be from 1 to 1024 (MiB)");
+        }
         let ident_ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= 63

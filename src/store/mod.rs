@@ -471,9 +471,10 @@ pub trait Store: Send + Sync + 'static {
 pub fn open(cfg: &crate::config::Config) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     let url = &cfg.store.url;
     if let Some(path) = url.strip_prefix("sqlite://") {
-        return Ok(std::sync::Arc::new(SqliteStore::open(
+        return Ok(std::sync::Arc::new(SqliteStore::open_with_cache(
             &cfg.path(std::path::Path::new(path)),
             audit_chain(cfg)?,
+            cfg.store.cache_mib,
         )?));
     }
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {

@@ -141,6 +141,11 @@ impl std::fmt::Debug for SqliteStore {
 impl SqliteStore {
     /// Open (creating if needed) the database at `path` and apply the schema.
     pub fn open(path: &Path, chain: Chain) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, chain, 16)
+    }
+
+    /// [`SqliteStore::open`] with the writer's page cache at `cache_mib` MiB.
+    pub fn open_with_cache(path: &Path, chain: Chain, cache_mib: u32) -> Result<Self, StoreError> {
         let err = |reason: String| StoreError::Open {
             path: path.display().to_string(),
             reason,
@@ -151,10 +156,11 @@ impl SqliteStore {
             }
         }
         let mut conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
-        conn.execute_batch(
+        conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;
-             PRAGMA cache_size = -65536;",
-        )?;
+             PRAGMA cache_size = -{};",
+            u64::from(cache_mib.clamp(1, 1024)) * 1024
+        ))?;
         conn.execute_batch(SCHEMA)?;
         let version: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| {

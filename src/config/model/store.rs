@@ -30,6 +30,11 @@ pub struct StoreConfig {
     /// PostgreSQL connections per instance. Default 4.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// SQLite's page cache for its writer connection, MiB (the reader keeps SQLite's default
+    /// 2 MiB). A bigger cache keeps more of a large outbox in memory; the process's memory
+    /// grows by as much. Default 16; 1..=1024.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: u32,
     /// CA bundle for the PostgreSQL server's certificate. When set, every connection is TLS
     /// (required, verified, host name checked). Default: none — plaintext, for a database on
     /// the same host or a trusted private network.
@@ -46,6 +51,7 @@ impl Default for StoreConfig {
             instance: None,
             lease: default_lease(),
             pool_size: default_pool_size(),
+            cache_mib: default_cache_mib(),
             ca: None,
         }
     }
@@ -109,6 +115,10 @@ fn is_password_key(k: &str) -> bool {
 fn default_lease() -> String {
     "30s".into()
 }
+fn default_cache_mib() -> u32 {
+    16
+}
+
 fn default_pool_size() -> usize {
     4
 }

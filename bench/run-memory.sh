@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Memory of `serve` as a user runs it: RSS idle, at the peak and after N profiles have gone
+# through its HTTP ingest to an nginx receiver (ssl_verify_client on) and been delivered, on
+# default settings. Read from /proc/PID/status (VmRSS, VmHWM).
+# Usage: bench/run-memory.sh [profiles, default 1000000]
+set -euo pipefail
+N=${1:-1000000}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
+bench_scratch sallyport-memory
+bench_tools
+bench_pki
+bench_sallyport_bin
+bench_receiver
+export BENCH_ADMIN_TOKEN=bench-memory-token
+ADMIN=18644
+cat > "$PKI/memory.toml" <<CONF
+[identity]
+cert = "$PKI/client.pem"
+key = "$PKI/client.key"
+[egress]
+allow = ["127.0.0.0/8"]
+[public]
+listen = "127.0.0.1:18643"
+[admin]
+listen = "127.0.0.1:$ADMIN"
+token_env = "BENCH_ADMIN_TOKEN"
+[store]
+url = "sqlite://$PKI/memory.db"
+[[segments]]
+id = "s1"
+name = "S"
+[[dataflows]]
+name = "rx"
+endpoint = "https://localhost:9443/profiles"
+ca = "$PKI/ca.pem"
+segments = ["s1"]
+attributes = [{ source = "person.name.firstName", target = "firstName" }]
+CONF
+"$BIN" serve --config "$PKI/memory.toml" >"$PKI/serve.log" 2>&1 & PID=$!; PIDS+=($PID)
+for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$ADMIN) 2>/dev/null && break; sleep 0.1; done
+sleep 1
+rss() { awk -v k="$1:" '$1==k{print int($2/1024)}' "/proc/$PID/status"; }
+idle=$(rss VmRSS)
+python3 - "$ADMIN" "$N" <<'PY'
+import http.client, json, os, sys, threading, time
+admin, n = int(sys.argv[1]), int(sys.argv[2])
+H = {"Authorization": "Bearer " + os.environ["BENCH_ADMIN_TOKEN"]}
+def batch(start, count):
+    return "".join(json.dumps({"profileId": f"p{i}", "attributes": {"person": {"name": {"firstName": f"F{i}"}}},
+                               "identityMap": {"email": [{"id": f"u{i}@example.com"}]},
+                               "segments": [{"id": "s1", "status": "realized"}]}) + "\n" for i in range(start, start + count))
+def work(k, workers=4, size=1000):
+    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=60)
+    for i in range(k * size, n, workers * size):
+        c.request("POST", "/v1/profiles", body=batch(i, min(size, n - i)), headers=H)
+        r = c.getresponse(); r.read(); assert r.status == 200
+ts = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+[t.start() for t in ts]; [t.join() for t in ts]
+def pending():
+    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=30); c.request("GET", "/v1/status", headers=H)
+    r = c.getresponse(); v = json.loads(r.read()); c.close(); return v["dataflows"][0]["pending"]
+while pending() > 0:
+    time.sleep(0.2)
+PY
+after=$(rss VmRSS); peak=$(rss VmHWM)
+sleep 10
+settled=$(rss VmRSS)
+echo "| measure ($(date +%F), $N profiles, default settings) | MiB |"
+echo "| --- | --- |"
+echo "| RSS idle | $idle |"
+echo "| RSS peak (VmHWM) | $peak |"
+echo "| RSS when the last profile was delivered | $after |"
+echo "| RSS 10 s later | $settled |"
