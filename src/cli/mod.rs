@@ -52,6 +52,9 @@ pub fn main(cli: Cli) -> ExitCode {
     code
 }
 
+/// Threads for blocking work (store calls, file reads) per process.
+const BLOCKING_THREADS: usize = 16;
+
 /// Run `work` to completion on a runtime with `threads` workers: 1 is a current-thread
 /// runtime, 0 tokio's default (one worker per core).
 fn on_runtime(threads: usize, work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
@@ -59,6 +62,10 @@ fn on_runtime(threads: usize, work: impl std::future::Future<Output = ExitCode>)
         1 => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
+    // Store calls run on blocking threads; each thread's allocator heap keeps memory it freed
+    // for reuse, so a pool of hundreds of short-lived threads held far more memory than the
+    // work needs (bench/RESULTS.md, "Memory"). The store serialises writes anyway.
+    b.max_blocking_threads(BLOCKING_THREADS);
     if threads > 1 {
         b.worker_threads(threads);
     }
