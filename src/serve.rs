@@ -1,6 +1,7 @@
 //! `sallyport serve`: the composition root. Loads and validates the config, opens the store
 //! and the export engine (backfilling newly mapped segments), starts one delivery worker per
-//! dataflow, the public listener and the admin listener, and runs until SIGINT or SIGTERM.
+//! dataflow, the public listener and the admin listener (and the trace exporter when
+//! `[telemetry]` is set), and runs until SIGINT or SIGTERM.
 
 use std::sync::Arc;
 
@@ -26,6 +27,8 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         }
     };
     let tokens = Arc::new(TokenCheck::new(token.as_ref())?);
+    // Traces when [telemetry] names a collector; flushed after the listeners stop.
+    let telemetry = crate::telemetry::Telemetry::start(&cfg)?;
     crate::egress::check_source_ips(&cfg.egress.source_ips)?;
     // One delivery core for the whole process: exports, sidecar and alerts present the same
     // identities, rotated by one watcher.
@@ -99,6 +102,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     }
     for s in servers {
         let _ = s.await;
+    }
+    if let Some(t) = telemetry {
+        t.shutdown().await;
     }
     Ok(())
 }

@@ -233,6 +233,8 @@ struct Attempt {
     status: Option<u16>,
     latency_ms: f64,
     auth: &'static str,
+    /// The request span's trace id, when traces are on.
+    trace_id: Option<Arc<str>>,
 }
 
 impl crate::audit::writer::Record for Attempt {
@@ -262,7 +264,7 @@ impl crate::audit::writer::Record for Attempt {
             peer_cert_sha256: peer_cert_sha256.map(Cow::Borrowed),
             auth: text(self.auth),
             trigger: None,
-            trace_id: None,
+            trace_id: self.trace_id.as_deref().map(Cow::Borrowed),
         }
     }
 }
@@ -458,6 +460,15 @@ impl Sidecar {
             route.destination.clone()
         };
         let (parts, body) = req.into_parts();
+        // The request's span when traces are on: its URL without query values, never a header.
+        let span = crate::telemetry::HttpSpan::client(
+            "sallyport.route",
+            &route.name,
+            &route.client,
+            &parts.method,
+            &url,
+        );
+        let trace_id: Option<Arc<str>> = span.as_ref().map(|s| s.trace_id().into());
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         headers.remove(http::header::HOST);
@@ -518,7 +529,7 @@ impl Sidecar {
             } else {
                 None
             };
-            self.audit_attempt(route, &destination, attempt, &result, started)
+            self.audit_attempt(route, &destination, attempt, &result, started, trace_id.clone())
                 .await;
             let Some(delay) = again else {
                 break result;
@@ -526,6 +537,21 @@ impl Sidecar {
             drop(result);
             tokio::time::sleep(delay).await;
         };
+        if let Some(span) = span {
+            let (status, peer) = match &result {
+                Ok(res) => (
+                    Some(res.status().as_u16()),
+                    res.extensions().get::<Arc<PeerInfo>>(),
+                ),
+                Err(e) => (e.status(), None),
+            };
+            span.end(crate::telemetry::HttpOutcome {
+                resend_count: attempt - 1,
+                status,
+                peer: peer.map(|p| p.as_ref()),
+                error: result.as_ref().err().map(DeliveryError::kind),
+            });
+        }
         match result {
             Ok(res) => {
                 let (mut rparts, rbody) = res.into_parts();
@@ -546,6 +572,7 @@ impl Sidecar {
         attempt: u32,
         result: &Result<http::Response<Incoming>, DeliveryError>,
         started: Instant,
+        trace_id: Option<Arc<str>>,
     ) {
         let (status, error, peer) = match result {
             Ok(res) => (
@@ -565,6 +592,7 @@ impl Sidecar {
             status,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             auth: route.client.auth_kind(),
+            trace_id,
         };
         let record = match self.audit.try_send(record) {
             Ok(()) => return,
@@ -648,6 +676,8 @@ pub async fn start(cfg: &Config, core: &Core) -> Result<Vec<tokio::task::JoinHan
 /// SIGHUP) are presented on new upstream connections without a restart.
 pub async fn run(cfg: Config) -> Result<(), String> {
     let core = Core::from_config(&cfg)?;
+    // Traces when [telemetry] names a collector; flushed before the process exits.
+    let telemetry = crate::telemetry::Telemetry::start(&cfg)?;
     let mut tasks = start(&cfg, &core).await?;
     // The sidecar owns the identities: their rotation and expiry are its events to send.
     let (events, sender) = crate::events::Events::from_config(&cfg, &core)?;
@@ -660,6 +690,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     tasks.push(tokio::spawn(core.watch(IDENTITY_POLL)));
     crate::signals::shutdown().await;
     tasks.iter().for_each(|t| t.abort());
+    if let Some(t) = telemetry {
+        t.shutdown().await;
+    }
     Ok(())
 }
 
