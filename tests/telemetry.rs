@@ -20,6 +20,8 @@ const ADMIN_TOKEN: &str = "telemetry-admin-token-61b0";
 const BEARER: &str = "bearer-secret-5d2a9c";
 const QUERY_SECRET: &str = "query-secret-91f3e7";
 const COLLECTOR_TOKEN: &str = "collector-token-0c44";
+const APP_TOKEN: &str = "app-token-3e8b17";
+const ROUTE_QUERY_SECRET: &str = "route-query-secret-a90d";
 /// The environment of every `sallyport` run here (the CLI validates the config too).
 const ENVS: &[(&str, &str)] = &[
     ("TEL_ADMIN_TOKEN", ADMIN_TOKEN),
@@ -76,9 +78,9 @@ fn spans(out: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
-/// The first delivered audit record of dataflow `rx`, read with `sallyport audit export`
-/// (polled: the record follows the receiver's answer).
-async fn delivered_record(cfg: &std::path::Path) -> Value {
+/// The first audit record that `pick` accepts, read with `sallyport audit export` (polled:
+/// a record follows the receiver's answer).
+async fn audit_record(cfg: &std::path::Path, pick: impl Fn(&Value) -> bool) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_sallyport"))
@@ -92,16 +94,18 @@ async fn delivered_record(cfg: &std::path::Path) -> Value {
             .lines()
             .filter(|l| l.starts_with('{'))
             .map(|l| serde_json::from_str::<Value>(l).unwrap()["record"].clone())
-            .find(|r| r["dataflow"] == "rx" && r["outcome"] == "delivered");
+            .find(|r| pick(r));
         if let Some(r) = found {
             return r;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no delivered record in {text}"
-        );
+        assert!(std::time::Instant::now() < deadline, "no such record in {text}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The delivered audit record of dataflow `rx`.
+async fn delivered_record(cfg: &std::path::Path) -> Value {
+    audit_record(cfg, |r| r["dataflow"] == "rx" && r["outcome"] == "delivered").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +115,7 @@ async fn spans_reach_an_otlp_receiver_with_conventions_tls_facts_and_no_secret()
     let spans_file = pki.dir.path().join("spans.jsonl");
     let (collector, otlp_port) = otlp_receiver(&spans_file);
     let _collector = Killed(collector);
-    let (public, admin) = (free_port(), free_port());
+    let (public, admin, sidecar) = (free_port(), free_port(), free_port());
     let f = &pki.files;
     let cfg = pki.dir.path().join("telemetry.toml");
     std::fs::write(
@@ -127,10 +131,15 @@ async fn spans_reach_an_otlp_receiver_with_conventions_tls_facts_and_no_secret()
              [[segments]]\nid = \"s1\"\nname = \"S\"\n\
              [[dataflows]]\nname = \"rx\"\nendpoint = \"{}\"\nca = \"{}\"\nsegments = [\"s1\"]\n\
              query = \"source=gw&api_key={QUERY_SECRET}\"\n\
-             auth = {{ kind = \"bearer\", token_env = \"TEL_BEARER\" }}\n",
+             auth = {{ kind = \"bearer\", token_env = \"TEL_BEARER\" }}\n\
+             [sidecar]\nlisten = \"127.0.0.1:{sidecar}\"\naudit_file = \"sidecar-audit.jsonl\"\n\
+             [[sidecar.routes]]\nprefix = \"/app\"\nupstream = \"{}\"\nca = \"{}\"\n\
+             query = \"sig={ROUTE_QUERY_SECRET}\"\n",
             f.client_cert.display(),
             f.client_key.display(),
             rx.url("/in"),
+            f.ca_cert.display(),
+            rx.url("/up"),
             f.ca_cert.display(),
         ),
     )
@@ -158,6 +167,17 @@ async fn spans_reach_an_otlp_receiver_with_conventions_tls_facts_and_no_secret()
     );
     assert!(got.headers.iter().any(|(_, v)| v.contains(BEARER)));
     let delivered = delivered_record(&cfg).await;
+
+    // A sidecar request: the app's own Authorization and query go upstream, not into a span.
+    let (code, _) = http(
+        "GET",
+        &format!("http://127.0.0.1:{sidecar}/app/items?app_token={APP_TOKEN}"),
+        Some(APP_TOKEN),
+        b"",
+    )
+    .await;
+    assert_eq!(code, 200);
+    let proxied = audit_record(&cfg, |r| r["outcome"] == "proxied").await;
 
     // SIGTERM: the gateway stops and sends what its exporter still holds.
     let pid = serve.id().unwrap().to_string();
@@ -220,6 +240,22 @@ async fn spans_reach_an_otlp_receiver_with_conventions_tls_facts_and_no_secret()
     assert_eq!(a["sallyport.tls.client_certificate_presented"], true);
     assert_eq!(attempt["status"]["code"], 0, "unset: {attempt}");
 
+    let via_sidecar = all
+        .iter()
+        .find(|s| s["attributes"].get("sallyport.route").is_some())
+        .unwrap_or_else(|| panic!("no sidecar span in {all:?}"));
+    let a = &via_sidecar["attributes"];
+    assert_eq!(via_sidecar["name"], "GET");
+    assert_eq!(a["http.request.method"], "GET");
+    assert_eq!(a["http.response.status_code"], 200);
+    assert_eq!(
+        a["url.full"],
+        format!("https://{host}:{port}/up/items?app_token=REDACTED&sig=REDACTED")
+    );
+    assert_eq!(a["tls.server.hash.sha256"], fingerprint.as_str());
+    assert_eq!(proxied["traceId"], via_sidecar["traceId"], "{proxied}");
+    assert_ne!(via_sidecar["traceId"], attempt["traceId"]);
+
     // The audit record names the attempt's trace.
     assert_eq!(delivered["traceId"], attempt["traceId"], "{delivered}");
     assert_eq!(attempt["traceId"].as_str().unwrap().len(), 32);
@@ -228,7 +264,15 @@ async fn spans_reach_an_otlp_receiver_with_conventions_tls_facts_and_no_secret()
     let decoded = std::fs::read_to_string(&spans_file).unwrap();
     let raw = std::fs::read(spans_file.with_extension("jsonl.raw")).unwrap();
     let raw = String::from_utf8_lossy(&raw);
-    for secret in [BEARER, QUERY_SECRET, ADMIN_TOKEN, COLLECTOR_TOKEN, "Bearer"] {
+    for secret in [
+        BEARER,
+        QUERY_SECRET,
+        ADMIN_TOKEN,
+        COLLECTOR_TOKEN,
+        APP_TOKEN,
+        ROUTE_QUERY_SECRET,
+        "Bearer",
+    ] {
         assert!(!decoded.contains(secret), "{secret} in the spans: {decoded}");
         assert!(!raw.contains(secret), "{secret} in an export body");
     }
