@@ -103,6 +103,28 @@ async fn audit_record(cfg: &std::path::Path, pick: impl Fn(&Value) -> bool) -> V
     }
 }
 
+/// `/metrics` as OpenMetrics text.
+async fn openmetrics(admin: u16) -> String {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", admin))
+        .await
+        .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/metrics")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .header("accept", "application/openmetrics-text; version=1.0.0")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 /// The delivered audit record of dataflow `rx`.
 async fn delivered_record(cfg: &std::path::Path) -> Value {
     audit_record(cfg, |r| r["dataflow"] == "rx" && r["outcome"] == "delivered").await
@@ -167,6 +189,10 @@ async fn spans_reach_an_otlp_receiver_with_conventions_tls_facts_and_no_secret()
     );
     assert!(got.headers.iter().any(|(_, v)| v.contains(BEARER)));
     let delivered = delivered_record(&cfg).await;
+    // OpenMetrics scrapes carry the attempt's trace id as the latency bucket's exemplar.
+    let metrics = openmetrics(admin).await;
+    let exemplar = format!("trace_id=\"{}\"", delivered["traceId"].as_str().unwrap());
+    assert!(metrics.contains(&exemplar), "{exemplar} not in {metrics}");
 
     // A sidecar request: the app's own Authorization and query go upstream, not into a span.
     let (code, _) = http(
