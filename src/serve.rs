@@ -67,7 +67,8 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     workers.push(tokio::spawn(core.clone().watch(crate::sidecar::IDENTITY_POLL)));
     workers.push(tokio::spawn(alerts.run(engine.clone())));
     if cfg.sidecar.is_some() {
-        workers.extend(crate::sidecar::start(&cfg, &core).await?);
+        // The engine's store: one chain head for the engine's and the sidecar's records.
+        workers.extend(crate::sidecar::start_with_store(&cfg, &core, Some(engine.store())).await?);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let servers = [

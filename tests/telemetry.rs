@@ -154,7 +154,7 @@ async fn spans_reach_an_otlp_receiver_with_conventions_tls_facts_and_no_secret()
              [[dataflows]]\nname = \"rx\"\nendpoint = \"{}\"\nca = \"{}\"\nsegments = [\"s1\"]\n\
              query = \"source=gw&api_key={QUERY_SECRET}\"\n\
              auth = {{ kind = \"bearer\", token_env = \"TEL_BEARER\" }}\n\
-             [sidecar]\nlisten = \"127.0.0.1:{sidecar}\"\naudit_file = \"sidecar-audit.jsonl\"\n\
+             [sidecar]\nlisten = \"127.0.0.1:{sidecar}\"\n\
              [[sidecar.routes]]\nprefix = \"/app\"\nupstream = \"{}\"\nca = \"{}\"\n\
              query = \"sig={ROUTE_QUERY_SECRET}\"\n",
             f.client_cert.display(),

@@ -124,23 +124,29 @@ type Reply = Response<Body>;
 /// Build the sidecar from `[sidecar]`, with audit records written to the config's store.
 /// Returns the main listener's sidecar and address.
 pub async fn build(cfg: &Config, core: &Core) -> Result<(Arc<Sidecar>, SocketAddr), String> {
-    let mut all = build_all(cfg, core).await?;
+    let mut all = build_all(cfg, core, None).await?;
     let (listener, sidecar) = all.remove(0);
     let listen = listener.listen.ok_or("the sidecar has no listen address")?;
     Ok((sidecar, listen))
 }
 
 /// Every listener's sidecar (`[sidecar]` first, then `[[sidecar.listeners]]`), sharing one
-/// audit writer thread.
+/// audit writer thread. `store`: the store the process already has open (under `serve`,
+/// the engine's), which the audit records go to unless `[sidecar] audit_file` is set. A
+/// second handle on the same store would keep a chain head of its own and collide with the
+/// engine's appends.
 async fn build_all(
     cfg: &Config,
     core: &Core,
+    store: Option<Arc<dyn crate::store::Store>>,
 ) -> Result<Vec<(crate::config::SidecarListener, Arc<Sidecar>)>, String> {
     let sc = cfg
         .sidecar
         .as_ref()
         .ok_or("the config has no [sidecar] section")?;
-    let sink = {
+    let sink = if let (Some(store), None) = (store, &sc.audit_file) {
+        crate::audit::writer::Sink::Store(store)
+    } else {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || crate::audit::writer::Sink::open_for_sidecar(&cfg))
             .await
@@ -631,7 +637,17 @@ fn unreachable_body() -> Body {
 /// Build the sidecar and start serving on every listener (TCP or Unix socket). Returns the
 /// server tasks.
 pub async fn start(cfg: &Config, core: &Core) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
-    let all = build_all(cfg, core).await?;
+    start_with_store(cfg, core, None).await
+}
+
+/// [`start`] inside a process that has `store` open already (`serve`): audit records go
+/// to it (unless `[sidecar] audit_file` is set), one chain head for both writers.
+pub async fn start_with_store(
+    cfg: &Config,
+    core: &Core,
+    store: Option<Arc<dyn crate::store::Store>>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+    let all = build_all(cfg, core, store).await?;
     let limits = match cfg.sidecar.as_ref().map(crate::config::SidecarConfig::limits) {
         Some(Ok(limits)) => limits,
         Some(Err(e)) => return Err(crate::config::limit_errors("sidecar", e)),
