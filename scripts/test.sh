@@ -33,7 +33,7 @@ fi
 # tests/events.rs verifies our event signatures with it.
 scripts/standardwebhooks.sh >/dev/null
 # prometheus_client (reads /metrics) and opentelemetry-proto (decodes our OTLP traces), in a
-# venv under target/: tests/observe.rs checks us against them.
+# venv under target/: tests/observe.rs and tests/telemetry.rs check us against them.
 scripts/observe-tools.sh >/dev/null
 
 # grpcio and grpcio-tools (PyPI), in a venv under target/, with the Workload API stubs compiled

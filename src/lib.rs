@@ -16,8 +16,9 @@
 //! - [`listener`]: how every listener accepts and holds connections (cap, timeouts, back-off);
 //! - [`sidecar`]: plain HTTP in on loopback, out through the core;
 //! - [`verify`]: receiver readiness checks; [`alerts`]: alert rules and the webhook;
-//! - [`metrics`]: Prometheus/OpenMetrics text; [`status`]: the overview the status page and
-//!   `sallyport status` show; [`signals`]: SIGINT/SIGTERM/SIGHUP;
+//! - [`metrics`]: Prometheus/OpenMetrics text; [`telemetry`]: OpenTelemetry traces over OTLP;
+//!   [`status`]: the overview the status page and `sallyport status` show; [`signals`]:
+//!   SIGINT/SIGTERM/SIGHUP;
 //! - [`pki`]: dev certificates; [`receiver`]: an in-process mTLS receiver for demos and tests;
 //! - [`cli`] and [`demo`]: the command line.
 
@@ -42,6 +43,7 @@ pub mod sidecar;
 pub mod signals;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod verify;
 

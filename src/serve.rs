@@ -1,6 +1,7 @@
 //! `sallyport serve`: the composition root. Loads and validates the config, opens the store
 //! and the export engine (backfilling newly mapped segments), starts one delivery worker per
-//! dataflow, the public listener and the admin listener, and runs until SIGINT or SIGTERM.
+//! dataflow, the public listener and the admin listener (and the trace exporter when
+//! `[telemetry]` is set), and runs until SIGINT or SIGTERM.
 
 use std::sync::Arc;
 
@@ -26,6 +27,8 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         }
     };
     let tokens = Arc::new(TokenCheck::new(token.as_ref())?);
+    // Traces when [telemetry] names a collector; flushed after the listeners stop.
+    let telemetry = crate::telemetry::Telemetry::start(&cfg)?;
     crate::egress::check_source_ips(&cfg.egress.source_ips)?;
     // One delivery core for the whole process: exports, sidecar and alerts present the same
     // identities, rotated by one watcher.
@@ -64,7 +67,8 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     workers.push(tokio::spawn(core.clone().watch(crate::sidecar::IDENTITY_POLL)));
     workers.push(tokio::spawn(alerts.run(engine.clone())));
     if cfg.sidecar.is_some() {
-        workers.extend(crate::sidecar::start(&cfg, &core).await?);
+        // The engine's store: one chain head for the engine's and the sidecar's records.
+        workers.extend(crate::sidecar::start_with_store(&cfg, &core, Some(engine.store())).await?);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let servers = [
@@ -99,6 +103,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     }
     for s in servers {
         let _ = s.await;
+    }
+    if let Some(t) = telemetry {
+        t.shutdown().await;
     }
     Ok(())
 }

@@ -153,6 +153,45 @@ fn each_bad_config_names_key_and_reason() {
             "segments[0].created_at",
             "not an RFC 3339 time",
         ),
+        (
+            "[telemetry]\notlp_endpoint = \"grpc://127.0.0.1:4317\"\n".into(),
+            "telemetry.otlp_endpoint",
+            "http:// or https://",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://u:hunter2@127.0.0.1:4318/v1/traces\"\n".into(),
+            "telemetry.otlp_endpoint",
+            "holds credentials",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces?key=1\"\n".into(),
+            "telemetry.otlp_endpoint",
+            "no query",
+        ),
+        (
+            "[telemetry]\nservice_name = \"x\"\nheaders = { x-a = \"b\" }\n".into(),
+            "telemetry.otlp_endpoint",
+            "is required",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\n\
+             header_secrets = { authorization = \"nope\" }\n"
+                .into(),
+            "telemetry.header_secrets.authorization",
+            "not declared in [secrets]",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\ntimeout = \"5m\"\n".into(),
+            "telemetry.timeout",
+            "between 100ms and 60s",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\n\
+             headers = { content-type = \"x\" }\n"
+                .into(),
+            "telemetry.headers.content-type",
+            "set by the exporter",
+        ),
     ];
     for (text, key, reason) in cases {
         let err = Config::from_toml(&text, Path::new("bad.toml"), &base).expect_err(&text);

@@ -1,6 +1,5 @@
 //! Seeing the gateway: `/metrics` read by the `prometheus_client` Python package's parsers,
-//! the status page and its login, `sallyport status`, and traces received by an OTLP/HTTP
-//! receiver decoding with the `opentelemetry-proto` package.
+//! the status page and its login, and `sallyport status` (traces: tests/telemetry.rs).
 #![allow(clippy::unwrap_used)]
 
 mod support;

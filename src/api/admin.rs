@@ -97,9 +97,16 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
         (Method::POST, ["v1", "profiles"]) => {
+            // The request's span when traces are on: its status and counts, never its lines.
+            let span = crate::telemetry::IngestSpan::start();
             let body = match read_body(req.into_body(), MAX_INGEST_BODY).await {
                 Ok(b) => b,
-                Err(reply) => return reply,
+                Err(reply) => {
+                    if let Some(s) = span {
+                        s.end(reply.status().as_u16(), None);
+                    }
+                    return reply;
+                }
             };
             match engine.ingest(&body).await {
                 Ok(r) => {
@@ -108,6 +115,9 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
                     } else {
                         StatusCode::OK
                     };
+                    if let Some(s) = span {
+                        s.end(status.as_u16(), Some((r.accepted, r.rejected)));
+                    }
                     json_reply(
                         status,
                         &json!({"accepted": r.accepted, "rejected": r.rejected, "errors": r.errors,
@@ -116,6 +126,9 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "ingest failed");
+                    if let Some(s) = span {
+                        s.end(StatusCode::SERVICE_UNAVAILABLE.as_u16(), None);
+                    }
                     error_reply(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "the store could not accept the batch; nothing was stored",

@@ -177,6 +177,7 @@ impl Config {
                 );
             }
         }
+        self.validate_telemetry(&mut out);
         if self.audit.key_env.is_some() || self.audit.key_file.is_some() {
             self.check_secret(
                 &mut out,
@@ -557,6 +558,107 @@ impl Config {
     }
 
     /// A secret must come from exactly one source, and that source must be readable now.
+    /// `[telemetry]`: a collector URL of http or https, a service name, headers that are
+    /// valid and not the gateway's own, header secrets that name declared secrets.
+    fn validate_telemetry(&self, out: &mut Issues) {
+        let t = &self.telemetry;
+        if let Some(endpoint) = &t.otlp_endpoint {
+            match url::Url::parse(endpoint) {
+                Err(e) => out.push("telemetry.otlp_endpoint", format!("is not a URL: {e}")),
+                Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+                    out.push("telemetry.otlp_endpoint", "must be an http:// or https:// URL")
+                }
+                Ok(u) if u.host_str().is_none() => out.push("telemetry.otlp_endpoint", "has no host"),
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => out.push(
+                    "telemetry.otlp_endpoint",
+                    "holds credentials; put them in telemetry.header_secrets",
+                ),
+                Ok(u) if u.query().is_some() || u.fragment().is_some() => {
+                    out.push("telemetry.otlp_endpoint", "takes no query or fragment")
+                }
+                Ok(_) => {}
+            }
+        } else if !t.headers.is_empty() || !t.header_secrets.is_empty() || t.ca.is_some() {
+            out.push(
+                "telemetry.otlp_endpoint",
+                "is required when other [telemetry] keys are set (traces are off without it)",
+            );
+        }
+        if t.service_name.trim().is_empty() {
+            out.push("telemetry.service_name", "must not be empty");
+        }
+        for (name, value) in &t.headers {
+            let key = format!("telemetry.headers.{name}");
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                out.push(key, "is not a valid header name");
+            } else if http::HeaderValue::from_str(value).is_err() {
+                out.push(key, "is not a valid header value");
+            } else if t.header_secrets.contains_key(name) {
+                out.push(key, "is also set in telemetry.header_secrets");
+            }
+        }
+        for name in t.header_secrets.keys() {
+            let key = format!("telemetry.header_secrets.{name}");
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                out.push(key, "is not a valid header name");
+            } else if let Err(e) = self.telemetry_header_value(name) {
+                out.push(key, e);
+            }
+        }
+        for name in t.headers.keys().chain(t.header_secrets.keys()) {
+            let lower = name.to_ascii_lowercase();
+            if matches!(
+                lower.as_str(),
+                "host"
+                    | "content-length"
+                    | "content-type"
+                    | "content-encoding"
+                    | "transfer-encoding"
+                    | "connection"
+            ) {
+                out.push(
+                    format!("telemetry.headers.{name}"),
+                    "is set by the exporter itself",
+                );
+            }
+        }
+        if let Some(ca) = &t.ca {
+            let path = self.path(ca);
+            if let Err(e) = crate::tls::client::Trust::from_pem_file(&path) {
+                out.push("telemetry.ca", format!("{}: {e}", path.display()));
+            }
+        }
+        match parse_duration(&t.timeout) {
+            Err(e) => out.push("telemetry.timeout", e),
+            Ok(d) if d < Duration::from_millis(100) || d > Duration::from_secs(60) => {
+                out.push("telemetry.timeout", "must be between 100ms and 60s")
+            }
+            Ok(_) => {}
+        }
+    }
+
+    /// The value of the `[telemetry]` header `name` from `header_secrets`, read from the
+    /// `[secrets]` entry it names.
+    pub fn telemetry_header_value(&self, name: &str) -> Result<super::Secret, String> {
+        let secret = self
+            .telemetry
+            .header_secrets
+            .get(name)
+            .ok_or_else(|| format!("no header secret '{name}'"))?;
+        let declared = self
+            .secrets
+            .get(secret)
+            .ok_or_else(|| format!("'{secret}' is not declared in [secrets]"))?;
+        let value = self
+            .secret_source(declared.env.as_ref(), declared.file.as_ref(), "secret")
+            .and_then(|s| s.read())
+            .map_err(|e| format!("[secrets.{secret}]: {e}"))?;
+        if http::HeaderValue::from_str(value.expose()).is_err() {
+            return Err(format!("[secrets.{secret}] is not a valid header value"));
+        }
+        Ok(value)
+    }
+
     fn check_secret(
         &self,
         out: &mut Issues,

@@ -571,6 +571,16 @@ impl DeliveryClient {
 
     /// The connector this destination's connections are made with: the same egress policy,
     /// source address, trust, identity and mTLS-only check as the pool's.
+    /// `url` as a request to it is sent: with the destination's configured query appended.
+    pub fn append_query(&self, url: &mut url::Url) {
+        if !self.settings.query.is_empty() {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in &self.settings.query {
+                q.append_pair(k, v);
+            }
+        }
+    }
+
     pub(crate) fn connector(&self) -> &Connector {
         &self.connector
     }
@@ -601,12 +611,7 @@ impl DeliveryClient {
                 format!("{url}: only https URLs are delivered to"),
             ));
         }
-        if !self.settings.query.is_empty() {
-            let mut q = url.query_pairs_mut();
-            for (k, v) in &self.settings.query {
-                q.append_pair(k, v);
-            }
-        }
+        self.append_query(&mut url);
         let uri: Uri = url
             .as_str()
             .parse()

@@ -124,23 +124,29 @@ type Reply = Response<Body>;
 /// Build the sidecar from `[sidecar]`, with audit records written to the config's store.
 /// Returns the main listener's sidecar and address.
 pub async fn build(cfg: &Config, core: &Core) -> Result<(Arc<Sidecar>, SocketAddr), String> {
-    let mut all = build_all(cfg, core).await?;
+    let mut all = build_all(cfg, core, None).await?;
     let (listener, sidecar) = all.remove(0);
     let listen = listener.listen.ok_or("the sidecar has no listen address")?;
     Ok((sidecar, listen))
 }
 
 /// Every listener's sidecar (`[sidecar]` first, then `[[sidecar.listeners]]`), sharing one
-/// audit writer thread.
+/// audit writer thread. `store`: the store the process already has open (under `serve`,
+/// the engine's), which the audit records go to unless `[sidecar] audit_file` is set. A
+/// second handle on the same store would keep a chain head of its own and collide with the
+/// engine's appends.
 async fn build_all(
     cfg: &Config,
     core: &Core,
+    store: Option<Arc<dyn crate::store::Store>>,
 ) -> Result<Vec<(crate::config::SidecarListener, Arc<Sidecar>)>, String> {
     let sc = cfg
         .sidecar
         .as_ref()
         .ok_or("the config has no [sidecar] section")?;
-    let sink = {
+    let sink = if let (Some(store), None) = (store, &sc.audit_file) {
+        crate::audit::writer::Sink::Store(store)
+    } else {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || crate::audit::writer::Sink::open_for_sidecar(&cfg))
             .await
@@ -233,6 +239,8 @@ struct Attempt {
     status: Option<u16>,
     latency_ms: f64,
     auth: &'static str,
+    /// The request span's trace id, when traces are on.
+    trace_id: Option<Arc<str>>,
 }
 
 impl crate::audit::writer::Record for Attempt {
@@ -262,7 +270,7 @@ impl crate::audit::writer::Record for Attempt {
             peer_cert_sha256: peer_cert_sha256.map(Cow::Borrowed),
             auth: text(self.auth),
             trigger: None,
-            trace_id: None,
+            trace_id: self.trace_id.as_deref().map(Cow::Borrowed),
         }
     }
 }
@@ -458,6 +466,15 @@ impl Sidecar {
             route.destination.clone()
         };
         let (parts, body) = req.into_parts();
+        // The request's span when traces are on: its URL without query values, never a header.
+        let span = crate::telemetry::HttpSpan::client(
+            "sallyport.route",
+            &route.name,
+            &route.client,
+            &parts.method,
+            &url,
+        );
+        let trace_id: Option<Arc<str>> = span.as_ref().map(|s| s.trace_id().into());
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         headers.remove(http::header::HOST);
@@ -518,7 +535,7 @@ impl Sidecar {
             } else {
                 None
             };
-            self.audit_attempt(route, &destination, attempt, &result, started)
+            self.audit_attempt(route, &destination, attempt, &result, started, trace_id.clone())
                 .await;
             let Some(delay) = again else {
                 break result;
@@ -526,6 +543,21 @@ impl Sidecar {
             drop(result);
             tokio::time::sleep(delay).await;
         };
+        if let Some(span) = span {
+            let (status, peer) = match &result {
+                Ok(res) => (
+                    Some(res.status().as_u16()),
+                    res.extensions().get::<Arc<PeerInfo>>(),
+                ),
+                Err(e) => (e.status(), None),
+            };
+            span.end(crate::telemetry::HttpOutcome {
+                resend_count: attempt - 1,
+                status,
+                peer: peer.map(|p| p.as_ref()),
+                error: result.as_ref().err().map(DeliveryError::kind),
+            });
+        }
         match result {
             Ok(res) => {
                 let (mut rparts, rbody) = res.into_parts();
@@ -546,6 +578,7 @@ impl Sidecar {
         attempt: u32,
         result: &Result<http::Response<Incoming>, DeliveryError>,
         started: Instant,
+        trace_id: Option<Arc<str>>,
     ) {
         let (status, error, peer) = match result {
             Ok(res) => (
@@ -565,6 +598,7 @@ impl Sidecar {
             status,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             auth: route.client.auth_kind(),
+            trace_id,
         };
         let record = match self.audit.try_send(record) {
             Ok(()) => return,
@@ -603,7 +637,17 @@ fn unreachable_body() -> Body {
 /// Build the sidecar and start serving on every listener (TCP or Unix socket). Returns the
 /// server tasks.
 pub async fn start(cfg: &Config, core: &Core) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
-    let all = build_all(cfg, core).await?;
+    start_with_store(cfg, core, None).await
+}
+
+/// [`start`] inside a process that has `store` open already (`serve`): audit records go
+/// to it (unless `[sidecar] audit_file` is set), one chain head for both writers.
+pub async fn start_with_store(
+    cfg: &Config,
+    core: &Core,
+    store: Option<Arc<dyn crate::store::Store>>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+    let all = build_all(cfg, core, store).await?;
     let limits = match cfg.sidecar.as_ref().map(crate::config::SidecarConfig::limits) {
         Some(Ok(limits)) => limits,
         Some(Err(e)) => return Err(crate::config::limit_errors("sidecar", e)),
@@ -648,6 +692,8 @@ pub async fn start(cfg: &Config, core: &Core) -> Result<Vec<tokio::task::JoinHan
 /// SIGHUP) are presented on new upstream connections without a restart.
 pub async fn run(cfg: Config) -> Result<(), String> {
     let core = Core::from_config(&cfg)?;
+    // Traces when [telemetry] names a collector; flushed before the process exits.
+    let telemetry = crate::telemetry::Telemetry::start(&cfg)?;
     let mut tasks = start(&cfg, &core).await?;
     // The sidecar owns the identities: their rotation and expiry are its events to send.
     let (events, sender) = crate::events::Events::from_config(&cfg, &core)?;
@@ -660,6 +706,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     tasks.push(tokio::spawn(core.watch(IDENTITY_POLL)));
     crate::signals::shutdown().await;
     tasks.iter().for_each(|t| t.abort());
+    if let Some(t) = telemetry {
+        t.shutdown().await;
+    }
     Ok(())
 }
 

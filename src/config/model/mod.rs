@@ -18,6 +18,7 @@ mod listeners;
 mod secrets;
 mod sidecar;
 mod store;
+mod telemetry;
 
 pub use alerts::{AlertsConfig, AuditConfig};
 pub use dataflow::{
@@ -31,6 +32,7 @@ pub use listeners::{limit_errors, AdminConfig, PublicConfig};
 pub use secrets::SecretConfig;
 pub use sidecar::{SidecarConfig, SidecarListener, SidecarRoute};
 pub use store::StoreConfig;
+pub use telemetry::TelemetryConfig;
 
 /// Headers a dataflow may not set: the gateway owns them.
 pub const RESERVED_HEADERS: &[&str] = &[
@@ -85,6 +87,9 @@ pub struct Config {
     pub secrets: std::collections::BTreeMap<String, SecretConfig>,
     /// The localhost sidecar (`sallyport sidecar`). Default: none.
     pub sidecar: Option<SidecarConfig>,
+    /// OpenTelemetry traces over OTLP/HTTP. Default: off.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub dataflows: Vec<Dataflow>,
     /// The segment catalog.

@@ -52,7 +52,7 @@ pub(super) async fn deliver(
     let (body, sent) = match built {
         Ok(body) => {
             let body = Bytes::from(body);
-            let sent = flow.send(Some(session), &key, body.clone()).await;
+            let sent = flow.send(Some(session), &key, body.clone(), attempt).await;
             (body, sent)
         }
         Err(panic) => {
@@ -127,6 +127,8 @@ pub(super) struct Sent {
     status: Option<u16>,
     peer: Option<Arc<PeerInfo>>,
     latency_ms: f64,
+    /// The attempt span's trace id, when traces are on.
+    trace_id: Option<String>,
 }
 
 impl Sent {
@@ -137,6 +139,7 @@ impl Sent {
             status: None,
             peer: None,
             latency_ms: 0.0,
+            trace_id: None,
         }
     }
 
@@ -147,6 +150,7 @@ impl Sent {
             status: None,
             peer: None,
             latency_ms: 0.0,
+            trace_id: None,
         }
     }
 }
@@ -164,10 +168,10 @@ pub fn idempotency_key(dataflow: &str, row: i64, version: i64) -> String {
 }
 
 impl Flow {
-    /// One signed POST of `body` under `key` (over `session`'s connection, else the pool);
-    /// `Err` for anything but a 2xx.
-    pub(super) async fn send(&self, session: Option<&Session>, key: &str, body: Bytes) -> Sent {
-        match crate::delivery::catch_panic(self.send_unguarded(session, key, body)).await {
+    /// One signed POST of `body` under `key` (over `session`'s connection, else the pool) as
+    /// attempt number `attempt`; `Err` for anything but a 2xx.
+    pub(super) async fn send(&self, session: Option<&Session>, key: &str, body: Bytes, attempt: u32) -> Sent {
+        match crate::delivery::catch_panic(self.send_unguarded(session, key, body, attempt)).await {
             Ok(sent) => sent,
             Err(why) => {
                 tracing::error!(dataflow = %self.spec.name, panic = %why, "a delivery attempt failed inside the gateway");
@@ -176,17 +180,29 @@ impl Flow {
         }
     }
 
-    async fn send_unguarded(&self, session: Option<&Session>, key: &str, body: Bytes) -> Sent {
+    async fn send_unguarded(&self, session: Option<&Session>, key: &str, body: Bytes, attempt: u32) -> Sent {
         let started = std::time::Instant::now();
+        // The attempt's span, when traces are on (checked before anything is built).
+        let span = crate::telemetry::HttpSpan::client(
+            "sallyport.dataflow",
+            &self.spec.name,
+            &self.client,
+            &Method::POST,
+            &self.endpoint,
+        );
+        let trace_id = span.as_ref().map(|s| s.trace_id().to_owned());
         let req = match self.request(key, body) {
             Ok(r) => r,
             Err(e) => {
-                return Sent {
+                let sent = Sent {
                     result: Err(e),
                     status: None,
                     peer: None,
                     latency_ms: 0.0,
-                }
+                    trace_id,
+                };
+                end_span(span, attempt, &sent);
+                return sent;
             }
         };
         let sent = match session {
@@ -197,12 +213,15 @@ impl Flow {
             Ok(d) => (d.error().map_or(Ok(()), Err), Some(d.status.as_u16()), d.peer),
             Err(e) => (Err(e), None, None),
         };
-        Sent {
+        let sent = Sent {
             result,
             status,
             peer,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-        }
+            trace_id,
+        };
+        end_span(span, attempt, &sent);
+        sent
     }
 
     fn request(&self, key: &str, body: Bytes) -> Result<OutboundRequest, DeliveryError> {
@@ -264,7 +283,19 @@ impl Flow {
             peer_cert_sha256: peer_cert_sha256.map(Into::into),
             auth: self.client.auth_kind().into(),
             trigger: None,
-            trace_id: None,
+            trace_id: sent.trace_id.clone().map(Into::into),
         }
+    }
+}
+
+/// End an attempt's span with what the attempt came to.
+fn end_span(span: Option<crate::telemetry::HttpSpan>, attempt: u32, sent: &Sent) {
+    if let Some(span) = span {
+        span.end(crate::telemetry::HttpOutcome {
+            resend_count: attempt.saturating_sub(1),
+            status: sent.status,
+            peer: sent.peer.as_deref(),
+            error: sent.result.as_ref().err().map(DeliveryError::kind),
+        });
     }
 }

@@ -327,7 +327,9 @@ impl Engine {
             })?;
         let s = self.inner.store.clone();
         let body = Bytes::from(dl.payload);
-        let sent = flow.send(None, &dl.idempotency_key, body.clone()).await;
+        let sent = flow
+            .send(None, &dl.idempotency_key, body.clone(), dl.attempts + 1)
+            .await;
         let outcome = if sent.result.is_ok() {
             Outcome::ReplayDelivered
         } else {

@@ -257,7 +257,7 @@ pub(super) async fn deliver(
     let (body, sent) = match rendered {
         Ok(body) => {
             let body = Bytes::from(body);
-            let sent = flow.send(Some(session), &key_text, body.clone()).await;
+            let sent = flow.send(Some(session), &key_text, body.clone(), attempt).await;
             (body, sent)
         }
         Err(why) => {
