@@ -105,11 +105,8 @@ pub(super) async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
             }
             continue;
         }
-        // A full batch means more are probably due. Claim them while the last in-flight
-        // round of this one goes out, so the connections are not left idle during the claim
-        // (which takes about as long as a round of deliveries). Claimed rows stay leased, so
-        // the early claim never returns a row of this batch; it is at most one round of
-        // deliveries ahead, far inside the lease.
+        // Shaped dataflows send requests planned over the whole round (no early claim: a
+        // request may hold rows from anywhere in the batch).
         if let Some(shaping) = &flow.shaping {
             let requests = super::shaped::plan_round(&inner, &flow, shaping, items, &done_tx).await;
             for r in requests {
@@ -132,6 +129,11 @@ pub(super) async fn worker(inner: Arc<Inner>, flow: Arc<Flow>) {
             }
             continue;
         }
+        // A full batch means more are probably due. Claim them while the last in-flight
+        // round of this one goes out, so the connections are not left idle during the claim
+        // (which takes about as long as a round of deliveries). Claimed rows stay leased, so
+        // the early claim never returns a row of this batch; it is at most one round of
+        // deliveries ahead, far inside the lease.
         let prefetch_at = if items.len() == BATCH {
             Some(items.len().saturating_sub(in_flight))
         } else {
