@@ -105,6 +105,10 @@ pub struct SidecarRouteRow {
     pub prefix: String,
     pub upstream: String,
     pub mtls: bool,
+    /// Attempts through this route since the process started, and how many failed (no
+    /// answer, or a 5xx).
+    pub attempts: u64,
+    pub failed: u64,
 }
 
 /// An audit record's metadata (never a payload: the record holds only its hash anyway).
@@ -255,25 +259,36 @@ fn sidecar_routes(cfg: &Config) -> Vec<SidecarRouteRow> {
     let Some(sc) = &cfg.sidecar else {
         return Vec::new();
     };
-    let row = |listen: String, r: &crate::config::SidecarRoute| SidecarRouteRow {
-        listen,
-        prefix: r.prefix.clone(),
-        upstream: without_query(&r.upstream),
-        mtls: r.mtls,
+    let row = |listen: String, label: &str, r: &crate::config::SidecarRoute| {
+        let (attempts, failed) =
+            crate::sidecar::route_counts(&format!("{label}:{}", r.prefix)).unwrap_or_default();
+        SidecarRouteRow {
+            listen,
+            prefix: r.prefix.clone(),
+            upstream: without_query(&r.upstream),
+            mtls: r.mtls,
+            attempts,
+            failed,
+        }
     };
     let main = sc
         .unix_socket
         .as_ref()
         .map_or_else(|| sc.listen.to_string(), |p| p.display().to_string());
-    let mut out: Vec<_> = sc.routes.iter().map(|r| row(main.clone(), r)).collect();
-    for l in &sc.listeners {
+    let mut out: Vec<_> = sc
+        .routes
+        .iter()
+        .map(|r| row(main.clone(), "sidecar", r))
+        .collect();
+    for (n, l) in sc.listeners.iter().enumerate() {
         let at = l
             .unix_socket
             .as_ref()
             .map(|p| p.display().to_string())
             .or_else(|| l.listen.map(|a| a.to_string()))
             .unwrap_or_default();
-        out.extend(l.routes.iter().map(|r| row(at.clone(), r)));
+        let label = format!("sidecar[{n}]");
+        out.extend(l.routes.iter().map(|r| row(at.clone(), &label, r)));
     }
     out
 }

@@ -204,6 +204,26 @@ async fn spans_reach_an_otlp_receiver_with_conventions_tls_facts_and_no_secret()
     .await;
     assert_eq!(code, 200);
     let proxied = audit_record(&cfg, |r| r["outcome"] == "proxied").await;
+    // The status page's facts count the route's attempt.
+    let (code, overview) = http(
+        "GET",
+        &format!("http://127.0.0.1:{admin}/v1/overview"),
+        Some(ADMIN_TOKEN),
+        b"",
+    )
+    .await;
+    assert_eq!(code, 200, "{overview}");
+    let overview: Value = serde_json::from_str(&overview).unwrap();
+    let route = &overview["sidecarRoutes"][0];
+    assert_eq!(
+        (
+            route["prefix"].as_str(),
+            route["attempts"].as_u64(),
+            route["failed"].as_u64()
+        ),
+        (Some("/app"), Some(1), Some(0)),
+        "{route}"
+    );
 
     // SIGTERM: the gateway stops and sends what its exporter still holds.
     let pid = serve.id().unwrap().to_string();

@@ -478,8 +478,8 @@ fn status_page(o: &Overview, csrf: &str, notice: Option<&str>) -> Markup {
             @if !o.sidecar_routes.is_empty() {
                 h2 { "Sidecar routes" }
                 table id="sidecar" {
-                    tr { th { "Listener" } th { "Prefix" } th { "Upstream" } th { "mTLS" } }
-                    @for r in &o.sidecar_routes { tr { td { (r.listen) } td { (r.prefix) } td { (r.upstream) } td { (r.mtls) } } }
+                    tr { th { "Listener" } th { "Prefix" } th { "Upstream" } th { "mTLS" } th { "Attempts" } th { "Failed" } }
+                    @for r in &o.sidecar_routes { tr { td { (r.listen) } td { (r.prefix) } td { (r.upstream) } td { (r.mtls) } td { (r.attempts) } td { (r.failed) } } }
                 }
             }
             h2 { "Latest audit records" }

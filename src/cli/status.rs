@@ -230,10 +230,15 @@ pub(super) fn table(o: &Overview) -> String {
                     r.prefix.clone(),
                     r.upstream.clone(),
                     r.mtls.to_string(),
+                    r.attempts.to_string(),
+                    r.failed.to_string(),
                 ]
             })
             .collect();
-        out += &grid(&["SIDECAR", "PREFIX", "UPSTREAM", "MTLS"], &rows);
+        out += &grid(
+            &["SIDECAR", "PREFIX", "UPSTREAM", "MTLS", "ATTEMPTS", "FAILED"],
+            &rows,
+        );
     }
     if !o.audit.is_empty() {
         out += "\n";

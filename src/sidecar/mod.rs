@@ -40,8 +40,38 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authorization",
 ];
 
+/// A route's attempts so far, and how many failed (no answer, or a 5xx), for the status page.
+#[derive(Debug, Default)]
+pub struct RouteCounts {
+    pub attempts: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
+/// Every route's counts in this process, by its audit name (`sidecar:/prefix`,
+/// `sidecar[n]:/prefix`): the status page reads them when the sidecar runs beside `serve`.
+static ROUTE_COUNTS: std::sync::OnceLock<
+    std::sync::Mutex<std::collections::HashMap<String, Arc<RouteCounts>>>,
+> = std::sync::OnceLock::new();
+
+fn counts_for(name: &str) -> Arc<RouteCounts> {
+    let mut all = ROUTE_COUNTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    all.entry(name.to_owned()).or_default().clone()
+}
+
+/// (attempts, failed) of the route named `name` in audit records, if it runs in this process.
+pub fn route_counts(name: &str) -> Option<(u64, u64)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let all = ROUTE_COUNTS.get()?.lock().unwrap_or_else(|p| p.into_inner());
+    all.get(name)
+        .map(|c| (c.attempts.load(Relaxed), c.failed.load(Relaxed)))
+}
+
 struct Route {
     prefix: String,
+    counts: Arc<RouteCounts>,
     upstream: url::Url,
     /// `upstream`'s path without its trailing `/`: what the rest of a request's path joins.
     base_path: String,
@@ -216,6 +246,7 @@ fn route(
     let upstream = url::Url::parse(&r.upstream).map_err(|e| format!("{key}.upstream: {e}"))?;
     Ok(Route {
         prefix: r.prefix.clone(),
+        counts: counts_for(&name),
         destination: crate::delivery::destination(&upstream).into(),
         base_path: upstream.path().trim_end_matches('/').to_owned(),
         upstream,
@@ -588,6 +619,16 @@ impl Sidecar {
             ),
             Err(e) => (None, Some(e.kind()), None),
         };
+        route
+            .counts
+            .attempts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if error.is_some() || status.is_some_and(|s| s >= 500) {
+            route
+                .counts
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let record = Attempt {
             at: crate::store::now_ms(),
             route: route.name.clone(),
