@@ -26,13 +26,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use deadpool_postgres::Hook;
 use deadpool_postgres::{
-    HookError, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Transaction,
+    Connect, Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Transaction,
 };
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{NoTls, Row, Socket};
 
 use super::{
     AttemptError, Completion, DeadLetter, DeadLetterFilter, Enqueues, OutboxItem, Pause, PauseReason,
@@ -178,6 +178,43 @@ impl Drop for PgStore {
     }
 }
 
+/// Run a connection's I/O until it closes.
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::warn!(error = %StoreError::from(e), "PostgreSQL connection closed");
+    }
+}
+
+/// A connection being opened: its client and the task that drives it.
+type Opening<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+            > + Send
+            + 'a,
+    >,
+>;
+
+/// Opens the pool's connections, each driven by [`drive`] on the runtime it is opened in (the
+/// store's: see [`PgStore::lend`]), so a closed connection is logged with the server's message.
+struct Connector<T>(T);
+
+impl<T> Connect for Connector<T>
+where
+    T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+    T::Stream: Sync + Send,
+    T::TlsConnect: Sync + Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    fn connect(&self, config: &tokio_postgres::Config) -> Opening<'_> {
+        let (config, tls) = (config.clone(), self.0.clone());
+        Box::pin(async move {
+            let (client, connection) = config.connect(tls).await?;
+            Ok((client, tokio::spawn(drive(connection))))
+        })
+    }
+}
+
 /// Wait for a driver future on this thread. The driver's futures only talk to their
 /// connection's task through channels and need no runtime here, so this works on any thread:
 /// a `spawn_blocking` thread, a plain one, and a CLI command's thread that is itself inside a
@@ -279,8 +316,8 @@ impl PgStore {
             recycling_method: RecyclingMethod::Fast,
         };
         let manager = match tls {
-            Some(tls) => Manager::from_config(config, tls, recycling),
-            None => Manager::from_config(config, NoTls, recycling),
+            Some(tls) => Manager::from_connect(config, Connector(tls), recycling),
+            None => Manager::from_connect(config, Connector(NoTls), recycling),
         };
         let mut pool = Pool::builder(manager).max_size(pool_size.max(1));
         if let Some(schema) = schema {
