@@ -15,20 +15,24 @@
 //! for the read-merge-write, so two instances ingesting the same profile serialise on it. A
 //! deadlock or serialisation failure rolls back and the transaction is retried.
 //!
-//! The driver is tokio-postgres. Its connection tasks run on a small runtime owned by the
-//! store, so the blocking `Store` methods can be called from any thread (including one
-//! inside another runtime) and simply wait for their answer.
+//! The driver is tokio-postgres, pooled by deadpool-postgres. The connections' I/O tasks run
+//! on a small runtime owned by the store, so the blocking `Store` methods can be called from
+//! any thread (including one inside another runtime) and simply wait for their answer.
 //!
 //! Must never: acknowledge an update before it is committed, lose an outbox row, or put the
 //! database password in a log line or an error.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use deadpool_postgres::{
+    Connect, Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Transaction,
+};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
+use tokio_postgres::{NoTls, Row, Socket};
 
 use super::{
     AttemptError, Completion, DeadLetter, DeadLetterFilter, Enqueues, OutboxItem, Pause, PauseReason,
@@ -147,47 +151,15 @@ const TX_RETRIES: u32 = 8;
 pub struct PgStore {
     /// Runs the connections' I/O tasks. Shut down without blocking on drop.
     rt: Option<tokio::runtime::Runtime>,
-    config: tokio_postgres::Config,
-    /// TLS to the server, verified against `store.ca`, when configured (then required).
-    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
-    schema: Option<String>,
-    pool: Mutex<PoolState>,
-    freed: Condvar,
-    size: usize,
+    /// Up to `store.pool_size` connections, opened on demand (their I/O tasks on `rt`), each
+    /// with its search_path set and its own prepared-statement cache.
+    pool: Pool,
     /// This process's audit chain and lease owner name.
     chain_id: String,
     chain: Chain,
     /// This chain's head (last seq, hash). Held for the whole of any transaction that
     /// appends to the chain, so appends from this process never race.
     head: Mutex<(i64, String)>,
-}
-
-struct PoolState {
-    idle: Vec<PgConn>,
-    /// Connections open or being opened (idle + lent out).
-    live: usize,
-}
-
-struct PgConn {
-    client: Client,
-    statements: HashMap<&'static str, Statement>,
-}
-
-/// A connection lent out by the pool; returned on drop.
-struct Lent<'a> {
-    store: &'a PgStore,
-    conn: Option<PgConn>,
-}
-
-impl Drop for Lent<'_> {
-    fn drop(&mut self) {
-        let mut st = self.store.pool_state();
-        match self.conn.take() {
-            Some(c) if !c.client.is_closed() => st.idle.push(c),
-            _ => st.live -= 1,
-        }
-        self.store.freed.notify_one();
-    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -199,6 +171,7 @@ impl std::fmt::Debug for PgStore {
 impl Drop for PgStore {
     fn drop(&mut self) {
         // Dropping a runtime blocks, which panics inside another runtime; this does not.
+        // The pool goes after it: a pooled client's drop only aborts its (gone) I/O task.
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
@@ -212,10 +185,53 @@ async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>
     }
 }
 
-/// Wait for a driver future on this thread. The driver's futures only talk to its
-/// connection task through channels, so they need no runtime here.
+/// A connection being opened: its client and the task that drives it.
+type Opening<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+            > + Send
+            + 'a,
+    >,
+>;
+
+/// Opens the pool's connections, each driven by [`drive`] on the runtime it is opened in (the
+/// store's: see [`PgStore::lend`]), so a closed connection is logged with the server's message.
+struct Connector<T>(T);
+
+impl<T> Connect for Connector<T>
+where
+    T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+    T::Stream: Sync + Send,
+    T::TlsConnect: Sync + Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    fn connect(&self, config: &tokio_postgres::Config) -> Opening<'_> {
+        let (config, tls) = (config.clone(), self.0.clone());
+        Box::pin(async move {
+            let (client, connection) = config.connect(tls).await?;
+            Ok((client, tokio::spawn(drive(connection))))
+        })
+    }
+}
+
+/// Wait for a driver future on this thread. The driver's futures only talk to their
+/// connection's task through channels and need no runtime here, so this works on any thread:
+/// a `spawn_blocking` thread, a plain one, and a CLI command's thread that is itself inside a
+/// runtime (where `Handle::block_on` would panic).
 fn wait<F: std::future::Future>(f: F) -> F::Output {
     futures_executor::block_on(f)
+}
+
+/// A pool error as a store error, with the server's SQLSTATE when the server refused.
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) | PoolError::PostCreateHook(HookError::Backend(e)) => e.into(),
+        other => StoreError::Postgres {
+            message: other.to_string(),
+            code: None,
+        },
+    }
 }
 
 fn retryable(e: &StoreError) -> bool {
@@ -228,34 +244,19 @@ fn retryable(e: &StoreError) -> bool {
     }
 }
 
-/// A cached prepared statement on this connection.
-fn prepared(
-    tx: &Transaction<'_>,
-    cache: &mut HashMap<&'static str, Statement>,
-    sql: &'static str,
-) -> Result<Statement, StoreError> {
-    if let Some(s) = cache.get(sql) {
-        return Ok(s.clone());
-    }
-    let s = wait(tx.prepare(sql))?;
-    cache.insert(sql, s.clone());
-    Ok(s)
-}
-
-/// One transaction's view: the transaction and its connection's statement cache.
+/// One transaction on a pooled connection (whose statement cache it prepares through).
 struct Tx<'a, 'b> {
     tx: &'a Transaction<'b>,
-    cache: &'a mut HashMap<&'static str, Statement>,
 }
 
 impl Tx<'_, '_> {
     fn query(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
-        let s = prepared(self.tx, self.cache, sql)?;
+        let s = wait(self.tx.prepare_cached(sql))?;
         Ok(wait(self.tx.query(&s, params))?)
     }
 
     fn execute(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
-        let s = prepared(self.tx, self.cache, sql)?;
+        let s = wait(self.tx.prepare_cached(sql))?;
         Ok(wait(self.tx.execute(&s, params))?)
     }
 }
@@ -310,18 +311,37 @@ impl PgStore {
                 path: "store".into(),
                 reason: format!("cannot start the PostgreSQL driver: {e}"),
             })?;
+        // A connection that closed is dropped when next lent, and another opened in its place.
+        let recycling = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls {
+            Some(tls) => Manager::from_connect(config, Connector(tls), recycling),
+            None => Manager::from_connect(config, Connector(NoTls), recycling),
+        };
+        let mut pool = Pool::builder(manager).max_size(pool_size.max(1));
+        if let Some(schema) = schema {
+            // Validated as letters, digits and '_' by the config; quoted all the same.
+            // Under the migration lock: two instances creating the schema at once would
+            // otherwise race (CREATE SCHEMA IF NOT EXISTS is not atomic against itself).
+            let setup: std::sync::Arc<str> = format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); CREATE SCHEMA IF NOT EXISTS \"{schema}\"; COMMIT;
+                 SET search_path TO \"{schema}\""
+            )
+            .into();
+            pool = pool.post_create(Hook::async_fn(move |client, _| {
+                let setup = setup.clone();
+                Box::pin(async move { client.batch_execute(&setup).await.map_err(HookError::Backend) })
+            }));
+        }
+        let pool = pool.build().map_err(|e| StoreError::Open {
+            path: "store".into(),
+            reason: format!("cannot set up the PostgreSQL pool: {e}"),
+        })?;
         let chain_id = format!("{instance}/{}/{}", std::process::id(), super::now_ms());
         let store = PgStore {
             rt: Some(rt),
-            config,
-            tls,
-            schema: schema.map(str::to_owned),
-            pool: Mutex::new(PoolState {
-                idle: Vec::new(),
-                live: 0,
-            }),
-            freed: Condvar::new(),
-            size: pool_size.max(1),
+            pool,
             chain_id,
             chain,
             head: Mutex::new((0, GENESIS.to_owned())),
@@ -330,79 +350,15 @@ impl PgStore {
         Ok(store)
     }
 
-    fn pool_state(&self) -> MutexGuard<'_, PoolState> {
-        self.pool.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn connect(&self) -> Result<PgConn, StoreError> {
-        let (config, rt, tls) = match &self.rt {
-            Some(rt) => (self.config.clone(), rt, self.tls.clone()),
-            None => return Err(StoreError::Corrupt("store is shut down".into())),
+    /// Borrow a connection, opening one when none is idle and the pool has room (else wait
+    /// for one to come back).
+    fn lend(&self) -> Result<Object, StoreError> {
+        let Some(rt) = &self.rt else {
+            return Err(StoreError::Corrupt("store is shut down".into()));
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        rt.spawn(async move {
-            // The two connection types differ; each runs on this runtime until closed.
-            let r = match tls {
-                Some(tls) => config.connect(tls).await.map(|(client, connection)| {
-                    tokio::spawn(drive(connection));
-                    client
-                }),
-                None => config.connect(NoTls).await.map(|(client, connection)| {
-                    tokio::spawn(drive(connection));
-                    client
-                }),
-            };
-            let _ = tx.send(r);
-        });
-        let client = rx
-            .recv()
-            .map_err(|_| StoreError::Corrupt("the PostgreSQL driver stopped".into()))??;
-        if let Some(schema) = &self.schema {
-            // Validated as letters, digits and '_' by the config; quoted all the same.
-            // Under the migration lock: two instances creating the schema at once would
-            // otherwise race (CREATE SCHEMA IF NOT EXISTS is not atomic against itself).
-            wait(client.batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); CREATE SCHEMA IF NOT EXISTS \"{schema}\"; COMMIT;
-                 SET search_path TO \"{schema}\""
-            )))?;
-        }
-        Ok(PgConn {
-            client,
-            statements: HashMap::new(),
-        })
-    }
-
-    /// Borrow a connection, opening one when none is idle and the pool has room.
-    fn lend(&self) -> Result<Lent<'_>, StoreError> {
-        let mut st = self.pool_state();
-        loop {
-            if let Some(c) = st.idle.pop() {
-                if c.client.is_closed() {
-                    st.live -= 1;
-                    continue;
-                }
-                return Ok(Lent {
-                    store: self,
-                    conn: Some(c),
-                });
-            }
-            if st.live < self.size {
-                st.live += 1;
-                drop(st);
-                return match self.connect() {
-                    Ok(c) => Ok(Lent {
-                        store: self,
-                        conn: Some(c),
-                    }),
-                    Err(e) => {
-                        self.pool_state().live -= 1;
-                        self.freed.notify_one();
-                        Err(e)
-                    }
-                };
-            }
-            st = self.freed.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
+        // A connection opened here spawns its I/O task: onto the store's runtime.
+        let _on_store_runtime = rt.handle().enter();
+        wait(self.pool.get()).map_err(pool_error)
     }
 
     /// Run `f` in a transaction, retrying it after a deadlock or serialisation failure.
@@ -410,18 +366,11 @@ impl PgStore {
         &self,
         mut f: impl FnMut(&mut Tx<'_, '_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut lent = self.lend()?;
-        let Some(conn) = lent.conn.as_mut() else {
-            return Err(StoreError::Corrupt("pool lent no connection".into()));
-        };
+        let mut conn = self.lend()?;
         let mut attempt = 0;
         loop {
-            let tx = wait(conn.client.transaction())?;
-            let mut view = Tx {
-                tx: &tx,
-                cache: &mut conn.statements,
-            };
-            let r = f(&mut view).and_then(|v| {
+            let tx = wait(conn.transaction())?;
+            let r = f(&mut Tx { tx: &tx }).and_then(|v| {
                 wait(tx.commit())?;
                 Ok(v)
             });
