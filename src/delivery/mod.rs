@@ -615,7 +615,11 @@ impl DeliveryClient {
         let uri: Uri = url
             .as_str()
             .parse()
-            .map_err(|e| DeliveryError::new(ErrorKind::InvalidUrl, format!("{url}: {e}")))?;
+            // Named without its query: the configured query may carry a secret.
+            .map_err(|e| {
+                let at = format!("{}{}", url.origin().ascii_serialization(), url.path());
+                DeliveryError::new(ErrorKind::InvalidUrl, format!("{at}: {e}"))
+            })?;
         let mut builder = Request::builder().method(method).uri(uri);
         let headers = builder
             .headers_mut()
