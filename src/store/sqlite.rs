@@ -917,7 +917,9 @@ impl Store for SqliteStore {
     }
 
     fn pauses(&self) -> Result<Vec<Pause>, StoreError> {
-        let conn = self.lock();
+        // Read every second by each engine: the reader, so an ingest holding the writer does
+        // not delay it.
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         let mut stmt = conn.prepare_cached(
             "SELECT dataflow, reason, class, message, since, probe_at, probe_interval_ms
              FROM dataflow_pauses ORDER BY dataflow",
