@@ -320,12 +320,14 @@ impl Round {
         let mut complete = Vec::new();
         {
             let mut rows = self.rows.lock().unwrap_or_else(|p| p.into_inner());
-            let mut seen = Vec::new();
+            // A row's entries sit together in a request (planning keeps profile order), so
+            // one look back skips its repeats.
+            let mut last = None;
             for (r, _) in members {
-                if seen.contains(r) {
+                if last == Some(*r) {
                     continue;
                 }
-                seen.push(*r);
+                last = Some(*r);
                 let row = &mut rows[*r];
                 if verdict.rank() > row.verdict.rank() {
                     row.verdict = verdict.clone();
