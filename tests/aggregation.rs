@@ -441,17 +441,9 @@ async fn kill_9_with_batches_in_flight_loses_nothing_and_repeats_only_under_the_
     let pki = RcgenPki::new();
     let f = &pki.files;
     // A slow receiver, so batches are in flight when the gateway is killed.
-    let rx = Receiver::start_with(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        std::sync::Arc::new(|_| {
-            sallyport::receiver::Action::Delay(Duration::from_millis(300), StatusCode::OK)
-        }),
-    )
-    .await
-    .unwrap();
+    let rx = pki
+        .receiver_with(|_| sallyport::receiver::Action::Delay(Duration::from_millis(300), StatusCode::OK))
+        .await;
     let (public, admin) = (free_port(), free_port());
     let path = pki.dir.path().join("agg.toml");
     std::fs::write(

@@ -80,27 +80,20 @@ async fn hook(pki: &RcgenPki) -> Receiver {
 async fn a_receiver_down_for_ten_seconds_pauses_the_dataflow_and_loses_nothing() {
     let python = tokio::task::spawn_blocking(reference_python).await.unwrap();
     let pki = RcgenPki::new();
-    let f = &pki.files;
     let down_until = Instant::now() + Duration::from_secs(10);
     // 503 for ten seconds (no Retry-After: the breaker, not a hold, must deal with it), then 200.
     let ok = Arc::new(Mutex::new(Vec::new()));
     let seen = ok.clone();
-    let rx = Receiver::start_with(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        Arc::new(move |_| {
+    let rx = pki
+        .receiver_with(move |_| {
             if Instant::now() < down_until {
                 Action::Respond(StatusCode::SERVICE_UNAVAILABLE, vec![])
             } else {
                 seen.lock().unwrap().push(Instant::now());
                 Action::Respond(StatusCode::OK, vec![])
             }
-        }),
-    )
-    .await
-    .unwrap();
+        })
+        .await;
     let events = hook(&pki).await;
     let cfg = config(&pki, &rx.url("/in"), "", &events_table(pki.dir.path(), &events));
     let engine = Engine::open(&cfg).await.unwrap();
@@ -251,25 +244,15 @@ async fn a_rejected_client_certificate_pauses_at_once_and_resuming_after_the_fix
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_with_retry_after_holds_the_whole_dataflow() {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let arrivals = Arc::new(Mutex::new(Vec::new()));
-    let a = arrivals.clone();
-    let rx = Receiver::start_with(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        Arc::new(move |n| {
-            a.lock().unwrap().push(Instant::now());
+    let (rx, arrivals) = pki
+        .timed_receiver(|n| {
             if n == 0 {
                 Action::Respond(StatusCode::TOO_MANY_REQUESTS, vec![("retry-after", "2".into())])
             } else {
                 Action::Respond(StatusCode::OK, vec![])
             }
-        }),
-    )
-    .await
-    .unwrap();
+        })
+        .await;
     let engine = Engine::open(&config(&pki, &rx.url("/in"), "", "")).await.unwrap();
     let workers = engine.spawn_workers();
     engine.ingest(&profiles(0, 1)).await.unwrap();
@@ -477,21 +460,9 @@ async fn pacing_settings_are_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_and_an_in_flight_cap_pace_the_receiver() {
     let pki = RcgenPki::new();
-    let f = &pki.files;
-    let arrivals = Arc::new(Mutex::new(Vec::new()));
-    let a = arrivals.clone();
-    let rx = Receiver::start_with(
-        &f.server_cert,
-        &f.server_key,
-        &f.ca_cert,
-        ClientAuth::Required,
-        Arc::new(move |_| {
-            a.lock().unwrap().push(Instant::now());
-            Action::Respond(StatusCode::OK, vec![])
-        }),
-    )
-    .await
-    .unwrap();
+    let (rx, arrivals) = pki
+        .timed_receiver(|_| Action::Respond(StatusCode::OK, vec![]))
+        .await;
     // Ten requests a second, no burst beyond one, at most two connections.
     let engine = Engine::open(&config(
         &pki,

@@ -34,6 +34,44 @@ impl RcgenPki {
             .unwrap()
     }
 
+    /// A receiver requiring a client certificate from this PKI, each request's answer decided
+    /// by `respond` (given the request's number, from 0).
+    pub async fn receiver_with(
+        &self,
+        respond: impl Fn(usize) -> sallyport::receiver::Action + Send + Sync + 'static,
+    ) -> sallyport::receiver::Receiver {
+        let f = &self.files;
+        sallyport::receiver::Receiver::start_with(
+            &f.server_cert,
+            &f.server_key,
+            &f.ca_cert,
+            sallyport::receiver::ClientAuth::Required,
+            std::sync::Arc::new(respond),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// [`RcgenPki::receiver_with`], also noting when each request arrived (its head, before
+    /// any answer).
+    pub async fn timed_receiver(
+        &self,
+        respond: impl Fn(usize) -> sallyport::receiver::Action + Send + Sync + 'static,
+    ) -> (
+        sallyport::receiver::Receiver,
+        std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    ) {
+        let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = arrivals.clone();
+        let rx = self
+            .receiver_with(move |n| {
+                a.lock().unwrap().push(Instant::now());
+                respond(n)
+            })
+            .await;
+        (rx, arrivals)
+    }
+
     /// A receiver that answers with `fault` until the returned flag is set, then 200.
     pub async fn receiver_failing_until_healthy(
         &self,
