@@ -352,6 +352,24 @@ impl PgStore {
 
     /// Borrow a connection, opening one when none is idle and the pool has room (else wait
     /// for one to come back).
+    /// The `version` sent from row `id` is parked as a dead letter: remove the row, or, when
+    /// it changed while in flight, reset it so the newer state is sent next, afresh. Only
+    /// while this instance still leases it.
+    fn parked(&self, tx: &mut Tx<'_, '_>, id: i64, version: i64) -> Result<(), StoreError> {
+        let n = tx.execute(
+            "DELETE FROM outbox WHERE id = $1 AND version = $2 AND lease_owner = $3",
+            &[&id, &version, &self.chain_id],
+        )?;
+        if n == 0 {
+            tx.execute(
+                "UPDATE outbox SET attempts = 0, errors = '[]', lease_owner = NULL, lease_until = 0
+                 WHERE id = $1 AND lease_owner = $2",
+                &[&id, &self.chain_id],
+            )?;
+        }
+        Ok(())
+    }
+
     fn lend(&self) -> Result<Object, StoreError> {
         let Some(rt) = &self.rt else {
             return Err(StoreError::Corrupt("store is shut down".into()));
@@ -780,17 +798,7 @@ impl Store for PgStore {
                         )?;
                     }
                     Completion::Parked { id, version } => {
-                        let n = tx.execute(
-                            "DELETE FROM outbox WHERE id = $1 AND version = $2 AND lease_owner = $3",
-                            &[id, version, &self.chain_id],
-                        )?;
-                        if n == 0 {
-                            tx.execute(
-                                "UPDATE outbox SET attempts = 0, errors = '[]', lease_owner = NULL, lease_until = 0
-                                 WHERE id = $1 AND lease_owner = $2",
-                                &[id, &self.chain_id],
-                            )?;
-                        }
+                        self.parked(tx, *id, *version)?;
                     }
                     Completion::DeadBatch {
                         dataflow,
@@ -838,17 +846,7 @@ impl Store for PgStore {
                                 &error.class().as_str(),
                             ],
                         )?;
-                        let n = tx.execute(
-                            "DELETE FROM outbox WHERE id = $1 AND version = $2 AND lease_owner = $3",
-                            &[id, version, &self.chain_id],
-                        )?;
-                        if n == 0 {
-                            tx.execute(
-                                "UPDATE outbox SET attempts = 0, errors = '[]', lease_owner = NULL, lease_until = 0
-                                 WHERE id = $1 AND lease_owner = $2",
-                                &[id, &self.chain_id],
-                            )?;
-                        }
+                        self.parked(tx, *id, *version)?;
                     }
                 }
             }

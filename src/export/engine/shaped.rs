@@ -462,18 +462,7 @@ pub fn preview(
 ) -> Result<Vec<Preview>, String> {
     let catalog = crate::export::spec::Catalog::from_config(cfg);
     let spec = crate::export::spec::DataflowSpec::from_config(df, &Default::default());
-    let names: Vec<(String, String)> = df
-        .segments
-        .iter()
-        .map(|id| {
-            let name = cfg
-                .segments
-                .iter()
-                .find(|s| &s.id == id)
-                .map_or(id.clone(), |s| s.name.clone());
-            (id.clone(), name)
-        })
-        .collect();
+    let names = segment_names(cfg, df);
     let template = cfg.dataflow_template(df)?;
     let shaping = match Shaping::new(df, template, names.clone())? {
         Some(s) => s,
