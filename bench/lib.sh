@@ -142,3 +142,40 @@ bench_wait_ports() {
     for _ in $(seq 40); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.25; done
   done
 }
+
+# A `serve` config for the export benchmarks in $PKI/$1.toml: the bench client identity, the
+# public listener on 127.0.0.1:$2, the admin API on 127.0.0.1:$3 (token from
+# BENCH_ADMIN_TOKEN), the SQLite store $PKI/$1.db, and one dataflow "rx" to the receiver on
+# :9443; $4, when given, adds keys to the dataflow.
+bench_serve_conf() {
+  cat > "$PKI/$1.toml" <<CONF
+[identity]
+cert = "$PKI/client.pem"
+key = "$PKI/client.key"
+[egress]
+allow = ["127.0.0.0/8"]
+[public]
+listen = "127.0.0.1:$2"
+[admin]
+listen = "127.0.0.1:$3"
+token_env = "BENCH_ADMIN_TOKEN"
+[store]
+url = "sqlite://$PKI/$1.db"
+[[segments]]
+id = "s1"
+name = "S"
+[[dataflows]]
+name = "rx"
+endpoint = "https://localhost:9443/profiles"
+ca = "$PKI/ca.pem"
+segments = ["s1"]
+attributes = [{ source = "person.name.firstName", target = "firstName" }]
+${4:-}
+CONF
+}
+
+# Wait up to 10 s for something to listen on 127.0.0.1:$1.
+bench_wait_port() {
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done
+  return 1
+}

@@ -27,36 +27,11 @@ peer_rate() { wrk -t1 -c64 -d8s -s "$PKI/post.lua" http://127.0.0.1:18081/ | awk
 export BENCH_ADMIN_TOKEN=bench-aggregation-token
 ADMIN=18544
 # A config for one run: $1 names it, $2 is the dataflow's aggregation line.
-conf() {
-  cat > "$PKI/$1.toml" <<CONF
-[identity]
-cert = "$PKI/client.pem"
-key = "$PKI/client.key"
-[egress]
-allow = ["127.0.0.0/8"]
-[public]
-listen = "127.0.0.1:18543"
-[admin]
-listen = "127.0.0.1:$ADMIN"
-token_env = "BENCH_ADMIN_TOKEN"
-[store]
-url = "sqlite://$PKI/$1.db"
-[[segments]]
-id = "s1"
-name = "S"
-[[dataflows]]
-name = "rx"
-endpoint = "https://localhost:9443/profiles"
-ca = "$PKI/ca.pem"
-segments = ["s1"]
-attributes = [{ source = "person.name.firstName", target = "firstName" }]
-$2
-CONF
-}
+conf() { bench_serve_conf "$1" 18543 "$ADMIN" "$2"; }
 # Run serve on config $1 and the Python phase $2 against it; prints the phase's JSON line.
 run() {
   "$BIN" serve --config "$PKI/$1.toml" >"$PKI/$1.log" 2>&1 & local pid=$!
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$ADMIN) 2>/dev/null && break; sleep 0.1; done
+  bench_wait_port "$ADMIN"
   python3 "$PKI/drive.py" "$2" "$ADMIN" "$N" "$RATE"
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }

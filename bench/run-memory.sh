@@ -16,31 +16,9 @@ bench_sallyport_bin
 bench_receiver
 export BENCH_ADMIN_TOKEN=bench-memory-token
 ADMIN=18644
-cat > "$PKI/memory.toml" <<CONF
-[identity]
-cert = "$PKI/client.pem"
-key = "$PKI/client.key"
-[egress]
-allow = ["127.0.0.0/8"]
-[public]
-listen = "127.0.0.1:18643"
-[admin]
-listen = "127.0.0.1:$ADMIN"
-token_env = "BENCH_ADMIN_TOKEN"
-[store]
-url = "sqlite://$PKI/memory.db"
-[[segments]]
-id = "s1"
-name = "S"
-[[dataflows]]
-name = "rx"
-endpoint = "https://localhost:9443/profiles"
-ca = "$PKI/ca.pem"
-segments = ["s1"]
-attributes = [{ source = "person.name.firstName", target = "firstName" }]
-CONF
+bench_serve_conf memory 18643 "$ADMIN"
 "$BIN" serve --config "$PKI/memory.toml" >"$PKI/serve.log" 2>&1 & PID=$!; PIDS+=($PID)
-for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$ADMIN) 2>/dev/null && break; sleep 0.1; done
+bench_wait_port "$ADMIN"
 sleep 1
 rss() { awk -v k="$1:" '$1==k{print int($2/1024)}' "/proc/$PID/status"; }
 idle=$(rss VmRSS)

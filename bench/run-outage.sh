@@ -37,32 +37,10 @@ bench_proxy_conf 18081
 nginx -c "$PKI/px/nginx.conf" -p "$PKI/px" & PIDS+=($!)
 
 ADMIN=18444
-cat > "$PKI/outage.toml" <<CONF
-[identity]
-cert = "$PKI/client.pem"
-key = "$PKI/client.key"
-[egress]
-allow = ["127.0.0.0/8"]
-[public]
-listen = "127.0.0.1:18443"
-[admin]
-listen = "127.0.0.1:$ADMIN"
-token_env = "BENCH_ADMIN_TOKEN"
-[store]
-url = "sqlite://$PKI/outage.db"
-[[segments]]
-id = "s1"
-name = "S"
-[[dataflows]]
-name = "rx"
-endpoint = "https://localhost:9443/profiles"
-ca = "$PKI/ca.pem"
-segments = ["s1"]
-attributes = [{ source = "person.name.firstName", target = "firstName" }]
-CONF
+bench_serve_conf outage 18443 "$ADMIN"
 export BENCH_ADMIN_TOKEN=bench-outage-token
 "$BIN" serve --config "$PKI/outage.toml" >"$PKI/serve.log" 2>&1 & PIDS+=($!)
-for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$ADMIN) 2>/dev/null && break; sleep 0.1; done
+bench_wait_port "$ADMIN"
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); nginx $(nginx -v 2>&1 | cut -d/ -f2)" >&2
 # The peer: an nginx proxy's request rate through the same receiver, before the outage run.
