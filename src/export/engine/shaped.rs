@@ -91,14 +91,21 @@ impl Shaping {
     }
 
     /// The body of one request of `views` under `key`.
-    pub(super) fn body(&self, flow_name: &str, views: Vec<Value>, key: &GroupKey) -> Result<Vec<u8>, String> {
+    /// On failure: why, and what the body was to be made from (the template's context).
+    pub(super) fn body(
+        &self,
+        flow_name: &str,
+        views: Vec<Value>,
+        key: &GroupKey,
+    ) -> Result<Vec<u8>, (String, Value)> {
         match &self.template {
-            Some(t) => t
-                .render(&context(views, key.to_json(), flow_name, &self.names))
-                .map_err(|e| e.0),
+            Some(t) => {
+                let ctx = context(views, key.to_json(), flow_name, &self.names);
+                t.render(&ctx).map_err(|e| (e.0, ctx))
+            }
             None => {
                 let payloads: Vec<Value> = views.iter().map(payload_of_view).collect();
-                serde_json::to_vec(&payloads).map_err(|e| e.to_string())
+                serde_json::to_vec(&payloads).map_err(|e| (e.to_string(), Value::Array(payloads)))
             }
         }
     }
@@ -236,36 +243,27 @@ pub(super) async fn deliver(
     probe: bool,
 ) -> Option<Transition> {
     let Request { round, key, members } = req;
+    let (carried, views): (Vec<usize>, Vec<Value>) = members.into_iter().unzip();
     let (ids, attempt, profiles) = {
         let rows = round.rows.lock().unwrap_or_else(|p| p.into_inner());
-        let mut parts: Vec<(i64, i64)> = members
-            .iter()
-            .map(|(r, _)| (rows[*r].id, rows[*r].version))
-            .collect();
+        let mut parts: Vec<(i64, i64)> = carried.iter().map(|r| (rows[*r].id, rows[*r].version)).collect();
         parts.sort_unstable();
-        let attempt = members.iter().map(|(r, _)| rows[*r].attempts).max().unwrap_or(0) + 1;
-        let mut profiles: Vec<&str> = members
-            .iter()
-            .map(|(r, _)| rows[*r].profile_id.as_str())
-            .collect();
+        let attempt = carried.iter().map(|r| rows[*r].attempts).max().unwrap_or(0) + 1;
+        let mut profiles: Vec<&str> = carried.iter().map(|r| rows[*r].profile_id.as_str()).collect();
         profiles.dedup();
         (parts, attempt, members_summary(&profiles))
     };
     let key_text = batch_key(&flow.spec.name, &ids, &key);
-    let views: Vec<Value> = members.iter().map(|(_, v)| v.clone()).collect();
-    let rendered = shaping.body(&flow.spec.name, views.clone(), &key);
-    let (body, sent) = match rendered {
+    let (body, sent) = match shaping.body(&flow.spec.name, views, &key) {
         Ok(body) => {
             let body = Bytes::from(body);
             let sent = flow.send(Some(session), &key_text, body.clone(), attempt).await;
             (body, sent)
         }
-        Err(why) => {
+        Err((why, input)) => {
             // Nothing was sent. The dead letter keeps the template's input for inspection.
-            let input = serde_json::to_vec(&context(views, key.to_json(), &flow.spec.name, &shaping.names))
-                .unwrap_or_default();
             (
-                Bytes::from(input),
+                Bytes::from(serde_json::to_vec(&input).unwrap_or_default()),
                 Sent::failed(DeliveryError::new(
                     ErrorKind::InvalidRequest,
                     format!("rendering the template failed: {why}"),
@@ -309,21 +307,21 @@ pub(super) async fn deliver(
     if round.done.send((dead, Some(audit))).await.is_err() {
         return transition;
     }
-    round.finish(&members, row_verdict).await;
+    round.finish(&carried, row_verdict).await;
     transition
 }
 
 impl Round {
-    /// The request carrying `members` came back with `verdict`: rows with nothing more in
+    /// The request carrying rows `carried` came back with `verdict`: rows with nothing more in
     /// flight complete.
-    async fn finish(&self, members: &[(usize, Value)], verdict: RowVerdict) {
+    async fn finish(&self, carried: &[usize], verdict: RowVerdict) {
         let mut complete = Vec::new();
         {
             let mut rows = self.rows.lock().unwrap_or_else(|p| p.into_inner());
             // A row's entries sit together in a request (planning keeps profile order), so
             // one look back skips its repeats.
             let mut last = None;
-            for (r, _) in members {
+            for r in carried {
                 if last == Some(*r) {
                     continue;
                 }
@@ -436,7 +434,8 @@ pub(super) fn segment_names(cfg: &crate::config::Config, df: &Dataflow) -> Vec<(
 /// line at `retry_at`, uncounted.
 pub(super) async fn release(req: Request, retry_at: i64) {
     let Request { round, members, .. } = req;
-    round.finish(&members, RowVerdict::Requeue(retry_at)).await;
+    let carried: Vec<usize> = members.into_iter().map(|(r, _)| r).collect();
+    round.finish(&carried, RowVerdict::Requeue(retry_at)).await;
 }
 
 /// One request as it would be sent: its aggregation key, how many entries it holds, and its
@@ -515,7 +514,7 @@ pub fn preview(
             let rendered = if single {
                 serde_json::to_vec(&payload_of_view(&members[0])).map_err(|e| e.to_string())
             } else {
-                shaping.body(&df.name, members, &p.key)
+                shaping.body(&df.name, members, &p.key).map_err(|(why, _)| why)
             };
             let (body, error) = match rendered {
                 Ok(b) => (Some(String::from_utf8_lossy(&b).into_owned()), None),
