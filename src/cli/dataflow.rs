@@ -58,11 +58,12 @@ pub(super) async fn run(cmd: DataflowCommand) -> Result<(), Failure> {
             };
             store.pause(&pause).map_err(Failure::failed)?;
             println!("{name}: paused; running instances stop delivering to it within a second, ingest keeps queueing");
-            let data = serde_json::json!({
-                "dataflow": name, "reason": pause.reason, "class": null,
-                "message": pause.message, "since": pause.since, "nextProbeAt": null,
-            });
-            announce(&cfg, EventType::DataflowPaused, data).await
+            announce(
+                &cfg,
+                EventType::DataflowPaused,
+                crate::export::engine::pause_data(&pause),
+            )
+            .await
         }
         DataflowCommand::Resume { config, name } => {
             let (cfg, _, store) = open(&config, Some(&name))?;
@@ -71,7 +72,7 @@ pub(super) async fn run(cmd: DataflowCommand) -> Result<(), Failure> {
                 return Ok(());
             }
             println!("{name}: resumed; queued deliveries go out within a second");
-            let data = serde_json::json!({ "dataflow": name, "by": "operator" });
+            let data = crate::export::engine::resumed_data(&name, "operator");
             announce(&cfg, EventType::DataflowResumed, data).await
         }
         DataflowCommand::Status { config, name, json } => {

@@ -45,11 +45,17 @@ pub(super) enum Transition {
 pub(super) fn event_data(dataflow: &str, t: &Transition) -> serde_json::Value {
     match t {
         Transition::Paused(p) | Transition::Probed(p) => pause_data(p),
-        Transition::Resumed => serde_json::json!({ "dataflow": dataflow, "by": "probe" }),
+        Transition::Resumed => resumed_data(dataflow, "probe"),
     }
 }
 
-pub(super) fn pause_data(p: &Pause) -> serde_json::Value {
+/// The data of a `dataflow.resumed` event: who resumed it (`probe` or `operator`).
+pub fn resumed_data(dataflow: &str, by: &str) -> serde_json::Value {
+    serde_json::json!({ "dataflow": dataflow, "by": by })
+}
+
+/// The data of a `dataflow.paused` event.
+pub fn pause_data(p: &Pause) -> serde_json::Value {
     serde_json::json!({
         "dataflow": p.dataflow,
         "reason": p.reason,
@@ -473,7 +479,7 @@ impl super::Engine {
         if was {
             self.inner.events().emit(
                 crate::events::EventType::DataflowResumed,
-                serde_json::json!({ "dataflow": name, "by": "operator" }),
+                resumed_data(name, "operator"),
             );
         }
         Ok(was)

@@ -34,7 +34,7 @@ pub use attempt::idempotency_key;
 use attempt::{attempt_error, Flow};
 use dataflows::build_flow;
 pub use dataflows::DataflowChange;
-pub use health::DataflowStatus;
+pub use health::{pause_data, resumed_data, DataflowStatus};
 pub use shaped::{preview, Preview};
 use worker::worker;
 
