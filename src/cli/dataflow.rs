@@ -47,15 +47,7 @@ pub(super) async fn run(cmd: DataflowCommand) -> Result<(), Failure> {
             message,
         } => {
             let (cfg, _, store) = open(&config, Some(&name))?;
-            let pause = Pause {
-                dataflow: name.clone(),
-                reason: PauseReason::Manual,
-                class: None,
-                message: message.unwrap_or_else(|| "paused by an operator".into()),
-                since: now_ms(),
-                probe_at: 0,
-                probe_interval_ms: 0,
-            };
+            let pause = Pause::manual(&name, message, now_ms());
             store.pause(&pause).map_err(Failure::failed)?;
             println!("{name}: paused; running instances stop delivering to it within a second, ingest keeps queueing");
             announce(

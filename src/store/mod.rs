@@ -163,6 +163,24 @@ pub struct Pause {
     pub probe_interval_ms: i64,
 }
 
+impl Pause {
+    /// An operator's pause of `dataflow` from `now` (UNIX ms), with their note (control
+    /// characters dropped, at most 500 characters) or a default one.
+    pub fn manual(dataflow: &str, message: Option<String>, now: i64) -> Pause {
+        Pause {
+            dataflow: dataflow.to_owned(),
+            reason: PauseReason::Manual,
+            class: None,
+            message: message
+                .map(|m| m.chars().filter(|c| !c.is_control()).take(500).collect())
+                .unwrap_or_else(|| "paused by an operator".into()),
+            since: now,
+            probe_at: 0,
+            probe_interval_ms: 0,
+        }
+    }
+}
+
 /// What happened to a claimed item.
 #[derive(Debug, Clone)]
 pub enum Completion {

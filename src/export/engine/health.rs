@@ -448,17 +448,7 @@ impl super::Engine {
     pub async fn pause_dataflow(&self, name: &str, message: Option<String>) -> Result<Pause, EngineError> {
         let flow = self.flow(name)?;
         let now = now_ms();
-        let pause = Pause {
-            dataflow: name.to_owned(),
-            reason: PauseReason::Manual,
-            class: None,
-            message: message
-                .map(|m| m.chars().filter(|c| !c.is_control()).take(500).collect())
-                .unwrap_or_else(|| "paused by an operator".into()),
-            since: now,
-            probe_at: 0,
-            probe_interval_ms: 0,
-        };
+        let pause = Pause::manual(name, message, now);
         let (s, p) = (self.inner.store.clone(), pause.clone());
         blocking(move || s.pause(&p)).await?;
         flow.health.set(Some(pause.clone()), now);
