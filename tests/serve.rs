@@ -162,6 +162,78 @@ async fn ingest_over_the_admin_api_delivers_and_counts() {
     assert!(delivered);
 }
 
+/// `raw` (a whole HTTP/1.1 request, or its head) written to `addr` in pieces of `piece` bytes,
+/// each sent on its own; the status line's code and the body of the answer.
+async fn raw_request(addr: &str, raw: &[u8], piece: usize) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tcp.set_nodelay(true).unwrap();
+    for chunk in raw.chunks(piece) {
+        tcp.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer[9..12].parse().unwrap();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_body_is_parsed_as_its_pieces_arrive_and_one_too_large_is_refused() {
+    let pki = RcgenPki::new();
+    let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;
+    let (cfg, public, admin) = write_config(&pki, &rx.url("/in"), "", true);
+    let gw = start(&cfg, public, admin).await;
+
+    // Chunked, in 7-byte chunks written apart: lines arrive split at every point, and the
+    // last one has no newline.
+    let mut body = ndjson(20);
+    body.extend_from_slice(b"{broken\n");
+    body.extend_from_slice(&ndjson(21)[ndjson(20).len()..]);
+    body.pop();
+    let mut raw = format!(
+        "POST /v1/profiles HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {TOKEN}\r\n\
+         transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in body.chunks(7) {
+        raw.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        raw.extend_from_slice(chunk);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    let (s, b) = raw_request(&gw.admin, &raw, 64).await;
+    assert_eq!(s, 200, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(
+        (v["accepted"].as_u64(), v["rejected"].as_u64()),
+        (Some(21), Some(1)),
+        "{v}"
+    );
+    assert_eq!(v["errors"][0]["line"], 21);
+    wait_until("21 deliveries", Duration::from_secs(20), || {
+        profiles_seen(&rx).len() == 21
+    })
+    .await;
+
+    // A declared length over the limit is refused before any of the body is read.
+    let raw = format!(
+        "POST /v1/profiles HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {TOKEN}\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        64 * 1024 * 1024 + 1
+    );
+    let (s, b) = raw_request(&gw.admin, raw.as_bytes(), usize::MAX).await;
+    assert_eq!(s, 413, "{b}");
+    assert!(b.contains("larger than 67108864 bytes"), "{b}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_of_bad_lines_gets_a_small_answer_with_the_true_counts() {
     let pki = RcgenPki::new();

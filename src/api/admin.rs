@@ -8,7 +8,7 @@ use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use super::{error_reply, json_reply, read_body, Handler, Reply};
+use super::{error_reply, json_reply, read_body, read_ndjson, Handler, Reply};
 use crate::audit::ReplayTrigger;
 use crate::config::{Config, Secret};
 use crate::export::engine::EngineError;
@@ -99,8 +99,8 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
         (Method::POST, ["v1", "profiles"]) => {
             // The request's span when traces are on: its status and counts, never its lines.
             let span = crate::telemetry::IngestSpan::start();
-            let body = match read_body(req.into_body(), MAX_INGEST_BODY).await {
-                Ok(b) => b,
+            let parsed = match read_ndjson(req.into_body(), MAX_INGEST_BODY).await {
+                Ok(p) => p,
                 Err(reply) => {
                     if let Some(s) = span {
                         s.end(reply.status().as_u16(), None);
@@ -108,7 +108,7 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
                     return reply;
                 }
             };
-            match engine.ingest(&body).await {
+            match engine.ingest_parsed(parsed).await {
                 Ok(r) => {
                     let status = if r.accepted == 0 && r.rejected > 0 {
                         StatusCode::BAD_REQUEST

@@ -115,19 +115,95 @@ impl ParsedBatch {
 
 /// Parse NDJSON. Blank lines are skipped; line numbers start at 1.
 pub fn parse_ndjson(bytes: &[u8]) -> ParsedBatch {
-    let mut out = ParsedBatch::default();
-    for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
-        let line = i + 1;
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if raw.iter().all(u8::is_ascii_whitespace) {
-            continue;
+    let mut p = NdjsonParser::default();
+    p.feed(bytes);
+    p.finish()
+}
+
+/// NDJSON parsed as it arrives, chunk by chunk: each line is parsed as soon as its newline is
+/// seen, so a request body is never held whole — only the line it is in the middle of, and
+/// never more than [`MAX_LINE_BYTES`] of that (a longer line is rejected and skipped to its
+/// end without being kept). Feeding a body in any split gives what [`parse_ndjson`] gives.
+#[derive(Debug, Default)]
+pub struct NdjsonParser {
+    out: ParsedBatch,
+    /// The current line's bytes so far (a line split across chunks).
+    partial: Vec<u8>,
+    /// Length of the current line when it outgrew [`MAX_LINE_BYTES`]: its bytes are dropped.
+    overlong: Option<usize>,
+    /// Lines finished so far.
+    lines: usize,
+}
+
+impl NdjsonParser {
+    /// Parse every line `chunk` finishes; keep the unfinished rest for the next chunk.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while let Some(n) = chunk.iter().position(|b| *b == b'\n') {
+            let (line, rest) = (&chunk[..n], &chunk[n + 1..]);
+            chunk = rest;
+            if let Some(len) = self.overlong.take() {
+                self.end_line(LineEnd::Overlong(len + line.len()));
+            } else if self.partial.is_empty() {
+                self.end_line(LineEnd::Bytes(line));
+            } else {
+                let mut whole = std::mem::take(&mut self.partial);
+                whole.extend_from_slice(line);
+                self.end_line(LineEnd::Bytes(&whole));
+                // Keep the allocation for the next split line.
+                whole.clear();
+                self.partial = whole;
+            }
         }
-        match parse_line(raw) {
-            Ok(u) => out.updates.push((line, u)),
+        self.keep(chunk);
+    }
+
+    /// The batch: every line parsed, the last one even without its newline.
+    pub fn finish(mut self) -> ParsedBatch {
+        if let Some(len) = self.overlong.take() {
+            self.end_line(LineEnd::Overlong(len));
+        } else if !self.partial.is_empty() {
+            let last = std::mem::take(&mut self.partial);
+            self.end_line(LineEnd::Bytes(&last));
+        }
+        self.out
+    }
+
+    /// Hold `rest` (the start of a line) until its newline comes, or only count it once the
+    /// line is longer than the limit.
+    fn keep(&mut self, rest: &[u8]) {
+        if rest.is_empty() {
+            return;
+        }
+        if let Some(len) = &mut self.overlong {
+            *len += rest.len();
+        } else if self.partial.len() + rest.len() > MAX_LINE_BYTES + 1 {
+            // One byte of slack: a line's `\r` before its newline is not counted.
+            self.overlong = Some(self.partial.len() + rest.len());
+            self.partial = Vec::new();
+        } else {
+            self.partial.extend_from_slice(rest);
+        }
+    }
+
+    fn end_line(&mut self, end: LineEnd<'_>) {
+        self.lines += 1;
+        let line = self.lines;
+        let result = match end {
+            LineEnd::Overlong(len) => Err(format!("line is {len} bytes; the limit is {MAX_LINE_BYTES}")),
+            LineEnd::Bytes(raw) => {
+                let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+                if raw.iter().all(u8::is_ascii_whitespace) {
+                    return;
+                }
+                parse_line(raw)
+            }
+        };
+        match result {
+            Ok(u) => self.out.updates.push((line, u)),
             Err(reason) => {
-                out.rejected += 1;
-                if out.errors.len() < MAX_REPORTED_ERRORS {
-                    out.errors.push(LineError {
+                self.out.rejected += 1;
+                if self.out.errors.len() < MAX_REPORTED_ERRORS {
+                    self.out.errors.push(LineError {
                         line,
                         reason: shorten(reason),
                     });
@@ -135,7 +211,12 @@ pub fn parse_ndjson(bytes: &[u8]) -> ParsedBatch {
             }
         }
     }
-    out
+}
+
+/// How a line ended: its bytes, or only its length when it was too long to keep.
+enum LineEnd<'a> {
+    Bytes(&'a [u8]),
+    Overlong(usize),
 }
 
 /// `reason`, cut to at most [`MAX_REASON_BYTES`] (on a character boundary) and marked so.
@@ -357,6 +438,38 @@ mod tests {
         assert!(errs[2].0 == 5 && errs[2].1.contains("missing field `profileId`"));
         assert!(errs[3].0 == 6 && errs[3].1.contains("unknown variant `qualified`"));
         assert!(errs[4].0 == 7 && errs[4].1.contains("the limit is"));
+    }
+
+    /// The same body fed whole and in pieces of many sizes: the same updates, rejections and
+    /// line numbers, and a line longer than the limit is never held whole.
+    #[test]
+    fn a_body_fed_in_chunks_parses_as_it_does_whole() {
+        let big = format!(
+            "{{\"profileId\":\"p\",\"attributes\":{{\"x\":\"{}\"}}}}",
+            "a".repeat(MAX_LINE_BYTES + 10)
+        );
+        let input = format!(
+            "{{\"profileId\":\"p1\"}}\r\n{{broken\n\n  \r\n{big}\n{{\"profileId\":\"p2\",\"segments\":\
+             [{{\"id\":\"s\",\"status\":\"realized\"}}]}}\n{big}\n{{\"profileId\":\"p3\"}}"
+        );
+        let whole = parse_ndjson(input.as_bytes());
+        let ok: Vec<usize> = whole.updates.iter().map(|(l, _)| *l).collect();
+        assert_eq!(ok, vec![1, 6, 8], "the last line counts without its newline");
+        assert_eq!(whole.rejected, 3);
+        assert!(whole.errors[1]
+            .reason
+            .contains(&format!("line is {} bytes", big.len())));
+        for size in [1, 2, 7, 100, 4096, 65_536, MAX_LINE_BYTES, input.len()] {
+            let mut p = NdjsonParser::default();
+            for chunk in input.as_bytes().chunks(size) {
+                p.feed(chunk);
+                assert!(p.partial.len() <= MAX_LINE_BYTES + 1, "chunks of {size}");
+            }
+            let pieces = p.finish();
+            assert_eq!(pieces.updates, whole.updates, "chunks of {size}");
+            assert_eq!(pieces.errors, whole.errors, "chunks of {size}");
+            assert_eq!(pieces.rejected, whole.rejected);
+        }
     }
 
     #[test]

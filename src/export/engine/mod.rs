@@ -27,7 +27,7 @@ use super::trigger::evaluate;
 use crate::audit::{Outcome, ReplayTrigger};
 use crate::config::Config;
 use crate::delivery::Core;
-use crate::profile::update::{parse_ndjson, LineError};
+use crate::profile::update::{parse_ndjson, LineError, ParsedBatch};
 use crate::store::{self, AttemptError, DeadLetterFilter, Store, StoreError};
 
 pub use attempt::idempotency_key;
@@ -249,7 +249,11 @@ impl Engine {
     /// Parse an NDJSON batch and store the valid updates with their triggered deliveries.
     /// Returns once they are durable.
     pub async fn ingest(&self, ndjson: &[u8]) -> Result<IngestReport, EngineError> {
-        let parsed = parse_ndjson(ndjson);
+        self.ingest_parsed(parse_ndjson(ndjson)).await
+    }
+
+    /// [`Engine::ingest`] of a batch already parsed (the HTTP ingest parses as the body arrives).
+    pub async fn ingest_parsed(&self, parsed: ParsedBatch) -> Result<IngestReport, EngineError> {
         let report = IngestReport {
             accepted: parsed.updates.len(),
             rejected: parsed.rejected,
