@@ -235,6 +235,47 @@ async fn an_ingest_body_is_parsed_as_its_pieces_arrive_and_one_too_large_is_refu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_larger_than_one_group_is_stored_whole_with_true_line_numbers() {
+    let pki = RcgenPki::new();
+    let (cfg, public, admin) = write_config(&pki, "https://localhost:9/in", "", true);
+    let gw = start(&cfg, public, admin).await;
+    let (s, _) = http(
+        "POST",
+        &format!("{}/v1/dataflows/rx/pause", gw.admin),
+        Some(TOKEN),
+        b"",
+    )
+    .await;
+    assert_eq!(s, 200);
+    // 12,000 updates: stored in groups of 5,000 as the body is parsed; a bad line in the
+    // second group keeps its number.
+    let mut body = ndjson(7_000);
+    body.extend_from_slice(b"{broken\n");
+    let rest = ndjson(12_000);
+    let cut = rest
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(6_999)
+        .unwrap()
+        .0
+        + 1;
+    body.extend_from_slice(&rest[cut..]);
+    let (s, b) = http("POST", &format!("{}/v1/profiles", gw.admin), Some(TOKEN), &body).await;
+    assert_eq!(s, 200, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(
+        (v["accepted"].as_u64(), v["rejected"].as_u64()),
+        (Some(12_000), Some(1)),
+        "{v}"
+    );
+    assert_eq!(v["errors"][0]["line"], 7_001);
+    let (_, b) = http("GET", &format!("{}/v1/status", gw.admin), Some(TOKEN), b"").await;
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["dataflows"][0]["pending"], 12_000, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_of_bad_lines_gets_a_small_answer_with_the_true_counts() {
     let pki = RcgenPki::new();
     let rx = pki.receiver(ClientAuth::Required, StatusCode::OK).await;

@@ -8,15 +8,95 @@ use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use super::{error_reply, json_reply, read_body, read_ndjson, Handler, Reply};
+use super::{error_reply, json_reply, read_body, Handler, Reply};
 use crate::audit::ReplayTrigger;
 use crate::config::{Config, Secret};
 use crate::export::engine::EngineError;
 use crate::export::Engine;
+use crate::profile::update::NdjsonParser;
 use crate::store::DeadLetterFilter;
 
 /// Largest ingest body accepted in one request.
 pub const MAX_INGEST_BODY: usize = 64 * 1024 * 1024;
+
+/// An ingest body is stored in groups as it is parsed, each in a transaction of its own, so
+/// a request's memory is one group's updates, not the whole body's (docs/design-notes.md,
+/// "Memory"). A group closes at this many updates…
+const INGEST_GROUP_UPDATES: usize = 5_000;
+/// …or this many bytes of their lines, whichever comes first.
+const INGEST_GROUP_BYTES: usize = 4 * 1024 * 1024;
+
+/// An ingest request that failed part way: its status, why, and how many accepted updates
+/// were stored before it did (their groups are durable; the client may resend the whole body,
+/// as updates merge).
+struct IngestFailure {
+    status: StatusCode,
+    message: String,
+    stored: usize,
+}
+
+/// Parse an NDJSON body as its frames arrive and store its updates group by group.
+async fn ingest(
+    body: Incoming,
+    engine: &Engine,
+) -> Result<crate::export::engine::IngestReport, IngestFailure> {
+    use http_body_util::BodyExt;
+    let fail = |status, message: String, stored| IngestFailure {
+        status,
+        message,
+        stored,
+    };
+    let Some(mut body) = super::limited(body, MAX_INGEST_BODY) else {
+        let (status, message) = super::too_large_failure(MAX_INGEST_BODY);
+        return Err(fail(status, message, 0));
+    };
+    let store_failed = |e: crate::export::engine::EngineError, stored| {
+        tracing::error!(error = %e, "ingest failed");
+        let message = if stored == 0 {
+            "the store could not accept the batch; nothing was stored".to_owned()
+        } else {
+            format!("the store could not accept the batch; the first {stored} accepted updates were stored")
+        };
+        fail(StatusCode::SERVICE_UNAVAILABLE, message, stored)
+    };
+    let mut parser = NdjsonParser::default();
+    let mut stored = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            let (status, mut message) = super::body_failure(e, MAX_INGEST_BODY);
+            if stored > 0 {
+                message += &format!("; the first {stored} accepted updates were stored");
+            }
+            fail(status, message, stored)
+        })?;
+        if let Some(data) = frame.data_ref() {
+            parser.feed(data);
+        }
+        let (updates, bytes) = parser.ready();
+        if updates >= INGEST_GROUP_UPDATES || bytes >= INGEST_GROUP_BYTES {
+            let group = parser.take_updates();
+            let n = group.len();
+            engine
+                .store_updates(group)
+                .await
+                .map_err(|e| store_failed(e, stored))?;
+            stored += n;
+        }
+    }
+    let parsed = parser.finish();
+    let last = parsed.updates.len();
+    let report = crate::export::engine::IngestReport {
+        accepted: stored + last,
+        rejected: parsed.rejected,
+        errors_omitted: parsed.errors_omitted(),
+        errors: parsed.errors,
+    };
+    engine
+        .store_updates(parsed.updates)
+        .await
+        .map_err(|e| store_failed(e, stored))?;
+    Ok(report)
+}
 
 /// Checks bearer tokens in constant time: the configured token's HMAC under a per-process
 /// random key is compared with `ring::hmac::verify`.
@@ -99,16 +179,7 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
         (Method::POST, ["v1", "profiles"]) => {
             // The request's span when traces are on: its status and counts, never its lines.
             let span = crate::telemetry::IngestSpan::start();
-            let parsed = match read_ndjson(req.into_body(), MAX_INGEST_BODY).await {
-                Ok(p) => p,
-                Err(reply) => {
-                    if let Some(s) = span {
-                        s.end(reply.status().as_u16(), None);
-                    }
-                    return reply;
-                }
-            };
-            match engine.ingest_parsed(parsed).await {
+            let (status, body) = match ingest(req.into_body(), engine).await {
                 Ok(r) => {
                     let status = if r.accepted == 0 && r.rejected > 0 {
                         StatusCode::BAD_REQUEST
@@ -118,23 +189,22 @@ async fn route(req: Request<Incoming>, engine: &Engine, cfg: &Config) -> Reply {
                     if let Some(s) = span {
                         s.end(status.as_u16(), Some((r.accepted, r.rejected)));
                     }
-                    json_reply(
+                    (
                         status,
-                        &json!({"accepted": r.accepted, "rejected": r.rejected, "errors": r.errors,
+                        json!({"accepted": r.accepted, "rejected": r.rejected, "errors": r.errors,
                             "errorsOmitted": r.errors_omitted}),
                     )
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "ingest failed");
+                Err(f) => {
                     if let Some(s) = span {
-                        s.end(StatusCode::SERVICE_UNAVAILABLE.as_u16(), None);
+                        s.end(f.status.as_u16(), None);
                     }
-                    error_reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "the store could not accept the batch; nothing was stored",
-                    )
+                    let mut body = super::error_value(f.status, None, &f.message);
+                    body["error"]["stored"] = json!(f.stored);
+                    (f.status, body)
                 }
-            }
+            };
+            json_reply(status, &body)
         }
         (Method::GET, ["v1", "dataflows"]) => {
             let all: Vec<serde_json::Value> = all_dataflows(engine, cfg)

@@ -24,8 +24,6 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::profile::update::{NdjsonParser, ParsedBatch};
-
 /// A response with a buffered body.
 pub type Reply = Response<Full<Bytes>>;
 /// A request handler.
@@ -70,25 +68,19 @@ pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Reply> {
         .collect()
         .await
         .map(|b| b.to_bytes())
-        .map_err(|e| body_error(e, limit))
+        .map_err(|e| {
+            let (status, message) = body_failure(e, limit);
+            error_reply(status, message)
+        })
 }
 
-/// An NDJSON request body, parsed line by line as its frames arrive (never held whole), at most
-/// `limit` bytes.
-pub async fn read_ndjson(body: Incoming, limit: usize) -> Result<ParsedBatch, Reply> {
-    let mut body = limited(body, limit).ok_or_else(|| too_large(limit))?;
-    let mut parser = NdjsonParser::default();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| body_error(e, limit))?;
-        if let Some(data) = frame.data_ref() {
-            parser.feed(data);
-        }
-    }
-    Ok(parser.finish())
+pub(crate) fn too_large(limit: usize) -> Reply {
+    let (status, message) = too_large_failure(limit);
+    error_reply(status, message)
 }
 
-fn too_large(limit: usize) -> Reply {
-    error_reply(
+pub(crate) fn too_large_failure(limit: usize) -> (StatusCode, String) {
+    (
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("the request body is larger than {limit} bytes"),
     )
@@ -96,16 +88,19 @@ fn too_large(limit: usize) -> Reply {
 
 /// `body` cut off at `limit` bytes; `None` at once when its declared length is longer, so a
 /// client is not left sending what will be refused.
-fn limited(body: Incoming, limit: usize) -> Option<Limited<Incoming>> {
+pub(crate) fn limited(body: Incoming, limit: usize) -> Option<Limited<Incoming>> {
     (hyper::body::Body::size_hint(&body).lower() <= limit as u64).then(|| Limited::new(body, limit))
 }
 
-/// The answer to a body that could not be read: too large (413), or broken off (400).
-fn body_error(e: Box<dyn std::error::Error + Send + Sync>, limit: usize) -> Reply {
+/// Why a body could not be read: too large (413), or broken off (400).
+pub(crate) fn body_failure(
+    e: Box<dyn std::error::Error + Send + Sync>,
+    limit: usize,
+) -> (StatusCode, String) {
     if e.is::<http_body_util::LengthLimitError>() {
-        too_large(limit)
+        too_large_failure(limit)
     } else {
-        error_reply(StatusCode::BAD_REQUEST, format!("reading the request body: {e}"))
+        (StatusCode::BAD_REQUEST, format!("reading the request body: {e}"))
     }
 }
 

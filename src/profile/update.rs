@@ -133,6 +133,8 @@ pub struct NdjsonParser {
     overlong: Option<usize>,
     /// Lines finished so far.
     lines: usize,
+    /// Bytes of the updates parsed since they were last taken.
+    ready_bytes: usize,
 }
 
 impl NdjsonParser {
@@ -155,6 +157,18 @@ impl NdjsonParser {
             }
         }
         self.keep(chunk);
+    }
+
+    /// Updates parsed and not taken yet, and the bytes of their lines.
+    pub fn ready(&self) -> (usize, usize) {
+        (self.out.updates.len(), self.ready_bytes)
+    }
+
+    /// The updates parsed so far, with their line numbers, handed over (rejections stay
+    /// counted here; line numbers go on from where they were).
+    pub fn take_updates(&mut self) -> Vec<(usize, ProfileUpdate)> {
+        self.ready_bytes = 0;
+        std::mem::take(&mut self.out.updates)
     }
 
     /// The batch: every line parsed, the last one even without its newline.
@@ -195,6 +209,7 @@ impl NdjsonParser {
                 if raw.iter().all(u8::is_ascii_whitespace) {
                     return;
                 }
+                self.ready_bytes += raw.len();
                 parse_line(raw)
             }
         };

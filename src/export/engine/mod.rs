@@ -27,7 +27,7 @@ use super::trigger::evaluate;
 use crate::audit::{Outcome, ReplayTrigger};
 use crate::config::Config;
 use crate::delivery::Core;
-use crate::profile::update::{parse_ndjson, LineError, ParsedBatch};
+use crate::profile::update::{parse_ndjson, LineError, ParsedBatch, ProfileUpdate};
 use crate::store::{self, AttemptError, DeadLetterFilter, Store, StoreError};
 
 pub use attempt::idempotency_key;
@@ -260,10 +260,17 @@ impl Engine {
             errors_omitted: parsed.errors_omitted(),
             errors: parsed.errors,
         };
-        if parsed.updates.is_empty() {
-            return Ok(report);
+        self.store_updates(parsed.updates).await?;
+        Ok(report)
+    }
+
+    /// Store parsed updates (in one transaction) with the deliveries they trigger; returns once
+    /// they are durable.
+    pub async fn store_updates(&self, updates: Vec<(usize, ProfileUpdate)>) -> Result<(), EngineError> {
+        if updates.is_empty() {
+            return Ok(());
         }
-        let updates: Vec<_> = parsed.updates.into_iter().map(|(_, u)| u).collect();
+        let updates: Vec<_> = updates.into_iter().map(|(_, u)| u).collect();
         let inner = self.inner.clone();
         blocking(move || {
             let now = time::OffsetDateTime::now_utc()
@@ -282,7 +289,7 @@ impl Engine {
         for f in &self.inner.flows() {
             f.wake.notify_one();
         }
-        Ok(report)
+        Ok(())
     }
 
     /// Deliveries waiting, all dataflows.
