@@ -50,7 +50,7 @@ async fn ingest(
         let (status, message) = super::too_large_failure(MAX_INGEST_BODY);
         return Err(fail(status, message, 0));
     };
-    let store_failed = |e: crate::export::engine::EngineError, stored| {
+    let store_failed = |e: EngineError, stored| {
         tracing::error!(error = %e, "ingest failed");
         let message = if stored == 0 {
             "the store could not accept the batch; nothing was stored".to_owned()
@@ -61,27 +61,45 @@ async fn ingest(
     };
     let mut parser = NdjsonParser::default();
     let mut stored = 0;
+    // The group being written while the next is read and parsed (one at a time, in order: a
+    // profile named in two groups is updated in the order of its lines).
+    let mut writing: Option<(usize, tokio::task::JoinHandle<Result<(), EngineError>>)> = None;
+    let mut read_error = None;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            let (status, mut message) = super::body_failure(e, MAX_INGEST_BODY);
-            if stored > 0 {
-                message += &format!("; the first {stored} accepted updates were stored");
+        let data = match frame {
+            Ok(f) => f.into_data().ok(),
+            Err(e) => {
+                read_error = Some(e);
+                break;
             }
-            fail(status, message, stored)
-        })?;
-        if let Some(data) = frame.data_ref() {
-            parser.feed(data);
+        };
+        if let Some(data) = data {
+            parser.feed(&data);
         }
         let (updates, bytes) = parser.ready();
         if updates >= INGEST_GROUP_UPDATES || bytes >= INGEST_GROUP_BYTES {
+            if let Some((n, w)) = writing.take() {
+                written(w).await.map_err(|e| store_failed(e, stored))?;
+                stored += n;
+            }
             let group = parser.take_updates();
-            let n = group.len();
-            engine
-                .store_updates(group)
-                .await
-                .map_err(|e| store_failed(e, stored))?;
-            stored += n;
+            let engine = engine.clone();
+            writing = Some((
+                group.len(),
+                tokio::spawn(async move { engine.store_updates(group).await }),
+            ));
         }
+    }
+    if let Some((n, w)) = writing.take() {
+        written(w).await.map_err(|e| store_failed(e, stored))?;
+        stored += n;
+    }
+    if let Some(e) = read_error {
+        let (status, mut message) = super::body_failure(e, MAX_INGEST_BODY);
+        if stored > 0 {
+            message += &format!("; the first {stored} accepted updates were stored");
+        }
+        return Err(fail(status, message, stored));
     }
     let parsed = parser.finish();
     let last = parsed.updates.len();
@@ -96,6 +114,11 @@ async fn ingest(
         .await
         .map_err(|e| store_failed(e, stored))?;
     Ok(report)
+}
+
+/// A group's write, finished (a panic in it counts as the store failing).
+async fn written(w: tokio::task::JoinHandle<Result<(), EngineError>>) -> Result<(), EngineError> {
+    w.await?
 }
 
 /// Checks bearer tokens in constant time: the configured token's HMAC under a per-process
