@@ -806,7 +806,9 @@ impl Store for SqliteStore {
     }
 
     fn pending(&self, dataflow: Option<&str>) -> Result<u64, StoreError> {
-        let conn = self.lock();
+        // A count walks the whole queue (a million rows after an outage): on the reader, so
+        // status pages and `/readyz` never hold up ingest or outcomes for it.
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         let n: i64 = match dataflow {
             Some(d) => conn.query_row("SELECT COUNT(*) FROM outbox WHERE dataflow = ?1", [d], |r| {
                 r.get(0)
