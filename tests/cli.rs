@@ -225,11 +225,14 @@ async fn ingest_reports_rejected_lines_with_their_numbers_and_stores_the_rest() 
          ca = \"ca.pem\"\nsegments = [\"s1\"]\n",
     )
     .unwrap();
-    std::fs::write(
-        d.join("in.ndjson"),
-        "{\"profileId\":\"a\",\"segments\":[{\"id\":\"s1\",\"status\":\"realized\"}]}\n{oops\n",
-    )
-    .unwrap();
+    // 12,001 lines: read in pieces and stored in groups of 5,000; the bad line is in the
+    // third group, the last line has no newline.
+    let line = |i: usize| {
+        format!("{{\"profileId\":\"p{i}\",\"segments\":[{{\"id\":\"s1\",\"status\":\"realized\"}}]}}")
+    };
+    let mut input: Vec<String> = (0..12_000).map(line).collect();
+    input.insert(11_000, "{oops".to_owned());
+    std::fs::write(d.join("in.ndjson"), input.join("\n")).unwrap();
     let cfg = d.join("s.toml");
     let input = d.join("in.ndjson");
     let (code, out, err) = run(&[
@@ -241,10 +244,10 @@ async fn ingest_reports_rejected_lines_with_their_numbers_and_stores_the_rest() 
     .await;
     assert_eq!(code, 1, "{out} {err}");
     assert!(
-        out.contains("accepted 1 update(s), rejected 1; 1 deliveries pending"),
+        out.contains("accepted 12000 update(s), rejected 1; 12000 deliveries pending"),
         "{out}"
     );
-    assert!(err.contains("in.ndjson:2: invalid update"), "{err}");
+    assert!(err.contains("in.ndjson:11001: invalid update"), "{err}");
 }
 
 #[tokio::test]

@@ -11,20 +11,12 @@ use serde_json::json;
 use super::{error_reply, json_reply, read_body, Handler, Reply};
 use crate::audit::ReplayTrigger;
 use crate::config::{Config, Secret};
-use crate::export::engine::EngineError;
+use crate::export::engine::{EngineError, PartlyStored};
 use crate::export::Engine;
-use crate::profile::update::NdjsonParser;
 use crate::store::DeadLetterFilter;
 
 /// Largest ingest body accepted in one request.
 pub const MAX_INGEST_BODY: usize = 64 * 1024 * 1024;
-
-/// An ingest body is stored in groups as it is parsed, each in a transaction of its own, so
-/// a request's memory is one group's updates, not the whole body's (docs/design-notes.md,
-/// "Memory"). A group closes at this many updates…
-const INGEST_GROUP_UPDATES: usize = 5_000;
-/// …or this many bytes of their lines, whichever comes first.
-const INGEST_GROUP_BYTES: usize = 4 * 1024 * 1024;
 
 /// An ingest request that failed part way: its status, why, and how many accepted updates
 /// were stored before it did (their groups are durable; the client may resend the whole body,
@@ -35,90 +27,60 @@ struct IngestFailure {
     stored: usize,
 }
 
-/// Parse an NDJSON body as its frames arrive and store its updates group by group.
+/// Parse an NDJSON body as its frames arrive and store its updates group by group
+/// ([`crate::export::engine::IngestSession`]).
 async fn ingest(
     body: Incoming,
     engine: &Engine,
 ) -> Result<crate::export::engine::IngestReport, IngestFailure> {
     use http_body_util::BodyExt;
-    let fail = |status, message: String, stored| IngestFailure {
-        status,
-        message,
-        stored,
-    };
     let Some(mut body) = super::limited(body, MAX_INGEST_BODY) else {
         let (status, message) = super::too_large_failure(MAX_INGEST_BODY);
-        return Err(fail(status, message, 0));
+        return Err(IngestFailure {
+            status,
+            message,
+            stored: 0,
+        });
     };
-    let store_failed = |e: EngineError, stored| {
-        tracing::error!(error = %e, "ingest failed");
-        let message = if stored == 0 {
+    let store_failed = |p: PartlyStored| {
+        tracing::error!(error = %p.error, stored = p.stored, "ingest failed");
+        let message = if p.stored == 0 {
             "the store could not accept the batch; nothing was stored".to_owned()
         } else {
-            format!("the store could not accept the batch; the first {stored} accepted updates were stored")
+            format!(
+                "the store could not accept the batch; the first {} accepted updates were stored",
+                p.stored
+            )
         };
-        fail(StatusCode::SERVICE_UNAVAILABLE, message, stored)
+        IngestFailure {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message,
+            stored: p.stored,
+        }
     };
-    let mut parser = NdjsonParser::default();
-    let mut stored = 0;
-    // The group being written while the next is read and parsed (one at a time, in order: a
-    // profile named in two groups is updated in the order of its lines).
-    let mut writing: Option<(usize, tokio::task::JoinHandle<Result<(), EngineError>>)> = None;
-    let mut read_error = None;
+    let mut session = engine.ingest_session();
     while let Some(frame) = body.frame().await {
-        let data = match frame {
-            Ok(f) => f.into_data().ok(),
+        match frame {
+            Ok(f) => {
+                if let Ok(data) = f.into_data() {
+                    session.feed(&data).await.map_err(store_failed)?;
+                }
+            }
             Err(e) => {
-                read_error = Some(e);
-                break;
+                let stored = session.settle().await.map_err(store_failed)?;
+                let (status, mut message) = super::body_failure(e, MAX_INGEST_BODY);
+                if stored > 0 {
+                    message += &format!("; the first {stored} accepted updates were stored");
+                }
+                return Err(IngestFailure {
+                    status,
+                    message,
+                    stored,
+                });
             }
-        };
-        if let Some(data) = data {
-            parser.feed(&data);
-        }
-        let (updates, bytes) = parser.ready();
-        if updates >= INGEST_GROUP_UPDATES || bytes >= INGEST_GROUP_BYTES {
-            if let Some((n, w)) = writing.take() {
-                written(w).await.map_err(|e| store_failed(e, stored))?;
-                stored += n;
-            }
-            let group = parser.take_updates();
-            let engine = engine.clone();
-            writing = Some((
-                group.len(),
-                tokio::spawn(async move { engine.store_updates(group).await }),
-            ));
         }
     }
-    if let Some((n, w)) = writing.take() {
-        written(w).await.map_err(|e| store_failed(e, stored))?;
-        stored += n;
-    }
-    if let Some(e) = read_error {
-        let (status, mut message) = super::body_failure(e, MAX_INGEST_BODY);
-        if stored > 0 {
-            message += &format!("; the first {stored} accepted updates were stored");
-        }
-        return Err(fail(status, message, stored));
-    }
-    let parsed = parser.finish();
-    let last = parsed.updates.len();
-    let report = crate::export::engine::IngestReport {
-        accepted: stored + last,
-        rejected: parsed.rejected,
-        errors_omitted: parsed.errors_omitted(),
-        errors: parsed.errors,
-    };
-    engine
-        .store_updates(parsed.updates)
-        .await
-        .map_err(|e| store_failed(e, stored))?;
-    Ok(report)
-}
-
-/// A group's write, finished (a panic in it counts as the store failing).
-async fn written(w: tokio::task::JoinHandle<Result<(), EngineError>>) -> Result<(), EngineError> {
-    w.await?
+    session.finish().await.map_err(store_failed)
 }
 
 /// Checks bearer tokens in constant time: the configured token's HMAC under a per-process

@@ -10,6 +10,7 @@
 mod attempt;
 mod dataflows;
 mod health;
+mod ingest;
 mod shaped;
 mod worker;
 
@@ -35,6 +36,7 @@ use attempt::{attempt_error, Flow};
 use dataflows::build_flow;
 pub use dataflows::DataflowChange;
 pub use health::{pause_data, resumed_data, DataflowStatus};
+pub use ingest::{IngestSession, PartlyStored};
 pub use shaped::{preview, Preview};
 use worker::worker;
 
