@@ -143,6 +143,22 @@ bench_wait_ports() {
   done
 }
 
+# The config lines of segment s1 and dataflow rx (to the bench receiver, one mapped attribute),
+# shared by every export bench's serve config.
+bench_rx_dataflow() {
+  cat <<CONF
+[[segments]]
+id = "s1"
+name = "S"
+[[dataflows]]
+name = "rx"
+endpoint = "https://localhost:9443/profiles"
+ca = "$PKI/ca.pem"
+segments = ["s1"]
+attributes = [{ source = "person.name.firstName", target = "firstName" }]
+CONF
+}
+
 # A `serve` config for the export benchmarks in $PKI/$1.toml: the bench client identity, the
 # public listener on 127.0.0.1:$2, the admin API on 127.0.0.1:$3 (token from
 # BENCH_ADMIN_TOKEN), the SQLite store $PKI/$1.db, and one dataflow "rx" to the receiver on
@@ -161,15 +177,7 @@ listen = "127.0.0.1:$3"
 token_env = "BENCH_ADMIN_TOKEN"
 [store]
 url = "sqlite://$PKI/$1.db"
-[[segments]]
-id = "s1"
-name = "S"
-[[dataflows]]
-name = "rx"
-endpoint = "https://localhost:9443/profiles"
-ca = "$PKI/ca.pem"
-segments = ["s1"]
-attributes = [{ source = "person.name.firstName", target = "firstName" }]
+$(bench_rx_dataflow)
 ${4:-}
 CONF
 }

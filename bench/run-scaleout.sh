@@ -46,15 +46,7 @@ listen = "127.0.0.1:0"
 [store]
 $1
 instance = "$2"
-[[segments]]
-id = "s1"
-name = "S"
-[[dataflows]]
-name = "rx"
-endpoint = "https://localhost:9443/profiles"
-ca = "$PKI/ca.pem"
-segments = ["s1"]
-attributes = [{ source = "person.name.firstName", target = "firstName" }]
+$(bench_rx_dataflow)
 CONF
   echo "$f"
 }

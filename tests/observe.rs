@@ -85,24 +85,7 @@ async fn serve(s: &Setup) -> tokio::process::Child {
 
 /// GET `/metrics` with `accept`, parsed by the Python parser for `format`.
 async fn scrape(admin: u16, accept: &str, format: &str) -> serde_json::Value {
-    use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", admin))
-        .await
-        .unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get("/metrics")
-        .header("host", "localhost")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .header("accept", accept)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let res = tx.send_request(req).await.unwrap();
-    assert_eq!(res.status(), 200);
-    let ct = res.headers()["content-type"].to_str().unwrap().to_owned();
-    let text = res.into_body().collect().await.unwrap().to_bytes();
+    let (ct, text) = get_metrics(admin, TOKEN, accept).await;
     assert!(
         ct.starts_with(if format == "openmetrics" {
             "application/openmetrics-text"

@@ -66,43 +66,27 @@ fn an_identity_imported_from_pkcs12_delivers_to_nginx() {
     export_p12(&p, &p12);
     let rx = nginx_mtls(tmp.path(), &p.server, &p.server_key, &p.ca);
     let (cert, key) = (tmp.path().join("gw.pem"), tmp.path().join("gw.key"));
+    let import = [
+        "pki",
+        "import",
+        "--p12",
+        p12.to_str().unwrap(),
+        "--password-env",
+        "GW_P12",
+        "--out-cert",
+        cert.to_str().unwrap(),
+        "--out-key",
+        key.to_str().unwrap(),
+    ];
 
     // A wrong password: a clear error, and the password is not in it.
-    let (code, out, err) = sallyport(
-        &[
-            "pki",
-            "import",
-            "--p12",
-            p12.to_str().unwrap(),
-            "--password-env",
-            "GW_P12",
-            "--out-cert",
-            cert.to_str().unwrap(),
-            "--out-key",
-            key.to_str().unwrap(),
-        ],
-        &[("GW_P12", "not the password")],
-    );
+    let (code, out, err) = sallyport(&import, &[("GW_P12", "not the password")]);
     assert_eq!(code, 1, "{out} {err}");
     assert!(err.contains("wrong password"), "{err}");
     assert!(!err.contains("not the password") && !out.contains("not the password"));
     assert!(!key.exists() && !cert.exists());
 
-    let (code, out, err) = sallyport(
-        &[
-            "pki",
-            "import",
-            "--p12",
-            p12.to_str().unwrap(),
-            "--password-env",
-            "GW_P12",
-            "--out-cert",
-            cert.to_str().unwrap(),
-            "--out-key",
-            key.to_str().unwrap(),
-        ],
-        &[("GW_P12", PASSWORD)],
-    );
+    let (code, out, err) = sallyport(&import, &[("GW_P12", PASSWORD)]);
     assert_eq!(code, 0, "{out} {err}");
     assert!(
         out.contains("pk-client") && out.contains("2 certificate(s)"),

@@ -105,24 +105,24 @@ async fn audit_record(cfg: &std::path::Path, pick: impl Fn(&Value) -> bool) -> V
 
 /// `/metrics` as OpenMetrics text.
 async fn openmetrics(admin: u16) -> String {
-    use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", admin))
-        .await
-        .unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get("/metrics")
-        .header("host", "localhost")
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .header("accept", "application/openmetrics-text; version=1.0.0")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let res = tx.send_request(req).await.unwrap();
-    assert_eq!(res.status(), 200);
-    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let (_, body) = get_metrics(admin, ADMIN_TOKEN, "application/openmetrics-text; version=1.0.0").await;
     String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Ingest one profile through `serve`'s admin API on `admin` and wait until `rx` has it.
+async fn ingest_one_and_wait(admin: u16, rx: &sallyport::receiver::Receiver) {
+    let (code, body) = http(
+        "POST",
+        &format!("http://127.0.0.1:{admin}/v1/profiles"),
+        Some(ADMIN_TOKEN),
+        &s1_profiles(0, 1),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    wait_until("the delivery", Duration::from_secs(20), || {
+        !rx.received().is_empty()
+    })
+    .await;
 }
 
 /// The delivered audit record of dataflow `rx`.
@@ -168,18 +168,7 @@ async fn spans_reach_an_otlp_receiver_with_conventions_tls_facts_and_no_secret()
     .unwrap();
     let mut serve = spawn_sallyport(&["serve", "--config", cfg.to_str().unwrap()], ENVS, admin).await;
 
-    let (code, body) = http(
-        "POST",
-        &format!("http://127.0.0.1:{admin}/v1/profiles"),
-        Some(ADMIN_TOKEN),
-        &s1_profiles(0, 1),
-    )
-    .await;
-    assert_eq!(code, 200, "{body}");
-    wait_until("the delivery", Duration::from_secs(20), || {
-        !rx.received().is_empty()
-    })
-    .await;
+    ingest_one_and_wait(admin, &rx).await;
     // The receiver did get the secrets: they are real, and only the spans must lack them.
     let got = &rx.received()[0];
     assert!(
@@ -361,18 +350,7 @@ async fn without_telemetry_no_trace_id_is_recorded() {
     )
     .unwrap();
     let serve = spawn_sallyport(&["serve", "--config", cfg.to_str().unwrap()], ENVS, admin).await;
-    let (code, body) = http(
-        "POST",
-        &format!("http://127.0.0.1:{admin}/v1/profiles"),
-        Some(ADMIN_TOKEN),
-        &s1_profiles(0, 1),
-    )
-    .await;
-    assert_eq!(code, 200, "{body}");
-    wait_until("the delivery", Duration::from_secs(20), || {
-        !rx.received().is_empty()
-    })
-    .await;
+    ingest_one_and_wait(admin, &rx).await;
     let delivered = delivered_record(&cfg).await;
     drop(serve);
     assert!(delivered.get("traceId").is_none(), "{delivered}");

@@ -435,6 +435,29 @@ pub async fn http(method: &str, url: &str, bearer: Option<&str>, body: &[u8]) ->
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// GET `/metrics` from the admin listener on `admin` with `token` and `accept`; asserts 200
+/// and returns the content type and the body.
+pub async fn get_metrics(admin: u16, token: &str, accept: &str) -> (String, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", admin))
+        .await
+        .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/metrics")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {token}"))
+        .header("accept", accept)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let ct = res.headers()["content-type"].to_str().unwrap().to_owned();
+    (ct, res.into_body().collect().await.unwrap().to_bytes())
+}
+
 /// Start the `sallyport` binary with `args` and `envs` (stdout and stderr discarded, killed
 /// when dropped), once something accepts connections on `port`.
 pub async fn spawn_sallyport(args: &[&str], envs: &[(&str, &str)], port: u16) -> tokio::process::Child {

@@ -28,7 +28,7 @@ use super::trigger::evaluate;
 use crate::audit::{Outcome, ReplayTrigger};
 use crate::config::Config;
 use crate::delivery::Core;
-use crate::profile::update::{parse_ndjson, LineError, ParsedBatch, ProfileUpdate};
+use crate::profile::update::{LineError, ProfileUpdate};
 use crate::store::{self, AttemptError, DeadLetterFilter, Store, StoreError};
 
 pub use attempt::idempotency_key;
@@ -248,27 +248,17 @@ impl Engine {
         })
     }
 
-    /// Parse an NDJSON batch and store the valid updates with their triggered deliveries.
-    /// Returns once they are durable.
+    /// Parse an NDJSON batch and store the valid updates with their triggered deliveries, in
+    /// groups as [`Engine::ingest_session`] does. Returns once they are durable.
     pub async fn ingest(&self, ndjson: &[u8]) -> Result<IngestReport, EngineError> {
-        self.ingest_parsed(parse_ndjson(ndjson)).await
-    }
-
-    /// [`Engine::ingest`] of a batch already parsed (the HTTP ingest parses as the body arrives).
-    pub async fn ingest_parsed(&self, parsed: ParsedBatch) -> Result<IngestReport, EngineError> {
-        let report = IngestReport {
-            accepted: parsed.updates.len(),
-            rejected: parsed.rejected,
-            errors_omitted: parsed.errors_omitted(),
-            errors: parsed.errors,
-        };
-        self.store_updates(parsed.updates).await?;
-        Ok(report)
+        let mut session = self.ingest_session();
+        session.feed(ndjson).await.map_err(|p| p.error)?;
+        session.finish().await.map_err(|p| p.error)
     }
 
     /// Store parsed updates (in one transaction) with the deliveries they trigger; returns once
     /// they are durable.
-    pub async fn store_updates(&self, updates: Vec<(usize, ProfileUpdate)>) -> Result<(), EngineError> {
+    async fn store_updates(&self, updates: Vec<(usize, ProfileUpdate)>) -> Result<(), EngineError> {
         if updates.is_empty() {
             return Ok(());
         }
